@@ -1,0 +1,93 @@
+# gunicorn-ext developer tasks. `make test` works on a fresh Debian machine (as root).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# policy-rc.d (exit 101) keeps apt from starting the distro's nginx/redis services;
+# tests start their own instances on free ports.
+# Debian puts nginx (and sometimes redis-server) in /usr/sbin, often off a user's PATH.
+export PATH := $(PATH):/usr/sbin:/sbin
+
+.PHONY: help install system-deps lint test run bench clean
+
+help:
+	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
+	@echo "make system-deps  apt-get install redis-server and nginx if missing (root)"
+	@echo "make lint         ruff check + mypy"
+	@echo "make test         install, system-deps, lint, then the whole pytest suite"
+	@echo "make run          the example cluster (examples/flask_app)"
+	@echo "make bench        every bench/*.py; results in bench/results/<name>.json"
+	@echo "make clean        remove caches and build artefacts (keeps $(VENV))"
+
+install: $(STAMP)
+
+$(BIN)/python:
+	@if ! $(PYTHON) -m venv $(VENV); then \
+	  if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	    echo "python venv support missing; installing python3-venv"; \
+	    rm -rf $(VENV); \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv; \
+	    $(PYTHON) -m venv $(VENV); \
+	  else \
+	    echo "error: '$(PYTHON) -m venv' failed; install python3-venv" >&2; exit 1; \
+	  fi; \
+	fi
+
+# Re-installs only when pyproject.toml changes (or the stamp is removed).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $@
+
+system-deps:
+	@have() { command -v "$$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$$1" ] || [ -x "/usr/bin/$$1" ]; }; \
+	missing=(); \
+	for b in redis-server nginx; do have "$$b" || missing+=("$$b"); done; \
+	if [ "$${#missing[@]}" -eq 0 ]; then echo "system-deps: redis-server and nginx present"; exit 0; fi; \
+	echo "system-deps: missing: $${missing[*]}"; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+	  echo "error: $${missing[*]} not installed and not root; run as root:" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y redis-server nginx" >&2; \
+	  exit 1; \
+	fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "error: no apt-get; install redis-server and nginx with your package manager" >&2; exit 1; \
+	fi; \
+	if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
+	  trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
+	fi; \
+	apt-get update; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server nginx </dev/null; \
+	for b in redis-server nginx; do have "$$b" || { echo "error: $$b still missing after apt-get" >&2; exit 1; }; done; \
+	echo "system-deps: installed redis-server and nginx (tests start their own instances on free ports)"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install system-deps
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest -q
+
+run: install
+	cd examples/flask_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
+
+bench: install system-deps
+	@mkdir -p bench/results
+	@shopt -s nullglob; scripts=(bench/*.py); \
+	if [ "$${#scripts[@]}" -eq 0 ]; then echo "bench: no bench/*.py scripts"; exit 0; fi; \
+	failed=(); \
+	for s in "$${scripts[@]}"; do \
+	  echo "=== $$s"; \
+	  $(BIN)/python "$$s" || failed+=("$$s"); \
+	done; \
+	if [ "$${#failed[@]}" -ne 0 ]; then echo "bench: FAILED: $${failed[*]}" >&2; exit 1; fi; \
+	echo "bench: results in bench/results/"
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(STAMP)
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

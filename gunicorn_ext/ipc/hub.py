@@ -1,0 +1,820 @@
+"""The primary's end of the bus.
+
+The hub lives in the Gunicorn arbiter. Before each worker is forked it makes a
+socketpair for that worker's slot; the child keeps one end, the hub the other.
+Nothing is on disk and nothing can connect from outside: only processes forked
+by this arbiter hold a bus socket.
+
+A single background thread owns every connection. It reads frames, runs the
+primary's handlers, relays worker-to-worker messages and replies, and fans out
+broadcasts and publications. Calls from other threads (the arbiter's own, or a
+user thread) are queued to it through a wake-up pipe, so no connection state is
+ever shared between threads.
+
+Fork safety follows Gunicorn's control socket server (gunicorn/ctl/server.py):
+the thread is parked before every fork and resumed in the parent; the child
+closes everything of the hub's except its own end (see #3509 and #3529 for the
+deadlocks that come from forking while a thread holds a lock).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import select
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from . import frames
+from .errors import (
+    BusClosed,
+    HandlerError,
+    IPCError,
+    NoHandler,
+    RequestTimeout,
+    WorkerGone,
+    error_from_code,
+)
+from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
+from .message import ErrorCallback, Handler, Message
+
+_READ = select.EPOLLIN
+_WRITE = select.EPOLLOUT
+_RECV_SIZE = 64 * 1024  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
+#: Built-in request: the primary's pid and its workers (``/cluster`` uses it).
+CLUSTER = "gunicorn_ext.cluster"
+#: How long a relayed request's routing entry is kept when no reply comes.
+_RELAY_HORIZON = 600.0
+
+
+class _Log:
+    """Stand-in logger until the arbiter's is known (prints to stderr)."""
+
+    def _emit(self, level: str, msg: str, *args: Any, **_: Any) -> None:
+        import sys
+
+        print(f"[gunicorn-ext] [{level}] {msg % args if args else msg}", file=sys.stderr)
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        pass
+
+    def info(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("INFO", msg, *args)
+
+    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("WARNING", msg, *args)
+
+    def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("ERROR", msg, *args)
+
+    def exception(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("ERROR", msg + "\n" + traceback.format_exc(), *args)
+
+
+class _Conn:
+    """The hub's end of one worker's socketpair."""
+
+    __slots__ = ("sock", "push", "slot", "worker", "reader", "out", "pout", "subs", "ready",
+                 "retired", "closed", "events")
+
+    def __init__(self, sock: socket.socket, push: socket.socket, slot: int, worker: Any,
+                 max_frame: int) -> None:
+        #: Call channel: everything the worker sends, and replies to its requests.
+        self.sock = sock
+        #: Push channel: messages, requests and publications for the worker's listener.
+        self.push = push
+        self.slot = slot
+        self.worker = worker  # the arbiter's Worker object; .pid is set after fork
+        self.reader = frames.FrameReader(max_frame)
+        self.out = bytearray()
+        self.pout = bytearray()
+        self.subs: set[str] = set()
+        self.ready = False
+        self.retired = False
+        self.closed = False
+        #: epoll interest currently registered for (call fd, push fd).
+        self.events = [_READ, 0]
+
+    @property
+    def pid(self) -> int:
+        return int(getattr(self.worker, "pid", 0) or 0)
+
+    def describe(self) -> str:
+        return f"worker slot {self.slot} (pid {self.pid})"
+
+
+class _Pending:
+    """A request of the primary's, waiting for its reply."""
+
+    __slots__ = ("event", "value", "error", "conn")
+
+    def __init__(self, conn: _Conn | None) -> None:
+        self.event = threading.Event()
+        self.value: Any = None
+        self.error: IPCError | None = None
+        self.conn = conn
+
+
+class Hub:
+    """The primary's bus API and the thread that serves it.
+
+    One instance, :data:`gunicorn_ext.primary`, exists per process. Register
+    handlers on it from the Gunicorn config; call its send methods from hooks
+    or handlers. Methods that talk to workers are safe from any thread.
+    """
+
+    def __init__(self) -> None:
+        self.log: Any = _Log()
+        self.max_frame = frames.DEFAULT_MAX_FRAME
+        self.max_backlog = 64 * 1024 * 1024
+        self._handlers: dict[str, Handler] = {}
+        self._error_callbacks: list[ErrorCallback] = []
+        self._ready_callbacks: list[Callable[[int, int], None]] = []
+        self._local_subs: dict[str, list[Callable[[Message], None]]] = {}
+        # Everything below is owned by the hub thread once it runs.
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._slots: dict[int, _Conn] = {}
+        self._subs: dict[str, set[_Conn]] = {}
+        self._relay: dict[int, tuple[_Conn, int, _Conn, float]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._dirty: set[_Conn] = set()
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._ids = itertools.count(1)
+        self._ep: select.epoll | None = None
+        self._fds: dict[int, _Conn] = {}
+        self._wake_r = self._wake_w = -1
+        self._thread: threading.Thread | None = None
+        self._thread_ident = 0
+        self._running = False
+        self._in_child = False
+        # Fork handshake.
+        self._cond = threading.Condition()
+        self._pause_requested = False
+        self._parked = False
+        self._forking: tuple[int, list[socket.socket], list[socket.socket], Any] | None = None
+        #: In a freshly forked worker: its own call and push sockets, and its slot.
+        self.child_end: tuple[socket.socket, socket.socket, int] | None = None
+        self._handlers[CLUSTER] = self._cluster
+
+    def _cluster(self, msg: Message) -> dict[str, Any]:
+        return {"primary_pid": os.getpid(), "workers": self.workers()}
+
+    # ------------------------------------------------------------------ setup
+
+    def handler(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: handle worker messages and requests called ``name``.
+
+        The handler gets a :class:`Message` and runs in the hub thread, so it
+        must be quick; its return value is the reply to a request. Registering
+        a name again (say, after a HUP re-reads the config) replaces the old one.
+        """
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[name] = fn
+            return fn
+
+        return register
+
+    def on_error(self, fn: ErrorCallback) -> ErrorCallback:
+        """Decorator: called as ``fn(name, error)`` when a one-way message the
+        primary sent could not be handled by its receiver."""
+        self._error_callbacks.append(fn)
+        return fn
+
+    def on_ready(self, fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+        """Decorator: called as ``fn(slot, pid)`` in the hub thread when a worker
+        has loaded its app and is about to serve."""
+        self._ready_callbacks.append(fn)
+        return fn
+
+    def subscribe(self, topic: str) -> Callable[[Callable[[Message], None]], Callable[[Message], None]]:
+        """Decorator: receive every publication on ``topic`` in the primary."""
+
+        def register(fn: Callable[[Message], None]) -> Callable[[Message], None]:
+            self._local_subs.setdefault(topic, []).append(fn)
+            return fn
+
+        return register
+
+    @property
+    def handler_names(self) -> frozenset[str]:
+        return frozenset(self._handlers)
+
+    def start(self, log: Any) -> None:
+        """Start the hub thread (from ``on_starting``); idempotent across HUP."""
+        self.log = log
+        if self._running:
+            return
+        self._ep = select.epoll()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._ep.register(self._wake_r, _READ)
+        self._running = True
+        _register_fork_handlers()
+        self._spawn_thread()
+
+    def stop(self) -> None:
+        """Stop the thread and close every connection (from ``on_exit``)."""
+        if not self._running:
+            return
+        self._running = False
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        for conn in list(self._conns.values()):
+            self._close(conn, None)
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    # ------------------------------------------------------ arbiter callbacks
+
+    def prepare_fork(self, slot: int, worker: Any) -> None:
+        """Make the socketpair for the worker about to be forked into ``slot``.
+
+        Called from ``pre_fork`` in the arbiter's main thread. The fork handlers
+        hand the ends out: the parent's end becomes a connection, the child's
+        end becomes :attr:`child_end` in the child.
+        """
+        if not self._running:
+            return
+        # Two channels: replies travel apart from pushed messages, so a thread
+        # waiting for its reply never competes with the worker's listener.
+        call_p, call_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        push_p, push_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # All ends are close-on-exec (Python's default), so a USR2 re-exec
+        # does not leak them into the new master.
+        for s in (call_p, call_c, push_p, push_c):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        call_p.setblocking(False)
+        push_p.setblocking(False)
+        push_p.shutdown(socket.SHUT_RD)
+        self._forking = (slot, [call_p, push_p], [call_c, push_c], worker)
+
+    def retire(self, workers: list[Any]) -> None:
+        """Mark connections of workers that are on their way out (HUP reload,
+        scale down): they keep finishing conversations but lose their slot."""
+        ages = {id(w) for w in workers}
+
+        def do() -> None:
+            for conn in self._conns.values():
+                if id(conn.worker) in ages:
+                    conn.retired = True
+                    if self._slots.get(conn.slot) is conn:
+                        del self._slots[conn.slot]
+
+        self._call(do)
+
+    def worker_exited(self, worker: Any) -> None:
+        """The arbiter reaped ``worker`` (``child_exit``): drop its connection now,
+        reporting whatever was still routed to it, without waiting for EOF."""
+
+        def do() -> None:
+            for conn in list(self._conns.values()):
+                if conn.worker is worker:
+                    self._close(conn, None)
+
+        if self._running:
+            self._call(do)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """A snapshot of the connected workers, ordered by slot."""
+        rows = [
+            {"slot": c.slot, "pid": c.pid, "ready": c.ready, "retired": c.retired}
+            for c in list(self._conns.values())
+            if not c.closed
+        ]
+        return sorted(rows, key=lambda r: (r["slot"], r["retired"]))
+
+    # ------------------------------------------------------------- public API
+
+    def send(self, slot: int, name: str, payload: Any = None) -> None:
+        """Send a one-way message to the worker in ``slot``.
+
+        Raises :class:`WorkerGone` when no worker holds that slot right now. If
+        it dies before reading the message, or has no handler for it, the
+        failure is logged and passed to the :meth:`on_error` callbacks.
+        """
+        self._check_primary()
+        if slot not in self._slots:
+            raise WorkerGone(f"no worker in slot {slot}")
+        frame = Msg(next(self._ids), name, slot, PRIMARY, payload)
+        self._call(lambda: self._route_msg(None, frame))
+
+    def broadcast(self, name: str, payload: Any = None) -> None:
+        """Send a one-way message to every worker."""
+        self._check_primary()
+        frame = Msg(next(self._ids), name, ALL, PRIMARY, payload)
+        self._call(lambda: self._route_msg(None, frame))
+
+    def publish(self, topic: str, payload: Any = None) -> None:
+        """Publish on ``topic`` to every subscribed worker (and primary subscriber)."""
+        self._check_primary()
+        frame = Pub(topic, PRIMARY, payload)
+        self._call(lambda: self._route_pub(frame))
+
+    def request(self, slot: int, name: str, payload: Any = None, timeout: float = 5.0) -> Any:
+        """Ask the worker in ``slot`` and wait for its reply.
+
+        Raises :class:`WorkerGone`, :class:`NoHandler`, :class:`HandlerError` or
+        :class:`RequestTimeout`. Not callable from a handler (the hub thread
+        would wait on itself); use :meth:`send` there.
+        """
+        self._check_primary()
+        if threading.get_ident() == self._thread_ident:
+            raise RuntimeError("Hub.request() can't be called from a bus handler: it would deadlock")
+        rid = next(self._ids)
+        pending = _Pending(None)
+        self._pending[rid] = pending
+        frame = Req(rid, name, slot, PRIMARY, payload)
+        self._call(lambda: self._primary_request(frame, pending))
+        if not pending.event.wait(timeout):
+            self._pending.pop(rid, None)
+            raise RequestTimeout(f"request {name!r} to slot {slot}: no reply within {timeout}s")
+        if pending.error is not None:
+            raise pending.error
+        return pending.value
+
+    # -------------------------------------------------------- thread plumbing
+
+    def _check_primary(self) -> None:
+        if self._in_child:
+            raise BusClosed("the primary's bus API was called in a worker; use gunicorn_ext.worker")
+        if not self._running:
+            raise BusClosed("the bus is not running (is gunicorn_ext.enable(globals()) in the config?)")
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        if threading.get_ident() == self._thread_ident:
+            fn()
+        else:
+            self._calls.append(fn)
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # pipe full: a wake-up is pending anyway
+
+    def _spawn_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-hub", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._thread_ident = threading.get_ident()
+        ep = self._ep
+        assert ep is not None
+        fds = self._fds
+        wake_r = self._wake_r
+        last_sweep = time.monotonic()
+        while self._running:
+            if self._pause_requested:
+                self._park()
+                continue
+            try:
+                events = ep.poll(1.0)
+            except OSError:
+                events = []
+            for fd, mask in events:
+                conn = fds.get(fd)
+                if conn is None:
+                    if fd == wake_r:
+                        try:
+                            os.read(wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    continue
+                if mask & (_READ | select.EPOLLHUP | select.EPOLLERR):
+                    if fd == conn.sock.fileno():
+                        self._read(conn)
+                if mask & _WRITE and not conn.closed:
+                    self._flush(conn)
+            while self._calls:
+                fn = self._calls.popleft()
+                try:
+                    fn()
+                except Exception:
+                    self.log.exception("gunicorn-ext: bus call failed")
+            if self._dirty:
+                for conn in list(self._dirty):
+                    self._flush(conn)
+                self._dirty.clear()
+            now = time.monotonic()
+            if now - last_sweep > 10.0:
+                last_sweep = now
+                self._sweep(now)
+
+    def _park(self) -> None:
+        with self._cond:
+            self._parked = True
+            self._cond.notify_all()
+            while self._pause_requested and self._running:
+                self._cond.wait()
+            self._parked = False
+
+    # -- fork handlers (run in the forking thread, with the hub thread parked)
+
+    def _before_fork(self) -> None:
+        if not self._running or self._thread is None:
+            return
+        with self._cond:
+            self._pause_requested = True
+            self._wake()
+            if not self._cond.wait_for(lambda: self._parked, timeout=5.0):
+                self.log.warning("gunicorn-ext: hub thread did not pause before fork")
+
+    def _after_fork_parent(self) -> None:
+        if not self._running:
+            return
+        forking, self._forking = self._forking, None
+        if forking is not None:
+            slot, (call, push), child, worker = forking
+            for s in child:
+                s.close()
+            conn = _Conn(call, push, slot, worker, self.max_frame)
+            self._conns[call] = conn
+            old = self._slots.get(slot)
+            if old is not None:
+                old.retired = True
+            self._slots[slot] = conn
+            assert self._ep is not None
+            self._ep.register(call, _READ)
+            self._fds[call.fileno()] = conn
+            self._fds[push.fileno()] = conn
+        with self._cond:
+            self._pause_requested = False
+            self._cond.notify_all()
+
+    def _after_fork_child(self) -> None:
+        """In the new process: keep our own end, close every other hub fd."""
+        forking, self._forking = self._forking, None
+        self._in_child = True
+        self._running = False
+        self._thread = None
+        self._pause_requested = False
+        self._parked = False
+        self._cond = threading.Condition()
+        for conn in list(self._conns.values()):
+            conn.sock.close()
+            conn.push.close()
+        self._conns.clear()
+        self._slots.clear()
+        self._subs.clear()
+        self._relay.clear()
+        self._pending.clear()
+        self._dirty.clear()
+        self._calls.clear()
+        self._fds.clear()
+        if self._ep is not None:
+            try:
+                self._ep.close()
+            except OSError:
+                pass
+            self._ep = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
+        if forking is not None:
+            slot, parents, (call, push), _ = forking
+            for s in parents:
+                s.close()
+            self.child_end = (call, push, slot)
+
+    # ------------------------------------------------------------------- I/O
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"read failed: {exc}")
+            return
+        if not data:
+            self._close(conn, None)
+            return
+        for frame in conn.reader.feed(data):
+            if conn.closed:
+                return
+            try:
+                self._dispatch(conn, frame)
+            except Exception:
+                self.log.exception("gunicorn-ext: failed to route a frame from %s", conn.describe())
+        if conn.reader.error is not None and not conn.closed:
+            self._close(conn, str(conn.reader.error))
+
+    def _queue(self, conn: _Conn, frame: frames.Frame) -> None:
+        """Send a frame to a worker: replies on its call channel, the rest on push.
+
+        Written through at once when nothing is queued before it (the common
+        case); otherwise appended and flushed when the socket takes more.
+        """
+        if conn.closed:
+            return
+        if type(frame) is Rep or (type(frame) is Err and not frame.oneway):  # type: ignore[union-attr]
+            out, sock = conn.out, conn.sock
+        else:
+            out, sock = conn.pout, conn.push
+        if out:
+            frames.encode_into(frame, out)
+        else:
+            data = frames.encode(frame)
+            try:
+                n = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._close(conn, None if isinstance(exc, BrokenPipeError) else f"write failed: {exc}")
+                return
+            if n == len(data):
+                return
+            out += memoryview(data)[n:]
+        self._dirty.add(conn)
+        if len(out) > self.max_backlog:
+            self._close(
+                conn,
+                f"it is not reading its bus messages ({len(out)} bytes queued, "
+                f"limit {self.max_backlog})",
+            )
+
+    def _flush(self, conn: _Conn) -> None:
+        """Write what is queued; ask epoll for writability while some is left."""
+        ep = self._ep
+        assert ep is not None
+        for i, sock, out, base in ((0, conn.sock, conn.out, _READ), (1, conn.push, conn.pout, 0)):
+            if conn.closed:
+                return
+            if out:
+                try:
+                    n = sock.send(out)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as exc:
+                    reason = None if isinstance(exc, BrokenPipeError) else f"write failed: {exc}"
+                    self._close(conn, reason)
+                    return
+                del out[:n]
+            want = base | _WRITE if out else base
+            have = conn.events[i]
+            if have != want:
+                if not want:
+                    ep.unregister(sock)
+                elif not have:
+                    ep.register(sock, want)
+                else:
+                    ep.modify(sock, want)
+                conn.events[i] = want
+
+    def _close(self, conn: _Conn, reason: str | None) -> None:
+        """Drop one connection; report everything still routed through it."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self._dirty.discard(conn)
+        for i, sock in enumerate((conn.sock, conn.push)):
+            self._fds.pop(sock.fileno(), None)
+            if self._ep is not None and conn.events[i]:
+                try:
+                    self._ep.unregister(sock)
+                except (OSError, ValueError):
+                    pass
+            sock.close()
+        self._conns.pop(conn.sock, None)
+        if reason is not None:
+            self.log.error("gunicorn-ext: closing the bus connection of %s: %s", conn.describe(), reason)
+        else:
+            self.log.debug("gunicorn-ext: %s left the bus", conn.describe())
+        if self._slots.get(conn.slot) is conn:
+            del self._slots[conn.slot]
+        for topic in conn.subs:
+            subs = self._subs.get(topic)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self._subs[topic]
+        gone = f"{conn.describe()} exited before replying" if reason is None else (
+            f"{conn.describe()} was disconnected from the bus: {reason}"
+        )
+        for rid, (origin, oid, target, _) in list(self._relay.items()):
+            if target is conn:
+                del self._relay[rid]
+                self._queue(origin, Err(oid, WorkerGone.code, gone))
+            elif origin is conn:
+                del self._relay[rid]
+        for rid, pending in list(self._pending.items()):
+            if pending.conn is conn:
+                del self._pending[rid]
+                pending.error = WorkerGone(gone)
+                pending.event.set()
+
+    def _sweep(self, now: float) -> None:
+        for rid, (_, _, _, t0) in list(self._relay.items()):
+            if now - t0 > _RELAY_HORIZON:
+                del self._relay[rid]
+
+    # --------------------------------------------------------------- routing
+
+    def _dispatch(self, conn: _Conn, frame: frames.Frame) -> None:
+        kind = type(frame)
+        if kind is Req:
+            assert isinstance(frame, Req)
+            frame.src = conn.slot
+            if frame.dst == PRIMARY:
+                self._handle_request(conn, frame)
+            elif frame.dst >= 0:
+                self._relay_request(conn, frame)
+            else:
+                self._queue(conn, Err(frame.id, "bad_request", "a request goes to one worker or the primary"))
+        elif kind is Msg:
+            assert isinstance(frame, Msg)
+            frame.src = conn.slot
+            self._route_msg(conn, frame)
+        elif kind is Rep or kind is Err:
+            assert isinstance(frame, (Rep, Err))
+            self._route_reply(conn, frame)
+        elif kind is Pub:
+            assert isinstance(frame, Pub)
+            frame.src = conn.slot
+            self._route_pub(frame)
+        elif kind is Sub:
+            assert isinstance(frame, Sub)
+            conn.subs.add(frame.topic)
+            self._subs.setdefault(frame.topic, set()).add(conn)
+        elif kind is Unsub:
+            assert isinstance(frame, Unsub)
+            conn.subs.discard(frame.topic)
+            subs = self._subs.get(frame.topic)
+            if subs is not None:
+                subs.discard(conn)
+        elif kind is Ready:
+            conn.ready = True
+            for fn in self._ready_callbacks:
+                try:
+                    fn(conn.slot, conn.pid)
+                except Exception:
+                    self.log.exception("gunicorn-ext: on_ready callback failed")
+
+    def _call_handler(self, name: str, payload: Any, src: int) -> Any:
+        """Run a primary handler for a one-way message (requests inline this)."""
+        fn = self._handlers.get(name)
+        if fn is None:
+            raise NoHandler(f"the primary has no handler for {name!r}")
+        try:
+            return fn(Message(name, payload, src))
+        except IPCError:
+            raise
+        except Exception as exc:
+            self.log.exception("gunicorn-ext: primary handler %r raised", name)
+            raise HandlerError(f"primary handler {name!r} raised {type(exc).__name__}: {exc}") from exc
+
+    def _handle_request(self, conn: _Conn, frame: Req) -> None:
+        fn = self._handlers.get(frame.name)
+        try:
+            if fn is None:
+                raise NoHandler(f"the primary has no handler for {frame.name!r}")
+            try:
+                value = fn(Message(frame.name, frame.payload, conn.slot))
+            except IPCError:
+                raise
+            except Exception as exc:
+                self.log.exception("gunicorn-ext: primary handler %r raised", frame.name)
+                raise HandlerError(
+                    f"primary handler {frame.name!r} raised {type(exc).__name__}: {exc}") from exc
+        except IPCError as exc:
+            self._queue(conn, Err(frame.id, exc.code, str(exc)))
+            return
+        try:
+            self._queue(conn, Rep(frame.id, value))
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:  # reply not encodable
+            self._queue(conn, Err(frame.id, HandlerError.code, f"reply to {frame.name!r} is not encodable: {exc}"))
+
+    def _relay_request(self, origin: _Conn, frame: Req) -> None:
+        target = self._slots.get(frame.dst)
+        if target is None:
+            self._queue(origin, Err(frame.id, WorkerGone.code, f"no worker in slot {frame.dst}"))
+            return
+        rid = next(self._ids)
+        self._relay[rid] = (origin, frame.id, target, time.monotonic())
+        self._queue(target, Req(rid, frame.name, frame.dst, frame.src, frame.payload))
+
+    def _primary_request(self, frame: Req, pending: _Pending) -> None:
+        target = self._slots.get(frame.dst)
+        if target is None:
+            self._pending.pop(frame.id, None)
+            pending.error = WorkerGone(f"no worker in slot {frame.dst}")
+            pending.event.set()
+            return
+        pending.conn = target
+        self._queue(target, frame)
+
+    def _route_reply(self, conn: _Conn, frame: Rep | Err) -> None:
+        if isinstance(frame, Err) and frame.oneway:
+            self._route_notice(conn, frame)
+            return
+        relay = self._relay.pop(frame.id, None)
+        if relay is not None:
+            origin, oid, _, _ = relay
+            frame.id = oid
+            self._queue(origin, frame)
+            return
+        pending = self._pending.pop(frame.id, None)
+        if pending is not None:
+            if isinstance(frame, Rep):
+                pending.value = frame.payload
+            else:
+                pending.error = error_from_code(frame.code, frame.message)
+            pending.event.set()
+            return
+        self.log.debug("gunicorn-ext: late reply %s from %s dropped (its request timed out)",
+                       frame.id, conn.describe())
+
+    def _route_notice(self, conn: _Conn, frame: Err) -> None:
+        """A one-way message failed at its receiver: tell its sender."""
+        if frame.dst == PRIMARY:
+            self._report(frame.name, error_from_code(frame.code, frame.message))
+            return
+        origin = self._slots.get(frame.dst)
+        if origin is not None:
+            self._queue(origin, frame)
+        else:
+            self.log.warning("gunicorn-ext: failure notice for gone slot %s: %s", frame.dst, frame.message)
+
+    def _report(self, name: str, error: Exception) -> None:
+        self.log.warning("gunicorn-ext: message not handled: %s", error)
+        for fn in self._error_callbacks:
+            try:
+                fn(name, error)
+            except Exception:
+                self.log.exception("gunicorn-ext: on_error callback failed")
+
+    def _notify_sender(self, origin: _Conn | None, frame: Msg, error: IPCError) -> None:
+        if origin is None:
+            self._report(frame.name, error)
+        else:
+            self._queue(origin, Err(frame.id, error.code, str(error), frame.src, True, frame.name))
+
+    def _route_msg(self, origin: _Conn | None, frame: Msg) -> None:
+        dst = frame.dst
+        if dst == PRIMARY:
+            try:
+                self._call_handler(frame.name, frame.payload, frame.src)
+            except IPCError as exc:
+                self._notify_sender(origin, frame, exc)
+        elif dst == ALL:
+            for conn in list(self._slots.values()):
+                self._queue(conn, frame)
+        else:
+            target = self._slots.get(dst)
+            if target is None:
+                self._notify_sender(origin, frame, WorkerGone(
+                    f"message {frame.name!r} to slot {dst}: no worker in that slot"))
+            else:
+                self._queue(target, frame)
+
+    def _route_pub(self, frame: Pub) -> None:
+        for conn in list(self._subs.get(frame.topic, ())):
+            self._queue(conn, frame)
+        for fn in self._local_subs.get(frame.topic, ()):
+            try:
+                fn(Message(frame.topic, frame.payload, frame.src))
+            except Exception:
+                self.log.exception("gunicorn-ext: primary subscriber of %r raised", frame.topic)
+
+
+#: The process's hub. Import it as ``gunicorn_ext.primary``.
+primary = Hub()
+
+_fork_handlers_registered = False
+
+
+def _register_fork_handlers() -> None:
+    global _fork_handlers_registered
+    if _fork_handlers_registered:
+        return
+    _fork_handlers_registered = True
+    os.register_at_fork(
+        before=primary._before_fork,
+        after_in_parent=primary._after_fork_parent,
+        after_in_child=primary._after_fork_child,
+    )
+
+
+__all__ = ["Hub", "primary", "BusClosed"]
