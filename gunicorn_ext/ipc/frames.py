@@ -120,11 +120,13 @@ def decode(body: bytes | memoryview) -> Frame:
         return _decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
         text = str(exc)
-        if "tag" in text.lower() or "$[0]" in text:
-            raise FrameError(f"unknown message type ({text})") from None
-        raise FrameError(f"malformed message ({text})") from None
+        reason = "unknown message type" if "$[0]" in text else "malformed message"
+        reason = f"{reason} ({text})"
     except msgspec.DecodeError as exc:
-        raise FrameError(f"undecodable frame ({exc})") from None
+        reason = f"undecodable frame ({exc})"
+    # Raised outside the except blocks, so no exception context keeps a
+    # reference to the (borrowed) buffer.
+    raise FrameError(reason)
 
 
 class FrameReader:
@@ -169,7 +171,9 @@ class FrameReader:
                 out.append(decode(view[pos + 4 : pos + 4 + size]))
                 pos += 4 + size
         except FrameError as exc:
-            self.error = exc
+            # Drop the traceback: its frames hold slices of the buffer, which
+            # would keep it from being resized.
+            self.error = exc.with_traceback(None)
         finally:
             view.release()
         if pos:

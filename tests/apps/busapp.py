@@ -1,0 +1,140 @@
+"""Test app: exposes the worker bus API over HTTP so tests can drive it."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import gunicorn_ext
+from gunicorn_ext import worker
+
+_lock = threading.Lock()
+_inbox: list[dict[str, Any]] = []
+_errors: list[dict[str, Any]] = []
+
+
+def _record(kind: str, msg: gunicorn_ext.Message) -> None:
+    with _lock:
+        _inbox.append({"kind": kind, "name": msg.name, "payload": msg.payload, "src": msg.src})
+
+
+@worker.handler("echo")
+def echo(msg: gunicorn_ext.Message) -> dict[str, Any]:
+    return {"slot": worker.slot, "pid": os.getpid(), "payload": msg.payload, "src": msg.src}
+
+
+@worker.handler("note")
+def note(msg: gunicorn_ext.Message) -> None:
+    _record("note", msg)
+
+
+@worker.handler("inbox")
+def inbox(msg: gunicorn_ext.Message) -> list[dict[str, Any]]:
+    with _lock:
+        return list(_inbox)
+
+
+@worker.handler("boom")
+def boom(msg: gunicorn_ext.Message) -> None:
+    raise ValueError("kaboom in a worker")
+
+
+@worker.handler("sleep")
+def sleep(msg: gunicorn_ext.Message) -> int:
+    marker = os.environ.get("SLEEP_MARKER_DIR")
+    if marker:
+        with open(os.path.join(marker, f"sleeping-{os.getpid()}"), "w") as f:
+            f.write(str(worker.slot))
+    time.sleep(float(msg.payload))
+    return worker.slot
+
+
+@worker.subscribe("news")
+def news(msg: gunicorn_ext.Message) -> None:
+    _record("news", msg)
+
+
+@worker.on_error
+def on_error(name: str, error: Exception) -> None:
+    with _lock:
+        _errors.append({"name": name, "error": type(error).__name__, "message": str(error)})
+
+
+def _json(start_response: Callable[..., Any], body: Any, status: str = "200 OK") -> list[bytes]:
+    data = json.dumps(body).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def _error(exc: Exception) -> dict[str, Any]:
+    return {"error": type(exc).__name__, "message": str(exc), "slot": worker.slot}
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    path = environ["PATH_INFO"]
+    q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    payload = json.loads(q["payload"]) if "payload" in q else None
+    to = int(q.get("to", gunicorn_ext.PRIMARY))
+    try:
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+        if path == "/whoami":
+            return _json(start_response, {"pid": os.getpid(), "slot": worker.slot})
+        if path == "/ask":
+            value = worker.request(q["name"], payload, to=to, timeout=float(q.get("timeout", 5)))
+            return _json(start_response, {"ok": value, "slot": worker.slot})
+        if path == "/ask_other":  # with two workers: ask the one that is not us
+            value = worker.request(q["name"], payload, to=1 - worker.slot, timeout=float(q["timeout"]))
+            return _json(start_response, {"ok": value, "slot": worker.slot})
+        if path == "/send":
+            worker.send(q["name"], payload, to=to)
+            return _json(start_response, {"sent": True, "slot": worker.slot})
+        if path == "/sendmany":
+            n = int(q["n"])
+            for i in range(n):
+                worker.send(q["name"], i, to=to)
+            return _json(start_response, {"sent": n, "slot": worker.slot})
+        if path == "/broadcast":
+            worker.broadcast(q["name"], payload)
+            return _json(start_response, {"sent": True, "slot": worker.slot})
+        if path == "/publish":
+            worker.publish(q["topic"], payload)
+            return _json(start_response, {"sent": True, "slot": worker.slot})
+        if path == "/inbox":
+            with _lock:
+                return _json(start_response, {"slot": worker.slot, "messages": list(_inbox)})
+        if path == "/errors":
+            with _lock:
+                return _json(start_response, {"slot": worker.slot, "errors": list(_errors)})
+        if path == "/garbage":
+            return _json(start_response, _garbage(q["kind"]))
+    except gunicorn_ext.IPCError as exc:
+        return _json(start_response, _error(exc), "502 Bad Gateway")
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"not found"]
+
+
+def _garbage(kind: str) -> dict[str, Any]:
+    """Write a bad frame straight into this worker's bus socket."""
+    import msgspec
+
+    sock = worker._sock
+    assert sock is not None
+    if kind == "oversize":
+        data = (1 << 30).to_bytes(4, "big") + b"x" * 16
+    elif kind == "malformed":
+        body = b"\xc1\xc1\xc1"
+        data = len(body).to_bytes(4, "big") + body
+    elif kind == "unknown":
+        body = msgspec.msgpack.encode(["zz", 1, 2])
+        data = len(body).to_bytes(4, "big") + body
+    else:
+        raise ValueError(kind)
+    sock.sendall(data)
+    return {"slot": worker.slot, "pid": os.getpid(), "sent": kind}
