@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # Debian puts nginx (and sometimes redis-server) in /usr/sbin, often off a user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: help install system-deps lint test run bench clean
+.PHONY: help install system-deps lint test run bench bench-deps clean
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
@@ -21,6 +21,7 @@ help:
 	@echo "make test         install, system-deps, lint, then the whole pytest suite"
 	@echo "make run          the example cluster (examples/flask_app)"
 	@echo "make bench        every bench/*.py; results in bench/results/<name>.json"
+	@echo "make bench-deps   apt-get install wrk if missing (root; optional)"
 	@echo "make clean        remove caches and build artefacts (keeps $(VENV))"
 
 install: $(STAMP)
@@ -76,9 +77,15 @@ test: install system-deps
 run: install
 	cd examples/flask_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
 
-bench: install system-deps
+# Benchmarks are the bench/*.py scripts; helpers beside them are skipped:
+# *_app.py (WSGI apps), *_conf.py (Gunicorn configs), plot.py and _*.py.
+bench: install system-deps bench-deps
 	@mkdir -p bench/results
-	@shopt -s nullglob; scripts=(bench/*.py); \
+	@shopt -s nullglob; scripts=(); \
+	for s in bench/*.py; do \
+	  case "$${s##*/}" in _*|*_app.py|*_conf.py|plot.py) continue;; esac; \
+	  scripts+=("$$s"); \
+	done; \
 	if [ "$${#scripts[@]}" -eq 0 ]; then echo "bench: no bench/*.py scripts"; exit 0; fi; \
 	failed=(); \
 	for s in "$${scripts[@]}"; do \
@@ -87,6 +94,20 @@ bench: install system-deps
 	done; \
 	if [ "$${#failed[@]}" -ne 0 ]; then echo "bench: FAILED: $${failed[*]}" >&2; exit 1; fi; \
 	echo "bench: results in bench/results/"
+
+# wrk is the HTTP load generator of the benchmarks; without it (not root, no apt-get)
+# they fall back to a slower, bounded Python load generator, so this never fails.
+bench-deps:
+	@if command -v wrk >/dev/null 2>&1; then echo "bench-deps: wrk present"; exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "bench-deps: wrk missing and not root (or no apt-get); benchmarks use a Python load generator"; \
+	  echo "  to install it: sudo apt-get install -y wrk"; \
+	  exit 0; \
+	fi; \
+	echo "bench-deps: installing wrk"; \
+	if ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk </dev/null; }; then \
+	  echo "bench-deps: apt-get install wrk failed; benchmarks use a Python load generator"; \
+	fi
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(STAMP)

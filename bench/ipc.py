@@ -61,9 +61,7 @@ ONEWAY_N = int(os.environ.get("BENCH_ONEWAY_N", "300000"))
 #: multiprocessing.Pipe (pickle) is slow; fewer messages keep its rounds short.
 PIPE_ONEWAY_N = max(ONEWAY_N // 3, 1)
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-HELLO_#: multiprocessing.Pipe (pickle) is slow; fewer messages keep its rounds short.
-PIPE_ONEWAY_N = max(ONEWAY_N // 3, 1)
-ROUNDS = int(os.environ.get("BENCH_HELLO_ROUNDS", "5"))
+HELLO_ROUNDS = int(os.environ.get("BENCH_HELLO_ROUNDS", "5"))
 HELLO_SECONDS = float(os.environ.get("BENCH_HELLO_SECONDS", "3"))
 HELLO_CONNECTIONS = 4
 #: Hard bound on any one child process measurement.
@@ -176,12 +174,12 @@ def _floor_client(sock: socket.socket, n_rtt: int, n_oneway: int) -> dict[str, A
         out.update(_pcts(lat))
     if n_oneway:
         request("total", None)
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         for i in range(n_oneway):
             body = enc.encode(FReq(next(ids), "count", -1, 0, i))
             sock.sendall(HEADER.pack(len(body)) + body)
         got = request("total", None)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - start
         assert got == n_oneway, (got, n_oneway)
         out["msgs_per_s"] = n_oneway / elapsed
     return out
@@ -236,11 +234,11 @@ def _pipe_client(conn: Any, n_rtt: int, n_oneway: int) -> dict[str, Any]:
     if n_oneway:
         request("total", None)
         send = conn.send
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         for i in range(n_oneway):
             send((next(ids), "count", -1, 0, i))
         got = request("total", None)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - start
         assert got == n_oneway, (got, n_oneway)
         out["msgs_per_s"] = n_oneway / elapsed
     return out
@@ -299,6 +297,9 @@ def _run_pair(a: Any, b: Any, server: Callable[..., Any], client: Callable[..., 
 
 def floor_run(n_rtt: int, n_oneway: int) -> dict[str, Any]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):  # the buffer sizes the bus uses (gunicorn_ext/ipc/hub.py)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     return _run_pair(a, b, _floor_server, _floor_client, (n_rtt, n_oneway))
 
 
@@ -541,6 +542,23 @@ def machine_info(node: str | None, wrk: str | None) -> dict[str, Any]:
     }
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs' time spent non-idle over ``seconds`` (other processes' load)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / (t1 - t0) if t1 > t0 else None
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -595,6 +613,11 @@ def main() -> int:
     errors: list[str] = []
     log_dir = Path(tempfile.mkdtemp(prefix="bench-ipc-"))
     info = machine_info(node, wrk)
+    busy = cpu_busy()
+    info["cpu_busy_before_run"] = busy
+    if busy is not None and busy > 0.2:
+        log(f"WARNING: the machine is busy before the run ({busy:.0%} of all CPU time in use by "
+            "other processes); the figures below are unreliable")
     log(f"machine: {info['cpu_count']} cpus ({info['cpu_model']}), python {info['python']}, "
         f"gunicorn {info['gunicorn']}, msgspec {info['msgspec']}, node {info['node'] or 'absent'}, "
         f"load generator {info['load_generator']}")
@@ -680,6 +703,7 @@ def main() -> int:
     log(_verdict(targets["hello_at_least_97pct_plain"],
                  f"hello >= {TARGET_HELLO_VS_PLAIN:.0%} of plain: {_pct(r['hello_vs_plain'])}"))
 
+    info["loadavg_at_end"] = list(os.getloadavg())
     res.update({
         "targets": targets,
         "machine": info,

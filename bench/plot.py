@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape
 __all__ = ["Bar", "Panel", "bar_chart_svg", "write_svg", "format_value"]
 
 _OURS = "#d9534f"
-_BASE = ["#5b7fa6", "#8fb0cf", "#9aa5b1", "#c3ccd5"]
+_BASE = ["#5b7fa6", "#8fb0cf", "#9aa5b1", "#e0a458", "#7aa974", "#c3ccd5"]
 _FONT = "font-family='DejaVu Sans, Helvetica, Arial, sans-serif'"
 
 
@@ -70,7 +70,8 @@ def _nice_max(v: float) -> float:
     return 10 * exp
 
 
-def _panel_svg(p: Panel, x0: float, width: float, height: float) -> list[str]:
+def _panel_svg(p: Panel, x0: float, width: float, height: float,
+               colors: dict[str, str]) -> list[str]:
     out: list[str] = []
     top, bottom, left = 40.0, 70.0, 52.0
     plot_w = width - left - 12
@@ -98,14 +99,9 @@ def _panel_svg(p: Panel, x0: float, width: float, height: float) -> list[str]:
         nb = max(len(bars), 1)
         bw = min(gw * 0.8 / nb, 60.0)
         start = gx + (gw - bw * nb) / 2
-        base_i = 0
         for bi, bar in enumerate(bars):
             bx = start + bi * bw
-            if bar.ours:
-                color = _OURS
-            else:
-                color = _BASE[base_i % len(_BASE)]
-                base_i += 1
+            color = _OURS if bar.ours else colors[bar.label]
             cx = bx + bw / 2
             if bar.value is not None:
                 h = plot_h * max(bar.value, 0.0) / vmax
@@ -136,13 +132,20 @@ def bar_chart_svg(title: str, panels: Sequence[Panel], panel_width: float = 320.
     parts = [
         f"<svg xmlns='http://www.w3.org/2000/svg' width='{width:.0f}' "
         f"height='{height + title_h:.0f}' viewBox='0 0 {width:.0f} {height + title_h:.0f}'>",
-        f"<rect width='100%' height='100%' fill='white'/>",
+        "<rect width='100%' height='100%' fill='white'/>",
         f"<text x='{width / 2:.1f}' y='19' text-anchor='middle' {_FONT} font-size='15' "
         f"font-weight='bold'>{escape(title)}</text>",
         f"<g transform='translate(0 {title_h:.0f})'>",
     ]
+    # A baseline keeps its colour in every panel.
+    colors: dict[str, str] = {}
+    for p in panels:
+        for _, bars in p.groups:
+            for bar in bars:
+                if not bar.ours and bar.label not in colors:
+                    colors[bar.label] = _BASE[len(colors) % len(_BASE)]
     for i, p in enumerate(panels):
-        parts.extend(_panel_svg(p, i * panel_width, panel_width, height))
+        parts.extend(_panel_svg(p, i * panel_width, panel_width, height, colors))
     parts.append("</g></svg>")
     return "\n".join(parts) + "\n"
 

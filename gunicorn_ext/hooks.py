@@ -8,53 +8,49 @@ check passes.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 from .ipc.bus import worker as worker_bus
 from .ipc.hub import primary
+from .reporter import Reporter
 from .settings import Settings
+from .stacks import format_all_stacks
+from .supervisor import Supervisor
 
 _MARK = "_gunicorn_ext_hook"
+
+#: The arbiter's lifecycle manager (restart policy, rolling reload, status).
+supervisor = Supervisor(primary)
+#: This worker's reporter (None in the primary).
+reporter: Reporter | None = None
 
 
 def _slot_of(w: Any) -> int | None:
     return getattr(w, "ext_slot", None)
 
 
+# -- in the primary ---------------------------------------------------------------
+
+
 def on_starting(server: Any) -> None:
     primary.start(server.log)
+    supervisor.install(server)
 
 
 def on_exit(server: Any) -> None:
+    supervisor.stop()
     primary.stop()
 
 
 def pre_fork(server: Any, worker: Any) -> None:
-    """Give the new worker the lowest free slot, so a replacement takes the dead one's."""
-    used = {
-        _slot_of(w) for w in server.WORKERS.values() if not getattr(w, "ext_retired", False)
-    }
-    slot = next(i for i in itertools.count() if i not in used)
-    worker.ext_slot = slot
-    worker.ext_retired = False
+    """Give the new worker its slot (a replacement takes the dead one's) and its bus."""
+    slot = supervisor.assign_slot(server, worker)
     primary.prepare_fork(slot, worker)
 
 
-def post_fork(server: Any, worker: Any) -> None:
-    end = primary.child_end
-    primary.child_end = None
-    if end is not None:
-        sock, push, slot = end
-        worker_bus.attach(sock, push, slot, primary.handler_names, worker.log, primary.max_frame)
-
-
-def post_worker_init(worker: Any) -> None:
-    worker_bus.start()
-
-
 def child_exit(server: Any, worker: Any) -> None:
+    supervisor.worker_exited(server, worker)
     primary.worker_exited(worker)
 
 
@@ -86,12 +82,60 @@ def nworkers_changed(server: Any, new: int, old: int | None) -> None:
     primary.retire(victims)
 
 
+# -- in the worker ----------------------------------------------------------------
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    global reporter
+    end = primary.child_end
+    primary.child_end = None
+    if end is not None:
+        sock, push, slot = end
+        worker_bus.attach(sock, push, slot, primary.handler_names, worker.log, primary.max_frame)
+        reporter = Reporter(worker_bus, supervisor.settings, worker.log)
+
+
+def post_worker_init(worker: Any) -> None:
+    worker_bus.start()
+    if reporter is not None:
+        reporter.start()
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    if reporter is not None:
+        reporter.pre_request()
+
+
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    if reporter is not None:
+        reporter.post_request()
+
+
+def worker_abort(worker: Any) -> None:
+    """SIGABRT from the arbiter's timeout: log every thread's stack before dying."""
+    worker.log.critical(
+        "gunicorn-ext: worker slot %s (pid %s) timed out; stacks of all its threads:\n%s",
+        worker_bus.slot, worker.pid, format_all_stacks())
+    if reporter is not None:
+        reporter.tell_exit(f"timed out (no heartbeat for {worker.cfg.timeout}s), killed by the "
+                           "arbiter", planned=False)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    if reporter is not None:
+        reporter.worker_exit(worker)
+
+
 _OURS: dict[str, Callable[..., None]] = {
     "on_starting": on_starting,
     "on_exit": on_exit,
     "pre_fork": pre_fork,
     "post_fork": post_fork,
     "post_worker_init": post_worker_init,
+    "pre_request": pre_request,
+    "post_request": post_request,
+    "worker_abort": worker_abort,
+    "worker_exit": worker_exit,
     "child_exit": child_exit,
     "on_reload": on_reload,
     "nworkers_changed": nworkers_changed,
@@ -102,21 +146,24 @@ def _compose(name: str, ours: Callable[..., None], theirs: Callable[..., None] |
     if theirs is None or getattr(theirs, _MARK, False):
         return ours
     # Explicit signatures: Gunicorn checks each hook's arity.
-    if ours.__code__.co_argcount == 1:
-        def hook1(a: Any) -> None:
+    n = ours.__code__.co_argcount
+    fn: Any
+    if n == 1:
+        def fn(a: Any) -> None:
             ours(a)
             theirs(a)
-        fn: Any = hook1
-    elif ours.__code__.co_argcount == 2:
-        def hook2(a: Any, b: Any) -> None:
+    elif n == 2:
+        def fn(a: Any, b: Any) -> None:
             ours(a, b)
             theirs(a, b)
-        fn = hook2
-    else:
-        def hook3(a: Any, b: Any, c: Any) -> None:
+    elif n == 3:
+        def fn(a: Any, b: Any, c: Any) -> None:
             ours(a, b, c)
             theirs(a, b, c)
-        fn = hook3
+    else:
+        def fn(a: Any, b: Any, c: Any, d: Any) -> None:
+            ours(a, b, c, d)
+            theirs(a, b, c, d)
     fn.__name__ = name
     return fn
 
@@ -132,6 +179,7 @@ def enable(config: dict[str, Any], **settings: Any) -> Settings:
     s = Settings.from_kwargs(settings)
     primary.max_frame = s.ipc_max_frame
     primary.max_backlog = s.ipc_max_backlog
+    supervisor.configure(s)
     for name, ours in _OURS.items():
         hook = _compose(name, ours, config.get(name))
         setattr(hook, _MARK, True)

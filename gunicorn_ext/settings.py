@@ -1,21 +1,47 @@
 """Every gunicorn-ext setting, its default, and its validation, in one place.
 
 Settings are keyword arguments of :func:`gunicorn_ext.enable`. A bad value
-stops Gunicorn at startup with a message naming the setting.
+stops Gunicorn at startup with a message naming the setting. Sizes accept an
+int (bytes) or a string such as ``"512M"``; durations are seconds.
+
+Gunicorn's own settings keep their meaning: ``max_requests`` and
+``max_requests_jitter`` recycle by request count, ``timeout`` detects hung
+workers, ``workers`` is the slot count.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class SettingsError(ValueError):
     """A gunicorn-ext setting has an invalid value."""
 
 
+def parse_size(name: str, value: Any) -> int:
+    """Bytes from an int or a string like ``"512M"``; 0 means off."""
+    if isinstance(value, bool):
+        raise SettingsError(f"gunicorn-ext setting {name} must be a size, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise SettingsError(
+            f"gunicorn-ext setting {name} must be bytes or a size like '512M', got {value!r}")
+    if size < 0:
+        raise SettingsError(f"gunicorn-ext setting {name} must not be negative, got {value!r}")
+    return size
+
+
 @dataclass(frozen=True)
 class Settings:
+    # -- bus
     #: Largest bus frame accepted, in bytes. A bigger one closes the sender's
     #: connection with a logged reason.
     ipc_max_frame: int = 4 * 1024 * 1024
@@ -23,19 +49,104 @@ class Settings:
     #: before it gives up on that worker's connection.
     ipc_max_backlog: int = 64 * 1024 * 1024
 
+    # -- restart policy (PM2's exponential backoff, plus a breaker)
+    #: First delay before respawning a slot whose worker crashed (seconds).
+    restart_delay: float = 0.1
+    #: Each further crash multiplies the delay by this.
+    restart_backoff_factor: float = 1.5
+    #: The delay never exceeds this.
+    restart_max_delay: float = 15.0
+    #: A worker that lived this long before exiting resets its slot's backoff.
+    restart_stable_after: float = 30.0
+    #: This many crashes of a slot within ``restart_breaker_window`` open the
+    #: breaker: the slot (or the instance) stops respawning. 0 disables it.
+    restart_breaker_failures: int = 10
+    restart_breaker_window: float = 60.0
+    #: "slot": only the crashing slot stops; "instance": every slot stops.
+    restart_breaker_scope: str = "slot"
+    #: "hold": the primary keeps running (with what still serves);
+    #: "exit": the primary shuts down with exit status 1.
+    restart_breaker_action: str = "hold"
+    #: Keep Gunicorn's behaviour of shutting down when a worker fails to boot
+    #: (app import error). Off: such a failure is a crash like any other and
+    #: goes through backoff and the breaker. During a rolling reload a boot
+    #: failure never shuts down: the rollout stops and old workers keep serving.
+    halt_on_boot_error: bool = True
+
+    # -- recycling
+    #: RSS above which a worker finishes its in-flight requests, exits and is
+    #: replaced. Checked after each request and every ``memory_check_interval``.
+    memory_soft_limit: int = 0
+    #: RSS above which the primary stops a worker: TERM, then KILL after
+    #: ``memory_hard_grace`` seconds. 0 disables.
+    memory_hard_limit: int = 0
+    memory_hard_grace: float = 10.0
+    memory_check_interval: float = 1.0
+    #: A worker older than this (plus up to ``max_lifetime_jitter``, random per
+    #: worker) exits gracefully and is replaced. 0 disables.
+    max_lifetime: float = 0.0
+    max_lifetime_jitter: float = 0.0
+
+    # -- rolling reload
+    #: Workers replaced at a time by ``gunicorn-ext reload --rolling``.
+    reload_batch: int = 1
+    #: How long a new worker may take to report ready before the rollout stops.
+    reload_ready_timeout: float = 60.0
+
+    # -- status and metrics
+    #: How often each worker reports its counters to the primary (seconds).
+    stats_interval: float = 1.0
+    #: Serve ``gunicorn-ext status``/``reload``/``scale`` on a 0600 unix socket
+    #: in a private directory ($XDG_RUNTIME_DIR/gunicorn-ext or /tmp/gunicorn-ext-UID).
+    control_socket: bool = True
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool)):
+            if f.name in ("memory_soft_limit", "memory_hard_limit", "ipc_max_frame", "ipc_max_backlog"):
+                object.__setattr__(self, f.name, parse_size(f.name, value))
+            elif f.type in ("int",) and (not isinstance(value, int) or isinstance(value, bool)):
                 raise SettingsError(f"gunicorn-ext setting {f.name} must be an integer, got {value!r}")
+            elif f.type in ("float",):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise SettingsError(f"gunicorn-ext setting {f.name} must be a number, got {value!r}")
+                if value < 0:
+                    raise SettingsError(f"gunicorn-ext setting {f.name} must not be negative, got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+            elif f.type in ("bool",) and not isinstance(value, bool):
+                raise SettingsError(f"gunicorn-ext setting {f.name} must be True or False, got {value!r}")
+        self._check()
+
+    def _check(self) -> None:
+        def bad(name: str, why: str) -> SettingsError:
+            return SettingsError(f"gunicorn-ext setting {name} {why}, got {getattr(self, name)!r}")
+
         if not 1024 <= self.ipc_max_frame <= 1 << 30:
-            raise SettingsError(
-                f"gunicorn-ext setting ipc_max_frame must be between 1024 and 2**30 bytes, "
-                f"got {self.ipc_max_frame}")
+            raise bad("ipc_max_frame", "must be between 1024 and 2**30 bytes")
         if self.ipc_max_backlog < self.ipc_max_frame:
-            raise SettingsError(
-                "gunicorn-ext setting ipc_max_backlog must be at least ipc_max_frame "
-                f"({self.ipc_max_frame}), got {self.ipc_max_backlog}")
+            raise bad("ipc_max_backlog", f"must be at least ipc_max_frame ({self.ipc_max_frame})")
+        if self.restart_backoff_factor < 1:
+            raise bad("restart_backoff_factor", "must be at least 1")
+        if self.restart_max_delay < self.restart_delay:
+            raise bad("restart_max_delay", f"must be at least restart_delay ({self.restart_delay})")
+        if self.restart_breaker_failures < 0:
+            raise bad("restart_breaker_failures", "must be 0 (off) or more")
+        if self.restart_breaker_failures and self.restart_breaker_window <= 0:
+            raise bad("restart_breaker_window", "must be positive")
+        if self.restart_breaker_scope not in ("slot", "instance"):
+            raise bad("restart_breaker_scope", "must be 'slot' or 'instance'")
+        if self.restart_breaker_action not in ("hold", "exit"):
+            raise bad("restart_breaker_action", "must be 'hold' or 'exit'")
+        if self.memory_hard_limit and self.memory_soft_limit > self.memory_hard_limit:
+            raise bad("memory_soft_limit", f"must not exceed memory_hard_limit ({self.memory_hard_limit})")
+        if self.memory_check_interval <= 0:
+            raise bad("memory_check_interval", "must be positive")
+        if self.reload_batch < 1:
+            raise bad("reload_batch", "must be at least 1")
+        if self.reload_ready_timeout <= 0:
+            raise bad("reload_ready_timeout", "must be positive")
+        if self.stats_interval <= 0:
+            raise bad("stats_interval", "must be positive")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> Settings:

@@ -238,7 +238,7 @@ def test_bad_frame_closes_only_that_connection(gunicorn_factory: Any, kind: str,
     assert seen == {"bad", "good"}
     assert ask(g, "echo", "x", to=other).get("ok") or True
     # The primary is alive and still relays between healthy processes.
-    assert g.alive
+    assert g.alive()
 
 
 # -- lifecycle -----------------------------------------------------------------------------

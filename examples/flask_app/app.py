@@ -6,7 +6,7 @@ import collections
 import os
 import threading
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 
 import gunicorn_ext
 from gunicorn_ext import worker
@@ -61,3 +61,13 @@ def inbox():  # type: ignore[no-untyped-def]
     with _inbox_lock:
         messages = list(_inbox)
     return jsonify(slot=worker.slot, pid=os.getpid(), messages=messages)
+
+
+@app.get("/metrics")
+def metrics():  # type: ignore[no-untyped-def]
+    """Prometheus text for the whole instance, gathered by the primary over the bus."""
+    try:
+        text = worker.request("gunicorn_ext.metrics", timeout=5.0)
+    except gunicorn_ext.IPCError as exc:
+        return Response(f"# metrics unavailable: {exc}\n", 503, mimetype="text/plain")
+    return Response(text, mimetype="text/plain; version=0.0.4; charset=utf-8")

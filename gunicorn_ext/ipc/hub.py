@@ -20,6 +20,7 @@ deadlocks that come from forking while a thread holds a lock).
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import os
 import select
@@ -146,6 +147,9 @@ class Hub:
         self._pending: dict[int, _Pending] = {}
         self._dirty: set[_Conn] = set()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._watched: dict[int, Callable[[], None]] = {}
+        self._child_callbacks: list[Callable[[], None]] = []
         self._ids = itertools.count(1)
         self._ep: select.epoll | None = None
         self._fds: dict[int, _Conn] = {}
@@ -349,6 +353,59 @@ class Hub:
             raise pending.error
         return pending.value
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the hub thread after ``delay`` seconds (any thread may call)."""
+        when = time.monotonic() + delay
+        self._call(lambda: heapq.heappush(self._timers, (when, next(self._ids), fn)))
+
+    def every(self, interval: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the hub thread every ``interval`` seconds."""
+
+        def tick() -> None:
+            try:
+                fn()
+            finally:
+                self.call_later(interval, tick)
+
+        self.call_later(interval, tick)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` in the hub thread whenever ``fd`` is readable."""
+
+        def do() -> None:
+            assert self._ep is not None
+            self._watched[fd] = callback
+            self._ep.register(fd, _READ)
+
+        self._call(do)
+
+    def unwatch(self, fd: int) -> None:
+        def do() -> None:
+            if self._watched.pop(fd, None) is not None and self._ep is not None:
+                try:
+                    self._ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+
+        self._call(do)
+
+    def on_child(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in every process forked from the primary (close inherited fds)."""
+        self._child_callbacks.append(fn)
+
+    def unretire(self, worker: Any) -> None:
+        """Give ``worker`` its slot back (a rollout stopped before replacing it)."""
+
+        def do() -> None:
+            for conn in self._conns.values():
+                if conn.worker is worker:
+                    current = self._slots.get(conn.slot)
+                    if current is None or current.closed or current.retired:
+                        conn.retired = False
+                        self._slots[conn.slot] = conn
+
+        self._call(do)
+
     # -------------------------------------------------------- thread plumbing
 
     def _check_primary(self) -> None:
@@ -380,13 +437,18 @@ class Hub:
         assert ep is not None
         fds = self._fds
         wake_r = self._wake_r
+        watched = self._watched
+        timers = self._timers
         last_sweep = time.monotonic()
         while self._running:
             if self._pause_requested:
                 self._park()
                 continue
+            timeout = 1.0
+            if timers:
+                timeout = min(timeout, max(0.0, timers[0][0] - time.monotonic()))
             try:
-                events = ep.poll(1.0)
+                events = ep.poll(timeout)
             except OSError:
                 events = []
             for fd, mask in events:
@@ -397,6 +459,11 @@ class Hub:
                             os.read(wake_r, 4096)
                         except BlockingIOError:
                             pass
+                    elif fd in watched:
+                        try:
+                            watched[fd]()
+                        except Exception:
+                            self.log.exception("gunicorn-ext: watcher of fd %s failed", fd)
                     continue
                 if mask & (_READ | select.EPOLLHUP | select.EPOLLERR):
                     if fd == conn.sock.fileno():
@@ -414,6 +481,12 @@ class Hub:
                     self._flush(conn)
                 self._dirty.clear()
             now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                _, _, fn = heapq.heappop(timers)
+                try:
+                    fn()
+                except Exception:
+                    self.log.exception("gunicorn-ext: timer failed")
             if now - last_sweep > 10.0:
                 last_sweep = now
                 self._sweep(now)
@@ -479,6 +552,13 @@ class Hub:
         self._dirty.clear()
         self._calls.clear()
         self._fds.clear()
+        self._timers.clear()
+        self._watched.clear()
+        for fn in self._child_callbacks:
+            try:
+                fn()
+            except Exception:
+                pass
         if self._ep is not None:
             try:
                 self._ep.close()

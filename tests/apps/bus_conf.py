@@ -10,7 +10,7 @@ from gunicorn_ext import primary
 bind = os.environ["BIND"]
 workers = int(os.environ.get("WORKERS", "2"))
 worker_class = os.environ.get("WORKER_CLASS", "gthread")
-threads = 4
+threads = 4 if worker_class == "gthread" else 1  # threads > 1 turns sync into gthread
 timeout = 30
 graceful_timeout = 5
 max_requests = int(os.environ.get("MAX_REQUESTS", "0"))

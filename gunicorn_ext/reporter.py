@@ -1,0 +1,147 @@
+"""The worker's side of lifecycle management.
+
+A small thread in every worker reports its counters to the primary every
+``stats_interval`` and watches two recycling limits: the soft RSS limit and the
+maximum lifetime (with per-worker jitter). Crossing either makes the worker
+exit gracefully: Gunicorn's SIGTERM handling stops accepting, lets in-flight
+requests finish, and the primary replaces the worker in the same slot. The soft
+limit is also checked after every request, so a leaking request is caught at
+once, never in the middle of another.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+from typing import Any
+
+from .ipc.bus import Bus
+from .ipc.errors import IPCError
+from .metrics import WorkerStats
+from .settings import Settings
+
+#: Name of the stats message the primary handles.
+STATS = "gunicorn_ext.stats"
+#: Name of the message a worker sends when it decides to exit, with the reason.
+EXITING = "gunicorn_ext.exiting"
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (one small /proc read)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+class Reporter:
+    """Counters, recycling limits and exit reasons of this worker."""
+
+    def __init__(self, bus: Bus, settings: Settings, log: Any) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.log = log
+        self.stats = WorkerStats()
+        self.started = time.monotonic()
+        jitter = random.uniform(0, settings.max_lifetime_jitter) if settings.max_lifetime else 0.0
+        self.lifetime = settings.max_lifetime + jitter if settings.max_lifetime else 0.0
+        self._exiting = False
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._local = threading.local()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-reporter", daemon=True)
+        self._thread.start()
+
+    # -- request hooks (run on the request's thread)
+
+    def pre_request(self) -> None:
+        self._local.t0 = time.perf_counter()
+        self.stats.request_started()
+
+    def post_request(self) -> None:
+        t0 = getattr(self._local, "t0", None)
+        self.stats.request_finished(time.perf_counter() - t0 if t0 is not None else 0.0)
+        limit = self.settings.memory_soft_limit
+        if limit and not self._exiting:
+            rss = current_rss()
+            if rss > limit:
+                self.recycle(f"RSS {rss >> 20} MiB is over memory_soft_limit {limit >> 20} MiB")
+
+    # -- the thread
+
+    def _run(self) -> None:
+        interval = min(self.settings.stats_interval, self.settings.memory_check_interval)
+        next_stats = 0.0
+        while not self._stop.wait(interval if next_stats else 0.0):
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + self.settings.stats_interval
+                self.report()
+            limit = self.settings.memory_soft_limit
+            if limit and not self._exiting:
+                rss = current_rss()
+                if rss > limit:
+                    self.recycle(f"RSS {rss >> 20} MiB is over memory_soft_limit {limit >> 20} MiB")
+            if self.lifetime and not self._exiting and now - self.started > self.lifetime:
+                self.recycle(f"it reached max_lifetime ({self.lifetime:.0f}s with jitter)")
+
+    def report(self) -> None:
+        try:
+            snap = self.stats.snapshot()
+            snap["pid"] = os.getpid()
+            snap["rss"] = current_rss()
+            self.bus.send(STATS, snap)
+        except IPCError:
+            self._stop.set()
+        except Exception:
+            self.log.exception("gunicorn-ext: could not report worker stats")
+
+    def recycle(self, reason: str) -> None:
+        """Exit gracefully (finish in-flight requests) so the slot gets a fresh worker."""
+        if self._exiting:
+            return
+        self._exiting = True
+        self.log.warning("gunicorn-ext: worker slot %s (pid %s) recycling: %s; finishing "
+                         "in-flight requests, then exiting", self.bus.slot, os.getpid(), reason)
+        self.tell_exit(f"recycled: {reason}", planned=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def tell_exit(self, reason: str, planned: bool, tb: str | None = None) -> None:
+        """Tell the primary why this worker is about to exit (best effort)."""
+        try:
+            self.bus.send(EXITING, {"pid": os.getpid(), "reason": reason, "planned": planned,
+                                    "traceback": tb})
+        except Exception:
+            pass
+
+    def worker_exit(self, worker: Any) -> None:
+        """Gunicorn's worker_exit hook, in the worker: final counters and the cause."""
+        self._stop.set()
+        self.report()
+        exc = _exit_exception()
+        if exc is not None and not self._exiting:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self.tell_exit(f"{type(exc).__name__}: {exc}", planned=False, tb=tb)
+
+
+def _exit_exception() -> BaseException | None:
+    """The exception that is ending this worker, if any (not the SystemExit wrapping it)."""
+    import sys
+
+    exc = sys.exc_info()[1]
+    while isinstance(exc, SystemExit):
+        if exc.code in (0, None):
+            return None
+        exc = exc.__context__  # type: ignore[assignment]
+    return exc

@@ -1,0 +1,313 @@
+"""Worker lifecycle with real Gunicorn: backoff, breaker, recycling, rolling reload,
+hung-worker stacks, status, scale and metrics across worker replacement."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from harness import Gunicorn, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+APPS = Path(__file__).parent / "apps"
+CONF = APPS / "life_conf.py"
+CLI = str(Path(sys.executable).parent / "gunicorn-ext")
+
+
+def start(factory: Any, workers: int = 2, wait: bool = True, **env: str) -> Gunicorn:
+    return factory("life_app:app", config=CONF, cwd=APPS, workers=workers, env=env,  # type: ignore[no-any-return]
+                   wait=wait)
+
+
+def get(g: Gunicorn, path: str = "/", timeout: float = 30) -> dict[str, Any]:
+    r = requests.get(g.url(path), headers={"Connection": "close"}, timeout=timeout)
+    r.raise_for_status()
+    return r.json()  # type: ignore[no-any-return]
+
+
+def cli(g: Gunicorn, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], env=g.env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def status(g: Gunicorn) -> dict[str, Any]:
+    r = cli(g, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def ready_slots(g: Gunicorn) -> dict[int, int]:
+    return {w["slot"]: w["pid"] for w in status(g)["workers"] if w["state"] == "ready"}
+
+
+def wait_ready_slots(g: Gunicorn, n: int, exclude: set[int] = frozenset(), timeout: float = 30) -> dict[int, int]:  # type: ignore[assignment]
+    def ok() -> dict[int, int] | None:
+        s = ready_slots(g)
+        return s if sorted(s) == list(range(n)) and not exclude & set(s.values()) else None
+
+    return wait_for(ok, timeout, interval=0.1, what=f"{n} ready slots")  # type: ignore[no-any-return]
+
+
+# -- crash loops -----------------------------------------------------------------------
+
+
+def test_crash_loop_backs_off_then_opens_the_breaker(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, APP_MODE="crash_every_request", RESTART_DELAY="0.2",
+              BREAKER_FAILURES="4")
+    wait_ready_slots(g, 1)
+    deadline = time.monotonic() + 30
+    while "restart breaker open" not in g.log_text() and time.monotonic() < deadline:
+        try:
+            requests.get(g.url("/crash"), timeout=2)
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    log = g.log_text()
+    assert "restart breaker open: slot 0 crashed 4 times in 60s, last cause: exit code 1" in log
+    assert "respawning in 0.20s" in log and "respawning in 0.30s" in log and "respawning in 0.45s" in log
+    assert log.count("restart breaker open") == 1
+    time.sleep(1.0)
+    st = status(g)
+    assert [w["state"] for w in st["workers"]] == ["stopped"]
+    assert st["workers"][0]["last_exit"] == "exit code 1"
+    assert g.alive()  # "hold": the primary stays up, no fork storm
+    booted = log.count("Booting worker")
+    time.sleep(1.5)
+    assert g.log_text().count("Booting worker") == booted
+    # An operator's scale (or rolling reload) closes the breaker and tries again.
+    assert cli(g, "scale", "1").returncode == 0
+    wait_for(lambda: g.log_text().count("Booting worker") > booted, 10)
+
+
+def test_import_error_halts_like_gunicorn_by_default(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, wait=False, APP_MODE="import_error")
+    wait_for(lambda: not g.alive(), 30, what="the master to halt")
+    assert "Reason: Worker failed to boot." in g.log_text()
+
+
+def test_import_error_goes_through_the_breaker_with_its_traceback(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, wait=False, APP_MODE="import_error", HALT_ON_BOOT_ERROR="0",
+              BREAKER_FAILURES="3", RESTART_DELAY="0.05")
+    g.wait_log("restart breaker open", timeout=30)
+    log = g.log_text()
+    assert "slot 0 crashed 3 times" in log
+    assert "Last traceback from the worker:" in log
+    assert "this deploy is broken on purpose (life_app)" in log
+    assert g.alive()
+
+
+def test_breaker_exit_action_stops_the_primary(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, wait=False, APP_MODE="import_error", HALT_ON_BOOT_ERROR="0",
+              BREAKER_FAILURES="2", RESTART_DELAY="0.05", BREAKER_ACTION="exit")
+    wait_for(lambda: not g.alive(), 30, what="the master to exit")
+    assert g.stop() == 1
+    assert "restart breaker open" in g.log_text()
+
+
+# -- memory and lifetime --------------------------------------------------------------
+
+
+def test_soft_memory_limit_recycles_after_the_request(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, MEMORY_SOFT="150M")
+    first = wait_ready_slots(g, 1)
+    r = get(g, "/leak?mb=200")  # the leaking request itself completes
+    assert r["pid"] == first[0]
+    g.wait_log("recycling: RSS")
+    again = wait_ready_slots(g, 1, exclude={first[0]})
+    assert get(g, "/")["pid"] == again[0]
+    st = status(g)["workers"][0]
+    assert st["last_exit"].startswith("recycled: RSS") and st["restarts"] == 1
+
+
+def test_soft_limit_lets_other_in_flight_requests_finish(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, MEMORY_SOFT="150M")
+    wait_ready_slots(g, 1)
+    slow: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: slow.update(get(g, "/slow?s=2")))
+    t.start()
+    time.sleep(0.3)
+    get(g, "/leak?mb=200")
+    t.join(10)
+    assert slow.get("version") == "1"  # finished, not cut off
+
+
+def test_hard_memory_limit_is_enforced_by_the_primary(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, MEMORY_HARD="150M")
+    first = wait_ready_slots(g, 1)
+    get(g, "/leak?mb=200")
+    g.wait_log("over memory_hard_limit")
+    wait_ready_slots(g, 1, exclude={first[0]})
+    assert "stopped by the primary" in status(g)["workers"][0]["last_exit"]
+
+
+def test_max_lifetime_with_jitter_recycles(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 2, MAX_LIFETIME="1.5", MAX_LIFETIME_JITTER="1")
+    first = wait_ready_slots(g, 2)
+    wait_ready_slots(g, 2, exclude=set(first.values()))
+    assert "reached max_lifetime" in g.log_text()
+
+
+# -- hung workers -----------------------------------------------------------------------
+
+
+def test_hung_worker_stacks_are_logged_before_the_kill(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, WORKER_CLASS="sync", TIMEOUT="2")
+    first = wait_ready_slots(g, 1)
+    try:  # the hung request is cut off: an error response or a dropped connection
+        r = requests.get(g.url("/hang?s=60"), timeout=15)
+        assert r.status_code >= 500
+    except requests.RequestException:
+        pass
+    g.wait_log("stacks of all its threads")
+    log = g.log_text()
+    assert "in hang_here" in log and "time.sleep(seconds)" in log
+    assert "gunicorn-ext-reporter" in log  # every thread, not just the main one
+    again = wait_ready_slots(g, 1, exclude={first[0]})
+    assert again[0] != first[0]
+    assert "timed out" in status(g)["workers"][0]["last_exit"]
+
+
+# -- rolling reload -----------------------------------------------------------------------
+
+
+class Load:
+    """Requests from two threads until stopped (bounded in count and time)."""
+
+    def __init__(self, g: Gunicorn, limit: int = 20000, seconds: float = 60) -> None:
+        self.g, self.limit, self.seconds = g, limit, seconds
+        self.ok = 0
+        self.failed: list[str] = []
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(2)]
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.seconds
+        s = requests.Session()
+        while not self._stop.is_set() and time.monotonic() < end and self.ok < self.limit:
+            try:
+                r = s.get(self.g.url("/"), timeout=10)
+                r.raise_for_status()
+                self.versions.add(r.json()["version"])
+                self.ok += 1
+            except requests.RequestException as exc:
+                self.failed.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(20)
+
+
+def test_rolling_reload_under_load_fails_no_request(gunicorn_factory: Any, tmp_path: Path) -> None:
+    version = tmp_path / "VERSION"
+    version.write_text("1")
+    g = start(gunicorn_factory, 3, APP_VERSION_FILE=str(version))
+    before = wait_ready_slots(g, 3)
+    with Load(g) as load:
+        time.sleep(0.5)
+        version.write_text("2")
+        r = cli(g, "reload", "--rolling", "--batch", "1")
+        time.sleep(0.5)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert load.failed == [] and load.ok > 50
+    assert load.versions == {"1", "2"}
+    after = wait_ready_slots(g, 3, exclude=set(before.values()))
+    assert sorted(after) == [0, 1, 2]
+    assert {get(g, "/")["version"] for _ in range(10)} == {"2"}
+    assert status(g)["rollout"]["state"] == "done"
+
+
+def test_bad_deploy_stops_the_rollout_and_old_workers_keep_serving(gunicorn_factory: Any, tmp_path: Path) -> None:
+    version = tmp_path / "VERSION"
+    version.write_text("1")
+    g = start(gunicorn_factory, 2, APP_VERSION_FILE=str(version))
+    before = wait_ready_slots(g, 2)
+    version.write_text("broken")
+    with Load(g) as load:
+        r = cli(g, "reload", "--rolling")
+        time.sleep(0.5)
+    assert r.returncode == 1
+    assert "rollout stopped" in (r.stdout + r.stderr)
+    assert "this deploy is broken on purpose" in (r.stdout + r.stderr) or "failed" in (r.stdout + r.stderr)
+    assert load.failed == [] and load.versions == {"1"}
+    assert g.alive()
+    wait_for(lambda: ready_slots(g) == before, 10, what="old workers back in their slots")
+    assert status(g)["rollout"]["state"] == "failed"
+
+
+# -- status, scale, metrics ------------------------------------------------------------
+
+
+def test_status_and_scale(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 2)
+    wait_ready_slots(g, 2)
+    for _ in range(5):
+        get(g, "/")
+    text = cli(g, "status").stdout
+    assert "SLOT" in text and "TOTAL" in text and "ready" in text
+    wait_for(lambda: status(g)["totals"]["requests"] >= 5, 5)
+    st = status(g)
+    assert st["workers_target"] == 2 and st["primary_pid"] == g.master_pid
+    for w in st["workers"]:
+        assert w["rss"] > 0 and w["uptime"] > 0 and w["restarts"] == 0
+    assert cli(g, "scale", "3").returncode == 0
+    wait_ready_slots(g, 3)
+    assert cli(g, "scale", "1").returncode == 0
+    wait_for(lambda: [w["slot"] for w in status(g)["workers"]] == [0], 15)
+    bad = cli(g, "scale", "0")
+    assert bad.returncode != 0
+
+
+def test_status_finds_no_instance_clearly(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
+    r = subprocess.run([CLI, "status"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "no gunicorn-ext instance" in r.stderr
+
+
+def test_metrics_counters_survive_a_worker_replacement(gunicorn_factory: Any) -> None:
+    g = gunicorn_factory("app:app", config=Path(__file__).parent.parent / "examples/flask_app/cluster_conf.py",
+                         cwd=Path(__file__).parent.parent / "examples/flask_app", workers=2)
+
+    def requests_total() -> dict[str, float]:
+        text = requests.get(g.url("/metrics"), timeout=10).text
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "gunicorn_ext_requests":
+                for s in fam.samples:
+                    if s.name == "gunicorn_ext_requests_total":
+                        out[s.labels["slot"]] = s.value
+        return out
+
+    for _ in range(20):
+        get(g, "/whoami")
+    wait_for(lambda: sum(requests_total().values()) >= 20, 10, what="20 requests counted")
+    before = requests_total()
+    victim = g.worker_pids()[0]
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(g.worker_pids()) == 2 and victim not in g.worker_pids(), 15)
+    for _ in range(10):
+        get(g, "/whoami")
+    time.sleep(1.5)
+    after = requests_total()
+    for slot, value in before.items():
+        assert after.get(slot, 0) >= value, (before, after)
+    assert sum(after.values()) >= sum(before.values()) + 10
+    text = requests.get(g.url("/metrics"), timeout=10).text
+    assert "gunicorn_ext_worker_restarts_total" in text
+    assert "gunicorn_ext_request_duration_seconds_bucket" in text
