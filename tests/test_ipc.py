@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -313,8 +314,27 @@ def test_max_requests_recycling_keeps_slots(gunicorn_factory: Any) -> None:
     assert ask(g, "echo", 2, to=0)["ok"]["pid"] == after[0]
 
 
-def test_usr2_reexec_gives_new_master_its_own_bus(gunicorn_factory: Any) -> None:
-    g = start(gunicorn_factory, 2)
+class ScriptGunicorn(Gunicorn):
+    """Started by the ``gunicorn`` script: USR2 re-executes argv, and ``python -m gunicorn``
+    re-executes as ``python .../gunicorn/__main__.py``, which puts gunicorn's package dir
+    first on sys.path so its ``http`` package shadows the stdlib's (a Gunicorn quirk)."""
+
+    @property
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).parent / "gunicorn"), *super().command[3:]]
+
+
+def test_usr2_reexec_gives_new_master_its_own_bus(tmp_path: Path) -> None:
+    g = ScriptGunicorn("busapp:app", config=CONF, cwd=APPS, workers=2, log_dir=tmp_path)
+    try:
+        g.start()
+        g.wait_ready()
+        _usr2(g)
+    finally:
+        g.stop()
+
+
+def _usr2(g: Gunicorn) -> None:
     wait_slots(g, 2)
     old_master = g.master_pid
     g.signal(signal.SIGUSR2)
