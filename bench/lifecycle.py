@@ -1,0 +1,711 @@
+"""Worker-lifecycle benchmark: gunicorn-ext beside plain Gunicorn, measured in one run.
+
+    .venv/bin/python bench/lifecycle.py          (also run by `make bench`)
+
+Both sides run the same app (bench/slowboot_app.py) with the same Gunicorn settings
+(bench/lifecycle_plain_conf.py; bench/lifecycle_ext_conf.py adds gunicorn-ext with its
+default settings): gthread workers, 4 threads each, keepalive 2 s.
+
+1. Reload under load. 4 workers whose app takes APP_IMPORT_DELAY=0.5 s to import; a
+   bounded load generator (4 client threads, keep-alive connections, 127.0.0.1 only,
+   RELOAD_SECONDS long, at most MAX_REQUESTS requests) runs against one instance at a
+   time. At t=4 s: ``gunicorn-ext reload --rolling --batch 1`` on ours, ``kill -HUP`` on
+   plain Gunicorn. Recorded: requests completed per 100 ms, failed requests (non-200,
+   connection error or timeout; no retries), the throughput dip (lowest 500 ms-window
+   req/s during the reload, as % of the steady pre-reload mean) and the reload duration
+   (trigger until every new worker has loaded the app and every old worker has exited).
+   Alternating rounds (ours, plain, ours, ...).
+2. SIGKILL -> replacement serving. A 1-worker instance (no import delay); SIGKILL the
+   worker, then time until a request is answered by a new pid; N rounds each side.
+   Ours runs with restart_stable_after=1 s and each kill comes after >= 1.5 s of uptime,
+   so every kill is a first crash (what an occasional OOM kill looks like); a second
+   series on defaults kills each replacement as soon as it serves, to show the backoff
+   growing and the breaker opening.
+3. Crash loop. 2 workers that os._exit(1) 50 ms after import (APP_MODE=exit_after_boot);
+   "Booting worker" lines counted over CRASH_SECONDS; gunicorn-ext on its defaults
+   (backoff x1.5 from 0.1 s up to 15 s, breaker at 10 crashes in 60 s, action hold).
+
+The load generator is Python (per-request timestamps are the point; wrk gives totals
+only). Writes bench/results/lifecycle.json, bench/results/lifecycle_reload.svg (req/s
+over time, both sides) and bench/results/lifecycle_crashloop.svg (boots over time).
+Targets print as PASS/FAIL; a miss does not fail the run, a crash does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(BENCH))
+
+from harness import Gunicorn, wait_for  # noqa: E402
+from plot_lines import Marker, Series, Span, write_line_svg  # noqa: E402
+
+# ---------------------------------------------------------------- parameters
+
+RELOAD_ROUNDS = int(os.environ.get("BENCH_RELOAD_ROUNDS", "2"))
+RELOAD_SECONDS = float(os.environ.get("BENCH_RELOAD_SECONDS", "12"))
+RELOAD_AT = 4.0
+RELOAD_WORKERS = 4
+CLIENTS = 4
+MAX_REQUESTS = 300_000  # hard bound per load run, whatever the machine
+REQUEST_TIMEOUT = 5.0
+IMPORT_DELAY = 0.5
+BUCKET = 0.1
+WINDOW = 0.5
+STEADY_FROM = 1.0  # skip the first second (connections, caches)
+
+KILL_ROUNDS = int(os.environ.get("BENCH_KILL_ROUNDS", "10"))
+KILL_UPTIME = 1.5  # each kill after this much uptime (ours: restart_stable_after=1)
+KILL_WAIT = 5.0  # give up on one round after this long
+
+CRASH_SECONDS = float(os.environ.get("BENCH_CRASH_SECONDS", "15"))
+CRASH_WORKERS = 2
+
+TARGET_RELOAD_FAILED = 0
+TARGET_KILL_P90_S = 0.5  # "well under Gunicorn's ~1 s loop"
+
+PLAIN_CONF = BENCH / "lifecycle_plain_conf.py"
+EXT_CONF = BENCH / "lifecycle_ext_conf.py"
+APP = "slowboot_app:app"
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 1000:.0f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+# ---------------------------------------------------------------- servers
+
+
+def cli_path() -> str:
+    beside = Path(sys.executable).parent / "gunicorn-ext"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("gunicorn-ext")
+    if not found:
+        raise RuntimeError("gunicorn-ext console script not found (run `make install`)")
+    return found
+
+
+@contextlib.contextmanager
+def server(kind: str, log_dir: Path, workers: int, env: dict[str, str],
+           wait: bool = True) -> Iterator[Gunicorn]:
+    """A plain or gunicorn-ext Gunicorn running bench/slowboot_app.py; always stopped."""
+    conf = EXT_CONF if kind == "ext" else PLAIN_CONF
+    g = Gunicorn(APP, config=conf, cwd=BENCH, env=env, workers=workers, log_dir=log_dir,
+                 name=f"lifecycle-{kind}", health_path="/")
+    try:
+        g.start()
+        if wait:
+            g.wait_ready(60)
+            g.wait_workers(workers, timeout=30)
+        yield g
+    finally:
+        g.stop()
+
+
+def gunicorn_ext_cli(g: Gunicorn, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([cli_path(), *args], env=g.env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ready_times(ready_dir: Path) -> dict[int, float]:
+    """pid -> wall time the worker finished importing the app (bench/slowboot_app.py)."""
+    out: dict[int, float] = {}
+    for p in ready_dir.iterdir():
+        with contextlib.suppress(ValueError, OSError):
+            out[int(p.name)] = float(p.read_text())
+    return out
+
+
+# ---------------------------------------------------------------- load generator
+
+
+@dataclass
+class Result:
+    t: float  # completion, seconds since the load started
+    latency: float
+    ok: bool
+    pid: int | None = None
+    error: str = ""
+    reused: bool = False
+
+
+def _dropped(sock: socket.socket | None) -> bool:
+    """True if a kept-alive connection was closed by the server (as urllib3 checks)."""
+    if sock is None:
+        return False
+    try:
+        r, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(r)
+
+
+class Load:
+    """CLIENTS threads, each one keep-alive connection, GET / back to back. Bounded."""
+
+    def __init__(self, port: int, seconds: float, clients: int = CLIENTS) -> None:
+        self.port = port
+        self.seconds = seconds
+        self.clients = clients
+        self.results: list[list[Result]] = [[] for _ in range(clients)]
+        self.t0 = 0.0
+        self.wall0 = 0.0
+        self._count = 0
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.wall0 = time.time()
+        for i in range(self.clients):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def join(self) -> list[Result]:
+        for t in self._threads:
+            t.join(self.seconds + REQUEST_TIMEOUT + 5)
+        out = [r for rs in self.results for r in rs]
+        out.sort(key=lambda r: r.t)
+        return out
+
+    def _budget(self) -> bool:
+        with self._lock:
+            self._count += 1
+            return self._count <= MAX_REQUESTS
+
+    def _run(self, i: int) -> None:
+        res = self.results[i]
+        end = self.t0 + self.seconds
+        conn: http.client.HTTPConnection | None = None
+        while time.monotonic() < end and self._budget():
+            if conn is not None and _dropped(conn.sock):
+                conn.close()
+                conn = None
+            reused = conn is not None and conn.sock is not None
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
+            start = time.monotonic()
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                body = resp.read()
+                now = time.monotonic()
+                if resp.status == 200:
+                    res.append(Result(now - self.t0, now - start, True, json.loads(body)["pid"],
+                                      reused=reused))
+                else:
+                    res.append(Result(now - self.t0, now - start, False, None,
+                                      f"HTTP {resp.status}", reused))
+                if resp.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+                now = time.monotonic()
+                res.append(Result(now - self.t0, now - start, False, None,
+                                  f"{type(exc).__name__}: {exc}", reused))
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+class PidWatch:
+    """Polls the master's children every 20 ms: when did each pid appear and exit."""
+
+    def __init__(self, g: Gunicorn) -> None:
+        self.g = g
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PidWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            for pid in self.g.worker_pids():
+                self.first.setdefault(pid, now)
+                self.last[pid] = now
+            self._stop.wait(0.02)
+
+
+# ---------------------------------------------------------------- 1. reload under load
+
+
+def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
+    ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=log_dir))
+    env = {"APP_IMPORT_DELAY": str(IMPORT_DELAY), "APP_READY_DIR": str(ready_dir)}
+    with server(kind, log_dir, RELOAD_WORKERS, env) as g:
+        old = set(g.worker_pids())
+        watch = PidWatch(g).start()
+        load = Load(g.port, RELOAD_SECONDS)
+        cli: dict[str, Any] = {}
+        load.start()
+        time.sleep(max(0.0, load.t0 + RELOAD_AT - time.monotonic()))
+        trigger_wall = time.time()
+        trigger = time.monotonic() - load.t0
+        if kind == "ext":
+            proc = subprocess.Popen([cli_path(), "reload", "--rolling", "--batch", "1"],
+                                    env=g.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+
+            def follow() -> None:
+                out, err = proc.communicate(timeout=60)
+                cli.update(rc=proc.returncode, seconds=time.time() - trigger_wall,
+                           stdout=out.strip(), stderr=err.strip())
+
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+        else:
+            g.signal(signal.SIGHUP)
+        results = load.join()
+        if kind == "ext":
+            follower.join(30)
+            st = gunicorn_ext_cli(g, "status", "--json")
+            status = json.loads(st.stdout) if st.returncode == 0 else {"error": st.stderr}
+        else:
+            status = None
+        time.sleep(0.1)
+        watch.stop()
+        final = set(g.worker_pids())
+        log_text = g.log_text()
+    readies = ready_times(ready_dir)
+    new = {pid: t for pid, t in readies.items() if pid not in old and t >= trigger_wall}
+    old_exits = [watch.last.get(pid, trigger_wall) for pid in old]
+    done_parts = []
+    finished = len(new) >= RELOAD_WORKERS and not (old & final)
+    if len(new) >= RELOAD_WORKERS:
+        done_parts.append(sorted(new.values())[RELOAD_WORKERS - 1])
+    if old_exits:
+        done_parts.append(max(old_exits) + 0.02)  # last seen alive, +1 poll
+    duration = (max(done_parts) - trigger_wall) if finished and done_parts else None
+    end_rel = trigger + (duration if duration is not None else RELOAD_SECONDS - trigger)
+
+    nb = int(RELOAD_SECONDS / BUCKET + 0.5)
+    ok_b = [0] * nb
+    fail_b = [0] * nb
+    for r in results:
+        b = min(int(r.t / BUCKET), nb - 1)
+        (ok_b if r.ok else fail_b)[b] += 1
+    steady_b = ok_b[int(STEADY_FROM / BUCKET): int(trigger / BUCKET)]
+    steady = sum(steady_b) / (len(steady_b) * BUCKET) if steady_b else 0.0
+    w = int(WINDOW / BUCKET)
+    first = int(trigger / BUCKET)
+    last = max(first + w, int(end_rel / BUCKET + 0.999))
+    windows = [sum(ok_b[i:i + w]) / WINDOW for i in range(first, min(last, nb) - w + 1)]
+    dip = min(windows) if windows else None
+    during = [r.latency for r in results if trigger <= r.t <= end_rel + REQUEST_TIMEOUT and r.ok]
+    failures = [r for r in results if not r.ok]
+    errors: dict[str, int] = {}
+    for r in failures:
+        key = r.error.split(":")[0] + (" (reused conn)" if r.reused else " (new conn)")
+        errors[key] = errors.get(key, 0) + 1
+    boots = log_text.count("Booting worker")
+    return {
+        "kind": kind,
+        "requests": len(results),
+        "ok": sum(1 for r in results if r.ok),
+        "failed": len(failures),
+        "failure_kinds": errors,
+        "failure_samples": [f"t={r.t:.2f}s {r.error}" for r in failures[:5]],
+        "failed_at_s": [round(r.t, 3) for r in failures],
+        "steady_rps": round(steady, 1),
+        "dip_min_window_rps": None if dip is None else round(dip, 1),
+        "dip_pct_of_steady": None if dip is None or not steady else round(100 * dip / steady, 1),
+        "trigger_s": round(trigger, 3),
+        "reload_duration_s": None if duration is None else round(duration, 3),
+        "latency_during_reload_p99_ms": None if not during else round(1000 * pct(during, 99), 1),
+        "latency_during_reload_max_ms": None if not during else round(1000 * max(during), 1),
+        "new_workers": len(new),
+        "new_ready_after_trigger_s": sorted(round(t - trigger_wall, 3) for t in new.values()),
+        "old_exited_after_trigger_s": sorted(round(t + 0.02 - trigger_wall, 3) for t in old_exits),
+        "old_left_running": sorted(old & final),
+        "booting_lines": boots,
+        "cli": cli or None,
+        "status_after": _slim_status(status),
+        "rps_per_100ms": [round(c / BUCKET) for c in ok_b],
+        "failed_per_100ms": fail_b,
+    }
+
+
+def _slim_status(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not status or "workers" not in status:
+        return status
+    return {"rollout": status.get("rollout"),
+            "workers": [{k: w.get(k) for k in ("slot", "pid", "state", "restarts", "last_exit")}
+                        for w in status["workers"]]}
+
+
+def bench_reload(log_dir: Path) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"ext": [], "plain": []}
+    for i in range(RELOAD_ROUNDS):
+        for kind in ("ext", "plain") if i % 2 == 0 else ("plain", "ext"):
+            r = reload_run(kind, log_dir)
+            runs[kind].append(r)
+            log(f"  round {i + 1} {'gunicorn-ext rolling' if kind == 'ext' else 'plain HUP':20s} "
+                f"requests {r['requests']:6d}  failed {r['failed']:4d}  steady "
+                f"{r['steady_rps']:7.0f} req/s  dip {_pct(r['dip_pct_of_steady'])}  duration "
+                f"{_s(r['reload_duration_s'])}  p99 during {_ms(r['latency_during_reload_p99_ms'])}"
+                + (f"  failures: {r['failure_kinds']}" if r["failed"] else ""))
+            if kind == "ext" and r["cli"] and r["cli"].get("rc") != 0:
+                log(f"    gunicorn-ext reload exited {r['cli'].get('rc')}: {r['cli'].get('stderr')}")
+
+    def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        dips = [r["dip_pct_of_steady"] for r in rs if r["dip_pct_of_steady"] is not None]
+        durs = [r["reload_duration_s"] for r in rs if r["reload_duration_s"] is not None]
+        return {
+            "failed_total": sum(r["failed"] for r in rs),
+            "requests_total": sum(r["requests"] for r in rs),
+            "dip_pct_worst": min(dips) if dips else None,
+            "dip_pct_median": statistics.median(dips) if dips else None,
+            "reload_duration_s_median": statistics.median(durs) if durs else None,
+            "reload_unfinished_rounds": sum(1 for r in rs if r["reload_duration_s"] is None),
+            "steady_rps_median": statistics.median(r["steady_rps"] for r in rs),
+            "p99_during_reload_ms_worst": max((r["latency_during_reload_p99_ms"] or 0) for r in rs),
+        }
+
+    return {"ext": summary(runs["ext"]), "plain": summary(runs["plain"]), "runs": runs}
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:5.1f}%"
+
+
+def _s(v: float | None) -> str:
+    return "unfinished" if v is None else f"{v:5.2f} s"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f} ms"
+
+
+# ---------------------------------------------------------------- 2. SIGKILL -> serving
+
+
+def _get_pid(port: int, timeout: float) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read()
+        return int(json.loads(body)["pid"]) if resp.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
+        return None
+    finally:
+        conn.close()
+
+
+def kill_rounds(g: Gunicorn, rounds: int, settle: float) -> list[float | None]:
+    """SIGKILL the only worker; seconds until a request is answered by another pid."""
+    out: list[float | None] = []
+    for _ in range(rounds):
+        pid = wait_for(lambda: _get_pid(g.port, 2.0), 10, what="a worker answering")
+        time.sleep(settle)
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        got: float | None = None
+        while time.monotonic() - t0 < KILL_WAIT:
+            # The listener stays open in the master: this connect queues until a
+            # worker accepts it, so one request usually is the whole wait.
+            answer = _get_pid(g.port, max(0.05, KILL_WAIT - (time.monotonic() - t0)))
+            if answer is not None and answer != pid:
+                got = time.monotonic() - t0
+                break
+            time.sleep(0.002)
+        out.append(got)
+        if got is None:
+            break  # nothing serves any more (breaker open): later rounds are moot
+    return out
+
+
+def bench_sigkill(log_dir: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    for kind in ("ext", "plain"):
+        env = {"APP_IMPORT_DELAY": "0"}
+        if kind == "ext":
+            env["RESTART_STABLE_AFTER"] = "1.0"
+        with server(kind, log_dir, 1, env) as g:
+            lat = kill_rounds(g, KILL_ROUNDS, KILL_UPTIME)
+        good = [x for x in lat if x is not None]
+        res[kind] = {
+            "rounds": len(lat),
+            "unanswered": sum(1 for x in lat if x is None),
+            "median_ms": None if not good else round(1000 * statistics.median(good), 1),
+            "p90_ms": None if not good else round(1000 * pct(good, 90), 1),  # type: ignore[operator]
+            "max_ms": None if not good else round(1000 * max(good), 1),
+            "all_ms": [None if x is None else round(1000 * x, 1) for x in lat],
+        }
+        r = res[kind]
+        log(f"  {'gunicorn-ext' if kind == 'ext' else 'plain Gunicorn':15s} median "
+            f"{_ms(r['median_ms']):>7s}  p90 {_ms(r['p90_ms']):>7s}  max {_ms(r['max_ms']):>7s}  "
+            f"({r['rounds']} kills, {r['unanswered']} unanswered within {KILL_WAIT:g} s)")
+    # Defaults, back to back: each replacement killed as soon as it serves.
+    with server("ext", log_dir, 1, {"APP_IMPORT_DELAY": "0"}) as g:
+        lat = kill_rounds(g, 10, 0.0)
+        st = gunicorn_ext_cli(g, "status", "--json")
+        status = json.loads(st.stdout) if st.returncode == 0 else {"error": st.stderr.strip()}
+        breaker_logged = "restart breaker open" in g.log_text()
+    res["ext_defaults_back_to_back"] = {
+        "all_ms": [None if x is None else round(1000 * x, 1) for x in lat],
+        "breaker_logged": breaker_logged,
+        "status_after": _slim_status(status),
+    }
+    log("  gunicorn-ext defaults, back-to-back kills: "
+        + ", ".join("none" if x is None else f"{1000 * x:.0f}" for x in lat)
+        + f" ms{' (breaker opened)' if breaker_logged else ''}")
+    return res
+
+
+# ---------------------------------------------------------------- 3. crash loop
+
+
+def crash_run(kind: str, log_dir: Path) -> dict[str, Any]:
+    env = {"APP_IMPORT_DELAY": "0", "APP_MODE": "exit_after_boot"}
+    series: list[tuple[float, int]] = []
+    breakers: dict[str, float] = {}
+    with server(kind, log_dir, CRASH_WORKERS, env, wait=False) as g:
+        t0 = time.monotonic()
+        boots = 0
+        buf = ""
+        with open(g.log_path, "rb") as f:
+            while True:
+                now = time.monotonic() - t0
+                chunk = f.read()
+                if chunk:
+                    buf += chunk.decode(errors="replace")
+                    *lines, buf = buf.split("\n")
+                    for line in lines:
+                        if "Booting worker with pid" in line:
+                            boots += 1
+                        if "restart breaker open" in line:
+                            i = line.find("slot ", line.find("restart breaker open"))
+                            breakers.setdefault(line[i:].split()[1] if i >= 0 else "?", now)
+                series.append((now, boots))
+                if now >= CRASH_SECONDS:
+                    break
+                if not g.alive():
+                    break
+                time.sleep(0.05)
+        alive = g.alive()
+        status = None
+        if kind == "ext" and alive:
+            st = gunicorn_ext_cli(g, "status", "--json")
+            status = json.loads(st.stdout) if st.returncode == 0 else {"error": st.stderr.strip()}
+        log_tail = g.log_text_tail(8)
+    elapsed = series[-1][0] if series else CRASH_SECONDS
+    r = {
+        "kind": kind,
+        "seconds": round(elapsed, 2),
+        "boots": boots,
+        "boots_per_min": round(boots * 60 / elapsed, 1) if elapsed else None,
+        "breaker_opened_s": {k: round(v, 2) for k, v in sorted(breakers.items())},
+        "primary_alive_at_end": alive,
+        "status_after": _slim_status(status),
+        "cumulative_boots": [(round(t, 2), n) for t, n in series[:: max(1, len(series) // 300)]],
+    }
+    if not alive:
+        r["log_tail"] = log_tail
+    return r
+
+
+def bench_crashloop(log_dir: Path) -> dict[str, Any]:
+    res = {}
+    for kind in ("plain", "ext"):
+        r = res[kind] = crash_run(kind, log_dir)
+        log(f"  {'gunicorn-ext' if kind == 'ext' else 'plain Gunicorn':15s} {r['boots']:5d} boots "
+            f"in {r['seconds']:.1f} s = {r['boots_per_min']:8.1f} boots/min"
+            + (f"; breaker opened at {r['breaker_opened_s']} s (by slot)"
+               if r["breaker_opened_s"] else "")
+            + ("" if r["primary_alive_at_end"] else "; the primary exited"))
+    return res
+
+
+# ---------------------------------------------------------------- plots, info, main
+
+
+def plot_reload(reload: dict[str, Any], path: Path) -> None:
+    ext = reload["runs"]["ext"][0]
+    plain = reload["runs"]["plain"][0]
+    xs = [round((i + 1) * BUCKET, 3) for i in range(len(ext["rps_per_100ms"]))]
+    spans, markers = [], [Marker(ext["trigger_s"], "reload / HUP at t=4 s")]
+    for r, label in ((ext, "gunicorn-ext"), (plain, "plain Gunicorn")):
+        if r["reload_duration_s"] is not None:
+            spans.append(Span(r["trigger_s"], r["trigger_s"] + r["reload_duration_s"], label,
+                              f"{label}: reload took {r['reload_duration_s']:.2f} s"))
+    write_line_svg(
+        path, "Requests/s during a reload under load (4 gthread workers, 0.5 s app import)", [
+            Series("gunicorn-ext reload --rolling --batch 1", xs, ext["rps_per_100ms"], ours=True,
+                   events=ext["failed_at_s"], events_label="failed", step=True),
+            Series("plain Gunicorn kill -HUP", xs, plain["rps_per_100ms"],
+                   events=plain["failed_at_s"], events_label="failed", step=True),
+        ],
+        x_label="seconds since load start (per-100 ms buckets; shaded: reload until done)",
+        y_label="successful req/s", spans=spans, markers=markers,
+        subtitle=f"round 1 of {RELOAD_ROUNDS}; {CLIENTS} keep-alive clients on 127.0.0.1; "
+                 "ticks on the axis: failed requests")
+
+
+def plot_crash(crash: dict[str, Any], path: Path) -> None:
+    series = []
+    markers = []
+    for kind, label, ours in (("ext", "gunicorn-ext (defaults)", True),
+                              ("plain", "plain Gunicorn", False)):
+        pts = crash[kind]["cumulative_boots"]
+        series.append(Series(label, [p[0] for p in pts], [p[1] for p in pts], ours=ours))
+    for slot, t in crash["ext"]["breaker_opened_s"].items():
+        markers.append(Marker(t, f"breaker slot {slot}", "gunicorn-ext (defaults)"))
+    write_line_svg(path, f"Worker boots, app exiting 50 ms after import ({CRASH_WORKERS} workers)",
+                   series, x_label="seconds since start", y_label="cumulative 'Booting worker' lines",
+                   markers=markers)
+
+
+def machine_info() -> dict[str, Any]:
+    import gunicorn
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": model,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "gunicorn": gunicorn.__version__, "worker_class": "gthread (4 threads)",
+            "load_generator": f"python, {CLIENTS} keep-alive client threads"}
+
+
+def main() -> int:
+    started = time.monotonic()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    keep = os.environ.get("BENCH_KEEP_LOGS")
+    log_dir = Path(tempfile.mkdtemp(prefix="gx-life-"))
+    out: dict[str, Any] = {"machine": machine_info()}
+    try:
+        log(f"1. reload under load: {RELOAD_WORKERS} gthread workers, app import "
+            f"{IMPORT_DELAY} s, {CLIENTS} keep-alive clients for {RELOAD_SECONDS:g} s, "
+            f"reload at t={RELOAD_AT:g} s, {RELOAD_ROUNDS} round(s) each")
+        reload = out["reload"] = bench_reload(log_dir)
+        log(f"2. SIGKILL -> replacement serving: 1 worker, {KILL_ROUNDS} kills each")
+        kill = out["sigkill"] = bench_sigkill(log_dir)
+        log(f"3. crash loop: {CRASH_WORKERS} workers exiting 50 ms after import, "
+            f"{CRASH_SECONDS:g} s each")
+        crash = out["crashloop"] = bench_crashloop(log_dir)
+    except Exception:
+        traceback.print_exc()
+        log(f"logs kept in {log_dir}")
+        return 1
+
+    e, p = reload["ext"], reload["plain"]
+    ke, kp = kill["ext"], kill["plain"]
+    ce, cp = crash["ext"], crash["plain"]
+    reload_ok = e["failed_total"] <= TARGET_RELOAD_FAILED and e["reload_unfinished_rounds"] == 0
+    kill_ok = (ke["p90_ms"] is not None and ke["unanswered"] == 0
+               and ke["p90_ms"] <= 1000 * TARGET_KILL_P90_S)
+    crash_ok = bool(ce["breaker_opened_s"]) and ce["boots"] < cp["boots"]
+    out["targets"] = {
+        "rolling_reload_0_failed": reload_ok,
+        f"sigkill_to_serving_p90_under_{TARGET_KILL_P90_S:g}s": kill_ok,
+        "crash_loop_breaker_opened_and_fewer_boots": crash_ok,
+    }
+    out["elapsed_s"] = round(time.monotonic() - started, 1)
+    (RESULTS / "lifecycle.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot_reload(reload, RESULTS / "lifecycle_reload.svg")
+    plot_crash(crash, RESULTS / "lifecycle_crashloop.svg")
+
+    log()
+    log(f"{'figure':44s} {'gunicorn-ext':>16s} {'plain Gunicorn':>16s}")
+    rows = [
+        ("reload: failed requests (all rounds)", f"{e['failed_total']} / {e['requests_total']}",
+         f"{p['failed_total']} / {p['requests_total']}"),
+        ("reload: min 500ms req/s, % of steady (worst)", _pct(e["dip_pct_worst"]),
+         _pct(p["dip_pct_worst"])),
+        ("reload: duration (median)", _s(e["reload_duration_s_median"]),
+         _s(p["reload_duration_s_median"])),
+        ("reload: p99 latency during reload (worst)", _ms(e["p99_during_reload_ms_worst"]),
+         _ms(p["p99_during_reload_ms_worst"])),
+        ("reload: steady req/s (median)", f"{e['steady_rps_median']:.0f}",
+         f"{p['steady_rps_median']:.0f}"),
+        ("SIGKILL -> serving: median", _ms(ke["median_ms"]), _ms(kp["median_ms"])),
+        ("SIGKILL -> serving: p90", _ms(ke["p90_ms"]), _ms(kp["p90_ms"])),
+        ("crash loop: worker boots per minute", f"{ce['boots_per_min']:.0f}",
+         f"{cp['boots_per_min']:.0f}"),
+        ("crash loop: breaker opened (s after start)",
+         ", ".join(f"slot {k} {v:.1f}s" for k, v in ce["breaker_opened_s"].items()) or "never",
+         "n/a (no breaker)"),
+    ]
+    for name, a, b in rows:
+        log(f"{name:44s} {a:>16s} {b:>16s}")
+    log()
+    log(f"{verdict(reload_ok)}  rolling reload under load: {e['failed_total']} failed requests "
+        f"(target 0; plain HUP: {p['failed_total']}), dip to {_pct(e['dip_pct_worst']).strip()} "
+        f"of steady (HUP: {_pct(p['dip_pct_worst']).strip()})")
+    log(f"{verdict(kill_ok)}  SIGKILL -> replacement serving: p90 {_ms(ke['p90_ms'])} (target "
+        f"well under ~1 s, here <= {TARGET_KILL_P90_S * 1000:.0f} ms; plain: p90 {_ms(kp['p90_ms'])})")
+    log(f"{verdict(crash_ok)}  crash loop: {ce['boots_per_min']:.0f} boots/min vs "
+        f"{cp['boots_per_min']:.0f} for plain Gunicorn; breaker "
+        + (f"opened at {min(ce['breaker_opened_s'].values()):.1f} s" if ce["breaker_opened_s"]
+           else "never opened"))
+    log(f"wrote {RESULTS / 'lifecycle.json'}, lifecycle_reload.svg, lifecycle_crashloop.svg "
+        f"in {out['elapsed_s']:.0f} s")
+    if keep:
+        log(f"logs kept in {log_dir}")
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

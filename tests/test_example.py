@@ -1,0 +1,75 @@
+"""The example app (examples/flask_app), the acceptance surface, served by real Gunicorn."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from harness import Gunicorn, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
+
+
+def fresh(g: Gunicorn, path: str) -> requests.Response:
+    return requests.get(g.url(path), headers={"Connection": "close"}, timeout=10)
+
+
+def test_endpoints(gunicorn_factory: Any) -> None:
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=2,
+                         env={"INSTANCE": "test-instance"})
+    r = fresh(g, "/healthz")
+    assert r.status_code == 200 and r.text == "ok"
+    who = fresh(g, "/whoami").json()
+    assert set(who) == {"pid", "slot", "instance"} and who["instance"] == "test-instance"
+    assert who["slot"] in (0, 1)
+
+    def both_ready() -> dict[str, Any] | None:
+        c = fresh(g, "/cluster").json()
+        return c if sorted(w["slot"] for w in c["workers"] if w["ready"]) == [0, 1] else None
+
+    cluster = wait_for(both_ready, 15, what="both workers on the bus")
+    assert cluster["primary_pid"] == g.master_pid
+    assert {w["pid"] for w in cluster["workers"]} == set(g.worker_pids())
+
+    r = requests.post(g.url("/broadcast"), json={"message": "hello all"}, timeout=10)
+    assert r.status_code == 202
+    seen: set[int] = set()
+    deadline = time.monotonic() + 15
+    while seen != {0, 1} and time.monotonic() < deadline:
+        inbox = fresh(g, "/inbox").json()
+        if "hello all" in inbox["messages"]:
+            seen.add(inbox["slot"])
+    assert seen == {0, 1}
+
+    bad = requests.post(g.url("/broadcast"), data="nope", timeout=10)
+    assert bad.status_code == 400 and "message" in bad.json()["error"]
+
+    m = fresh(g, "/metrics")
+    assert m.status_code == 200 and m.headers["Content-Type"].startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(m.text)}
+    assert {"gunicorn_ext_requests", "gunicorn_ext_request_duration_seconds",
+            "gunicorn_ext_worker_rss_bytes"} <= names
+
+
+def test_too_many_workers_warns(gunicorn_factory: Any) -> None:
+    from gunicorn_ext.cpus import usable_cpus
+
+    n = 2 * usable_cpus() + 1
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=n)
+    assert f"WORKERS={n} is more than twice the {usable_cpus()} CPU(s)" in g.log_text()
+
+
+def test_invalid_setting_fails_at_startup_with_a_clear_message(tmp_path: Path) -> None:
+    conf = tmp_path / "bad_conf.py"
+    conf.write_text("import gunicorn_ext\nbind = '127.0.0.1:0'\n"
+                    "gunicorn_ext.enable(globals(), restart_breaker_scope='galaxy')\n")
+    r = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(conf), "--chdir", str(EXAMPLE),
+                        "app:app"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    assert "restart_breaker_scope must be 'slot' or 'instance', got 'galaxy'" in r.stderr
