@@ -110,6 +110,12 @@ def test_distinct_errors(bus2: Gunicorn) -> None:
     assert "primary handler 'boom' raised" in bus2.log_text()
 
 
+@pytest.mark.parametrize("to", [-1, 0])
+def test_concurrent_requests_from_many_threads_each_get_their_reply(bus2: Gunicorn, to: int) -> None:
+    r = call(bus2, "/ask_many", threads=8, n=300, to=to)
+    assert r["errors"] == [] and r["wrong"] == [] and r["done"] == 2400
+
+
 # -- worker <-> worker, broadcast, pub/sub ---------------------------------------------
 
 

@@ -227,6 +227,8 @@ class Bus:
                         pending.event = threading.Event()
                     else:
                         pending.event.clear()
+                if not become and pending.done:  # delivered while the event was being set up
+                    break
                 if become:
                     try:
                         self._read_until(pending, deadline)
@@ -314,9 +316,10 @@ class Bus:
             pending.value = frame.payload
         else:
             pending.error = error_from_code(frame.code, frame.message)
-        with self._mu:
-            pending.done = True
-            event = pending.event
+        # No lock: a waiter publishes its event before re-checking ``done``,
+        # and we set ``done`` before reading the event, so one of us sees the other.
+        pending.done = True
+        event = pending.event
         if event is not None:
             event.set()
 
@@ -330,6 +333,8 @@ class Bus:
         """Give up the reader role; wake the waiting requests so one takes it."""
         with self._mu:
             self._reading = False
+            if len(self._pending) <= 1:
+                return  # only the releasing request itself
             waiting = [p for p in self._pending.values() if not p.done]
         for p in waiting:
             if p.event is not None:

@@ -153,15 +153,18 @@ class FrameReader:
         """
         if self.error is not None:
             return []
-        buf = self._buf
-        buf += data
+        if self._buf:
+            self._buf += data
+            src: bytes | bytearray = self._buf
+        else:
+            src = data  # the common case: parse straight from what recv returned
         out: list[Frame] = []
         pos = 0
-        end = len(buf)
-        view = memoryview(buf)
+        end = len(src)
+        view = memoryview(src)
         try:
             while end - pos >= 4:
-                (size,) = HEADER.unpack_from(buf, pos)
+                (size,) = HEADER.unpack_from(src, pos)
                 if size > self.max_frame:
                     raise FrameError(
                         f"frame of {size} bytes exceeds the limit of {self.max_frame} bytes"
@@ -176,8 +179,11 @@ class FrameReader:
             self.error = exc.with_traceback(None)
         finally:
             view.release()
-        if pos:
-            del buf[:pos]
+        if src is self._buf:
+            if pos:
+                del self._buf[:pos]
+        elif pos < end:
+            self._buf = bytearray(src[pos:])
         return out
 
     @property

@@ -92,6 +92,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
         if path == "/ask_other":  # with two workers: ask the one that is not us
             value = worker.request(q["name"], payload, to=1 - worker.slot, timeout=float(q["timeout"]))
             return _json(start_response, {"ok": value, "slot": worker.slot})
+        if path == "/ask_many":  # many threads asking at once: every reply reaches its asker
+            return _json(start_response, _ask_many(int(q["threads"]), int(q["n"]), to))
         if path == "/send":
             worker.send(q["name"], payload, to=to)
             return _json(start_response, {"sent": True, "slot": worker.slot})
@@ -138,3 +140,26 @@ def _garbage(kind: str) -> dict[str, Any]:
         raise ValueError(kind)
     sock.sendall(data)
     return {"slot": worker.slot, "pid": os.getpid(), "sent": kind}
+
+
+def _ask_many(threads: int, n: int, to: int) -> dict[str, Any]:
+    wrong: list[Any] = []
+    errors: list[str] = []
+
+    def run(t: int) -> None:
+        for i in range(n):
+            key = [t, i]
+            try:
+                got = worker.request("echo", key, to=to, timeout=10)
+            except gunicorn_ext.IPCError as exc:
+                errors.append(repr(exc))
+                continue
+            if got["payload"] != key:
+                wrong.append([key, got["payload"]])
+
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return {"slot": worker.slot, "done": threads * n, "wrong": wrong, "errors": errors}
