@@ -50,7 +50,8 @@ class Settings:
     ipc_max_backlog: int = 64 * 1024 * 1024
 
     # -- restart policy (PM2's exponential backoff, plus a breaker)
-    #: First delay before respawning a slot whose worker crashed (seconds).
+    #: Delay before respawning a slot whose worker crashed twice in a row
+    #: (seconds); the first crash respawns at once.
     restart_delay: float = 0.1
     #: Each further crash multiplies the delay by this.
     restart_backoff_factor: float = 1.5

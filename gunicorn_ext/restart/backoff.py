@@ -3,7 +3,8 @@
 Pure bookkeeping, no processes: the supervisor feeds it exits and asks it for
 the next allowed spawn time, so the policy is easy to test on its own.
 PM2's defaults anchor it: delay x1.5 per crash, capped at 15 s, reset after
-30 s of stable uptime.
+30 s of stable uptime. Unlike PM2, the first crash of a stable worker respawns
+at once: a lone crash should cost no more than Gunicorn's own respawn.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class SlotPolicy:
     not_before: float = 0.0
     #: Crashes seen, ever (restarts counted for status and metrics).
     crashes: int = 0
+    #: Crashes in a row without ``stable_after`` seconds of uptime between them.
+    streak: int = 0
     #: Every exit that was followed by a respawn, planned or not.
     restarts: int = 0
     breaker_open: bool = False
@@ -47,9 +50,18 @@ class SlotPolicy:
             return False
         self.crashes += 1
         if uptime >= self.stable_after:
+            self.streak = 0
             self.delay = 0.0
             self._recent.clear()
-        self.delay = self.initial if self.delay == 0 else min(self.delay * self.factor, self.cap)
+        self.streak += 1
+        # The first crash respawns at once (one crash costs no extra latency);
+        # each further one in a row waits longer, up to the cap.
+        if self.streak == 1:
+            self.delay = 0.0
+        elif self.delay == 0:
+            self.delay = self.initial
+        else:
+            self.delay = min(self.delay * self.factor, self.cap)
         self.not_before = now + self.delay
         if self.breaker_failures:
             self._recent.append(now)
@@ -69,6 +81,7 @@ class SlotPolicy:
     def reset(self) -> None:
         """Forget crashes (a new deploy or an operator's scale/reload)."""
         self.delay = 0.0
+        self.streak = 0
         self.not_before = 0.0
         self.breaker_open = False
         self._recent.clear()

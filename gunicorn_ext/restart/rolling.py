@@ -103,6 +103,7 @@ class Rollout:
                 return
         if all(s.termed for s in self.steps.values()):
             self.steps = {}
+            self.tick(sup, server, ready_pids, timeout)  # start the next batch now
 
     def _restore(self, sup: Any, old: Any) -> None:
         old.ext_retired = False
