@@ -39,7 +39,7 @@ from .errors import (
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Message
+from .message import ErrorCallback, Handler, Message, run_handler
 
 _RECV_SIZE = 64 * 1024  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
 
@@ -417,18 +417,7 @@ class Bus:
                     self._log("exception", "gunicorn-ext: on_error callback raised")
 
     def _call(self, name: str, payload: Any, src: int) -> Any:
-        fn = self._handlers.get(name)
-        if fn is None:
-            raise NoHandler(f"worker slot {self.slot} has no handler for {name!r}")
-        try:
-            return fn(Message(name, payload, src))
-        except IPCError:
-            raise
-        except Exception as exc:
-            self._log("exception", "gunicorn-ext: handler %r raised", name)
-            raise HandlerError(
-                f"handler {name!r} in worker slot {self.slot} raised {type(exc).__name__}: {exc}"
-            ) from exc
+        return run_handler(self._handlers, name, payload, src, f"worker slot {self.slot}", self.log)
 
     def _log(self, level: str, msg: str, *args: Any) -> None:
         if self.log is not None:

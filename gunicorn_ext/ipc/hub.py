@@ -38,13 +38,12 @@ from .errors import (
     BusClosed,
     HandlerError,
     IPCError,
-    NoHandler,
     RequestTimeout,
     WorkerGone,
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Message
+from .message import ErrorCallback, Handler, Message, run_handler
 
 _READ = select.EPOLLIN
 _WRITE = select.EPOLLOUT
@@ -752,32 +751,10 @@ class Hub:
                 except Exception:
                     self.log.exception("gunicorn-ext: on_ready callback failed")
 
-    def _call_handler(self, name: str, payload: Any, src: int) -> Any:
-        """Run a primary handler for a one-way message (requests inline this)."""
-        fn = self._handlers.get(name)
-        if fn is None:
-            raise NoHandler(f"the primary has no handler for {name!r}")
-        try:
-            return fn(Message(name, payload, src))
-        except IPCError:
-            raise
-        except Exception as exc:
-            self.log.exception("gunicorn-ext: primary handler %r raised", name)
-            raise HandlerError(f"primary handler {name!r} raised {type(exc).__name__}: {exc}") from exc
-
     def _handle_request(self, conn: _Conn, frame: Req) -> None:
-        fn = self._handlers.get(frame.name)
         try:
-            if fn is None:
-                raise NoHandler(f"the primary has no handler for {frame.name!r}")
-            try:
-                value = fn(Message(frame.name, frame.payload, conn.slot))
-            except IPCError:
-                raise
-            except Exception as exc:
-                self.log.exception("gunicorn-ext: primary handler %r raised", frame.name)
-                raise HandlerError(
-                    f"primary handler {frame.name!r} raised {type(exc).__name__}: {exc}") from exc
+            value = run_handler(self._handlers, frame.name, frame.payload, conn.slot,
+                                "the primary", self.log)
         except IPCError as exc:
             self._queue(conn, Err(frame.id, exc.code, str(exc)))
             return
@@ -855,7 +832,8 @@ class Hub:
         dst = frame.dst
         if dst == PRIMARY:
             try:
-                self._call_handler(frame.name, frame.payload, frame.src)
+                run_handler(self._handlers, frame.name, frame.payload, frame.src, "the primary",
+                            self.log)
             except IPCError as exc:
                 self._notify_sender(origin, frame, exc)
         elif dst == ALL:
