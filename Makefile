@@ -78,12 +78,12 @@ run: install
 	cd examples/flask_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
 
 # Benchmarks are the bench/*.py scripts; helpers beside them are skipped:
-# *_app.py (WSGI apps), *_conf.py (Gunicorn configs), plot.py and _*.py.
+# *_app.py (WSGI apps), *_conf.py (Gunicorn configs), plot*.py (plot helpers) and _*.py.
 bench: install system-deps bench-deps
 	@mkdir -p bench/results
 	@shopt -s nullglob; scripts=(); \
 	for s in bench/*.py; do \
-	  case "$${s##*/}" in _*|*_app.py|*_conf.py|plot.py) continue;; esac; \
+	  case "$${s##*/}" in _*|*_app.py|*_conf.py|plot*.py) continue;; esac; \
 	  scripts+=("$$s"); \
 	done; \
 	if [ "$${#scripts[@]}" -eq 0 ]; then echo "bench: no bench/*.py scripts"; exit 0; fi; \

@@ -19,6 +19,10 @@ The machine is small and noisy, so the bus and its baselines are measured in
 alternating rounds and the medians reported. Writes bench/results/ipc.json and
 a plot (bench/results/ipc.svg; ipc.png too when matplotlib is importable).
 Targets print as PASS/FAIL; a miss does not fail the run, a crash does.
+
+The run also measures how much CPU other processes took meanwhile and warns when
+the figures are unreliable. Sizes can be overridden for quick checks:
+BENCH_RTT_N, BENCH_ONEWAY_N, BENCH_ROUNDS, BENCH_HELLO_ROUNDS, BENCH_HELLO_SECONDS.
 """
 
 from __future__ import annotations
@@ -335,11 +339,12 @@ def node_run(node: str, n_oneway: int, n_rtt: int) -> dict[str, Any]:
 
 
 def _wrk_rps(wrk: str, url: str, seconds: float, connections: int) -> dict[str, Any]:
-    cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s", url]
+    # wrk takes whole seconds only.
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", url]
     cp = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
                         stdin=subprocess.DEVNULL)
     if cp.returncode != 0:
-        raise RuntimeError(f"wrk failed (rc={cp.returncode}): {cp.stderr[-1000:]}")
+        raise RuntimeError(f"wrk failed (rc={cp.returncode}): {(cp.stderr or cp.stdout)[-1000:]}")
     m = re.search(r"Requests/sec:\s*([\d.]+)", cp.stdout)
     if not m:
         raise RuntimeError(f"no Requests/sec in wrk output:\n{cp.stdout}")
@@ -484,6 +489,25 @@ def measure_ipc(log_dir: Path, node: str | None, errors: list[str]) -> dict[str,
     return rounds
 
 
+def _server_cpu(g: Gunicorn) -> float | None:
+    """User+system seconds used so far by a Gunicorn master and its live workers."""
+    import psutil
+
+    try:
+        master = psutil.Process(g.master_pid)
+        procs = [master, *master.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            return None  # a worker went away mid-round: no figure for this round
+        total += t.user + t.system
+    return total
+
+
 def measure_hello(log_dir: Path, wrk: str | None) -> dict[str, Any]:
     if wrk:
         def load(url: str, seconds: float) -> dict[str, Any]:
@@ -504,9 +528,19 @@ def measure_hello(log_dir: Path, wrk: str | None) -> dict[str, Any]:
         for r in range(HELLO_ROUNDS):
             order = ["plain", "ext"] if r % 2 == 0 else ["ext", "plain"]
             for key in order:
-                rounds[key].append(load(servers[key].url("/"), HELLO_SECONDS))
-            log(f"  round {r + 1}: plain {rounds['plain'][-1]['rps']:,.0f} req/s, "
-                f"ext {rounds['ext'][-1]['rps']:,.0f} req/s")
+                g = servers[key]
+                cpu0 = _server_cpu(g)
+                res = load(g.url("/"), HELLO_SECONDS)
+                cpu1 = _server_cpu(g)
+                # CPU time of the master and its workers per request: far less sensitive
+                # to other load on the machine than req/s.
+                if res.get("requests") and cpu0 is not None and cpu1 is not None:
+                    res["server_cpu_us_per_req"] = (cpu1 - cpu0) / res["requests"] * 1e6
+                rounds[key].append(res)
+            log(f"  round {r + 1}: plain {rounds['plain'][-1]['rps']:,.0f} req/s "
+                f"({rounds['plain'][-1].get('server_cpu_us_per_req', float('nan')):.0f} us CPU/req), "
+                f"ext {rounds['ext'][-1]['rps']:,.0f} req/s "
+                f"({rounds['ext'][-1].get('server_cpu_us_per_req', float('nan')):.0f} us CPU/req)")
     return rounds
 
 
@@ -557,6 +591,44 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return 1.0 - (i1 - i0) / (t1 - t0) if t1 > t0 else None
+
+
+class ForeignLoad:
+    """CPU time used by processes other than this run's (its own tree is subtracted).
+
+    /proc/stat's user+nice+system time over an interval, minus what this process and
+    its reaped descendants (Gunicorn, node, wrk, forked pairs) used, as a fraction of
+    all CPUs' time: above ~0.1 means somebody else was competing for the CPUs.
+    ``steal`` is the hypervisor's share taken by other guests, on the same scale.
+    """
+
+    def __init__(self) -> None:
+        self.t0 = self._sample()
+        self.steal: float | None = None
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float, float] | None:
+        try:
+            fields = [int(x) for x in
+                      Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        # irq/softirq time (loopback networking) is nobody's process time: left out.
+        busy = sum(fields[:3]) / hz
+        steal = fields[7] / hz if len(fields) > 7 else 0.0
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return time.monotonic(), busy, own, steal
+
+    def fraction(self) -> float | None:
+        t1 = self._sample()
+        if self.t0 is None or t1 is None or t1[0] <= self.t0[0]:
+            return None
+        capacity = (t1[0] - self.t0[0]) * (os.cpu_count() or 1)
+        self.steal = (t1[3] - self.t0[3]) / capacity
+        foreign = (t1[1] - self.t0[1]) - (t1[2] - self.t0[2])
+        return max(0.0, foreign / capacity)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -621,9 +693,15 @@ def main() -> int:
     log(f"machine: {info['cpu_count']} cpus ({info['cpu_model']}), python {info['python']}, "
         f"gunicorn {info['gunicorn']}, msgspec {info['msgspec']}, node {info['node'] or 'absent'}, "
         f"load generator {info['load_generator']}")
+    foreign: dict[str, float | None] = {}
+    steal: dict[str, float | None] = {}
     try:
+        fl = ForeignLoad()
         ipc = measure_ipc(log_dir, node, errors)
+        foreign["ipc"], steal["ipc"] = fl.fraction(), fl.steal
+        fl = ForeignLoad()
         hello = measure_hello(log_dir, wrk)
+        foreign["hello"], steal["hello"] = fl.fraction(), fl.steal
     except Exception:
         traceback.print_exc()
         print(f"bench/ipc.py: crashed; server logs kept in {log_dir}", file=sys.stderr)
@@ -647,6 +725,10 @@ def main() -> int:
         "node_rtt_p99_us": m("node", "rtt_p99_us") if node else None,
         "hello_rps": median([r["rps"] for r in hello["ext"]]),
         "plain_hello_rps": median([r["rps"] for r in hello["plain"]]),
+        "hello_cpu_us_per_req": median([r["server_cpu_us_per_req"] for r in hello["ext"]
+                                        if "server_cpu_us_per_req" in r]),
+        "plain_hello_cpu_us_per_req": median([r["server_cpu_us_per_req"] for r in hello["plain"]
+                                              if "server_cpu_us_per_req" in r]),
     }
     res["ratios"] = {
         "rtt_p50_vs_floor": _ratio(res["rtt_p50_us"], res["floor_rtt_p50_us"]),
@@ -657,6 +739,12 @@ def main() -> int:
         "oneway_vs_floor": _ratio(res["oneway_msgs_per_s"], res["floor_oneway_msgs_per_s"]),
         "oneway_vs_pipe": _ratio(res["oneway_msgs_per_s"], res["pipe_oneway_msgs_per_s"]),
         "hello_vs_plain": _ratio(res["hello_rps"], res["plain_hello_rps"]),
+        "hello_cpu_per_req_vs_plain": _ratio(res["hello_cpu_us_per_req"],
+                                             res["plain_hello_cpu_us_per_req"]),
+        # Bus vs floor within each round (they ran back to back), for context: the
+        # floor itself moves by +-30% between rounds on this kind of machine.
+        "rtt_p50_vs_floor_per_round": [
+            b["p50_us"] / f["p50_us"] for b, f in zip(ipc["bus_rtt"], ipc["floor_rtt"], strict=False)],
     }
     r = res["ratios"]
     targets = {
@@ -680,7 +768,8 @@ def main() -> int:
             ("multiprocessing.Pipe", "pipe_rtt"), ("node cluster process.send", "node_rtt")]
     for label, k in rows:
         log(f"  {label:<28} p50 {_fmt(res[k + '_p50_us'], 'us')}   p99 {_fmt(res[k + '_p99_us'], 'us')}")
-    log(f"  bus/floor: p50 {_x(r['rtt_p50_vs_floor'])}, p99 {_x(r['rtt_p99_vs_floor'])}; "
+    log(f"  bus/floor: p50 {_x(r['rtt_p50_vs_floor'])} (per round: "
+        f"{', '.join(_x(x) for x in r['rtt_p50_vs_floor_per_round'])}), p99 {_x(r['rtt_p99_vs_floor'])}; "
         f"bus/pipe p50 {_x(r['rtt_p50_vs_pipe'])}; bus/node p50 {_x(r['rtt_p50_vs_node'])}")
     log(f"== worker->primary one-way throughput (median of {ROUNDS} rounds, n={ONEWAY_N})")
     rows2 = [("gunicorn-ext bus", "oneway_msgs_per_s"), ("node cluster process.send", "node_oneway_msgs_per_s"),
@@ -692,10 +781,19 @@ def main() -> int:
         f"bus/pipe {_x(r['oneway_vs_pipe'])}")
     log(f"== hello world, 2 sync workers (median of {HELLO_ROUNDS} rounds of {HELLO_SECONDS:g}s, "
         f"{info['load_generator']})")
-    log(f"  {'plain gunicorn':<28} {_fmt(res['plain_hello_rps'], 'req/s')}")
+    log(f"  {'plain gunicorn':<28} {_fmt(res['plain_hello_rps'], 'req/s')}   "
+        f"server CPU {_fmt(res['plain_hello_cpu_us_per_req'], 'us', 6)}/req")
     log(f"  {'gunicorn-ext enabled':<28} {_fmt(res['hello_rps'], 'req/s')}   "
-        f"{_pct(r['hello_vs_plain'])} of plain")
+        f"server CPU {_fmt(res['hello_cpu_us_per_req'], 'us', 6)}/req")
+    log(f"  ext/plain: req/s {_pct(r['hello_vs_plain'])}, server CPU per request "
+        f"{_x(r['hello_cpu_per_req_vs_plain'])}")
     log("")
+    info["foreign_cpu_fraction"] = foreign
+    info["steal_fraction"] = steal
+    noisy = [k for k, v in foreign.items() if v is not None and v > 0.1]
+    for k in noisy:
+        log(f"WARNING: other processes used {foreign[k]:.0%} of the CPUs during the {k} "
+            "measurements; those figures are unreliable (re-run on a quiet machine)")
     log(_verdict(targets["rtt_p50_within_1.3x_floor"],
                  f"RTT p50 <= {TARGET_RTT_VS_FLOOR}x floor: {_x(r['rtt_p50_vs_floor'])}"))
     log(_verdict(targets["oneway_at_least_2x_node"],

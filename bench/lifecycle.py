@@ -38,6 +38,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import select
 import shutil
 import signal
@@ -252,14 +253,32 @@ class Load:
 
 
 class PidWatch:
-    """Polls the master's children every 20 ms: when did each pid appear and exit."""
+    """Polls the master's live children every 10 ms: when each pid was first seen,
+    and when it was first seen gone (an upper bound on its exit)."""
 
     def __init__(self, g: Gunicorn) -> None:
         self.g = g
         self.first: dict[int, float] = {}
-        self.last: dict[int, float] = {}
+        self.gone: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        mp = g.master_pid
+        self._children = Path(f"/proc/{mp}/task/{mp}/children")
+
+    def pids(self) -> set[int]:
+        try:
+            listed = self._children.read_text().split()
+        except OSError:  # no /proc children file: psutil (slower)
+            return set(self.g.worker_pids())
+        live = set()
+        for p in listed:
+            try:
+                stat = Path(f"/proc/{p}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2] != "Z":
+                live.add(int(p))
+        return live
 
     def start(self) -> PidWatch:
         self._thread.start()
@@ -272,10 +291,13 @@ class PidWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.time()
-            for pid in self.g.worker_pids():
+            live = self.pids()
+            for pid in live:
                 self.first.setdefault(pid, now)
-                self.last[pid] = now
-            self._stop.wait(0.02)
+            for pid in self.first:
+                if pid not in live:
+                    self.gone.setdefault(pid, now)
+            self._stop.wait(0.01)
 
 
 # ---------------------------------------------------------------- 1. reload under load
@@ -294,13 +316,18 @@ def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
         trigger_wall = time.time()
         trigger = time.monotonic() - load.t0
         if kind == "ext":
+            # RUSAGE_CHILDREN grows when a child is reaped: the CLI is the only one
+            # reaped between here and the end of follow().
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.Popen([cli_path(), "reload", "--rolling", "--batch", "1"],
                                     env=g.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
 
             def follow() -> None:
                 out, err = proc.communicate(timeout=60)
+                ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cli.update(rc=proc.returncode, seconds=time.time() - trigger_wall,
+                           cpu_s=round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 3),
                            stdout=out.strip(), stderr=err.strip())
 
             follower = threading.Thread(target=follow, daemon=True)
@@ -320,13 +347,13 @@ def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
         log_text = g.log_text()
     readies = ready_times(ready_dir)
     new = {pid: t for pid, t in readies.items() if pid not in old and t >= trigger_wall}
-    old_exits = [watch.last.get(pid, trigger_wall) for pid in old]
+    old_exits = [watch.gone.get(pid, time.time()) for pid in old]
     done_parts = []
     finished = len(new) >= RELOAD_WORKERS and not (old & final)
     if len(new) >= RELOAD_WORKERS:
         done_parts.append(sorted(new.values())[RELOAD_WORKERS - 1])
     if old_exits:
-        done_parts.append(max(old_exits) + 0.02)  # last seen alive, +1 poll
+        done_parts.append(max(old_exits))
     duration = (max(done_parts) - trigger_wall) if finished and done_parts else None
     end_rel = trigger + (duration if duration is not None else RELOAD_SECONDS - trigger)
 
@@ -339,10 +366,14 @@ def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
     steady_b = ok_b[int(STEADY_FROM / BUCKET): int(trigger / BUCKET)]
     steady = sum(steady_b) / (len(steady_b) * BUCKET) if steady_b else 0.0
     w = int(WINDOW / BUCKET)
+    # The noise floor: the lowest 500 ms window before the reload, no reload involved.
+    pre = [sum(ok_b[i:i + w]) / WINDOW
+           for i in range(int(STEADY_FROM / BUCKET), int(trigger / BUCKET) - w + 1)]
     first = int(trigger / BUCKET)
     last = max(first + w, int(end_rel / BUCKET + 0.999))
     windows = [sum(ok_b[i:i + w]) / WINDOW for i in range(first, min(last, nb) - w + 1)]
     dip = min(windows) if windows else None
+    dip_at = None if dip is None else round((first + windows.index(dip)) * BUCKET, 2)
     during = [r.latency for r in results if trigger <= r.t <= end_rel + REQUEST_TIMEOUT and r.ok]
     failures = [r for r in results if not r.ok]
     errors: dict[str, int] = {}
@@ -361,13 +392,17 @@ def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
         "steady_rps": round(steady, 1),
         "dip_min_window_rps": None if dip is None else round(dip, 1),
         "dip_pct_of_steady": None if dip is None or not steady else round(100 * dip / steady, 1),
+        "dip_window_start_s": dip_at,
+        "steady_min_window_pct": None if not pre or not steady else round(100 * min(pre) / steady, 1),
         "trigger_s": round(trigger, 3),
         "reload_duration_s": None if duration is None else round(duration, 3),
         "latency_during_reload_p99_ms": None if not during else round(1000 * pct(during, 99), 1),
         "latency_during_reload_max_ms": None if not during else round(1000 * max(during), 1),
         "new_workers": len(new),
+        "new_spawned_after_trigger_s": sorted(round(watch.first[p] - trigger_wall, 3)
+                                              for p in new if p in watch.first),
         "new_ready_after_trigger_s": sorted(round(t - trigger_wall, 3) for t in new.values()),
-        "old_exited_after_trigger_s": sorted(round(t + 0.02 - trigger_wall, 3) for t in old_exits),
+        "old_exited_after_trigger_s": sorted(round(t - trigger_wall, 3) for t in old_exits),
         "old_left_running": sorted(old & final),
         "booting_lines": boots,
         "cli": cli or None,
@@ -394,7 +429,7 @@ def bench_reload(log_dir: Path) -> dict[str, Any]:
             log(f"  round {i + 1} {'gunicorn-ext rolling' if kind == 'ext' else 'plain HUP':20s} "
                 f"requests {r['requests']:6d}  failed {r['failed']:4d}  steady "
                 f"{r['steady_rps']:7.0f} req/s  dip {_pct(r['dip_pct_of_steady'])}  duration "
-                f"{_s(r['reload_duration_s'])}  p99 during {_ms(r['latency_during_reload_p99_ms'])}"
+                f"{_s(r['reload_duration_s'])}  max latency {_ms(r['latency_during_reload_max_ms'])}"
                 + (f"  failures: {r['failure_kinds']}" if r["failed"] else ""))
             if kind == "ext" and r["cli"] and r["cli"].get("rc") != 0:
                 log(f"    gunicorn-ext reload exited {r['cli'].get('rc')}: {r['cli'].get('stderr')}")
@@ -411,6 +446,13 @@ def bench_reload(log_dir: Path) -> dict[str, Any]:
             "reload_unfinished_rounds": sum(1 for r in rs if r["reload_duration_s"] is None),
             "steady_rps_median": statistics.median(r["steady_rps"] for r in rs),
             "p99_during_reload_ms_worst": max((r["latency_during_reload_p99_ms"] or 0) for r in rs),
+            "max_latency_during_reload_ms_worst": max((r["latency_during_reload_max_ms"] or 0)
+                                                      for r in rs),
+            "cli_cpu_s_median": statistics.median(r["cli"]["cpu_s"] for r in rs)
+            if all(r["cli"] and "cpu_s" in r["cli"] for r in rs) else None,
+            "steady_min_window_pct_worst": min((r["steady_min_window_pct"] or 0) for r in rs),
+            "first_new_worker_after_trigger_s_median": statistics.median(
+                r["new_spawned_after_trigger_s"][0] for r in rs if r["new_spawned_after_trigger_s"]),
         }
 
     return {"ext": summary(runs["ext"]), "plain": summary(runs["plain"]), "runs": runs}
@@ -602,7 +644,8 @@ def plot_crash(crash: dict[str, Any], path: Path) -> None:
         pts = crash[kind]["cumulative_boots"]
         series.append(Series(label, [p[0] for p in pts], [p[1] for p in pts], ours=ours))
     for slot, t in crash["ext"]["breaker_opened_s"].items():
-        markers.append(Marker(t, f"breaker slot {slot}", "gunicorn-ext (defaults)"))
+        markers.append(Marker(t, f"breaker open: slot {slot} at {t:.1f} s",
+                              "gunicorn-ext (defaults)"))
     write_line_svg(path, f"Worker boots, app exiting 50 ms after import ({CRASH_WORKERS} workers)",
                    series, x_label="seconds since start", y_label="cumulative 'Booting worker' lines",
                    markers=markers)
@@ -672,10 +715,18 @@ def main() -> int:
          f"{p['failed_total']} / {p['requests_total']}"),
         ("reload: min 500ms req/s, % of steady (worst)", _pct(e["dip_pct_worst"]),
          _pct(p["dip_pct_worst"])),
+        ("reload: noise floor, min 500ms before reload", _pct(e["steady_min_window_pct_worst"]),
+         _pct(p["steady_min_window_pct_worst"])),
         ("reload: duration (median)", _s(e["reload_duration_s_median"]),
          _s(p["reload_duration_s_median"])),
-        ("reload: p99 latency during reload (worst)", _ms(e["p99_during_reload_ms_worst"]),
-         _ms(p["p99_during_reload_ms_worst"])),
+        ("reload: trigger -> first new worker (median)",
+         _s(e["first_new_worker_after_trigger_s_median"]),
+         _s(p["first_new_worker_after_trigger_s_median"])),
+        ("reload: CPU used by the trigger (median)",
+         "n/a" if e["cli_cpu_s_median"] is None else f"{e['cli_cpu_s_median']:.2f} s (CLI)",
+         "0 (a signal)"),
+        ("reload: max latency during reload (worst)",
+         _ms(e["max_latency_during_reload_ms_worst"]), _ms(p["max_latency_during_reload_ms_worst"])),
         ("reload: steady req/s (median)", f"{e['steady_rps_median']:.0f}",
          f"{p['steady_rps_median']:.0f}"),
         ("SIGKILL -> serving: median", _ms(ke["median_ms"]), _ms(kp["median_ms"])),

@@ -19,6 +19,7 @@ const WATCHDOG_MS = 60000;
 if (cluster.isPrimary) {
   const worker = cluster.fork();
   let count = 0;
+  let result = null;
   const watchdog = setTimeout(() => {
     process.stderr.write(`node_cluster: no result after ${WATCHDOG_MS} ms\n`);
     worker.process.kill('SIGKILL');
@@ -40,23 +41,22 @@ if (cluster.isPrimary) {
         worker.send({ t: 'total', n: count });
         break;
       case 'result':
-        clearTimeout(watchdog);
-        process.stdout.write(JSON.stringify({
-          node_version: process.version,
-          ...m.result,
-        }) + '\n');
+        // Printed once the worker is reaped, so its CPU time is accounted to us.
+        result = m.result;
         worker.process.kill('SIGKILL');
-        process.exit(0);
         break;
       default:
         break;
     }
   });
   worker.on('exit', (code, signal) => {
-    if (signal !== 'SIGKILL') {
+    clearTimeout(watchdog);
+    if (result === null) {
       process.stderr.write(`node_cluster: worker exited early (${code}, ${signal})\n`);
       process.exit(3);
     }
+    process.stdout.write(JSON.stringify({ node_version: process.version, ...result }) + '\n');
+    process.exit(0);
   });
 } else {
   // Worker.

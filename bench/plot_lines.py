@@ -154,12 +154,16 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "", y
                    f"font-size='11' fill='#333' transform='rotate(-90 14 {top + ph / 2:.1f})'>"
                    f"{escape(y_label)}</text>")
     # Vertical markers.
-    for m in markers:
+    # Labels of markers close together go on successive lines.
+    placed: list[float] = []
+    for m in sorted(markers, key=lambda m: m.x):
         c = colors.get(m.series, "#333")
         px = X(m.x)
+        row = sum(1 for q in placed if px - q < 6.0 * len(m.label) + 8)
+        placed.append(px)
         out.append(f"<line x1='{px:.1f}' y1='{top:.1f}' x2='{px:.1f}' y2='{top + ph:.1f}' "
                    f"stroke='{c}' stroke-dasharray='4 3'/>")
-        out.append(f"<text x='{px + 4:.1f}' y='{top + 12:.1f}' {_FONT} font-size='10' "
+        out.append(f"<text x='{px + 4:.1f}' y='{top + 12 + 13 * row:.1f}' {_FONT} font-size='10' "
                    f"fill='{c}'>{escape(m.label)}</text>")
     # Series.
     for s in series:
