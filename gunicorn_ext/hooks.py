@@ -107,6 +107,7 @@ def pre_request(worker: Any, req: Any) -> None:
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    worker_bus.flush()  # one-way messages batched during the request leave with it
     if reporter is not None:
         reporter.post_request()
 

@@ -122,6 +122,7 @@ class Reporter:
         try:
             self.bus.send(EXITING, {"pid": os.getpid(), "reason": reason, "planned": planned,
                                     "traceback": tb})
+            self.bus.flush()
         except Exception:
             pass
 
@@ -133,6 +134,7 @@ class Reporter:
         if exc is not None and not self._exiting:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             self.tell_exit(f"{type(exc).__name__}: {exc}", planned=False, tb=tb)
+        self.bus.flush()
 
 
 def _exit_exception() -> BaseException | None:

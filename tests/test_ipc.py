@@ -200,6 +200,8 @@ def test_primary_request_send_broadcast_publish(bus2: Gunicorn) -> None:
     assert r["ok"]["slot"] == 1 and r["ok"]["src"] == -1
     assert primary_api(bus2, "request", 5, "echo", None)["error"] == "WorkerGone"
     assert primary_api(bus2, "request", 0, "nope", None)["error"] == "NoHandler"
+    for kind in ("request", "send", "broadcast", "publish"):  # refused in the caller, at once
+        assert primary_api(bus2, kind, 0, "echo", "UNENCODABLE")["error"] == "TypeError"
     assert primary_api(bus2, "send", 0, "note", "p-direct") == {"ok": "sent"}
     assert primary_api(bus2, "broadcast", 0, "note", "p-all") == {"ok": "sent"}
     assert primary_api(bus2, "publish", 0, "news", "p-news") == {"ok": "sent"}

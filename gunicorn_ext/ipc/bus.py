@@ -41,7 +41,13 @@ from .errors import (
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
 from .message import ErrorCallback, Handler, Message, run_handler
 
-_RECV_SIZE = 64 * 1024  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
+_RECV_SIZE = 64 * 1024
+#: One-way sends closer together than this (seconds) are batched...
+_BURST_GAP = 100e-6
+#: ...up to this many bytes...
+_BURST_BYTES = 64 * 1024
+#: ...and for at most this long (seconds) before the flusher writes them.
+_FLUSH_DELAY = 0.5e-3  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
 
 
 class _Pending:
@@ -77,8 +83,13 @@ class Bus:
         self._error_callbacks: list[ErrorCallback] = []
         self._primary_names: frozenset[str] | None = None
         self._wlock = threading.Lock()
-        self._mu = threading.Lock()
-        self._reading = False
+        #: Held by the thread reading the call channel (the "reader role").
+        self._rlock = threading.Lock()
+        #: One-way frames held back during a burst (see :meth:`send`).
+        self._obuf = bytearray()
+        self._last_write = 0.0
+        self._flusher_cv = threading.Condition(self._wlock)
+        self._flusher: threading.Thread | None = None
         self._rcvtimeo = 0.0
         self._pending: dict[int, _Pending] = {}
         self._reader = frames.FrameReader()
@@ -153,6 +164,9 @@ class Bus:
             return
         self._listener = threading.Thread(target=self._listen, name="gunicorn-ext-bus", daemon=True)
         self._listener.start()
+        self._flusher = threading.Thread(target=self._flush_soon, name="gunicorn-ext-flush",
+                                         daemon=True)
+        self._flusher.start()
         self._write(Ready(os.getpid()))
 
     def close(self, reason: str = "the bus was closed") -> None:
@@ -191,7 +205,7 @@ class Bus:
         gone) comes back later to the :meth:`on_error` callbacks and the log.
         """
         self._check_target(name, to)
-        self._write(Msg(next(self._ids), name, to, self.slot, payload))
+        self._write(Msg(next(self._ids), name, to, self.slot, payload), True)
 
     def broadcast(self, name: str, payload: Any = None) -> None:
         """Send a one-way message to every worker of the instance, this one included."""
@@ -199,7 +213,7 @@ class Bus:
 
     def publish(self, topic: str, payload: Any = None) -> None:
         """Publish on ``topic`` to every subscriber of the instance."""
-        self._write(Pub(topic, self.slot, payload))
+        self._write(Pub(topic, self.slot, payload), True)
 
     def request(self, name: str, payload: Any = None, to: int = PRIMARY, timeout: float = 5.0) -> Any:
         """Send a request to the primary (default) or a worker slot; return the reply.
@@ -216,33 +230,34 @@ class Bus:
         try:
             self._write(Req(rid, name, to, self.slot, payload))
             deadline = time.monotonic() + timeout
-            while True:
-                with self._mu:
-                    if pending.done:
-                        break
-                    become = not self._reading
-                    if become:
-                        self._reading = True
-                    elif pending.event is None:
-                        pending.event = threading.Event()
+            rlock = self._rlock
+            while not pending.done:
+                if not rlock.acquire(False):
+                    # Another thread is reading: it will hand us our reply, or
+                    # wake us when it stops reading so we can take over.
+                    event = pending.event
+                    if event is None:
+                        event = pending.event = threading.Event()
                     else:
-                        pending.event.clear()
-                if not become and pending.done:  # delivered while the event was being set up
-                    break
-                if become:
-                    try:
-                        self._read_until(pending, deadline)
-                    finally:
-                        self._release()
+                        event.clear()
                     if pending.done:
                         break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                    if not rlock.acquire(False):  # it may have stopped meanwhile
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise RequestTimeout(
+                                f"request {name!r} to {_where(to)}: no reply within {timeout}s")
+                        event.wait(remaining)
+                        continue
+                try:
+                    self._read_until(pending, deadline)
+                finally:
+                    rlock.release()
+                    if len(self._pending) > 1:
+                        self._wake_waiters()
+                if not pending.done and deadline <= time.monotonic():
                     raise RequestTimeout(
                         f"request {name!r} to {_where(to)}: no reply within {timeout}s")
-                if not become:
-                    assert pending.event is not None
-                    pending.event.wait(remaining)
         finally:
             self._pending.pop(rid, None)
         if pending.error is not None:
@@ -257,17 +272,71 @@ class Bus:
         if to < ALL:
             raise ValueError(f"bad destination {to}: use PRIMARY, ALL or a slot number >= 0")
 
-    def _write(self, frame: frames.Frame) -> None:
+    def _write(self, frame: frames.Frame, oneway: bool = False) -> None:
+        """Send a frame; a one-way frame in a burst may be held back briefly.
+
+        A one-way frame sent within ``_BURST_GAP`` of the previous write joins
+        a buffer instead of costing a system call of its own. The buffer goes
+        out with the next write that is not held back (so order is kept: a
+        request flushes it first), when it reaches ``_BURST_BYTES``, at the end
+        of the HTTP request (:meth:`flush`), or after ``_FLUSH_DELAY`` from the
+        flusher thread. An isolated send is written at once.
+        """
         sock = self._sock
         if sock is None:
             raise BusClosed(self._closed_reason)
         data = frames.encode(frame)  # outside the lock; raises on unencodable payloads
         with self._wlock:
+            obuf = self._obuf
+            now = time.perf_counter()
+            if oneway and now - self._last_write < _BURST_GAP and self._flusher is not None:
+                if not obuf:
+                    self._flusher_cv.notify()
+                obuf += data
+                if len(obuf) < _BURST_BYTES:
+                    return
+                data = b""
+            if obuf:
+                obuf += data
+                data = bytes(obuf)
+                obuf.clear()
             try:
                 sock.sendall(data)
             except OSError as exc:
                 self.close(f"the primary closed the bus ({exc})")
                 raise BusClosed(self._closed_reason) from None
+            self._last_write = time.perf_counter()
+
+    def flush(self) -> None:
+        """Write one-way messages held back by a burst now (cheap when there are none)."""
+        if not self._obuf or self._sock is None:
+            return
+        with self._wlock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        sock = self._sock
+        if not self._obuf or sock is None:
+            return
+        data = bytes(self._obuf)
+        self._obuf.clear()
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self.close(f"the primary closed the bus ({exc})")
+            return
+        self._last_write = time.perf_counter()
+
+    def _flush_soon(self) -> None:
+        """The flusher thread: writes a held-back burst ``_FLUSH_DELAY`` after it began."""
+        cv = self._flusher_cv
+        while self._sock is not None:
+            with cv:
+                while not self._obuf and self._sock is not None:
+                    cv.wait(1.0)
+            time.sleep(_FLUSH_DELAY)
+            with cv:
+                self._flush_locked()
 
     # ---------------------------------------------------------------- reading
 
@@ -329,25 +398,19 @@ class Bus:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
         self._rcvtimeo = seconds
 
-    def _release(self) -> None:
-        """Give up the reader role; wake the waiting requests so one takes it."""
-        with self._mu:
-            self._reading = False
-            if len(self._pending) <= 1:
-                return  # only the releasing request itself
-            waiting = [p for p in self._pending.values() if not p.done]
-        for p in waiting:
-            if p.event is not None:
+    def _wake_waiters(self) -> None:
+        """The reader role is free: wake waiting requests so one takes it."""
+        for p in list(self._pending.values()):
+            if not p.done and p.event is not None:
                 p.event.set()
 
     def _fail_all(self, error: IPCError) -> None:
-        with self._mu:
-            for p in self._pending.values():
-                if not p.done:
-                    p.error = error
-                    p.done = True
-                    if p.event is not None:
-                        p.event.set()
+        for p in list(self._pending.values()):
+            if not p.done:
+                p.error = error
+                p.done = True
+                if p.event is not None:
+                    p.event.set()
 
     # --------------------------------------------------------------- listener
 

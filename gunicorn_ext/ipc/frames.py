@@ -110,7 +110,11 @@ def encode_into(frame: Frame, buf: bytearray) -> None:
     """Append one serialized frame to ``buf`` (saves a copy on the hot path)."""
     start = len(buf)
     buf += b"\0\0\0\0"
-    _encoder.encode_into(frame, buf, start + 4)
+    try:
+        _encoder.encode_into(frame, buf, start + 4)
+    except BaseException:
+        del buf[start:]  # never leave half a frame in the stream
+        raise
     HEADER.pack_into(buf, start, len(buf) - start - 4)
 
 

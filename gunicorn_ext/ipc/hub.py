@@ -316,18 +316,21 @@ class Hub:
         if slot not in self._slots:
             raise WorkerGone(f"no worker in slot {slot}")
         frame = Msg(next(self._ids), name, slot, PRIMARY, payload)
+        frames.encode(frame)  # an unencodable payload raises here, in the caller
         self._call(lambda: self._route_msg(None, frame))
 
     def broadcast(self, name: str, payload: Any = None) -> None:
         """Send a one-way message to every worker."""
         self._check_primary()
         frame = Msg(next(self._ids), name, ALL, PRIMARY, payload)
+        frames.encode(frame)
         self._call(lambda: self._route_msg(None, frame))
 
     def publish(self, topic: str, payload: Any = None) -> None:
         """Publish on ``topic`` to every subscribed worker (and primary subscriber)."""
         self._check_primary()
         frame = Pub(topic, PRIMARY, payload)
+        frames.encode(frame)
         self._call(lambda: self._route_pub(frame))
 
     def request(self, slot: int, name: str, payload: Any = None, timeout: float = 5.0) -> Any:
@@ -342,8 +345,9 @@ class Hub:
             raise RuntimeError("Hub.request() can't be called from a bus handler: it would deadlock")
         rid = next(self._ids)
         pending = _Pending(None)
-        self._pending[rid] = pending
         frame = Req(rid, name, slot, PRIMARY, payload)
+        frames.encode(frame)
+        self._pending[rid] = pending
         self._call(lambda: self._primary_request(frame, pending))
         if not pending.event.wait(timeout):
             self._pending.pop(rid, None)
@@ -601,21 +605,19 @@ class Hub:
             self._close(conn, str(conn.reader.error))
 
     def _queue(self, conn: _Conn, frame: frames.Frame) -> None:
-        """Send a frame to a worker: replies on its call channel, the rest on push.
+        """Send a frame to a worker: replies on its call channel, the rest on push."""
+        reply = type(frame) is Rep or (type(frame) is Err and not frame.oneway)  # type: ignore[union-attr]
+        self._queue_bytes(conn, frames.encode(frame), reply)
 
-        Written through at once when nothing is queued before it (the common
-        case); otherwise appended and flushed when the socket takes more.
-        """
+    def _queue_bytes(self, conn: _Conn, data: bytes, reply: bool) -> None:
+        """Written through at once when nothing is queued before it (the common
+        case); otherwise appended and flushed when the socket takes more."""
         if conn.closed:
             return
-        if type(frame) is Rep or (type(frame) is Err and not frame.oneway):  # type: ignore[union-attr]
-            out, sock = conn.out, conn.sock
-        else:
-            out, sock = conn.pout, conn.push
+        out, sock = (conn.out, conn.sock) if reply else (conn.pout, conn.push)
         if out:
-            frames.encode_into(frame, out)
+            out += data
         else:
-            data = frames.encode(frame)
             try:
                 n = sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -837,8 +839,9 @@ class Hub:
             except IPCError as exc:
                 self._notify_sender(origin, frame, exc)
         elif dst == ALL:
+            data = frames.encode(frame)  # once for every worker
             for conn in list(self._slots.values()):
-                self._queue(conn, frame)
+                self._queue_bytes(conn, data, False)
         else:
             target = self._slots.get(dst)
             if target is None:
@@ -848,8 +851,11 @@ class Hub:
                 self._queue(target, frame)
 
     def _route_pub(self, frame: Pub) -> None:
-        for conn in list(self._subs.get(frame.topic, ())):
-            self._queue(conn, frame)
+        subs = self._subs.get(frame.topic)
+        if subs:
+            data = frames.encode(frame)
+            for conn in list(subs):
+                self._queue_bytes(conn, data, False)
         for fn in self._local_subs.get(frame.topic, ()):
             try:
                 fn(Message(frame.topic, frame.payload, frame.src))

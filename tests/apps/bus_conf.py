@@ -57,6 +57,8 @@ def records(msg):
 def primary_ask(msg):
     """Run the primary's own API from a thread of the arbiter (not the hub thread)."""
     kind, slot, name, payload = msg.payload
+    if payload == "UNENCODABLE":
+        payload = object()
 
     def run():
         try:
@@ -71,7 +73,7 @@ def primary_ask(msg):
             elif kind == "publish":
                 primary.publish(name, payload)
                 _results.append({"ok": "sent"})
-        except gunicorn_ext.IPCError as exc:
+        except (gunicorn_ext.IPCError, TypeError) as exc:
             _results.append({"error": type(exc).__name__, "message": str(exc)})
 
     threading.Thread(target=run, daemon=True).start()
