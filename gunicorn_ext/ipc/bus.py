@@ -87,7 +87,7 @@ class Bus:
         self._rlock = threading.Lock()
         #: One-way frames held back during a burst (see :meth:`send`).
         self._obuf = bytearray()
-        self._last_write = 0.0
+        self._last_oneway = 0.0
         self._flusher_cv = threading.Condition(self._wlock)
         self._flusher: threading.Thread | None = None
         self._rcvtimeo = 0.0
@@ -275,7 +275,7 @@ class Bus:
     def _write(self, frame: frames.Frame, oneway: bool = False) -> None:
         """Send a frame; a one-way frame in a burst may be held back briefly.
 
-        A one-way frame sent within ``_BURST_GAP`` of the previous write joins
+        A one-way frame sent within ``_BURST_GAP`` of the previous one joins
         a buffer instead of costing a system call of its own. The buffer goes
         out with the next write that is not held back (so order is kept: a
         request flushes it first), when it reaches ``_BURST_BYTES``, at the end
@@ -288,14 +288,17 @@ class Bus:
         data = frames.encode(frame)  # outside the lock; raises on unencodable payloads
         with self._wlock:
             obuf = self._obuf
-            now = time.perf_counter()
-            if oneway and now - self._last_write < _BURST_GAP and self._flusher is not None:
-                if not obuf:
-                    self._flusher_cv.notify()
-                obuf += data
-                if len(obuf) < _BURST_BYTES:
-                    return
-                data = b""
+            if oneway:
+                now = time.perf_counter()
+                burst = now - self._last_oneway < _BURST_GAP
+                self._last_oneway = now
+                if burst and self._flusher is not None:
+                    if not obuf:
+                        self._flusher_cv.notify()
+                    obuf += data
+                    if len(obuf) < _BURST_BYTES:
+                        return
+                    data = b""
             if obuf:
                 obuf += data
                 data = bytes(obuf)
@@ -305,7 +308,6 @@ class Bus:
             except OSError as exc:
                 self.close(f"the primary closed the bus ({exc})")
                 raise BusClosed(self._closed_reason) from None
-            self._last_write = time.perf_counter()
 
     def flush(self) -> None:
         """Write one-way messages held back by a burst now (cheap when there are none)."""
@@ -324,8 +326,6 @@ class Bus:
             sock.sendall(data)
         except OSError as exc:
             self.close(f"the primary closed the bus ({exc})")
-            return
-        self._last_write = time.perf_counter()
 
     def _flush_soon(self) -> None:
         """The flusher thread: writes a held-back burst ``_FLUSH_DELAY`` after it began."""

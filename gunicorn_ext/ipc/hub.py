@@ -81,13 +81,14 @@ class _Log:
 class _Conn:
     """The hub's end of one worker's socketpair."""
 
-    __slots__ = ("sock", "push", "slot", "worker", "reader", "out", "pout", "subs", "ready",
+    __slots__ = ("sock", "fd", "push", "slot", "worker", "reader", "out", "pout", "subs", "ready",
                  "retired", "closed", "events")
 
     def __init__(self, sock: socket.socket, push: socket.socket, slot: int, worker: Any,
                  max_frame: int) -> None:
         #: Call channel: everything the worker sends, and replies to its requests.
         self.sock = sock
+        self.fd = sock.fileno()
         #: Push channel: messages, requests and publications for the worker's listener.
         self.push = push
         self.slot = slot
@@ -468,9 +469,8 @@ class Hub:
                         except Exception:
                             self.log.exception("gunicorn-ext: watcher of fd %s failed", fd)
                     continue
-                if mask & (_READ | select.EPOLLHUP | select.EPOLLERR):
-                    if fd == conn.sock.fileno():
-                        self._read(conn)
+                if mask & (_READ | select.EPOLLHUP | select.EPOLLERR) and fd == conn.fd:
+                    self._read(conn)
                 if mask & _WRITE and not conn.closed:
                     self._flush(conn)
             while self._calls:
@@ -714,9 +714,7 @@ class Hub:
     # --------------------------------------------------------------- routing
 
     def _dispatch(self, conn: _Conn, frame: frames.Frame) -> None:
-        kind = type(frame)
-        if kind is Req:
-            assert isinstance(frame, Req)
+        if isinstance(frame, Req):
             frame.src = conn.slot
             if frame.dst == PRIMARY:
                 self._handle_request(conn, frame)
@@ -724,28 +722,23 @@ class Hub:
                 self._relay_request(conn, frame)
             else:
                 self._queue(conn, Err(frame.id, "bad_request", "a request goes to one worker or the primary"))
-        elif kind is Msg:
-            assert isinstance(frame, Msg)
+        elif isinstance(frame, Msg):
             frame.src = conn.slot
             self._route_msg(conn, frame)
-        elif kind is Rep or kind is Err:
-            assert isinstance(frame, (Rep, Err))
+        elif isinstance(frame, (Rep, Err)):
             self._route_reply(conn, frame)
-        elif kind is Pub:
-            assert isinstance(frame, Pub)
+        elif isinstance(frame, Pub):
             frame.src = conn.slot
             self._route_pub(frame)
-        elif kind is Sub:
-            assert isinstance(frame, Sub)
+        elif isinstance(frame, Sub):
             conn.subs.add(frame.topic)
             self._subs.setdefault(frame.topic, set()).add(conn)
-        elif kind is Unsub:
-            assert isinstance(frame, Unsub)
+        elif isinstance(frame, Unsub):
             conn.subs.discard(frame.topic)
             subs = self._subs.get(frame.topic)
             if subs is not None:
                 subs.discard(conn)
-        elif kind is Ready:
+        elif isinstance(frame, Ready):
             conn.ready = True
             for fn in self._ready_callbacks:
                 try:
