@@ -437,7 +437,7 @@ class Supervisor:
                 seen.add(slot)
             stats = self._stats.get(pid, {})
             rss, cpu = self._sampled.get(pid, (int(stats.get("rss", 0) or 0), 0.0))
-            policy = self.policy(slot) if slot is not None else None
+            policy = self.policies.get(slot) if slot is not None else None
             rows.append({
                 "slot": slot,
                 "pid": pid,
@@ -453,7 +453,7 @@ class Supervisor:
         for slot in range(server.num_workers):
             if slot in seen:
                 continue
-            policy = self.policy(slot)
+            policy = self.policies.get(slot) or SlotPolicy()  # never written from this thread
             state = "stopped" if policy.breaker_open or self._instance_breaker else "backoff"
             rows.append({"slot": slot, "pid": None, "state": state, "uptime": 0.0, "requests": 0,
                          "inflight": 0, "rss": 0, "cpu": 0.0, "restarts": policy.restarts,
@@ -506,7 +506,7 @@ class Supervisor:
         self.server.wakeup()
 
     def _start_rollout(self, batch: int) -> None:
-        for p in self.policies.values():
+        for p in list(self.policies.values()):
             p.reset()
         self._instance_breaker = False
         slots = sorted({w.ext_slot for w in self.server.WORKERS.values()
@@ -515,7 +515,7 @@ class Supervisor:
         self.server.log.info("gunicorn-ext: rolling reload: %s", self.rollout.message)
 
     def _scale(self, n: int) -> None:
-        for p in self.policies.values():
+        for p in list(self.policies.values()):
             p.reset()
         self._instance_breaker = False
         self.server.log.info("gunicorn-ext: scaling from %s to %s workers", self.server.num_workers, n)

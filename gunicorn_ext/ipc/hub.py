@@ -105,7 +105,10 @@ class _Conn:
 
     @property
     def pid(self) -> int:
-        return int(getattr(self.worker, "pid", 0) or 0)
+        # Gunicorn sets worker.pid after fork() returns in the arbiter (it is
+        # "[booting]" until then), which can be after the worker already spoke.
+        pid = getattr(self.worker, "pid", 0)
+        return pid if isinstance(pid, int) else 0
 
     def describe(self) -> str:
         return f"worker slot {self.slot} (pid {self.pid})"
@@ -742,7 +745,7 @@ class Hub:
             conn.ready = True
             for fn in self._ready_callbacks:
                 try:
-                    fn(conn.slot, conn.pid)
+                    fn(conn.slot, frame.pid)  # the worker's own pid: conn.pid may not be set yet
                 except Exception:
                     self.log.exception("gunicorn-ext: on_ready callback failed")
 
