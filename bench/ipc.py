@@ -165,6 +165,16 @@ def _floor_client(sock: socket.socket, n_rtt: int, n_oneway: int) -> dict[str, A
         assert rep is not None
         return rep.payload
 
+    def send(i: int) -> None:
+        body = enc.encode(FReq(next(ids), "count", -1, 0, i))
+        sock.sendall(HEADER.pack(len(body)) + body)
+
+    return _measure(request, send, n_rtt, n_oneway)
+
+
+def _measure(request: Callable[[str, Any], Any], send: Callable[[int], None], n_rtt: int,
+             n_oneway: int) -> dict[str, Any]:
+    """The same round-trip and one-way loops for every baseline transport."""
     out: dict[str, Any] = {}
     if n_rtt:
         for i in range(min(n_rtt // 10, 2000)):
@@ -180,8 +190,7 @@ def _floor_client(sock: socket.socket, n_rtt: int, n_oneway: int) -> dict[str, A
         request("total", None)
         start = time.perf_counter()
         for i in range(n_oneway):
-            body = enc.encode(FReq(next(ids), "count", -1, 0, i))
-            sock.sendall(HEADER.pack(len(body)) + body)
+            send(i)
         got = request("total", None)
         elapsed = time.perf_counter() - start
         assert got == n_oneway, (got, n_oneway)
@@ -224,28 +233,10 @@ def _pipe_client(conn: Any, n_rtt: int, n_oneway: int) -> dict[str, Any]:
             raise TimeoutError("pipe server did not answer")
         return conn.recv()[1]
 
-    out: dict[str, Any] = {}
-    if n_rtt:
-        for i in range(min(n_rtt // 10, 2000)):
-            request("ping", i)
-        lat = []
-        clock = time.perf_counter_ns
-        for i in range(n_rtt):
-            t0 = clock()
-            request("ping", i)
-            lat.append(clock() - t0)
-        out.update(_pcts(lat))
-    if n_oneway:
-        request("total", None)
-        send = conn.send
-        start = time.perf_counter()
-        for i in range(n_oneway):
-            send((next(ids), "count", -1, 0, i))
-        got = request("total", None)
-        elapsed = time.perf_counter() - start
-        assert got == n_oneway, (got, n_oneway)
-        out["msgs_per_s"] = n_oneway / elapsed
-    return out
+    def send(i: int) -> None:
+        conn.send((next(ids), "count", -1, 0, i))
+
+    return _measure(request, send, n_rtt, n_oneway)
 
 
 # ---------------------------------------------- running a pair of forked children
