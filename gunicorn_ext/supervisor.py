@@ -40,6 +40,9 @@ METRICS = "gunicorn_ext.metrics"
 STATUS = "gunicorn_ext.status"
 
 _BOOT_ERROR_CODES = {3: "worker failed to boot", 4: "app failed to load"}
+#: A worker killed by one of these was told to stop (by the arbiter, the
+#: operator or a rollout): an exit, not a crash.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
 
 
 def _signame(sig: int) -> str:
@@ -283,6 +286,8 @@ class Supervisor:
         if getattr(worker, "ext_rollout_new", False) and not was_ready:
             return  # the rollout stops and gives the slot back to the old worker
         planned = bool(getattr(worker, "ext_planned", False) or code == 0
+                       or sig in _STOP_SIGNALS  # someone asked it to stop
+                       or not server.LISTENERS  # the arbiter is shutting down
                        or (note is not None and note.get("planned")))
         uptime = time.monotonic() - getattr(worker, "ext_started", time.monotonic())
         self.last_exit[slot] = reason
