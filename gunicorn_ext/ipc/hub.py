@@ -161,6 +161,7 @@ class Hub:
         self._thread_ident = 0
         self._running = False
         self._in_child = False
+        self._fork_handlers = False
         # Fork handshake.
         self._cond = threading.Condition()
         self._pause_requested = False
@@ -225,7 +226,11 @@ class Hub:
         os.set_blocking(self._wake_w, False)
         self._ep.register(self._wake_r, _READ)
         self._running = True
-        _register_fork_handlers()
+        if not self._fork_handlers:
+            # Once per hub (they can't be removed); they do nothing once it stops.
+            self._fork_handlers = True
+            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_parent,
+                                after_in_child=self._after_fork_child)
         self._spawn_thread()
 
     def stop(self) -> None:
@@ -861,20 +866,5 @@ class Hub:
 
 #: The process's hub. Import it as ``gunicorn_ext.primary``.
 primary = Hub()
-
-_fork_handlers_registered = False
-
-
-def _register_fork_handlers() -> None:
-    global _fork_handlers_registered
-    if _fork_handlers_registered:
-        return
-    _fork_handlers_registered = True
-    os.register_at_fork(
-        before=primary._before_fork,
-        after_in_parent=primary._after_fork_parent,
-        after_in_child=primary._after_fork_child,
-    )
-
 
 __all__ = ["Hub", "primary", "BusClosed"]
