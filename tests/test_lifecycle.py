@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from harness import Gunicorn, wait_for
 from prometheus_client.parser import text_string_to_metric_families
@@ -212,7 +213,9 @@ class Load:
             t.join(20)
 
 
-def test_rolling_reload_under_load_fails_no_request(gunicorn_factory: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_rolling_reload_under_load_fails_no_request(gunicorn_factory: Any, tmp_path: Path,
+                                                    batch: str) -> None:
     version = tmp_path / "VERSION"
     version.write_text("1")
     g = start(gunicorn_factory, 3, APP_VERSION_FILE=str(version))
@@ -220,7 +223,7 @@ def test_rolling_reload_under_load_fails_no_request(gunicorn_factory: Any, tmp_p
     with Load(g) as load:
         time.sleep(0.5)
         version.write_text("2")
-        r = cli(g, "reload", "--rolling", "--batch", "1")
+        r = cli(g, "reload", "--rolling", "--batch", batch)
         time.sleep(0.5)
     assert r.returncode == 0, r.stdout + r.stderr
     assert load.failed == [] and load.ok > 50
@@ -228,7 +231,8 @@ def test_rolling_reload_under_load_fails_no_request(gunicorn_factory: Any, tmp_p
     after = wait_ready_slots(g, 3, exclude=set(before.values()))
     assert sorted(after) == [0, 1, 2]
     assert {get(g, "/")["version"] for _ in range(10)} == {"2"}
-    assert status(g)["rollout"]["state"] == "done"
+    rollout = status(g)["rollout"]
+    assert rollout["state"] == "done" and rollout["done"] == 3 and rollout["batch"] == int(batch)
 
 
 def test_bad_deploy_stops_the_rollout_and_old_workers_keep_serving(gunicorn_factory: Any, tmp_path: Path) -> None:
