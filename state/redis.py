@@ -1,0 +1,479 @@
+"""Redis backend of the store interface, on redis-py's own clients.
+
+URL forms:
+
+* ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS), ``unix:///path?db=0``:
+  :meth:`redis.Redis.from_url` (query options such as ``?ssl_cert_reqs=none`` work as there);
+* ``redis+sentinel://[[user]:password@]host1:port1,host2:port2/service_name[/db]``
+  (``rediss+sentinel`` for TLS): ``Sentinel([...]).master_for(service_name, db=db)``.
+  The password is the master's; pass ``sentinel_password=`` (or ``sentinel_kwargs=``)
+  if the sentinels themselves need one;
+* ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster``):
+  :class:`redis.cluster.RedisCluster` with those startup nodes, created on first use
+  (it connects when created).
+
+Defaults: 2 s socket and connect timeouts, a health check of idle connections after
+30 s, and no automatic retries, so an outage shows in milliseconds (as
+:class:`~state.store.StoreUnavailable`) rather than after redis-py's retry loop. Keyword
+options override them and are passed to the client.
+
+Every redis-py error is mapped: unreachable/timeouts/loading/failover errors to
+:class:`StoreUnavailable` (naming the URL without its password), anything else (e.g.
+WRONGTYPE) to :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis
+import redis.exceptions as rexc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .store import Batch, Store, StoreError, StoreUnavailable
+
+__all__ = ["RedisStore", "redact_url"]
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 2.0,
+    "socket_connect_timeout": 2.0,
+    "health_check_interval": 30,
+}
+
+# Errors meaning "the backend can't be reached right now" (ConnectionError covers
+# BusyLoadingError, AuthenticationError, MasterNotFoundError, MaxConnectionsError).
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.ClusterDownError,  # includes MasterDownError
+    rexc.TryAgainError,
+    rexc.ReadOnlyError,  # a replica that used to be the master, mid-failover
+    rexc.SlotNotCoveredError,
+    OSError,
+)
+
+_RELEASE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
+
+
+def _ms(ttl: float) -> int:
+    """Seconds (float) to whole milliseconds, at least 1 ms for any positive TTL."""
+    return max(1, math.ceil(ttl * 1000)) if ttl > 0 else 0
+
+
+def _hosts(netloc_hosts: str, default_port: int) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for item in netloc_hosts.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):  # [ipv6]:port
+            host, _, rest = item[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else default_port
+        elif ":" in item:
+            host, _, port_s = item.rpartition(":")
+            port = int(port_s)
+        else:
+            host, port = item, default_port
+        out.append((host, port))
+    if not out:
+        raise ValueError("no host in the store URL")
+    return out
+
+
+def _decode_hash(raw: Any) -> dict[str, bytes]:
+    return {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in (raw or {}).items()}
+
+
+def _ttl_result(ms: Any) -> float | None:
+    ms = int(ms)
+    return None if ms < 0 else ms / 1000.0
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+class RedisStore(Store):
+    """A :class:`~state.store.Store` on Redis (plain, TLS, unix socket, Sentinel, Cluster).
+
+    ``client=`` uses a ready redis-py compatible client instead (e.g. fakeredis); it
+    must be created with ``decode_responses=False``.
+    ``lock_prefix`` (default ``"lock:"``) namespaces lock keys away from data keys.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", client: Any = None,
+                 lock_prefix: str = "lock:", **options: Any) -> None:
+        self.url = url
+        self.safe_url = redact_url(url)
+        self.lock_prefix = lock_prefix
+        self._password: str | None = None
+        self._sentinel: Any = None
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._factory: Callable[[], Any] | None = None
+        self._release_script: Any = None
+        self._lua_ok = True
+        self.hosts: list[tuple[str, int]] = []
+        self.service_name: str | None = None
+        self.db = 0
+
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        self.kind = {"redis+sentinel": "sentinel", "rediss+sentinel": "sentinel",
+                     "redis+cluster": "cluster", "rediss+cluster": "cluster"}.get(scheme, "redis")
+        if client is not None:
+            self._client = client
+            self.kind = "cluster" if _is_cluster(client) else "redis"
+            return
+
+        opts = dict(DEFAULT_OPTIONS)
+        opts["retry"] = Retry(NoBackoff(), 0)
+        opts.update(options)
+        opts["decode_responses"] = False
+        userinfo, _, hostpart = parts.netloc.rpartition("@")
+        username = unquote(userinfo.split(":", 1)[0]) if userinfo else ""
+        password = unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else None
+        self._password = password or None
+        tls = scheme.startswith("rediss")
+        query = dict(parse_qsl(parts.query))
+
+        if self.kind == "redis":
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(f"not a redis URL: {self.safe_url}")
+            self._client = redis.Redis.from_url(url, **opts)
+            kw = self._client.connection_pool.connection_kwargs
+            self.db = int(kw.get("db") or 0)
+            if "host" in kw:
+                self.hosts = [(kw["host"], int(kw.get("port", 6379)))]
+            return
+
+        if username:
+            opts.setdefault("username", username)
+        if password:
+            opts.setdefault("password", password)
+        if tls:
+            opts.setdefault("ssl", True)
+
+        if self.kind == "sentinel":
+            from redis.sentinel import Sentinel
+
+            self.hosts = _hosts(hostpart, 26379)
+            path = [p for p in parts.path.split("/") if p]
+            if not path:
+                raise ValueError(
+                    f"sentinel URL needs a service name: {self.safe_url} "
+                    "(redis+sentinel://host:26379,host:26379/mymaster[/db])")
+            self.service_name = unquote(path[0])
+            self.db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
+            sentinel_kwargs = dict(opts.pop("sentinel_kwargs", None) or {})
+            sentinel_password = opts.pop("sentinel_password", None)
+            for key in ("socket_timeout", "socket_connect_timeout", "retry", "ssl"):
+                if key in opts:
+                    sentinel_kwargs.setdefault(key, opts[key])
+            if sentinel_password:
+                sentinel_kwargs.setdefault("password", sentinel_password)
+            opts.pop("db", None)
+            self._sentinel = Sentinel(self.hosts, sentinel_kwargs=sentinel_kwargs, **opts)
+            self._client = self._sentinel.master_for(self.service_name, db=self.db)
+            return
+
+        # cluster: RedisCluster connects when created, so create it on first use.
+        from redis.cluster import ClusterNode, RedisCluster
+
+        self.hosts = _hosts(hostpart, 6379)
+        nodes = [ClusterNode(h, p) for h, p in self.hosts]
+        opts.pop("db", None)
+
+        def make_cluster() -> Any:
+            return RedisCluster(startup_nodes=nodes, **opts)
+
+        self._factory = make_cluster
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client (for a cluster URL, created, i.e. connected, on first use)."""
+        if self._client is None:
+            with self._client_lock, self._errors():
+                if self._client is None:
+                    assert self._factory is not None
+                    self._client = self._factory()
+        return self._client
+
+    def _message(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        if self._password:
+            text = text.replace(self._password, "***")
+        if len(text) > 300:  # MasterNotFoundError lists every sentinel client's repr
+            text = text[:297] + "..."
+        return f"redis store {self.safe_url} unavailable ({text})"
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except StoreError:
+            raise
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(self._message(exc)) from exc
+        except rexc.RedisClusterException as exc:
+            if "cannot be connected" in str(exc) or "reachable" in str(exc):
+                raise StoreUnavailable(self._message(exc)) from exc
+            raise StoreError(f"redis store {self.safe_url}: {exc}") from exc
+        except rexc.RedisError as exc:
+            text = str(exc).replace(self._password, "***") if self._password else str(exc)
+            raise StoreError(f"redis store {self.safe_url}: {type(exc).__name__}: {text}") from exc
+
+    # -- strings --------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        with self._errors():
+            value: bytes | None = self.client.get(key)
+            return value
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        with self._errors():
+            if ttl is None:
+                self.client.set(key, value)
+            elif ttl <= 0:
+                self.client.delete(key)  # already expired
+            else:
+                self.client.set(key, value, px=_ms(ttl))
+
+    def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        with self._errors():
+            return int(self.client.delete(*keys))
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        with self._errors():
+            return int(self.client.incrby(key, amount))
+
+    def expire(self, key: str, ttl: float) -> bool:
+        with self._errors():
+            return bool(self.client.pexpire(key, _ms(ttl)))
+
+    def ttl(self, key: str) -> float | None:
+        with self._errors():
+            return _ttl_result(self.client.pttl(key))
+
+    # -- hashes ---------------------------------------------------------------------
+
+    def hgetall(self, key: str) -> dict[str, bytes]:
+        with self._errors():
+            return _decode_hash(self.client.hgetall(key))
+
+    def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+        if not mapping:
+            return
+        with self._errors():
+            self.client.hset(key, mapping=mapping)
+
+    def hdel(self, key: str, *fields: str) -> int:
+        if not fields:
+            return 0
+        with self._errors():
+            return int(self.client.hdel(key, *fields))
+
+    # -- batch ----------------------------------------------------------------------
+
+    def batch(self) -> RedisBatch:
+        return RedisBatch(self)
+
+    # -- locks ----------------------------------------------------------------------
+
+    def acquire(self, name: str, timeout: float, blocking_timeout: float | None = None) -> str | None:
+        key = self.lock_prefix + name
+        token = secrets.token_hex(16)
+        ms = _ms(timeout) or 1
+        deadline = None if blocking_timeout is None else time.monotonic() + max(0.0, blocking_timeout)
+        delay = 0.005
+        while True:
+            with self._errors():
+                if self.client.set(key, token, nx=True, px=ms):
+                    return token
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return None
+            sleep = delay if deadline is None else min(delay, deadline - now)
+            time.sleep(max(0.0, sleep))
+            delay = min(delay * 2, 0.05)
+
+    def release(self, name: str, token: str) -> bool:
+        key = self.lock_prefix + name
+        with self._errors():
+            if self._lua_ok:
+                if self._release_script is None:
+                    self._release_script = self.client.register_script(_RELEASE_LUA)
+                try:
+                    return bool(self._release_script(keys=[key], args=[token]))
+                except rexc.ResponseError as exc:
+                    # fakeredis without the lupa extra has no Lua
+                    if "unknown command" not in str(exc).lower():
+                        raise
+                    self._lua_ok = False
+            return self._release_watch(key, token)
+
+    def _release_watch(self, key: str, token: str) -> bool:
+        want = token.encode()
+        while True:
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)
+                    if pipe.get(key) != want:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.execute()
+                    return True
+                except rexc.WatchError:
+                    continue
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def ping(self) -> None:
+        with self._errors():
+            self.client.ping()
+
+    def after_fork(self) -> None:
+        """Forget inherited connections without touching their sockets (the parent owns them)."""
+        self._client_lock = threading.Lock()  # another thread may have held it at fork
+        pools = []
+        if self._client is not None:
+            if _is_cluster(self._client):
+                for node in list(self._client.get_nodes()):
+                    if node.redis_connection is not None:
+                        pools.append(node.redis_connection.connection_pool)
+            elif getattr(self._client, "connection_pool", None) is not None:
+                pools.append(self._client.connection_pool)
+        if self._sentinel is not None:
+            pools.extend(s.connection_pool for s in self._sentinel.sentinels)
+        for pool in pools:
+            with contextlib.suppress(Exception):
+                pool.reset()
+
+    def close(self) -> None:
+        clients = [self._client] if self._client is not None else []
+        if self._sentinel is not None:
+            clients.extend(self._sentinel.sentinels)
+        for client in clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        if self._factory is not None:
+            self._client = None
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.kind} {self.safe_url}>"
+
+
+def _is_cluster(client: Any) -> bool:
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+class RedisBatch(Batch):
+    """A non-transactional pipeline: one round trip; results converted like the plain methods.
+
+    In cluster mode every command is per key, so a batch touching one session key
+    stays in one slot; multi-key ``delete`` is queued as one DEL per key.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._ops: list[tuple[Callable[[Any], None], int, Callable[[list[Any]], Any]]] = []
+
+    def _add(self, queue: Callable[[Any], None], count: int,
+             convert: Callable[[list[Any]], Any]) -> RedisBatch:
+        self._ops.append((queue, count, convert))
+        return self
+
+    def get(self, key: str) -> RedisBatch:
+        return self._add(lambda p: p.get(key), 1, lambda r: r[0])
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> RedisBatch:
+        if ttl is None:
+            return self._add(lambda p: p.set(key, value), 1, _none)
+        if ttl <= 0:
+            return self._add(lambda p: p.delete(key), 1, _none)
+        ms = _ms(ttl)
+        return self._add(lambda p: p.set(key, value, px=ms), 1, _none)
+
+    def delete(self, *keys: str) -> RedisBatch:
+        if not keys:
+            return self._add(lambda p: None, 0, lambda r: 0)
+        if self._store.kind == "cluster":
+            def queue(p: Any) -> None:
+                for k in keys:
+                    p.delete(k)
+            return self._add(queue, len(keys), lambda r: sum(int(x) for x in r))
+        return self._add(lambda p: p.delete(*keys), 1, lambda r: int(r[0]))
+
+    def incr(self, key: str, amount: int = 1) -> RedisBatch:
+        return self._add(lambda p: p.incrby(key, amount), 1, lambda r: int(r[0]))
+
+    def expire(self, key: str, ttl: float) -> RedisBatch:
+        ms = _ms(ttl)
+        return self._add(lambda p: p.pexpire(key, ms), 1, lambda r: bool(r[0]))
+
+    def ttl(self, key: str) -> RedisBatch:
+        """Not in the :class:`Batch` interface, but handy: PTTL as seconds or None."""
+        return self._add(lambda p: p.pttl(key), 1, lambda r: _ttl_result(r[0]))
+
+    def hgetall(self, key: str) -> RedisBatch:
+        return self._add(lambda p: p.hgetall(key), 1, lambda r: _decode_hash(r[0]))
+
+    def hset(self, key: str, mapping: dict[str, bytes]) -> RedisBatch:
+        if not mapping:
+            return self._add(lambda p: None, 0, _none)
+        mapping = dict(mapping)
+        return self._add(lambda p: p.hset(key, mapping=mapping), 1, _none)
+
+    def hdel(self, key: str, *fields: str) -> RedisBatch:
+        if not fields:
+            return self._add(lambda p: None, 0, lambda r: 0)
+        return self._add(lambda p: p.hdel(key, *fields), 1, lambda r: int(r[0]))
+
+    def execute(self) -> list[Any]:
+        ops, self._ops = self._ops, []
+        if not ops:
+            return []
+        store = self._store
+        with store._errors():
+            pipe = store.client.pipeline(transaction=False)
+            for queue, _, _ in ops:
+                queue(pipe)
+            raw = pipe.execute() if any(count for _, count, _ in ops) else []
+            pipe.reset()
+        results: list[Any] = []
+        pos = 0
+        for _, count, convert in ops:
+            results.append(convert(raw[pos:pos + count]))
+            pos += count
+        return results

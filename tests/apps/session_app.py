@@ -1,0 +1,51 @@
+"""Test app for sessions across real Gunicorn workers: ours or Flask-Session 0.8."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from flask import Flask, jsonify, request, session
+
+IMPL = os.environ.get("SESSION_IMPL", "ours")
+STATE_URL = os.environ["STATE_URL"]
+
+app = Flask(__name__)
+app.secret_key = "test-secret-key"
+
+if IMPL == "ours":
+    from state.flask import Session
+
+    app.config["SESSION_URL"] = STATE_URL
+    Session(app)
+else:
+    from flask_session import Session as FlaskSession
+
+    app.config["SESSION_TYPE"] = "redis"
+    app.config["SESSION_REDIS"] = redis.Redis.from_url(STATE_URL)
+    FlaskSession(app)
+
+
+@app.get("/healthz")
+def healthz() -> str:
+    return "ok"
+
+
+@app.get("/set/<key>")
+def set_key(key: str):  # type: ignore[no-untyped-def]
+    """Read the session, wait (so two requests overlap), then change one key."""
+    _ = dict(session)
+    time.sleep(float(request.args.get("sleep", "0")))
+    session[key] = request.args.get("v", "1")
+    return jsonify(ok=True, pid=os.getpid())
+
+
+@app.get("/get")
+def get_all():  # type: ignore[no-untyped-def]
+    return jsonify(dict(session))
+
+
+@app.get("/nosession")
+def nosession() -> str:
+    return "no session needed"
