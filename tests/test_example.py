@@ -73,3 +73,27 @@ def test_invalid_setting_fails_at_startup_with_a_clear_message(tmp_path: Path) -
                        stdin=subprocess.DEVNULL)
     assert r.returncode != 0
     assert "restart_breaker_scope must be 'slot' or 'instance', got 'galaxy'" in r.stderr
+
+
+def _state_urls(redis_url: str, tmp_path: Path) -> list[str]:
+    return [f"sqlite:///{tmp_path / 'state.db'}", redis_url]
+
+
+def test_counter_and_hits_are_shared_by_every_worker(gunicorn_factory: Any, redis_server: Any,
+                                                     tmp_path: Path) -> None:
+    for url in _state_urls(redis_server.url, tmp_path):
+        g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE,
+                             workers=2, env={"STATE_URL": url, "SECRET_KEY": "k" * 32})
+        s = requests.Session()
+        slots = set()
+        for i in range(1, 31):
+            r = s.get(g.url("/counter"), headers={"Connection": "close"}, timeout=10).json()
+            assert r["count"] == i  # one session, whichever worker answers
+            slots.add(r["slot"])
+        assert slots == {0, 1}
+        cookie = s.cookies.get("session") or ""
+        assert cookie and "count" not in cookie  # the data is server-side
+        hits = [fresh(g, "/hits").json()["hits"] for _ in range(20)]
+        assert hits == list(range(1, 21)), url
+        assert fresh(g, "/healthz").headers.get("Set-Cookie") is None
+        g.stop()

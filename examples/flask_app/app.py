@@ -6,13 +6,23 @@ import collections
 import os
 import threading
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, session
 
 import gunicorn_ext
 from gunicorn_ext import worker
+from state import open_store
+from state.flask import Session
+from state.primitives import Counter
 
 app = Flask(__name__)
 INSTANCE = os.environ.get("INSTANCE", "local")
+# Shared state: an SQLite file by default (one machine, no server needed); a redis://
+# URL to share it between machines. cluster_conf.py sets both from the environment.
+app.secret_key = os.environ.get("SECRET_KEY") or "dev-only-secret-change-me"
+app.config["SESSION_URL"] = os.environ.get("STATE_URL", "sqlite:///gunicorn-ext-state.db")
+store = open_store(app.config["SESSION_URL"])
+Session(app, store=store)
+hits = Counter(store, "example:hits")
 
 # Messages this worker received by broadcast, newest last (bounded).
 _inbox: collections.deque[object] = collections.deque(maxlen=1000)
@@ -33,6 +43,19 @@ def healthz() -> tuple[str, int, dict[str, str]]:
 @app.get("/whoami")
 def whoami():  # type: ignore[no-untyped-def]
     return jsonify(pid=os.getpid(), slot=worker.slot, instance=INSTANCE)
+
+
+@app.get("/counter")
+def counter():  # type: ignore[no-untyped-def]
+    """A per-session counter: the same count whichever worker answers."""
+    session["count"] = session.get("count", 0) + 1
+    return jsonify(count=session["count"], pid=os.getpid(), slot=worker.slot)
+
+
+@app.get("/hits")
+def all_hits():  # type: ignore[no-untyped-def]
+    """A cluster-wide counter in shared state (atomic on every backend)."""
+    return jsonify(hits=hits.incr())
 
 
 @app.get("/cluster")

@@ -2,7 +2,8 @@
 
 Every gunicorn-ext feature is on; settings come from the environment:
 BIND (default 127.0.0.1:8000), WORKERS (default: the CPUs this process may
-use), STATE_URL, SECRET_KEY, INSTANCE (default host:port of BIND).
+use), STATE_URL (default an SQLite file beside this config), SECRET_KEY,
+INSTANCE (default host:port of BIND).
 """
 
 import logging
@@ -23,5 +24,12 @@ threads = int(os.environ.get("THREADS", "4"))
 timeout = int(os.environ.get("TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
 os.environ.setdefault("INSTANCE", f"{socket.gethostname()}:{bind.rsplit(':', 1)[-1]}")
+# Shared state (sessions, /hits): an SQLite file beside this config unless STATE_URL
+# names another store (redis://..., redis+sentinel://..., redis+cluster://...).
+os.environ.setdefault(
+    "STATE_URL", "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "state.db"))
+if not os.environ.get("SECRET_KEY"):
+    logging.getLogger("gunicorn.error").warning(
+        "SECRET_KEY is not set: using a development key; set it in production")
 
 gunicorn_ext.enable(globals())
