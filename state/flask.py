@@ -37,12 +37,14 @@ unaffected. A session larger than ``SESSION_MAX_SIZE`` raises :class:`SessionToo
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import msgspec
 from flask import Flask, Request, Response, jsonify
 from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SessionInterface, SessionMixin
@@ -65,6 +67,8 @@ _PERMANENT = "_permanent"
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{20,512}")
 
 serializer = TaggedJSONSerializer()
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
 
 
 class SessionTooLarge(Exception):
@@ -77,8 +81,36 @@ class SessionTooLarge(Exception):
         self.limit = limit
 
 
+_TAGGED = b"\x01"  # marks a value stored in Flask's tagged JSON (never starts plain JSON)
+_SCALARS = (str, int, bool, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """True when JSON keeps ``value`` exactly (no tuple, bytes, datetime, Markup, UUID...)."""
+    t = type(value)
+    if t in _SCALARS:
+        return t is not int or -(2**63) <= value < 2**64
+    if t is float:
+        return math.isfinite(value)
+    if t is list:
+        return all(_plain(v) for v in value)
+    if t is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return False
+
+
 def _dumps(value: Any) -> bytes:
-    return serializer.dumps(value).encode("utf-8")
+    """One session value as stored: plain JSON when that round-trips exactly (fast,
+    msgspec), else Flask's tagged JSON behind a marker byte. Never pickle."""
+    if _plain(value):
+        return _json_encode(value)
+    return _TAGGED + serializer.dumps(value).encode("utf-8")
+
+
+def _loads(raw: bytes) -> Any:
+    if raw[:1] == _TAGGED:
+        return serializer.loads(raw[1:].decode("utf-8"))
+    return _json_decode(raw)
 
 
 def store_unavailable_response() -> Response:
@@ -119,7 +151,7 @@ class ServerSession(SessionMixin):
         self._raw = dict(raw)
         for field, value in raw.items():
             try:
-                data[field] = serializer.loads(value.decode("utf-8"))
+                data[field] = _loads(value)
             except Exception:  # a corrupt field is dropped (and deleted at save), not fatal
                 log.warning("session field %r could not be decoded; dropped", field)
         if raw:

@@ -1,0 +1,181 @@
+"""Sessions: state.flask vs Flask-Session 0.8 vs Flask's cookie session, in one run.
+
+Each backend serves the same app (bench/sessions_app.py) from real Gunicorn
+(2 sync workers) against the same real redis-server. Measured per backend:
+
+* req/s of a session-writing and a read-only endpoint (wrk, one client cookie);
+* Redis commands per request (``INFO commandstats`` deltas over the wrk run);
+* Redis round trips per request, counted in-process with Flask's test client
+  by wrapping redis-py's ``send_packed_command`` (one call = one round trip).
+
+Writes bench/results/sessions.json and sessions.svg. Targets: req/s >= 1.2x
+Flask-Session; one round trip per request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(BENCH))
+
+from harness import RedisServer, running_gunicorn  # noqa: E402
+from plot import Bar, Panel, write_svg  # noqa: E402
+
+IMPLS = ("ours", "flask_session", "cookie")
+LABELS = {"ours": "gunicorn-ext state.flask", "flask_session": "Flask-Session 0.8",
+          "cookie": "Flask cookie session"}
+SECONDS = int(os.environ.get("BENCH_SESSION_SECONDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_SESSION_ROUNDS", "2"))
+CONNECTIONS = 4
+TARGET = 1.2
+
+
+def _commands(r: Any) -> int:
+    stats = r.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config"))
+
+
+def _wrk(url: str, cookie: str) -> float:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return _py_load(url, cookie)
+    cmd = [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--timeout", "5s",
+           "-H", f"Cookie: {cookie}", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 30,
+                         stdin=subprocess.DEVNULL, check=True).stdout
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
+    bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    if bad and int(bad.group(1)):
+        raise RuntimeError(f"{bad.group(1)} failed responses from {url}")
+    return float(m.group(1))
+
+
+def _py_load(url: str, cookie: str) -> float:
+    """Bounded fallback without wrk: one thread, keep-alive, SECONDS or 20k requests."""
+    s = requests.Session()
+    n = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < SECONDS and n < 20000:
+        s.get(url, headers={"Cookie": cookie}, timeout=5).raise_for_status()
+        n += 1
+    return n / (time.monotonic() - t0)
+
+
+def _roundtrips(impl: str, redis_url: str) -> dict[str, float]:
+    """Redis round trips per request, in-process (Flask test client)."""
+    import redis.connection
+
+    os.environ["SESSION_IMPL"] = impl
+    os.environ["REDIS_URL"] = redis_url
+    sys.modules.pop("sessions_app", None)
+    mod = importlib.import_module("sessions_app")
+    client = mod.app.test_client()
+    client.get("/write")
+    calls = [0]
+    orig = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        calls[0] += 1
+        orig(self, command, check_health)
+
+    redis.connection.AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        out = {}
+        for path in ("/write", "/read"):
+            calls[0] = 0
+            for _ in range(100):
+                assert client.get(path).status_code == 200
+            out[path.strip("/")] = calls[0] / 100
+        return out
+    finally:
+        redis.connection.AbstractConnection.send_packed_command = orig  # type: ignore[method-assign]
+
+
+def main() -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    results: dict[str, dict[str, list[float]]] = {i: {"write": [], "read": []} for i in IMPLS}
+    commands: dict[str, dict[str, float]] = {i: {} for i in IMPLS}
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(tmp) as rs:
+        r = rs.client()
+        trips = {i: _roundtrips(i, rs.url) for i in ("ours", "flask_session")}
+        for rnd in range(ROUNDS):
+            for impl in IMPLS:
+                env = {"SESSION_IMPL": impl, "REDIS_URL": rs.url, "PYTHONPATH": str(ROOT)}
+                with running_gunicorn("sessions_app:app", cwd=str(BENCH), workers=2,
+                                      log_dir=tmp, env=env, name=f"sessions-{impl}") as g:
+                    resp = requests.get(g.url("/write"), timeout=10)
+                    cookie = "; ".join(f"{k}={v}" for k, v in resp.cookies.items())
+                    for endpoint in ("write", "read"):
+                        r.config_resetstat()
+                        rps = _wrk(g.url(f"/{endpoint}"), cookie)
+                        results[impl][endpoint].append(rps)
+                        n = rps * SECONDS
+                        commands[impl][endpoint] = round(_commands(r) / n, 2) if n else 0.0
+                        print(f"  round {rnd + 1} {LABELS[impl]:26s} {endpoint:5s} {rps:9,.0f} req/s"
+                              f"  {commands[impl][endpoint]:.2f} redis commands/request", flush=True)
+
+    def med(v: list[float]) -> float:
+        return sorted(v)[len(v) // 2]
+
+    rps = {i: {e: med(results[i][e]) for e in ("write", "read")} for i in IMPLS}
+    out: dict[str, Any] = {
+        "ours_write_rps": rps["ours"]["write"],
+        "flask_session_write_rps": rps["flask_session"]["write"],
+        "cookie_write_rps": rps["cookie"]["write"],
+        "ours_read_rps": rps["ours"]["read"],
+        "flask_session_read_rps": rps["flask_session"]["read"],
+        "cookie_read_rps": rps["cookie"]["read"],
+        "ours_roundtrips_per_request": trips["ours"],
+        "flask_session_roundtrips_per_request": trips["flask_session"],
+        "redis_commands_per_request": commands,
+        "ratios": {
+            "write_vs_flask_session": rps["ours"]["write"] / rps["flask_session"]["write"],
+            "read_vs_flask_session": rps["ours"]["read"] / rps["flask_session"]["read"],
+        },
+        "rounds": results,
+        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+                    "load_generator": "wrk" if shutil.which("wrk") else "python"},
+    }
+    print("\n== sessions, 2 sync workers, median of rounds")
+    for e in ("write", "read"):
+        print(f"  {e:5s}  ours {rps['ours'][e]:8,.0f}   Flask-Session 0.8 {rps['flask_session'][e]:8,.0f}"
+              f"   cookie {rps['cookie'][e]:8,.0f} req/s   ours/Flask-Session "
+              f"{rps['ours'][e] / rps['flask_session'][e]:.2f}x")
+    print(f"  redis round trips per request: ours {trips['ours']}, "
+          f"Flask-Session {trips['flask_session']}")
+    for e in ("write", "read"):
+        ok = rps["ours"][e] >= TARGET * rps["flask_session"][e]
+        print(f"{'PASS' if ok else 'FAIL'}: {e} req/s >= {TARGET}x Flask-Session: "
+              f"{rps['ours'][e] / rps['flask_session'][e]:.2f}x")
+    one = all(v <= 1.0 for v in trips["ours"].values())
+    print(f"{'PASS' if one else 'FAIL'}: one Redis round trip per request: {trips['ours']}")
+    (RESULTS / "sessions.json").write_text(json.dumps(out, indent=2))
+    panels = [Panel(f"{e} endpoint", "req/s", [(e, [Bar(LABELS[i], rps[i][e], i == "ours")
+                                                    for i in IMPLS])]) for e in ("write", "read")]
+    write_svg(RESULTS / "sessions.svg", "Flask sessions on Redis (2 sync workers)", panels)
+    print(f"results: {RESULTS / 'sessions.json'}; plot: {RESULTS / 'sessions.svg'} "
+          f"({time.monotonic() - t_start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

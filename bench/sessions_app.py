@@ -1,0 +1,48 @@
+"""Flask app for bench/sessions.py: the same two endpoints on three session backends.
+
+SESSION_IMPL picks the backend: "ours" (state.flask on REDIS_URL), "flask_session"
+(Flask-Session 0.8, SESSION_TYPE=redis on the same Redis) or "cookie" (Flask's
+signed-cookie session).
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from flask import Flask, session
+
+IMPL = os.environ.get("SESSION_IMPL", "ours")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+app = Flask(__name__)
+app.secret_key = "bench-secret-key-not-for-production"
+
+if IMPL == "ours":
+    from state.flask import Session
+
+    app.config["SESSION_URL"] = REDIS_URL
+    Session(app)
+elif IMPL == "flask_session":
+    from flask_session import Session as FlaskSession
+
+    app.config["SESSION_TYPE"] = "redis"
+    app.config["SESSION_REDIS"] = redis.Redis.from_url(REDIS_URL)
+    FlaskSession(app)
+
+
+@app.get("/healthz")
+def healthz() -> str:
+    return "ok"
+
+
+@app.get("/write")
+def write() -> str:
+    session["n"] = session.get("n", 0) + 1
+    session["user"] = {"name": "ada", "roles": ["admin"]}
+    return str(session["n"])
+
+
+@app.get("/read")
+def read() -> str:
+    return str(session.get("n"))
