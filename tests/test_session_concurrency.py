@@ -67,3 +67,46 @@ def test_store_outage_gives_503_and_recovers(gunicorn_factory: Any, redis_server
     r = s.get(g.url("/set/y"), timeout=10)
     assert r.status_code == 200  # recovered with no restart (the old data is gone with redis)
     assert "session store unavailable" in g.log_text() or "unavailable" in g.log_text()
+
+
+def test_redis_killed_under_load(gunicorn_factory: Any, redis_server: Any, repo_root: Path) -> None:
+    """Load on a session route and a plain route while redis-server is SIGKILLed and
+    restarted: session requests answer 200 or 503 (never a 500 or a dropped connection),
+    plain requests are never affected, and sessions work again after the restart."""
+    import time
+
+    g = _start(gunicorn_factory, "ours", redis_server.url, repo_root)
+    seen: dict[str, dict[int, int]] = {"session": {}, "plain": {}}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load(kind: str, path: str) -> None:
+        s = requests.Session()
+        end = time.monotonic() + 20
+        n = 0
+        while not stop.is_set() and time.monotonic() < end and n < 5000:
+            n += 1
+            try:
+                code = s.get(g.url(path), timeout=10).status_code
+            except requests.RequestException as exc:
+                errors.append(f"{kind}: {exc!r}")
+                continue
+            seen[kind][code] = seen[kind].get(code, 0) + 1
+
+    threads = [threading.Thread(target=load, args=("session", "/set/k")),
+               threading.Thread(target=load, args=("plain", "/nosession"))]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    redis_server.kill()
+    time.sleep(1.5)
+    redis_server.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert set(seen["plain"]) == {200}
+    assert set(seen["session"]) <= {200, 503} and seen["session"].get(503, 0) > 0
+    r = requests.get(g.url("/set/after"), timeout=10)
+    assert r.status_code == 200
