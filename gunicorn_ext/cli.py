@@ -191,6 +191,69 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_nginx_render(args: argparse.Namespace) -> int:
+    from .nginx import render
+
+    try:
+        text = render(args.backend, args.listen, args.server_name, route_names=args.route,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, http_port=args.http_port,
+                      default_server=not args.no_default_server)
+    except ValueError as exc:
+        print(f"gunicorn-ext nginx render: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
+def _cmd_nginx_check(args: argparse.Namespace) -> int:
+    from .nginx import check
+
+    problems = check(args.file, gixy=not args.no_gixy)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"{args.file}: ok")
+    return 0
+
+
+def _port_arg(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 1-65535: {value}")
+    return value
+
+
+def _add_nginx(commands: Any) -> None:
+    nginx = commands.add_parser("nginx", help="render and check nginx configs",
+                                description="nginx in front of Gunicorn instances.")
+    sub = nginx.add_subparsers(dest="nginx_command", metavar="SUBCOMMAND", required=True)
+    p = sub.add_parser("render", help="print an http-context config for conf.d",
+                       description="Print one http-context nginx config (upstreams, sticky "
+                       "route map, server blocks) on stdout. Each backend must set the cookie "
+                       "gx_route to its route name (default: HOST:PORT with [^a-z0-9_] -> _).")
+    p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
+                   help="a Gunicorn instance (or per-worker port); repeat for several")
+    p.add_argument("--listen", type=_port_arg, required=True, metavar="PORT",
+                   help="port nginx listens on (the HTTPS port with --tls-cert)")
+    p.add_argument("--server-name", required=True, metavar="NAME", help="e.g. example.com")
+    p.add_argument("--route", action="append", metavar="NAME",
+                   help="route name of each --backend, in order ([a-z0-9_])")
+    p.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="private key (PEM)")
+    p.add_argument("--http-port", type=_port_arg, default=80, metavar="PORT",
+                   help="with TLS: plain HTTP port redirecting to HTTPS (default 80)")
+    p.add_argument("--no-default-server", action="store_true",
+                   help="leave out the catch-all server answering unknown hosts with 444")
+    p.set_defaults(func=_cmd_nginx_render)
+    p = sub.add_parser("check", help="nginx -t (and gixy-ng when installed) on a file",
+                       description="Check an http-context config with nginx -t in a throw-away "
+                       "wrapper (as non-root, /etc/nginx untouched) and gixy-ng (medium/high).")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--no-gixy", action="store_true", help="skip gixy-ng")
+    p.set_defaults(func=_cmd_nginx_check)
+
+
 # -------------------------------------------------------------------- parser
 
 
@@ -249,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workers", type=_positive_int, metavar="N", help="number of workers (>= 1)")
     p.set_defaults(func=_cmd_scale)
 
+    _add_nginx(commands)
     return parser
 
 

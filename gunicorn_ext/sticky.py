@@ -1,0 +1,184 @@
+"""Sticky routing behind nginx: the backend that answers pins the client to itself.
+
+How it works (stock nginx >= 1.22, no ``sticky`` directive needed):
+
+1. Every Gunicorn instance wraps its WSGI app in :class:`RouteCookie`. The middleware
+   sets a cookie (default ``gx_route``) whose value is the *route name* of the instance
+   that produced the response, e.g. ``h_127_0_0_1_8000``.
+2. nginx maps ``$cookie_gx_route`` through a **whitelist** to a named upstream::
+
+       map $cookie_gx_route $gx_backend {
+           default           pool;      # no cookie, unknown or forged value
+           h_127_0_0_1_8000  gx_h_127_0_0_1_8000;
+           h_127_0_0_1_8001  gx_h_127_0_0_1_8001;
+       }
+       upstream gx_h_127_0_0_1_8000 { server 127.0.0.1:8000; server 127.0.0.1:8001 backup; }
+       ...
+       proxy_pass http://$gx_backend;
+
+   The client never supplies an address: an unknown value (``127.0.0.1:22``, ``evil``,
+   anything not in the map) falls to ``default`` and goes to the load-balanced pool.
+3. If the pinned backend is down, its upstream's ``backup`` servers (or the pool) answer;
+   that backend sees a cookie naming *another* route and re-pins the client to itself,
+   so the client stays on the new backend afterwards (failover without ping-pong).
+4. When the cookie already names this backend the middleware adds nothing, so steady
+   traffic carries no ``Set-Cookie`` churn (and stays cacheable where it otherwise was).
+
+The route name of a ``host:port`` is :func:`route_name`; the nginx renderer must build
+the map keys and upstream names with the same function so both sides agree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+__all__ = ["ROUTE_RE", "RouteCookie", "default_route", "read_cookie", "route_name"]
+
+#: What a route value may look like. Narrow on purpose: it is a map key in nginx and a
+#: cookie value, so it never needs quoting or escaping on either side.
+ROUTE_RE = re.compile(r"^[a-z0-9_]{1,64}$")
+
+_COOKIE_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def route_name(host_port: str) -> str:
+    """Return the route name of a backend address: ``"127.0.0.1:8000"`` -> ``"127_0_0_1_8000"``.
+
+    The address is lower-cased and every character outside ``[a-z0-9]`` becomes ``_``.
+    The nginx renderer (:mod:`gunicorn_ext.nginx`) uses this same function for the
+    ``map`` keys and upstream names, otherwise cookies set by the backends would never match
+    the whitelist (clients would merely fall back to the pool: safe, but not sticky).
+
+    Raises :class:`ValueError` if *host_port* is empty or the result is longer than 64
+    characters.
+    """
+    text = host_port.strip()
+    if not text:
+        raise ValueError("route_name() needs a non-empty host:port")
+    name = re.sub(r"[^a-z0-9]", "_", text.lower())
+    if not ROUTE_RE.match(name):
+        raise ValueError(f"route name for {host_port!r} is invalid or too long: {name!r}")
+    return name
+
+
+def default_route(environ: dict[str, str] | None = None) -> str:
+    """The route of this process from the environment.
+
+    ``GX_ROUTE`` if set (used verbatim, validated later); else :func:`route_name` of
+    ``INSTANCE``; else of the first address in ``BIND`` (Gunicorn's bind, e.g.
+    ``127.0.0.1:8000``). Raises :class:`ValueError` if none of them is set.
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get("GX_ROUTE", "").strip()
+    if explicit:
+        return explicit
+    for var in ("INSTANCE", "BIND"):
+        value = env.get(var, "").strip()
+        if value:
+            first = re.split(r"[\s,]+", value)[0]
+            return route_name(first)
+    raise ValueError("no route: pass route=..., or set GX_ROUTE, INSTANCE or BIND")
+
+
+def read_cookie(header: str, name: str) -> str | None:
+    """Return the value of the first cookie *name* in a ``Cookie`` header, or ``None``.
+
+    A plain split on ``;`` (not :class:`http.cookies.SimpleCookie`, which silently drops
+    the whole header on one malformed pair). The first occurrence wins, as with nginx's
+    ``$cookie_<name>``, so the middleware and nginx judge the same value.
+    """
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
+    return None
+
+
+class RouteCookie:
+    """WSGI middleware that pins the client to this backend with a route cookie.
+
+    Usage (any WSGI app; for Flask wrap ``wsgi_app`` so Flask's own app object stays)::
+
+        app.wsgi_app = RouteCookie(app.wsgi_app)                # route from GX_ROUTE/INSTANCE/BIND
+        app.wsgi_app = RouteCookie(app.wsgi_app, route="a", secure=True)
+
+    On every response it adds ``Set-Cookie: <cookie_name>=<route>; Path=/; HttpOnly;
+    SameSite=Lax`` (plus ``Secure`` and ``Max-Age`` when asked) unless the request's
+    cookie already names this route. So a new client gets pinned, a client whose pinned
+    backend failed over to this one gets re-pinned here, and a pinned client sees no
+    ``Set-Cookie`` churn. If the app itself already set the cookie, it is left alone.
+
+    Args:
+        app: the WSGI application to wrap.
+        route: this backend's route name; default :func:`default_route`. Must match
+            ``^[a-z0-9_]{1,64}$`` (it is an nginx map key), else :class:`ValueError`.
+        cookie_name: the cookie nginx reads (``$cookie_<name>``); default ``gx_route``.
+        secure: add ``Secure`` (set it when clients reach nginx over HTTPS only).
+        max_age: ``Max-Age`` in seconds; ``None`` makes a session cookie.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        route: str | None = None,
+        cookie_name: str = "gx_route",
+        secure: bool = False,
+        max_age: int | None = None,
+    ) -> None:
+        value = default_route() if route is None else route
+        if not isinstance(value, str) or not ROUTE_RE.match(value):
+            raise ValueError(f"route must match {ROUTE_RE.pattern}, got {value!r}")
+        if not _COOKIE_NAME_RE.match(cookie_name):
+            raise ValueError(f"cookie_name must match {_COOKIE_NAME_RE.pattern}, got {cookie_name!r}")
+        if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0):
+            raise ValueError(f"max_age must be a non-negative int or None, got {max_age!r}")
+        self.app = app
+        self.route: str = value
+        self.cookie_name = cookie_name
+        self.secure = secure
+        self.max_age = max_age
+        self.set_cookie_value: str = self._build_set_cookie()
+
+    def _build_set_cookie(self) -> str:
+        parts = [f"{self.cookie_name}={self.route}", "Path=/"]
+        if self.max_age is not None:
+            parts.append(f"Max-Age={self.max_age}")
+        parts += ["HttpOnly", "SameSite=Lax"]
+        if self.secure:
+            parts.append("Secure")
+        return "; ".join(parts)
+
+    def needs_pin(self, environ: dict[str, Any]) -> bool:
+        """True unless the request's route cookie already names this backend."""
+        return read_cookie(environ.get("HTTP_COOKIE", ""), self.cookie_name) != self.route
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """Call the app; add the ``Set-Cookie`` header to its response if needed."""
+        if not self.needs_pin(environ):
+            return self.app(environ, start_response)
+        prefix = self.cookie_name + "="
+
+        def pinning_start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            already = any(
+                k.lower() == "set-cookie" and v.lstrip().startswith(prefix) for k, v in headers
+            )
+            if not already:
+                headers = [*headers, ("Set-Cookie", self.set_cookie_value)]
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            return start_response(status, headers)
+
+        return self.app(environ, pinning_start_response)

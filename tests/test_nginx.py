@@ -1,0 +1,348 @@
+"""nginx/ templates, `gunicorn-ext nginx render|check`, and a real nginx in front of Gunicorn."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import free_port, wait_for
+
+from gunicorn_ext import nginx as gx
+from gunicorn_ext.cli import main
+
+pytestmark = pytest.mark.nginx
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "nginx"
+EXAMPLE = ROOT / "examples" / "flask_app"
+SERVER_NAME = "app.test"
+
+ECHO_APP = '''
+import json, os
+
+def app(environ, start_response):
+    headers = {k[5:]: v for k, v in environ.items() if k.startswith("HTTP_")}
+    body = json.dumps({"bind": os.environ.get("BIND"), "path": environ["PATH_INFO"],
+                       "headers": headers}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@pytest.fixture(scope="module")
+def nginx_bin() -> str:
+    found = gx.find_nginx()
+    if found is None:
+        pytest.fail("nginx is not installed (apt-get install nginx)", pytrace=False)
+    return found
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("tls")
+    crt, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj",
+                    "/CN=localhost", "-days", "1", "-keyout", str(key), "-out", str(crt)],
+                   check=True, capture_output=True, timeout=60)
+    return str(crt), str(key)
+
+
+# ------------------------------------------------------------------ templates
+
+
+def test_gixy_is_installed() -> None:
+    assert gx._gixy_cmd() is not None, "gixy-ng is not installed: pip install -e .[dev]"
+
+
+def test_template_files_match_the_renderer() -> None:
+    """nginx/ is rendered from the blocks of gunicorn_ext.nginx: one source of text."""
+    on_disk = {p.name for p in TEMPLATES.glob("*.conf")}
+    expected = gx.templates()
+    assert on_disk == set(expected)
+    for name, text in expected.items():
+        assert (TEMPLATES / name).read_text() == text, f"nginx/{name} is out of date"
+
+
+def _template(name: str, tmp_path: Path, cert: tuple[str, str]) -> str:
+    text = (TEMPLATES / name).read_text()
+    text = text.replace(gx.EXAMPLE_CERT, cert[0]).replace(gx.EXAMPLE_KEY, cert[1])
+    out = tmp_path / name
+    out.write_text(text)
+    return str(out)
+
+
+@pytest.mark.parametrize("name", ["gunicorn-ext.conf", "tls.conf", "default-server.conf"])
+def test_each_template_passes_nginx_t_and_gixy(name: str, tmp_path: Path, cert: Any,
+                                              nginx_bin: str) -> None:
+    assert gx.check(_template(name, tmp_path, cert)) == []
+
+
+@pytest.mark.parametrize("main_conf", ["gunicorn-ext.conf", "tls.conf"])
+def test_templates_together(main_conf: str, tmp_path: Path, cert: Any, nginx_bin: str) -> None:
+    path = _template(main_conf, tmp_path, cert)
+    assert gx.check(path, extra=[_template("default-server.conf", tmp_path, cert)]) == []
+
+
+@pytest.mark.parametrize("name", ["gunicorn-ext.conf", "tls.conf", "default-server.conf"])
+def test_gixy_cli_directly_reports_nothing_medium_or_high(name: str, tmp_path: Path,
+                                                         cert: Any) -> None:
+    cmd = gx._gixy_cmd()
+    assert cmd is not None
+    (tmp_path / "nginx.conf").write_text(
+        gx.wrapper_conf([_template(name, tmp_path, cert)], str(tmp_path)))
+    proc = subprocess.run([*cmd, "-ll", "-f", "json", str(tmp_path / "nginx.conf")],
+                          capture_output=True, text=True, timeout=120)
+    findings = [f for f in json.loads(proc.stdout or "[]")
+                if not gx._gx_backend_only(f)]
+    assert findings == [], proc.stdout
+
+
+def test_templates_content() -> None:
+    text = (TEMPLATES / "gunicorn-ext.conf").read_text()
+    assert "upstream gunicorn_pool" in text and "max_fails=" in text and "keepalive" in text
+    assert "map $http_upgrade $connection_upgrade" in text
+    assert "map $cookie_gx_route $gx_backend" in text and "default gunicorn_pool;" in text
+    assert "proxy_next_upstream error timeout http_502 http_503;" in text
+    assert not re.search(r"^\s*proxy_next_upstream[^\n]*non_idempotent", text, re.M)
+    assert "sticky learn" in text and "1.29.6" in text
+    assert "#proxy_cache_path" in text and "#proxy_cache gx_cache;" in text
+    assert "#limit_req_zone" in text and "#limit_req zone=gx_req" in text
+    assert "location /socket.io/" in text and "proxy_read_timeout 1h;" in text
+    assert "proxy_set_header Host $host;" in text
+    # The only proxy targets are upstream names chosen by the whitelist map.
+    assert set(re.findall(r"proxy_pass\s+([^;]+);", text)) == {"http://$gx_backend"}
+    tls = (TEMPLATES / "tls.conf").read_text()
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in tls and "Strict-Transport-Security" in tls
+    assert "return 301 https://" in tls
+    assert "return 444;" in (TEMPLATES / "default-server.conf").read_text()
+
+
+# ------------------------------------------------------------------- renderer
+
+
+def test_render_default_routes_and_check(tmp_path: Path, nginx_bin: str) -> None:
+    text = gx.render(["127.0.0.1:8000", "localhost:8001"], 8080, SERVER_NAME)
+    assert '"127_0_0_1_8000" gx_127_0_0_1_8000;' in text
+    assert '"localhost_8001" gx_localhost_8001;' in text
+    assert "server 127.0.0.1:8001 backup;" not in text  # only listed backends
+    assert "server localhost:8001 backup;" in text
+    conf = tmp_path / "r.conf"
+    conf.write_text(text)
+    assert gx.check(str(conf)) == []
+
+
+def test_render_tls_and_routes_via_cli(tmp_path: Path, cert: Any, nginx_bin: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["nginx", "render", "--backend", "127.0.0.1:8000", "--backend", "127.0.0.1:8001",
+               "--route", "a0", "--route", "b1", "--listen", "8443", "--http-port", "8080",
+               "--server-name", SERVER_NAME, "--tls-cert", cert[0], "--tls-key", cert[1]])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert '"a0" gx_a0;' in out and '"b1" gx_b1;' in out
+    assert "listen 8443 ssl;" in out and "return 301 https://$host:8443$request_uri;" in out
+    conf = tmp_path / "tls.conf"
+    conf.write_text(out)
+    assert main(["nginx", "check", str(conf)]) == 0
+    bad = tmp_path / "bad.conf"
+    bad.write_text("server { listen 8080; location / { proxy_pass http://nowhere.invalid; }\n")
+    assert main(["nginx", "check", str(bad)]) == 1
+    assert "nginx:" in capsys.readouterr().out
+
+
+def test_check_reports_gixy_findings(tmp_path: Path, nginx_bin: str) -> None:
+    conf = tmp_path / "spoof.conf"
+    conf.write_text("server {\n listen 8080;\n server_name a.test;\n server_tokens off;\n"
+                    " location / {\n  proxy_set_header Host $http_host;\n"
+                    "  proxy_pass http://127.0.0.1:9;\n }\n}\n")
+    problems = gx.check(str(conf))
+    assert any("gixy" in p and "host_spoofing" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("kw", [
+    {"server_name": "a; include /etc/passwd"},
+    {"server_name": "a.test\nlisten 1"},
+    {"server_name": "a{b}"},
+    {"server_name": "$host"},
+    {"server_name": ""},
+    {"backends": ["1.2.3.4:80;"]},
+    {"backends": ["1.2.3.4:80 backup"]},
+    {"backends": ["1.2.3.4"]},
+    {"backends": ["1.2.3.4:0"]},
+    {"backends": ["1.2.3.4:65536"]},
+    {"backends": ["1.2.3.4:80}"]},
+    {"backends": ["$http_host:80"]},
+    {"backends": ["a\n:80"]},
+    {"backends": []},
+    {"backends": ["127.0.0.1:80", "127.0.0.1:80"]},
+    {"listen": 0},
+    {"listen": 70000},
+    {"route_names": ["x;y"]},
+    {"route_names": ["UPPER"]},
+    {"route_names": ["a", "b"]},
+    {"tls_cert": "/x.pem"},
+    {"tls_cert": "/x.pem;", "tls_key": "/k.pem"},
+    {"tls_cert": "/x.pem", "tls_key": "/k.pem}"},
+    {"tls_cert": "rel.pem", "tls_key": "/k.pem"},
+])
+def test_render_refuses_bad_input(kw: dict[str, Any]) -> None:
+    args: dict[str, Any] = {"backends": ["127.0.0.1:8000"], "listen": 8080,
+                            "server_name": SERVER_NAME}
+    args.update(kw)
+    with pytest.raises(ValueError):
+        gx.render(args.pop("backends"), args.pop("listen"), args.pop("server_name"), **args)
+
+
+def test_cli_render_refuses_injection(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nginx", "render", "--backend", "127.0.0.1:80", "--listen", "8080",
+                 "--server-name", "a; include /etc/passwd"]) == 2
+    assert main(["nginx", "render", "--backend", "1.2.3.4:80;", "--listen", "8080",
+                 "--server-name", SERVER_NAME]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "must not contain ';'" in captured.err
+
+
+# --------------------------------------------------------------- real nginx
+
+
+class Nginx:
+    def __init__(self, binary: str, directory: Path, conf_text: str) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "site.conf").write_text(conf_text)
+        user = "root" if os.geteuid() == 0 else None
+        (self.dir / "nginx.conf").write_text(
+            gx.wrapper_conf([str(self.dir / "site.conf")], str(self.dir), user=user,
+                            access_log=True))
+        self.cmd = [binary, "-p", f"{self.dir}/", "-e", "stderr", "-c",
+                    str(self.dir / "nginx.conf"), "-g", "daemon off;"]
+        self.log = open(self.dir / "stderr.log", "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # the master; its workers exit when it is gone
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def nginx_factory(nginx_bin: str, tmp_path: Path) -> Iterator[Callable[..., tuple[Nginx, int]]]:
+    started: list[Nginx] = []
+
+    def start(backends: list[str], **kw: Any) -> tuple[Nginx, int]:
+        port = free_port()
+        text = gx.render(backends, port, SERVER_NAME, **kw)
+        text = re.sub(r"listen (\d+)", r"listen 127.0.0.1:\1", text)  # loopback only
+        server = Nginx(nginx_bin, tmp_path / f"nginx-{len(started)}", text)
+        started.append(server)
+
+        def up() -> bool:
+            assert server.proc.poll() is None, (server.dir / "stderr.log").read_text()
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(up, 10, what="nginx listening")
+        return server, port
+
+    yield start
+    for server in started:
+        try:
+            os.killpg(server.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        server.stop()
+
+
+def _get(port: int, path: str, headers: dict[str, str] | None = None,
+         host: str = SERVER_NAME) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host, **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def echo_app(tmp_path: Path) -> Path:
+    d = tmp_path / "echo"
+    d.mkdir()
+    (d / "echo_app.py").write_text(ECHO_APP)
+    return d
+
+
+def test_real_nginx_in_front_of_the_example_app(gunicorn_factory: Any,
+                                                nginx_factory: Any) -> None:
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=2)
+    _, port = nginx_factory([g.bind])
+    status, headers, body = _get(port, "/whoami")
+    assert status == 200, body
+    data = json.loads(body)
+    assert data["pid"] > 0 and "slot" in data
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "SAMEORIGIN"
+    assert headers["referrer-policy"] == "strict-origin-when-cross-origin"
+    assert headers["server"] == "nginx"  # server_tokens off: no version
+    assert _get(port, "/healthz")[0] == 200
+
+    # An unknown Host reaches the default server: 444, the connection closes unanswered.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /whoami HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n")
+        assert s.recv(65536) == b""
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        _get(port, "/whoami", host="evil.test")
+
+
+def test_real_nginx_upgrade_and_forwarded_headers(gunicorn_factory: Any, nginx_factory: Any,
+                                                  echo_app: Path) -> None:
+    g = gunicorn_factory("echo_app:app", cwd=echo_app)
+    _, port = nginx_factory([g.bind])
+    ws = {"Upgrade": "websocket", "Connection": "Upgrade", "X-Forwarded-For": "6.6.6.6"}
+    for path in ("/ws", "/socket.io/?EIO=4&transport=websocket"):
+        status, headers, body = _get(port, path, ws)
+        assert status == 200, body
+        seen = json.loads(body)["headers"]
+        assert seen["UPGRADE"] == "websocket"
+        assert seen["CONNECTION"] == "upgrade"
+        assert headers["x-content-type-options"] == "nosniff"
+    # Plain HTTP: keepalive to the backend, no upgrade; forwarded headers from nginx only.
+    status, _, body = _get(port, "/plain", ws)
+    seen = json.loads(body)["headers"]
+    assert "CONNECTION" not in seen and "UPGRADE" not in seen
+    assert seen["X_FORWARDED_FOR"] == "127.0.0.1"  # the client's 6.6.6.6 is not trusted
+    assert seen["X_FORWARDED_PROTO"] == "http"
+    assert seen["X_FORWARDED_HOST"] == SERVER_NAME and seen["HOST"] == SERVER_NAME
+
+
+def test_real_nginx_route_cookie_whitelist_and_fallback(gunicorn_factory: Any,
+                                                        nginx_factory: Any,
+                                                        echo_app: Path) -> None:
+    a = gunicorn_factory("echo_app:app", cwd=echo_app, name="a")
+    b = gunicorn_factory("echo_app:app", cwd=echo_app, name="b")
+    _, port = nginx_factory([a.bind, b.bind])
+
+    def served_by(cookie: str | None) -> str:
+        headers = {"Cookie": f"gx_route={cookie}"} if cookie is not None else {}
+        status, _, body = _get(port, "/", headers)
+        assert status == 200, body
+        return str(json.loads(body)["bind"])
+
+    for backend in (a, b):
+        assert {served_by(gx.route_name(backend.bind)) for _ in range(6)} == {backend.bind}
+    # No cookie, unknown or forged values (even an address): the pool, never elsewhere.
+    pool = {served_by(c) for c in (None, "nope", "127.0.0.1:1", "gx_evil", "") for _ in range(4)}
+    assert pool <= {a.bind, b.bind} and len(pool) == 2
+    # The pinned backend is down: its named upstream falls back to the other one.
+    b.stop()
+    assert {served_by(gx.route_name(b.bind)) for _ in range(4)} == {a.bind}

@@ -1,0 +1,401 @@
+"""Sticky routing with real parts: real nginx, two real Gunicorn instances, real HTTP clients.
+
+The nginx config is written here by hand (not by the renderer) so the test pins down the
+mechanism itself: a whitelist ``map`` from the ``gx_route`` cookie to named upstreams,
+``default`` -> the pool, and ``backup`` servers so a pinned-but-dead backend falls over
+to the other one, which re-pins the client (:class:`gunicorn_ext.sticky.RouteCookie`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from harness import Gunicorn, find_binary, free_port, tail
+
+from gunicorn_ext.sticky import ROUTE_RE, RouteCookie, default_route, read_cookie, route_name
+
+APPS = Path(__file__).resolve().parent / "apps"
+TIMEOUT = 5.0
+PIN_A = "gx_route=a; Path=/; HttpOnly; SameSite=Lax"
+PIN_B = "gx_route=b; Path=/; HttpOnly; SameSite=Lax"
+PINS = {"a": PIN_A, "b": PIN_B}
+ADDR_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+)")
+
+NGINX_CONF = """\
+worker_processes 1;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log info;
+events {{ worker_connections 128; }}
+http {{
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    log_format gx '$upstream_addr|$gx_backend|$status|$cookie_gx_route';
+    access_log {tmp}/access.log gx;
+
+    upstream pool {{
+        server 127.0.0.1:{a} max_fails=1 fail_timeout=5s;
+        server 127.0.0.1:{b} max_fails=1 fail_timeout=5s;
+    }}
+    upstream gx_a {{ server 127.0.0.1:{a}; server 127.0.0.1:{b} backup; }}
+    upstream gx_b {{ server 127.0.0.1:{b}; server 127.0.0.1:{a} backup; }}
+
+    # Whitelist: only known route names select a pinned upstream; anything else -> pool.
+    map $cookie_gx_route $gx_backend {{
+        default pool;
+        a       gx_a;
+        b       gx_b;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://$gx_backend;
+            proxy_next_upstream error timeout http_502 http_503;
+            proxy_connect_timeout 2s;
+            proxy_read_timeout 10s;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Cluster:
+    """Two Gunicorn instances (routes ``a`` and ``b``) behind one nginx."""
+
+    a: Gunicorn
+    b: Gunicorn
+    port: int
+    tmp: Path
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def instance(self, route: str) -> Gunicorn:
+        return {"a": self.a, "b": self.b}[route]
+
+    def other(self, route: str) -> str:
+        return {"a": "b", "b": "a"}[route]
+
+    @property
+    def backend_ports(self) -> set[int]:
+        return {self.a.port, self.b.port}
+
+    def access_lines(self, expect: int = 0, timeout: float = 5.0) -> list[list[str]]:
+        """Parsed access-log lines; waits (bounded) for at least *expect* of them, since
+        nginx writes the line just after the client already has the response."""
+        path = self.tmp / "access.log"
+        deadline = time.monotonic() + timeout
+        while True:
+            text = path.read_text() if path.exists() else ""
+            lines = [line.split("|") for line in text.splitlines() if line]
+            if len(lines) >= expect or time.monotonic() >= deadline:
+                return lines
+            time.sleep(0.02)
+
+    def error_log(self) -> str:
+        path = self.tmp / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def assert_only_listed_backends(self, expect: int = 1) -> None:
+        """nginx never contacted (or tried to resolve) anything but the two backends."""
+        contacted = {int(p) for line in self.access_lines(expect) for _, p in ADDR_RE.findall(line[0])}
+        assert contacted and contacted <= self.backend_ports, (contacted, self.backend_ports)
+        log = self.error_log()
+        upstreams = {int(p) for p in re.findall(r'upstream: "http://127\.0\.0\.1:(\d+)', log)}
+        assert upstreams <= self.backend_ports, log
+        for bad in ("could not be resolved", "no resolver defined", "invalid port", "invalid host"):
+            assert bad not in log, log
+        # Every upstream address logged at all (connect() failures name it) is a backend.
+        addrs = {int(p) for _, p in ADDR_RE.findall(log) if _ == "127.0.0.1"}
+        assert addrs <= self.backend_ports | {self.port}, log
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, err: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"nginx exited rc={proc.returncode}:\n{tail(err)}", pytrace=False)
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"nginx not listening on {port} after {timeout}s:\n{tail(err)}", pytrace=False)
+
+
+@pytest.fixture
+def cluster(gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> Iterator[Cluster]:
+    nginx = find_binary("nginx")
+    if nginx is None:
+        pytest.fail("nginx is not installed (apt-get install nginx)", pytrace=False)
+    a = gunicorn_factory("sticky_app:app", cwd=APPS, workers=2, env={"GX_ROUTE": "a"}, name="gunicorn-a")
+    b = gunicorn_factory("sticky_app:app", cwd=APPS, workers=2, env={"GX_ROUTE": "b"}, name="gunicorn-b")
+    a.wait_workers(2)
+    b.wait_workers(2)
+    tmp = tmp_path / "nginx"
+    tmp.mkdir()
+    port = free_port()
+    # As root, nginx workers would switch to "nobody", who cannot enter pytest's 0700 tmp dir.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, a=a.port, b=b.port, port=port, user=user))
+    err = tmp / "error.log"
+    check = subprocess.run(
+        [nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-t"],
+        capture_output=True, text=True, timeout=20,
+    )
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen(
+        [nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-g", "daemon off;"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_port(port, proc, 15.0, err)
+        yield Cluster(a=a, b=b, port=port, tmp=tmp)
+    finally:
+        # Kill exactly the process group we started (master + its workers).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def _get(session: requests.Session | None, url: str, **kw: Any) -> requests.Response:
+    resp = (session or requests).get(url, timeout=TIMEOUT, allow_redirects=False, **kw)
+    assert resp.status_code == 200, (resp.status_code, resp.text[:500])
+    return resp
+
+
+# -- (a) a new client gets pinned and stays ------------------------------------------------
+
+
+def test_new_client_is_pinned_and_stays(cluster: Cluster) -> None:
+    with requests.Session() as client:
+        first = _get(client, cluster.url())
+        route = first.json()["route"]
+        assert route in ("a", "b")
+        assert first.headers.get("Set-Cookie") == PINS[route]
+        assert client.cookies.get("gx_route") == route
+
+        deadline = time.monotonic() + 30
+        pids = set()
+        for _ in range(50):
+            assert time.monotonic() < deadline
+            resp = _get(client, cluster.url())
+            body = resp.json()
+            assert body["route"] == route
+            assert body["cookie"] == route
+            assert "Set-Cookie" not in resp.headers  # no churn once pinned
+            pids.add(body["pid"])
+        assert pids <= set(cluster.instance(route).worker_pids()) | {first.json()["pid"]}
+
+    # Fresh clients are balanced by the pool, so stickiness is doing real work above.
+    seen = {_get(None, cluster.url()).json()["route"] for _ in range(6)}
+    assert seen == {"a", "b"}
+    cluster.assert_only_listed_backends(expect=57)
+
+
+# -- (b) forged cookies never reach an unlisted address ------------------------------------
+
+FORGED = ["127.0.0.1:22", "evil", "x" * 3000, "gx_a", "pool", "127_0_0_1_22", '"a;b"', "A b", ""]
+
+
+@pytest.mark.parametrize("value", FORGED, ids=lambda v: v[:20] or "empty")
+def test_forged_cookie_goes_to_pool_and_is_repinned(cluster: Cluster, value: str) -> None:
+    routes = set()
+    for _ in range(4):
+        resp = _get(None, cluster.url(), headers={"Cookie": f"gx_route={value}"})
+        route = resp.json()["route"]
+        assert route in ("a", "b")
+        assert resp.headers.get("Set-Cookie") == PINS[route]  # re-pinned with a valid route
+        routes.add(route)
+    assert routes == {"a", "b"}  # round-robin pool: the forged value selected nothing
+    lines = cluster.access_lines(expect=4)
+    assert len(lines) == 4 and all(line[1] == "pool" for line in lines), lines
+    cluster.assert_only_listed_backends()
+
+
+def test_cookie_header_split_on_semicolon_pins_first_value(cluster: Cluster) -> None:
+    """``gx_route=a;b`` is cookie ``gx_route=a`` plus a cookie ``b`` for nginx and the app."""
+    for _ in range(4):
+        resp = _get(None, cluster.url(), headers={"Cookie": "gx_route=a;b"})
+        assert resp.json()["route"] == "a"
+        assert "Set-Cookie" not in resp.headers
+    lines = cluster.access_lines(expect=4)
+    assert len(lines) == 4 and all(line[1] == "gx_a" for line in lines), lines
+    cluster.assert_only_listed_backends()
+
+
+# -- (c) failover: the pinned instance dies, the other one answers and re-pins -------------
+
+
+def test_failover_repins_to_surviving_instance(cluster: Cluster) -> None:
+    with requests.Session() as client:
+        first = _get(client, cluster.url())
+        pinned = first.json()["route"]
+        survivor = cluster.other(pinned)
+        for _ in range(5):
+            assert _get(client, cluster.url()).json()["route"] == pinned
+
+        cluster.instance(pinned).stop()
+        assert not cluster.instance(pinned).alive()
+
+        resp = _get(client, cluster.url())
+        assert resp.json()["route"] == survivor
+        assert resp.json()["cookie"] == pinned  # it arrived pinned to the dead one...
+        assert resp.headers.get("Set-Cookie") == PINS[survivor]  # ...and was re-pinned
+        assert client.cookies.get("gx_route") == survivor
+
+        deadline = time.monotonic() + 30
+        for _ in range(20):
+            assert time.monotonic() < deadline
+            resp = _get(client, cluster.url())
+            assert resp.json()["route"] == survivor
+            assert "Set-Cookie" not in resp.headers
+    # The failover request was mapped to the dead backend's upstream, tried it, then its backup.
+    lines = cluster.access_lines(expect=27)
+    assert len(lines) == 27, lines
+    dead, alive = cluster.instance(pinned).port, cluster.instance(survivor).port
+    assert lines[6][:3] == [f"127.0.0.1:{dead}, 127.0.0.1:{alive}", f"gx_{pinned}", "200"], lines[6]
+    assert all(line[1] == f"gx_{survivor}" and line[0] == f"127.0.0.1:{alive}" for line in lines[7:])
+    assert re.search(rf'connect\(\) failed .*upstream: "http://127\.0\.0\.1:{dead}/"', cluster.error_log())
+    cluster.assert_only_listed_backends(expect=27)
+
+
+# -- (d) unit tests of the middleware ------------------------------------------------------
+
+
+def _echo_app(extra: list[tuple[str, str]] | None = None) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), *(extra or [])])
+        return [b"ok"]
+
+    return app
+
+
+def _call(mw: RouteCookie, cookie: str | None = None) -> list[tuple[str, str]]:
+    captured: list[list[tuple[str, str]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured.append(headers)
+        return lambda data: None
+
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
+    assert b"".join(mw(environ, start_response)) == b"ok"
+    return captured[0]
+
+
+def _set_cookies(headers: list[tuple[str, str]]) -> list[str]:
+    return [v for k, v in headers if k.lower() == "set-cookie"]
+
+
+def test_no_set_cookie_when_cookie_matches() -> None:
+    mw = RouteCookie(_echo_app(), route="a")
+    assert _set_cookies(_call(mw, "gx_route=a")) == []
+    assert _set_cookies(_call(mw, "other=1; gx_route=a; x=y")) == []
+    assert _set_cookies(_call(mw, 'gx_route="a"')) == []
+
+
+@pytest.mark.parametrize("cookie", [None, "", "gx_route=b", "gx_route=", "gx_route=ab", "x=a", "gx_route=A"])
+def test_set_cookie_when_missing_or_other(cookie: str | None) -> None:
+    mw = RouteCookie(_echo_app(), route="a")
+    assert _set_cookies(_call(mw, cookie)) == [PIN_A]
+
+
+def test_first_cookie_occurrence_wins_like_nginx() -> None:
+    mw = RouteCookie(_echo_app(), route="a")
+    assert _set_cookies(_call(mw, "gx_route=a; gx_route=b")) == []
+    assert _set_cookies(_call(mw, "gx_route=b; gx_route=a")) == [PIN_A]
+    assert read_cookie("gx_route=a;b", "gx_route") == "a"
+    assert read_cookie("foo_gx_route=a", "gx_route") is None
+
+
+def test_cookie_flags_and_name() -> None:
+    mw = RouteCookie(_echo_app(), route="h_10_0_0_1_80", cookie_name="r", secure=True, max_age=3600)
+    assert _set_cookies(_call(mw)) == ["r=h_10_0_0_1_80; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax; Secure"]
+    assert _set_cookies(_call(mw, "r=h_10_0_0_1_80")) == []
+
+
+def test_app_cookie_of_same_name_is_not_duplicated() -> None:
+    mw = RouteCookie(_echo_app([("Set-Cookie", "gx_route=z; Path=/")]), route="a")
+    assert _set_cookies(_call(mw)) == ["gx_route=z; Path=/"]
+    other = RouteCookie(_echo_app([("Set-Cookie", "session=1")]), route="a")
+    assert _set_cookies(_call(other)) == ["session=1", PIN_A]
+
+
+@pytest.mark.parametrize("bad", ["", "A", "a-b", "a;b", "a b", "127.0.0.1:22", "é", "x" * 65])
+def test_route_validation(bad: str) -> None:
+    with pytest.raises(ValueError):
+        RouteCookie(_echo_app(), route=bad)
+
+
+def test_other_argument_validation() -> None:
+    with pytest.raises(ValueError):
+        RouteCookie(_echo_app(), route="a", cookie_name="bad name")
+    with pytest.raises(ValueError):
+        RouteCookie(_echo_app(), route="a", max_age=-1)
+    RouteCookie(_echo_app(), route="x" * 64)
+
+
+def test_route_name() -> None:
+    assert route_name("127.0.0.1:8000") == "127_0_0_1_8000"
+    assert route_name("LocalHost:80") == "localhost_80"
+    assert route_name("[::1]:8000") == "___1__8000"
+    assert ROUTE_RE.match(route_name("unix:/run/app.sock"))
+    for bad in ("", "  ", "x" * 65):
+        with pytest.raises(ValueError):
+            route_name(bad)
+
+
+def test_default_route_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_route({"GX_ROUTE": "a", "BIND": "127.0.0.1:1"}) == "a"
+    assert default_route({"INSTANCE": "127.0.0.1:9000", "BIND": "127.0.0.1:1"}) == "127_0_0_1_9000"
+    assert default_route({"BIND": "127.0.0.1:8001,127.0.0.1:8002"}) == "127_0_0_1_8001"
+    with pytest.raises(ValueError):
+        default_route({})
+    for var in ("GX_ROUTE", "INSTANCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("BIND", "127.0.0.1:8000")
+    assert RouteCookie(_echo_app()).route == "127_0_0_1_8000"
+    monkeypatch.setenv("GX_ROUTE", "Bad-Route")
+    with pytest.raises(ValueError):
+        RouteCookie(_echo_app())
+
+
+def test_flask_wsgi_app_wrapping() -> None:
+    from flask import Flask
+
+    app = Flask("t")
+    app.wsgi_app = RouteCookie(app.wsgi_app, route="a")  # type: ignore[method-assign]
+
+    @app.get("/")
+    def index() -> str:
+        return "hi"
+
+    client = app.test_client()
+    assert client.get("/").headers.getlist("Set-Cookie") == [PIN_A]
+    assert client.get("/").headers.getlist("Set-Cookie") == []  # test client kept the cookie
