@@ -93,6 +93,12 @@ def post_fork(server: Any, worker: Any) -> None:
         sock, push, slot = end
         worker_bus.attach(sock, push, slot, primary.handler_names, worker.log, primary.max_frame)
         reporter = Reporter(worker_bus, supervisor.settings, worker.log)
+    s = supervisor.settings
+    if s.worker_ports_base:
+        from .worker_ports import bind_host, open_worker_port
+
+        host = s.worker_ports_host or bind_host(list(worker.cfg.bind))
+        open_worker_port(worker, host, s.worker_ports_base + worker.ext_slot)
 
 
 def post_worker_init(worker: Any) -> None:

@@ -94,6 +94,12 @@ class Settings:
     #: How long a new worker may take to report ready before the rollout stops.
     reload_ready_timeout: float = 60.0
 
+    # -- per-worker ports (for nginx to pin a client to one worker)
+    #: When set, slot N also listens on port ``worker_ports_base + N`` (0: off).
+    worker_ports_base: int = 0
+    #: Host of the per-worker ports; default: the host of Gunicorn's first bind.
+    worker_ports_host: str = ""
+
     # -- status and metrics
     #: How often each worker reports its counters to the primary (seconds).
     stats_interval: float = 1.0
@@ -146,6 +152,8 @@ class Settings:
             raise bad("reload_batch", "must be at least 1")
         if self.reload_ready_timeout <= 0:
             raise bad("reload_ready_timeout", "must be positive")
+        if self.worker_ports_base and not 1 <= self.worker_ports_base <= 65535:
+            raise bad("worker_ports_base", "must be 0 (off) or a port number")
         if self.stats_interval <= 0:
             raise bad("stats_interval", "must be positive")
 

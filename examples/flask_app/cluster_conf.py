@@ -32,4 +32,5 @@ if not os.environ.get("SECRET_KEY"):
     logging.getLogger("gunicorn.error").warning(
         "SECRET_KEY is not set: using a development key; set it in production")
 
-gunicorn_ext.enable(globals())
+# WORKER_PORTS_BASE=9000: slot N also listens on 9000+N (nginx can pin a client to a worker).
+gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")))
