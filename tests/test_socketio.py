@@ -1,0 +1,169 @@
+"""gunicorn_ext.socketio.BusManager: python-socketio / Flask-SocketIO across workers.
+
+A unit part (the manager publishes and listens through the bus, its messages are
+msgpack values) and a real part: Gunicorn with two gthread workers, websocket clients
+on both, one broadcast reaching every client.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import requests
+import socketio
+from harness import wait_for
+
+import gunicorn_ext
+from gunicorn_ext.socketio import BusManager
+
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+# ----------------------------------------------------------------------------- unit
+
+
+def test_publishes_through_the_bus_as_msgpack(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(gunicorn_ext.worker, "publish", lambda topic, payload=None: sent.append((topic, payload)))
+    mgr = BusManager(channel="sio-unit")
+
+    mgr.emit("said", {"text": "hi", "n": [1, 2.5, None, True]}, namespace="/chat")
+    mgr.emit("blob", (b"\x00\xff", "two"), namespace="/chat", room="r1", skip_sid="abc")
+    mgr.close_room("r1", namespace="/chat")
+
+    assert [topic for topic, _ in sent] == ["sio-unit"] * 3
+    first, second, third = (payload for _, payload in sent)
+    assert first["method"] == "emit" and first["event"] == "said"
+    assert first["data"] == [{"text": "hi", "n": [1, 2.5, None, True]}]
+    assert first["namespace"] == "/chat" and first["host_id"] == mgr.host_id
+    assert second["binary"] is True and second["room"] == "r1"
+    assert third["method"] == "close_room"
+    for payload in (first, second, third):  # what the bus does to it: msgpack both ways
+        assert msgspec.msgpack.decode(msgspec.msgpack.encode(payload)) == payload
+
+
+def test_publish_without_a_bus_logs_instead_of_raising(caplog: pytest.LogCaptureFixture) -> None:
+    # Outside a worker the bus is closed: like RedisManager with Redis down, log and go on.
+    mgr = BusManager(channel="sio-nobus")
+    mgr._publish({"method": "emit"})
+    assert "Cannot publish on the gunicorn-ext bus" in caplog.text
+
+
+def test_listen_yields_what_the_bus_delivers() -> None:
+    channel = "sio-unit-listen"
+    mgr = BusManager(channel=channel)
+    bus = gunicorn_ext.worker
+    try:
+        gen = mgr._listen()
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.append(next(gen)), daemon=True)
+        t.start()  # subscribes, then blocks on the queue
+        deadline = time.monotonic() + 5
+        while channel not in bus._topics and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handlers = bus._topics[channel]
+        assert len(handlers) == 1
+        handlers[0](gunicorn_ext.Message(channel, {"method": "emit", "x": 1}, 0))
+        t.join(5)
+        assert got == [{"method": "emit", "x": 1}]
+        mgr._subscribe()  # a restarted _listen does not subscribe twice
+        assert len(bus._topics[channel]) == 1
+    finally:
+        bus.unsubscribe(channel)
+
+
+# ----------------------------------------------------------------------------- real
+
+# Connections on the shared port go wherever the kernel hands them: one at a time,
+# nearly all to the same (just idle again) worker. So clients also connect to each
+# worker's own port (gunicorn-ext's per-worker ports), which puts them on both for sure.
+# Each websocket holds one of a worker's 8 gthread threads: at most 6 clients here.
+PER_WORKER_PORT = 2
+ON_SHARED_PORT = 2
+
+
+def _free_pair() -> int:
+    """A port p such that p and p+1 are free on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = int(s.getsockname()[1])
+        if p >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _answers(port: int) -> bool:
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}/healthz", headers={"Connection": "close"}, timeout=2)
+        return r.status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class _Client:
+    def __init__(self, url: str) -> None:
+        self.said: list[Any] = []
+        self.got = threading.Event()
+        self.sio = socketio.Client(reconnection=False)
+
+        @self.sio.on("said", namespace="/chat")
+        def _said(data: Any) -> None:
+            self.said.append(data)
+            self.got.set()
+
+        self.sio.connect(url, transports=["websocket"], namespaces=["/chat"], wait_timeout=5)
+        self.where: dict[str, int] = self.sio.call("where", namespace="/chat", timeout=5)
+
+
+@pytest.mark.slow
+def test_broadcast_reaches_clients_on_every_worker(gunicorn_factory: Any) -> None:
+    base = _free_pair()
+    server = gunicorn_factory("sio_app:app", config=APPS / "sio_conf.py", cwd=APPS, workers=2,
+                              env={"WORKER_PORTS_BASE": str(base)})
+    assert server.bind.startswith("127.0.0.1:")
+    wait_for(lambda: all(_answers(base + s) for s in (0, 1)), 15, what="both worker ports")
+    clients: list[_Client] = []
+    try:
+        for slot in (0, 1):
+            for _ in range(PER_WORKER_PORT):
+                clients.append(_Client(f"http://127.0.0.1:{base + slot}"))
+                assert clients[-1].where["slot"] == slot
+        for _ in range(ON_SHARED_PORT):
+            clients.append(_Client(f"http://{server.bind}"))
+        assert {c.where["slot"] for c in clients} == {0, 1}
+
+        sender = clients[0]
+        sender.sio.emit("say", {"text": "hello", "from": sender.where["slot"]}, namespace="/chat")
+        for c in clients:
+            assert c.got.wait(5), f"client on slot {c.where['slot']} got nothing"
+        time.sleep(0.3)  # room for a duplicate to show up
+        for c in clients:
+            assert c.said == [{"text": "hello", "from": sender.where["slot"]}]
+
+        # and the other way round, from a client of the other worker
+        other = next(c for c in clients if c.where["slot"] != sender.where["slot"])
+        for c in clients:
+            c.got.clear()
+        other.sio.emit("say", {"text": "back"}, namespace="/chat")
+        for c in clients:
+            assert c.got.wait(5), f"client on slot {c.where['slot']} got nothing"
+        time.sleep(0.3)
+        for c in clients:
+            assert c.said[1:] == [{"text": "back"}]
+    finally:
+        for c in clients:
+            c.sio.disconnect()
