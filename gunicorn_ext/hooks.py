@@ -8,6 +8,7 @@ check passes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from .ipc.hub import primary
 from .reporter import Reporter
 from .settings import Settings
 from .stacks import format_all_stacks
+from .sticky import route_name
 from .supervisor import Supervisor
 
 _MARK = "_gunicorn_ext_hook"
@@ -98,7 +100,10 @@ def post_fork(server: Any, worker: Any) -> None:
         from .worker_ports import bind_host, open_worker_port
 
         host = s.worker_ports_host or bind_host(list(worker.cfg.bind))
-        open_worker_port(worker, host, s.worker_ports_base + worker.ext_slot)
+        port = s.worker_ports_base + worker.ext_slot
+        if open_worker_port(worker, host, port):
+            # RouteCookie() built at app import in this worker then names this worker's port.
+            os.environ["GX_ROUTE"] = route_name(f"{host}:{port}")
 
 
 def post_worker_init(worker: Any) -> None:

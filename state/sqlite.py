@@ -156,20 +156,40 @@ class SQLiteStore(Store):
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            conn.execute("PRAGMA synchronous = NORMAL")
-            if self._schema_pid != os.getpid():
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("COMMIT")
-                self._schema_pid = os.getpid()
+            # Switching a fresh file to WAL takes an exclusive lock and SQLite does not
+            # wait on it with the busy timeout, so workers (or threads) that start
+            # together retry here instead of failing their first request.
+            deadline = time.monotonic() + self.busy_timeout
+            with self._mutex:
+                while True:
+                    try:
+                        self._setup(conn)
+                        break
+                    except sqlite3.OperationalError as exc:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        text = str(exc)
+                        if ("locked" not in text and "busy" not in text) or \
+                                time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.01)
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
             raise self._unavailable(exc) from exc
         return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        conn.execute("PRAGMA synchronous = NORMAL")
+        if self._schema_pid != os.getpid():
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+            self._schema_pid = os.getpid()
 
     def _conn(self) -> sqlite3.Connection:
         if os.getpid() != self._pid:

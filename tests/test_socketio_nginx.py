@@ -1,0 +1,177 @@
+"""Socket.IO long-polling through nginx, pinned to one Gunicorn worker by the route cookie.
+
+Two Gunicorn instances with two gthread workers each; every worker also listens on its
+own port (gunicorn-ext's per-worker ports) and its ``RouteCookie`` names that port. nginx
+(rendered by :func:`gunicorn_ext.nginx.render`) has the four worker ports as backends:
+a new client's handshake goes to the pool, the answering worker pins it, and every later
+poll of that Engine.IO session reaches the same worker (else: "Session ID unknown").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import socketio
+from harness import Gunicorn, find_binary, free_port, tail, wait_for
+
+from gunicorn_ext.nginx import render, wrapper_conf
+from gunicorn_ext.sticky import route_name
+
+APPS = Path(__file__).resolve().parent / "apps"
+SESSIONS = 100
+OVERALL = 120.0
+
+
+def _free_pair() -> int:
+    """A port p such that p and p+1 are free on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = int(s.getsockname()[1])
+        if p >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _answers(port: int) -> bool:
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}/healthz", headers={"Connection": "close"}, timeout=2)
+        return r.status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@contextlib.contextmanager
+def _nginx(conf_text: str, tmp: Path, port: int) -> Iterator[Path]:
+    """Run nginx in the foreground on *conf_text* (state in *tmp*); always killed after."""
+    nginx = find_binary("nginx")
+    if nginx is None:
+        pytest.fail("nginx is not installed (apt-get install nginx)", pytrace=False)
+    tmp.mkdir()
+    site = tmp / "site.conf"
+    site.write_text(conf_text)
+    conf = tmp / "nginx.conf"
+    # As root, nginx workers would switch to "nobody", who cannot enter pytest's 0700 tmp dir.
+    conf.write_text(wrapper_conf([str(site)], str(tmp), user="root" if os.geteuid() == 0 else None,
+                                 access_log=True))
+    err = tmp / "error.log"
+    check = subprocess.run([nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-t"],
+                           capture_output=True, text=True, timeout=20)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen(
+        [nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-g", "daemon off;"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nginx exited rc={proc.returncode}:\n{tail(err)}", pytrace=False)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"nginx not listening on {port}:\n{tail(err)}", pytrace=False)
+            time.sleep(0.05)
+        yield tmp
+    finally:
+        # Kill exactly the process group we started (master + its workers).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+def _session(url: str) -> tuple[dict[str, int], str | None]:
+    """One polling-only client session: connect /chat, call ``where``, disconnect.
+
+    Returns the ``where`` answer and the route cookie the client held for its polls.
+    """
+    http = requests.Session()  # python-socketio's polls go through it: it keeps the cookie
+    sio = socketio.Client(reconnection=False, http_session=http)
+    try:
+        sio.connect(url, transports=["polling"], namespaces=["/chat"], wait_timeout=5)
+        assert sio.transport() == "polling"
+        where: dict[str, int] = sio.call("where", namespace="/chat", timeout=5)
+        return where, http.cookies.get("gx_route")
+    finally:
+        sio.disconnect()
+        http.close()
+
+
+@pytest.mark.slow
+def test_polling_clients_stay_on_one_worker_through_nginx(
+        gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> None:
+    bases = [_free_pair(), _free_pair()]
+    while bases[1] in (bases[0] - 1, bases[0], bases[0] + 1):
+        bases[1] = _free_pair()
+    instances = [
+        gunicorn_factory("sio_sticky_app:app", config=APPS / "sio_conf.py", cwd=APPS, workers=2,
+                         env={"WORKER_PORTS_BASE": str(base)}, name=f"gunicorn-{i}")
+        for i, base in enumerate(bases)
+    ]
+    worker_ports = [base + slot for base in bases for slot in (0, 1)]
+    wait_for(lambda: all(_answers(p) for p in worker_ports), 20, what="all four worker ports")
+    for port in worker_ports:  # each worker port pins to itself
+        r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert r.cookies.get("gx_route") == route_name(f"127.0.0.1:{port}")
+
+    backends = [f"127.0.0.1:{p}" for p in worker_ports]
+    listen = free_port()
+    conf = render(backends=backends, listen=listen, server_name="127.0.0.1", default_server=False)
+    with _nginx(conf, tmp_path / "nginx", listen) as ngx:
+        url = f"http://127.0.0.1:{listen}"
+        pids = [set(g.worker_pids()) for g in instances]
+        deadline = time.monotonic() + OVERALL
+        seen: set[int] = set()
+        for n in range(SESSIONS):
+            assert time.monotonic() < deadline, f"only {n} sessions in {OVERALL}s"
+            try:
+                where, cookie = _session(url)
+            except (socketio.exceptions.SocketIOError, requests.RequestException) as exc:
+                pytest.fail(f"session {n} failed: {exc!r}\nnginx:\n{tail(ngx / 'error.log')}",
+                            pytrace=False)
+            inst = next(i for i, p in enumerate(pids) if where["pid"] in p)
+            # The cookie the client polled with names exactly the worker that answered.
+            assert cookie == route_name(f"127.0.0.1:{bases[inst] + where['slot']}"), (n, where, cookie)
+            seen.add(where["pid"])
+        assert len(seen) > 1, seen
+
+        log = (ngx / "access.log").read_text()
+        # Per Engine.IO session, in order: every request answered 200, except that the
+        # client's last long-poll GET may race its own close packet and get 400 (the session
+        # is already gone then); a 400 anywhere else would be a poll sent to the wrong worker.
+        by_sid: dict[str, list[tuple[str, str]]] = {}
+        for m in re.finditer(r'"(GET|POST) /socket\.io/\?\S*?sid=([\w-]+)\S* HTTP/1\.1" (\d+)', log):
+            by_sid.setdefault(m[2], []).append((m[1], m[3]))
+        assert len(by_sid) == SESSIONS, len(by_sid)
+        for sid, reqs in by_sid.items():
+            bad = [i for i, (_, status) in enumerate(reqs) if status != "200"]
+            # nginx logs at completion: the close POST may be logged just after that GET.
+            assert bad == [] or (len(bad) == 1 and bad[0] >= len(reqs) - 2
+                                 and reqs[bad[0]] == ("GET", "400")), (sid, reqs)
+        for g in instances:
+            text = g.log_text()
+            assert "Session ID unknown" not in text and "Invalid session" not in text, g.log_text_tail()
