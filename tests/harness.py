@@ -62,6 +62,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port p such that p and p+1 are both free (per-worker ports of a 2-worker instance)."""
+    for _ in range(50):
+        p = free_port(host)
+        if p >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind((host, p))
+                b.bind((host, p + 1))
+            return p
+        except OSError:
+            continue
+    raise HarnessError("no two consecutive free ports")
+
+
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """Return the last *lines* lines of the text file *path* ('' if it does not exist)."""
     try:

@@ -7,7 +7,6 @@ on both, one broadcast reaching every client.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import msgspec
 import pytest
 import requests
 import socketio
-from harness import wait_for
+from harness import free_port_pair, wait_for
 
 import gunicorn_ext
 from gunicorn_ext.socketio import BusManager
@@ -88,22 +87,6 @@ PER_WORKER_PORT = 2
 ON_SHARED_PORT = 2
 
 
-def _free_pair() -> int:
-    """A port p such that p and p+1 are free on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = int(s.getsockname()[1])
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 def _answers(port: int) -> bool:
@@ -131,7 +114,7 @@ class _Client:
 
 @pytest.mark.slow
 def test_broadcast_reaches_clients_on_every_worker(gunicorn_factory: Any) -> None:
-    base = _free_pair()
+    base = free_port_pair()
     server = gunicorn_factory("sio_app:app", config=APPS / "sio_conf.py", cwd=APPS, workers=2,
                               env={"WORKER_PORTS_BASE": str(base)})
     assert server.bind.startswith("127.0.0.1:")

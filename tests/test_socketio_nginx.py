@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 import socketio
-from harness import Gunicorn, find_binary, free_port, tail, wait_for
+from harness import Gunicorn, find_binary, free_port, free_port_pair, tail, wait_for
 
 from gunicorn_ext.nginx import render, wrapper_conf
 from gunicorn_ext.sticky import route_name
@@ -32,22 +32,6 @@ SESSIONS = 100
 OVERALL = 120.0
 
 
-def _free_pair() -> int:
-    """A port p such that p and p+1 are free on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = int(s.getsockname()[1])
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 def _answers(port: int) -> bool:
@@ -124,9 +108,9 @@ def _session(url: str) -> tuple[dict[str, int], str | None]:
 @pytest.mark.slow
 def test_polling_clients_stay_on_one_worker_through_nginx(
         gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> None:
-    bases = [_free_pair(), _free_pair()]
+    bases = [free_port_pair(), free_port_pair()]
     while bases[1] in (bases[0] - 1, bases[0], bases[0] + 1):
-        bases[1] = _free_pair()
+        bases[1] = free_port_pair()
     instances = [
         gunicorn_factory("sio_sticky_app:app", config=APPS / "sio_conf.py", cwd=APPS, workers=2,
                          env={"WORKER_PORTS_BASE": str(base)}, name=f"gunicorn-{i}")

@@ -4,35 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import requests
-from harness import wait_for
+from harness import free_port_pair, wait_for
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
 CLI = str(Path(sys.executable).parent / "gunicorn-ext")
 
 
-def _free_pair() -> int:
-    """A port p such that p and p+1 are free on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 def whoami(port: int) -> dict[str, Any]:
@@ -42,7 +25,7 @@ def whoami(port: int) -> dict[str, Any]:
 
 
 def test_each_slot_has_its_own_port(gunicorn_factory: Any, tmp_path: Path) -> None:
-    base = _free_pair()
+    base = free_port_pair()
     g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=2,
                          env={"WORKER_PORTS_BASE": str(base),
                               "STATE_URL": f"sqlite:///{tmp_path / 's.db'}"})
