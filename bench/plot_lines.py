@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
+from plot import format_value  # the same number format as the bar charts
+
 __all__ = ["Series", "Span", "Marker", "line_chart_svg", "write_line_svg"]
 
 _OURS = "#d9534f"
@@ -56,19 +58,6 @@ class Marker:
     x: float
     label: str
     series: str = ""
-
-
-def _fmt(v: float) -> str:
-    a = abs(v)
-    if a >= 1e6:
-        return f"{v / 1e6:.3g}M"
-    if a >= 1e4:
-        return f"{v / 1e3:.0f}k"
-    if a >= 1e3:
-        return f"{v / 1e3:.3g}k"
-    if a >= 100 or v == int(v):
-        return f"{v:.0f}"
-    return f"{v:.3g}"
 
 
 def _nice_step(span: float, ticks: int = 5) -> float:
@@ -131,7 +120,7 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "", y
         out.append(f"<line x1='{left:.1f}' y1='{py:.1f}' x2='{left + pw:.1f}' y2='{py:.1f}' "
                    f"stroke='#e6e6e6'/>")
         out.append(f"<text x='{left - 6:.1f}' y='{py + 4:.1f}' text-anchor='end' {_FONT} "
-                   f"font-size='10' fill='#555'>{_fmt(y)}</text>")
+                   f"font-size='10' fill='#555'>{format_value(y)}</text>")
         y += ystep
     xstep = _nice_step(xmax - xmin, 10)
     x = math.ceil(xmin / xstep) * xstep
@@ -140,7 +129,7 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "", y
         out.append(f"<line x1='{px:.1f}' y1='{top + ph:.1f}' x2='{px:.1f}' y2='{top + ph + 4:.1f}' "
                    f"stroke='#333'/>")
         out.append(f"<text x='{px:.1f}' y='{top + ph + 16:.1f}' text-anchor='middle' {_FONT} "
-                   f"font-size='10' fill='#555'>{_fmt(x)}</text>")
+                   f"font-size='10' fill='#555'>{format_value(x)}</text>")
         x += xstep
     out.append(f"<line x1='{left:.1f}' y1='{top + ph:.1f}' x2='{left + pw:.1f}' y2='{top + ph:.1f}' "
                f"stroke='#333'/>")

@@ -78,6 +78,15 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
     raise HarnessError("no two consecutive free ports")
 
 
+def serves(port: int, path: str = "/healthz", host: str = "127.0.0.1") -> bool:
+    """True when ``http://host:port/path`` answers 200 on a fresh connection."""
+    try:
+        r = requests.get(f"http://{host}:{port}{path}", headers={"Connection": "close"}, timeout=2)
+    except requests.RequestException:
+        return False
+    return r.status_code == 200
+
+
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """Return the last *lines* lines of the text file *path* ('' if it does not exist)."""
     try:

@@ -14,9 +14,8 @@ from typing import Any
 
 import msgspec
 import pytest
-import requests
 import socketio
-from harness import free_port_pair, wait_for
+from harness import free_port_pair, serves, wait_for
 
 import gunicorn_ext
 from gunicorn_ext.socketio import BusManager
@@ -87,16 +86,6 @@ PER_WORKER_PORT = 2
 ON_SHARED_PORT = 2
 
 
-
-
-def _answers(port: int) -> bool:
-    try:
-        r = requests.get(f"http://127.0.0.1:{port}/healthz", headers={"Connection": "close"}, timeout=2)
-        return r.status_code == 200
-    except requests.RequestException:
-        return False
-
-
 class _Client:
     def __init__(self, url: str) -> None:
         self.said: list[Any] = []
@@ -118,7 +107,7 @@ def test_broadcast_reaches_clients_on_every_worker(gunicorn_factory: Any) -> Non
     server = gunicorn_factory("sio_app:app", config=APPS / "sio_conf.py", cwd=APPS, workers=2,
                               env={"WORKER_PORTS_BASE": str(base)})
     assert server.bind.startswith("127.0.0.1:")
-    wait_for(lambda: all(_answers(base + s) for s in (0, 1)), 15, what="both worker ports")
+    wait_for(lambda: all(serves(base + s) for s in (0, 1)), 15, what="both worker ports")
     clients: list[_Client] = []
     try:
         for slot in (0, 1):

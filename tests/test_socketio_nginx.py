@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 import socketio
-from harness import Gunicorn, find_binary, free_port, free_port_pair, tail, wait_for
+from harness import Gunicorn, find_binary, free_port, free_port_pair, serves, tail, wait_for
 
 from gunicorn_ext.nginx import render, wrapper_conf
 from gunicorn_ext.sticky import route_name
@@ -30,16 +30,6 @@ from gunicorn_ext.sticky import route_name
 APPS = Path(__file__).resolve().parent / "apps"
 SESSIONS = 100
 OVERALL = 120.0
-
-
-
-
-def _answers(port: int) -> bool:
-    try:
-        r = requests.get(f"http://127.0.0.1:{port}/healthz", headers={"Connection": "close"}, timeout=2)
-        return r.status_code == 200
-    except requests.RequestException:
-        return False
 
 
 @contextlib.contextmanager
@@ -117,7 +107,7 @@ def test_polling_clients_stay_on_one_worker_through_nginx(
         for i, base in enumerate(bases)
     ]
     worker_ports = [base + slot for base in bases for slot in (0, 1)]
-    wait_for(lambda: all(_answers(p) for p in worker_ports), 20, what="all four worker ports")
+    wait_for(lambda: all(serves(p) for p in worker_ports), 20, what="all four worker ports")
     for port in worker_ports:  # each worker port pins to itself
         r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert r.cookies.get("gx_route") == route_name(f"127.0.0.1:{port}")

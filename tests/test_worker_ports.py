@@ -16,8 +16,6 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
 CLI = str(Path(sys.executable).parent / "gunicorn-ext")
 
 
-
-
 def whoami(port: int) -> dict[str, Any]:
     r = requests.get(f"http://127.0.0.1:{port}/whoami", headers={"Connection": "close"}, timeout=5)
     r.raise_for_status()
