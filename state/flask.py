@@ -36,6 +36,7 @@ unaffected. A session larger than ``SESSION_MAX_SIZE`` raises :class:`SessionToo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -63,6 +64,7 @@ DEFAULT_ID_LENGTH = 32
 MIN_ID_LENGTH = 16
 DEFAULT_MAX_SIZE = 64 * 1024
 RETRY_AFTER = 5
+VERIFIED_CACHE = 4096  # signed cookie values remembered as verified, per process
 _PERMANENT = "_permanent"
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{20,512}")
 
@@ -125,10 +127,11 @@ class ServerSession(SessionMixin):
     """A session loaded from the store on first access (not at all if never touched)."""
 
     def __init__(self, interface: StoreSessionInterface, sid: str | None,
-                 had_cookie: bool) -> None:
+                 had_cookie: bool, cookie: str | None = None) -> None:
         self._interface = interface
         self._sid = sid            # the id the cookie carried (verified), or None
         self._had_cookie = had_cookie
+        self._cookie = cookie      # that cookie's value, when signed with the current key
         self._data: dict[str, Any] = {}
         self._raw: dict[str, bytes] = {}   # field -> serialized value as stored
         self._loaded = False
@@ -158,6 +161,7 @@ class ServerSession(SessionMixin):
             self.new = False
         else:  # no cookie, or an unknown or expired id: never reuse an id the client brought
             self._sid = self._interface.generate_sid()
+            self._cookie = None
             self.new = True
         self._sizes = {k: len(k.encode()) + len(self._raw[k]) for k in data}
         self._data = data
@@ -238,6 +242,7 @@ class ServerSession(SessionMixin):
         if not self.new and self._discard is None:
             self._discard = self._sid
         self._sid = self._interface.generate_sid()
+        self._cookie = None
         self._raw = {}  # everything is written under the new id
         self.new = True
 
@@ -265,23 +270,63 @@ class StoreSessionInterface(SessionInterface):
         self.max_size = max_size
         seconds = lifetime.total_seconds() if isinstance(lifetime, timedelta) else lifetime
         self.ttl = max(1.0, float(seconds))
+        self._signer_cache: tuple[tuple[Any, tuple[Any, ...]], Signer, Signer | None] | None = None
+        self._verified: dict[str, tuple[str, bool]] = {}  # cookie value -> (sid, current key)
 
     def generate_sid(self) -> str:
         return secrets.token_urlsafe(self.id_length)
 
-    def _signer(self, app: Flask) -> Signer:
-        keys = [*(app.config.get("SECRET_KEY_FALLBACKS") or ()), app.secret_key]
-        return Signer(keys, salt=SALT)  # type: ignore[arg-type]
+    def _signers(self, app: Flask) -> tuple[Signer, Signer | None]:
+        """Signers for the current secret key and for its fallbacks (None without any).
+
+        Cached per key set: deriving the key is most of what signing costs.
+        """
+        current = app.secret_key
+        fallbacks = tuple(app.config.get("SECRET_KEY_FALLBACKS") or ())
+        cached = self._signer_cache
+        if cached is not None and cached[0] == (current, fallbacks):
+            return cached[1], cached[2]
+        signer = Signer(current, salt=SALT)  # type: ignore[arg-type]
+        old = Signer(list(fallbacks), salt=SALT) if fallbacks else None
+        self._signer_cache = ((current, fallbacks), signer, old)
+        self._verified = {}
+        return signer, old
+
+    def _unsign(self, app: Flask, value: str | None) -> tuple[str | None, bool]:
+        """The id in a signed cookie value (None for anything not signed by us), and
+        whether the current key signed it (else a fallback did, and it is re-signed).
+
+        Values that verified are remembered (per process, up to ``VERIFIED_CACHE``,
+        forgotten when the keys change): a client sends the same cookie on every
+        request, and checking the HMAC again each time costs more than the lookup.
+        Only what verified is remembered, so a forged value is checked every time.
+        """
+        if not value or len(value) > 1024:
+            return None, False
+        signer, old = self._signers(app)
+        hit = self._verified.get(value)
+        if hit is not None:
+            return hit
+        for s, current in ((signer, True), (old, False)):
+            if s is None:
+                continue
+            try:
+                sid = s.unsign(value).decode("ascii")
+            except Exception:  # BadSignature, or bytes that aren't even text
+                continue
+            if not _SID_RE.fullmatch(sid):
+                return None, False
+            verified = self._verified
+            if len(verified) >= VERIFIED_CACHE:
+                with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                    del verified[next(iter(verified))]  # the oldest
+            verified[value] = (sid, current)
+            return sid, current
+        return None, False
 
     def sid_from_cookie(self, app: Flask, value: str | None) -> str | None:
         """The id in a signed cookie value; None for anything not signed by us."""
-        if not value or len(value) > 1024:
-            return None
-        try:
-            sid = self._signer(app).unsign(value).decode("ascii")
-        except Exception:  # BadSignature, or bytes that aren't even text
-            return None
-        return sid if _SID_RE.fullmatch(sid) else None
+        return self._unsign(app, value)[0]
 
     def get_cookie_samesite(self, app: Flask) -> str | None:
         return app.config.get("SESSION_COOKIE_SAMESITE") or "Lax"
@@ -291,7 +336,8 @@ class StoreSessionInterface(SessionInterface):
             return None  # Flask's NullSession explains that a secret key is needed
         name = self.get_cookie_name(app)
         value = request.cookies.get(name)
-        return ServerSession(self, self.sid_from_cookie(app, value), value is not None)
+        sid, current = self._unsign(app, value)
+        return ServerSession(self, sid, value is not None, value if current else None)
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, ServerSession) or not session._loaded:
@@ -354,7 +400,10 @@ class StoreSessionInterface(SessionInterface):
         s.new = False
         if was_new or changed or removed or (
                 s.permanent and app.config.get("SESSION_REFRESH_EACH_REQUEST", True)):
-            signed = self._signer(app).sign(s._sid).decode("ascii")
+            signed = s._cookie if s._cookie is not None and not was_new else None
+            if signed is None:  # a new id, or one signed with a fallback key
+                signed = self._signers(app)[0].sign(s._sid).decode("ascii")
+                s._cookie = signed
             response.set_cookie(name, signed, expires=self.get_expiration_time(app, s),
                                 **cookie_args)
             s._had_cookie = True

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,10 +37,20 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 import redis.exceptions as rexc
+from redis._parsers import BaseParser
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .store import Batch, Store, StoreError, StoreUnavailable
+
+try:
+    import hiredis  # redis[hiredis], a dependency: the fast reply parser
+
+    _hiredis_ok = True
+except ImportError:  # pragma: no cover - redis-py's own reads then
+    _hiredis_ok = False
+
+_parse_error = BaseParser.parse_error
 
 __all__ = ["RedisStore", "redact_url"]
 
@@ -136,6 +148,7 @@ class RedisStore(Store):
         self._factory: Callable[[], Any] | None = None
         self._release_script: Any = None
         self._lua_ok = True
+        self._conns = _Connections()
         self.hosts: list[tuple[str, int]] = []
         self.service_name: str | None = None
         self.db = 0
@@ -364,6 +377,7 @@ class RedisStore(Store):
     def after_fork(self) -> None:
         """Forget inherited connections without touching their sockets (the parent owns them)."""
         self._client_lock = threading.Lock()  # another thread may have held it at fork
+        self._conns.forget()
         pools = []
         if self._client is not None:
             if _is_cluster(self._client):
@@ -379,6 +393,7 @@ class RedisStore(Store):
                 pool.reset()
 
     def close(self) -> None:
+        self._conns.close()
         clients = [self._client] if self._client is not None else []
         if self._sentinel is not None:
             clients.extend(self._sentinel.sentinels)
@@ -472,7 +487,7 @@ class RedisBatch(Batch):
                 raw = pipe.execute()
                 pipe.reset()
             else:
-                raw = _send_all(store.client, cmds)
+                raw = _send_all(store.client.connection_pool, store._conns, cmds)
         results: list[Any] = []
         pos = 0
         for op_cmds, convert in ops:
@@ -482,30 +497,124 @@ class RedisBatch(Batch):
         return results
 
 
-def _send_all(client: Any, cmds: list[tuple[Any, ...]]) -> list[Any]:
-    """Write every command at once on one pooled connection and read the replies.
+def _pack(cmds: list[tuple[Any, ...]]) -> list[bytes]:
+    """RESP-encode ``cmds`` (arguments are str, bytes or int: all a batch queues).
+
+    A few microseconds where redis-py's general ``pack_commands`` takes tens. One
+    buffer in a list, the shape ``send_packed_command`` takes from ``pack_commands``.
+    """
+    out: list[bytes] = []
+    for cmd in cmds:
+        out.append(b"*%d\r\n" % len(cmd))
+        for arg in cmd:
+            if type(arg) is str:
+                arg = arg.encode()
+            elif type(arg) is int:
+                arg = b"%d" % arg
+            elif not isinstance(arg, bytes):
+                raise TypeError(f"cannot send {type(arg).__name__} to redis")
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return [b"".join(out)]
+
+
+class _Connections:
+    """A LIFO of idle connections made by a redis-py pool, held by the store itself.
+
+    redis-py 8 spends more on each pool checkout (locks, a readiness poll, metrics
+    bookkeeping) and on each reply than a loopback round trip costs, and a session
+    request makes two batches. So a batch takes a connection from this list, writes
+    its commands on the connection's socket at once and parses the replies with a
+    hiredis reader of its own, then puts the connection back once every reply is
+    read: it is always clean. redis-py still does everything else: connecting, AUTH,
+    SELECT, TLS, finding the master through Sentinel, the idle health check. Any
+    error disconnects the connection (it reconnects on next use).
+
+    The list belongs to one process: after a fork it starts empty, and the inherited
+    connections are dropped without touching their sockets.
+    """
+
+    def __init__(self) -> None:
+        self._idle: list[list[Any]] = []   # [connection, its socket, its reader]
+        self._pid = os.getpid()
+
+    def take(self, pool: Any) -> list[Any]:
+        if self._pid != os.getpid():
+            self.forget()
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return [pool.make_connection(), None, None]
+
+    def give(self, slot: list[Any]) -> None:
+        if slot[0].pid == os.getpid():
+            self._idle.append(slot)
+
+    def forget(self) -> None:
+        self._idle = []
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn, _, _ in idle:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+
+
+def _read_replies(slot: list[Any], count: int) -> list[Any]:
+    """``count`` replies from the slot's socket, error replies as redis-py exceptions."""
+    conn, sock, reader = slot
+    out: list[Any] = []
+    while len(out) < count:
+        reply = reader.gets()
+        if reply is False:
+            data = sock.recv(65536)
+            if not data:
+                raise rexc.ConnectionError("redis closed the connection")
+            reader.feed(data)
+            continue
+        if isinstance(reply, hiredis.ReplyError):
+            reply = _parse_error(str(reply))
+        out.append(reply)
+    if conn.health_check_interval:  # as redis-py does after each reply it reads
+        conn.next_health_check = time.monotonic() + conn.health_check_interval
+    return out
+
+
+def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> list[Any]:
+    """Write every command at once on one connection and read the replies.
 
     The round trip of a pipeline without redis-py's Pipeline object, which
     costs more than the round trip itself on loopback. Replies are shaped as
     the pipeline's callbacks would shape them, so the converters are shared.
     """
-    pool = client.connection_pool
-    conn = pool.get_connection()
+    slot = conns.take(pool)
+    conn = slot[0]
     try:
-        conn.send_packed_command(conn.pack_commands(cmds))
-        raw: list[Any] = []
-        error: Exception | None = None
-        for _ in cmds:
-            try:
-                raw.append(conn.read_response())
-            except redis.exceptions.ResponseError as exc:  # keep reading: stay in sync
-                raw.append(exc)
-                error = error or exc
+        if conn._sock is None:
+            conn.connect()  # the class's own connect (Sentinel: find the master first)
+        conn.check_health()  # a PING if the connection sat idle past the interval
+        sock = conn._sock
+        if _hiredis_ok and isinstance(sock, socket.socket):
+            if slot[1] is not sock:  # a new socket: a new reader
+                slot[1], slot[2] = sock, hiredis.Reader()
+            sock.sendall(_pack(cmds)[0])
+            raw = _read_replies(slot, len(cmds))
+        else:  # a client that isn't on a plain socket (fakeredis): redis-py's own reads
+            conn.send_packed_command(_pack(cmds))
+            raw = []
+            for _ in cmds:
+                try:
+                    raw.append(conn.read_response())
+                except rexc.ResponseError as exc:  # keep reading: stay in sync
+                    raw.append(exc)
+        error = next((r for r in raw if isinstance(r, Exception)), None)
+        if error is not None:  # e.g. READONLY from a demoted master: reconnect next time
+            conn.disconnect()
     except BaseException:
         conn.disconnect()  # replies may be left unread: never reuse this connection
         raise
     finally:
-        pool.release(conn)
+        conns.give(slot)
     if error is not None:
         raise error
     out: list[Any] = []

@@ -175,23 +175,31 @@ def test_ping_after_fork_close(store: RedisStore) -> None:
 # -- real server only ----------------------------------------------------------------
 
 
-def test_batch_is_one_round_trip(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def _server_reads(client: redis.Redis) -> int:
+    """Reads the server has processed (one per round trip of any client, this one's
+    INFO included), from INFO stats: counted by Redis, whatever client sends."""
+    return int(client.info("stats")["total_reads_processed"])
+
+
+def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
-    store.ping()  # connect first
-    sends: list[int] = []
-    original = redis.connection.AbstractConnection.send_packed_command
-
-    def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        sends.append(1)
-        original(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    observer = redis_server.client()
+    store.ping()  # connect first (the pool's connection, and the batches' own)
+    store.batch().get("x").execute()
+    before = _server_reads(observer)
     store.get("x")
-    assert len(sends) == 1
-    sends.clear()
+    assert _server_reads(observer) - before - 1 == 1
+    before = _server_reads(observer)
     out = store.batch().hgetall("s").hset("s", {"a": b"1"}).expire("s", 60).get("t").execute()
     assert out == [{}, None, True, None]
-    assert len(sends) == 1
+    assert _server_reads(observer) - before - 1 == 1
+    # an error reply in the middle: every reply is still read, the error is raised,
+    # and the connection (dropped, since replies were mixed) works again next time
+    store.set("str", b"v")
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        store.batch().incr("n").hgetall("str").incr("n").execute()
+    assert store.get("n") == b"2"
+    assert store.batch().incr("n").execute() == [3]
     store.close()
 
 
@@ -199,20 +207,26 @@ def test_fork_child_uses_own_connection(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     store.set("k", b"parent")  # the parent now holds a pooled connection
     parent_conn = store.client.connection_pool._available_connections[0]
+    store.batch().set("b", b"parent").execute()  # and a batch connection of its own
+    batch_conn = store._conns._idle[0]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
-            store.after_fork()
-            if store.get("k") == b"parent":
-                store.set("child", b"ok")
-                code = 0
+            # the batch connection is dropped by pid even without after_fork()
+            if store.batch().get("b").execute() == [b"parent"] and store._conns._idle[0] is not batch_conn:
+                store.after_fork()
+                if store.get("k") == b"parent":
+                    store.set("child", b"ok")
+                    code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert store.get("child") == b"ok"  # the parent's connection was left intact
+    assert store.get("child") == b"ok"  # the parent's connections were left intact
     assert store.client.connection_pool._available_connections[0] is parent_conn
+    assert store.batch().get("child").execute() == [b"ok"]
+    assert store._conns._idle == [batch_conn]
     store.close()
 
 
