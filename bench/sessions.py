@@ -5,6 +5,8 @@ Each backend serves the same app (bench/sessions_app.py) from real Gunicorn
 
 * req/s of a session-writing and a read-only endpoint (wrk, one client cookie);
 * Redis commands per request (``INFO commandstats`` deltas over the wrk run);
+* server CPU per request: the workers' and redis-server's user+system CPU over the
+  wrk run, divided by the requests done (steadier than req/s on a shared machine);
 * Redis round trips per request, counted by the server (``total_reads_processed``
   deltas) while Flask's test client sends requests one at a time, in-process.
 
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 BENCH = Path(__file__).resolve().parent
@@ -51,7 +54,20 @@ def _commands(r: Any) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config"))
 
 
-def _wrk(url: str, cookie: str) -> float:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (those still alive)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _wrk(url: str, cookie: str) -> tuple[float, int]:
+    """(req/s, requests completed)."""
     wrk = shutil.which("wrk")
     if wrk is None:
         return _py_load(url, cookie)
@@ -65,10 +81,11 @@ def _wrk(url: str, cookie: str) -> float:
     bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
     if bad and int(bad.group(1)):
         raise RuntimeError(f"{bad.group(1)} failed responses from {url}")
-    return float(m.group(1))
+    done = re.search(r"(\d+) requests in", out)
+    return float(m.group(1)), int(done.group(1)) if done else 0
 
 
-def _py_load(url: str, cookie: str) -> float:
+def _py_load(url: str, cookie: str) -> tuple[float, int]:
     """Bounded fallback without wrk: one thread, keep-alive, SECONDS or 20k requests."""
     s = requests.Session()
     n = 0
@@ -76,7 +93,7 @@ def _py_load(url: str, cookie: str) -> float:
     while time.monotonic() - t0 < SECONDS and n < 20000:
         s.get(url, headers={"Cookie": cookie}, timeout=5).raise_for_status()
         n += 1
-    return n / (time.monotonic() - t0)
+    return n / (time.monotonic() - t0), n
 
 
 def _server_reads(r: Any) -> int:
@@ -106,9 +123,12 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     results: dict[str, dict[str, list[float]]] = {i: {"write": [], "read": []} for i in IMPLS}
+    cpu_us: dict[str, dict[str, list[float]]] = {i: {"write": [], "read": []} for i in IMPLS}
     commands: dict[str, dict[str, float]] = {i: {} for i in IMPLS}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(tmp) as rs:
         r = rs.client()
+        assert rs.proc is not None
+        rs_pid = rs.proc.pid
         trips = {i: _roundtrips(i, rs.url, r) for i in ("ours", "flask_session")}
         for rnd in range(ROUNDS):
             for impl in IMPLS:
@@ -117,19 +137,24 @@ def main() -> int:
                                       log_dir=tmp, env=env, name=f"sessions-{impl}") as g:
                     resp = requests.get(g.url("/write"), timeout=10)
                     cookie = "; ".join(f"{k}={v}" for k, v in resp.cookies.items())
+                    pids = [*g.worker_pids(), rs_pid]
                     for endpoint in ("write", "read"):
                         r.config_resetstat()
-                        rps = _wrk(g.url(f"/{endpoint}"), cookie)
+                        cpu0 = _cpu_seconds(pids)
+                        rps, n = _wrk(g.url(f"/{endpoint}"), cookie)
+                        cpu_req = (_cpu_seconds(pids) - cpu0) / n * 1e6 if n else 0.0
                         results[impl][endpoint].append(rps)
-                        n = rps * SECONDS
+                        cpu_us[impl][endpoint].append(cpu_req)
                         commands[impl][endpoint] = round(_commands(r) / n, 2) if n else 0.0
                         print(f"  round {rnd + 1} {LABELS[impl]:26s} {endpoint:5s} {rps:9,.0f} req/s"
+                              f"  {cpu_req:5.0f} us server CPU/request"
                               f"  {commands[impl][endpoint]:.2f} redis commands/request", flush=True)
 
     def med(v: list[float]) -> float:
         return sorted(v)[len(v) // 2]
 
     rps = {i: {e: med(results[i][e]) for e in ("write", "read")} for i in IMPLS}
+    cpu = {i: {e: med(cpu_us[i][e]) for e in ("write", "read")} for i in IMPLS}
     out: dict[str, Any] = {
         "ours_write_rps": rps["ours"]["write"],
         "flask_session_write_rps": rps["flask_session"]["write"],
@@ -140,6 +165,7 @@ def main() -> int:
         "ours_roundtrips_per_request": trips["ours"],
         "flask_session_roundtrips_per_request": trips["flask_session"],
         "redis_commands_per_request": commands,
+        "server_cpu_us_per_request": cpu,
         "ratios": {
             "write_vs_flask_session": rps["ours"]["write"] / rps["flask_session"]["write"],
             "read_vs_flask_session": rps["ours"]["read"] / rps["flask_session"]["read"],
@@ -153,6 +179,10 @@ def main() -> int:
         print(f"  {e:5s}  ours {rps['ours'][e]:8,.0f}   Flask-Session 0.8 {rps['flask_session'][e]:8,.0f}"
               f"   cookie {rps['cookie'][e]:8,.0f} req/s   ours/Flask-Session "
               f"{rps['ours'][e] / rps['flask_session'][e]:.2f}x")
+    for e in ("write", "read"):
+        print(f"  {e:5s}  server CPU per request (workers + redis): ours {cpu['ours'][e]:.0f} us,"
+              f"  Flask-Session {cpu['flask_session'][e]:.0f} us, cookie {cpu['cookie'][e]:.0f} us"
+              f"   Flask-Session/ours {cpu['flask_session'][e] / cpu['ours'][e]:.2f}x")
     print(f"  redis round trips per request: ours {trips['ours']}, "
           f"Flask-Session {trips['flask_session']}")
     for e in ("write", "read"):

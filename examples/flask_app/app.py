@@ -6,6 +6,7 @@ import collections
 import os
 import threading
 
+import chat
 from flask import Flask, Response, jsonify, request, session
 
 import gunicorn_ext
@@ -23,6 +24,9 @@ app.config["SESSION_URL"] = os.environ.get("STATE_URL", "sqlite:///gunicorn-ext-
 store = open_store(app.config["SESSION_URL"])
 Session(app, store=store)
 hits = Counter(store, "example:hits")
+# Real time: a WebSocket chat at /ws and the Socket.IO namespace /chat, fanned out to
+# every worker over the bus, or over Redis (all instances) when STATE_URL is redis://.
+socketio = chat.init_app(app, instance=INSTANCE, state_url=app.config["SESSION_URL"]).socketio
 
 # Messages this worker received by broadcast, newest last (bounded).
 _inbox: collections.deque[object] = collections.deque(maxlen=1000)

@@ -2,8 +2,8 @@
 
 Every gunicorn-ext feature is on; settings come from the environment:
 BIND (default 127.0.0.1:8000), WORKERS (default: the CPUs this process may
-use), STATE_URL (default an SQLite file beside this config), SECRET_KEY,
-INSTANCE (default host:port of BIND).
+use), THREADS (default 32), STATE_URL (default an SQLite file beside this
+config), SECRET_KEY, INSTANCE (default host:port of BIND).
 """
 
 import logging
@@ -20,7 +20,10 @@ if workers > 2 * _cpus:
     logging.getLogger("gunicorn.error").warning(
         "WORKERS=%s is more than twice the %s CPU(s) this process may use", workers, _cpus)
 worker_class = os.environ.get("WORKER_CLASS", "gthread")
-threads = int(os.environ.get("THREADS", "4"))
+# An open WebSocket (the example's /ws chat, Socket.IO's websocket transport) holds one
+# gthread thread while it lasts, so THREADS caps a worker's WebSockets plus its requests
+# in flight; the pool makes threads on demand, so a high cap costs little when idle.
+threads = int(os.environ.setdefault("THREADS", "32"))
 timeout = int(os.environ.get("TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
 os.environ.setdefault("INSTANCE", f"{socket.gethostname()}:{bind.rsplit(':', 1)[-1]}")
