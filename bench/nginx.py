@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
-from harness import Gunicorn, free_port, running_gunicorn  # noqa: E402
+from harness import Gunicorn, free_port, running_gunicorn, running_nginx, wait_for  # noqa: E402
 from plot import Bar, Panel, write_svg  # noqa: E402
 
 from gunicorn_ext.nginx import find_nginx, render, wrapper_conf  # noqa: E402
@@ -93,10 +92,9 @@ def backend(log_dir: Path, name: str) -> Iterator[tuple[Gunicorn, str]]:
 
 
 @contextlib.contextmanager
-def running_nginx(tmp: Path, backends: list[str]) -> Iterator[str]:
+def nginx_for(tmp: Path, backends: list[str]) -> Iterator[str]:
     """nginx in the foreground with render(backends); yields its base URL; always killed."""
-    nginx = find_nginx()
-    if nginx is None:
+    if find_nginx() is None:
         raise RuntimeError("nginx not found; run `make system-deps`")
     port = free_port()
     conf = tmp / "gunicorn-ext.conf"
@@ -106,37 +104,17 @@ def running_nginx(tmp: Path, backends: list[str]) -> Iterator[str]:
     wrapper = tmp / "nginx.conf"
     wrapper.write_text(wrapper_conf([str(conf)], str(tmp),
                                     user="root" if os.geteuid() == 0 else None))
-    err_log = tmp / "error.log"
-    with open(tmp / "nginx.out", "ab") as out:
-        proc = subprocess.Popen([nginx, "-p", f"{tmp}/", "-e", str(err_log), "-c", str(wrapper),
-                                 "-g", "daemon off;"], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nginx exited (rc={proc.returncode}):\n"
-                                   f"{(tmp / 'nginx.out').read_text(errors='replace')}\n"
-                                   f"{err_log.read_text(errors='replace') if err_log.exists() else ''}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(url + "/", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("nginx not ready after 15 s")
-            time.sleep(0.05)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
+
+    def answers() -> bool:
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+            return requests.get(url + "/", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    with running_nginx(wrapper, port):
+        wait_for(answers, 15, what="nginx answering 200")
+        yield url
 
 
 def answers(url: str, n: int, cookie: str | None) -> Counter[str]:
@@ -163,7 +141,7 @@ def main() -> int:
         tmp = Path(tmpd)
         (tmp / "nginx").mkdir()
         with backend(tmp, "nginx-a") as (ga, route_a), backend(tmp, "nginx-b") as (gb, route_b), \
-                running_nginx(tmp / "nginx", [ga.bind, gb.bind]) as nurl:
+                nginx_for(tmp / "nginx", [ga.bind, gb.bind]) as nurl:
             loads = {
                 "direct": (ga.url("/"), (f"Cookie: {COOKIE}={route_a}",)),
                 "nginx": (nurl + "/", ()),

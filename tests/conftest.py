@@ -2,7 +2,7 @@
 
 The machinery lives in ``tests/harness.py`` (importable as ``harness`` from tests and
 from benchmarks that put ``tests/`` on ``sys.path``); this file only wraps it in
-fixtures. Nothing here imports ``gunicorn_ext``.
+fixtures. Only ``nginx_site`` uses ``gunicorn_ext`` (its wrapper config), lazily.
 
 Fixtures:
 
@@ -14,17 +14,22 @@ Fixtures:
 * ``redis_server_factory`` -- ``start(**kw) -> RedisServer`` for tests needing several.
 * ``redis_url`` -- the ``redis://`` URL of ``redis_server``.
 * ``repo_root`` -- the repository root as a :class:`~pathlib.Path`.
+* ``nginx_site`` -- ``run(conf_text, port) -> context manager`` running a real nginx on
+  an http-context config (what ``gunicorn-ext nginx render`` prints), with an access
+  log; yields nginx's directory (``error.log``, ``access.log``). Fails if nginx is
+  not installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Gunicorn, HarnessError, RedisServer, find_binary, free_port
+from harness import Gunicorn, HarnessError, RedisServer, find_binary, free_port, running_nginx
 
 __all__ = ["free_port"]
 
@@ -110,3 +115,32 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"redis-server: {find_binary('redis-server') or 'MISSING'}; "
         f"nginx: {find_binary('nginx') or 'MISSING'}; cpus: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
     ]
+
+
+@pytest.fixture
+def nginx_site(tmp_path: Path) -> Callable[[str, int], contextlib.AbstractContextManager[Path]]:
+    """Return ``run(conf_text, port)``: nginx on *conf_text* (an http-context config that
+    listens on *port*) in a fresh directory under ``tmp_path``; always killed after."""
+    from gunicorn_ext.nginx import wrapper_conf
+
+    count = [0]
+
+    @contextlib.contextmanager
+    def run(conf_text: str, port: int) -> Iterator[Path]:
+        count[0] += 1
+        directory = tmp_path / f"nginx-{count[0]}"
+        directory.mkdir()
+        site = directory / "site.conf"
+        site.write_text(conf_text)
+        conf = directory / "nginx.conf"
+        conf.write_text(wrapper_conf([str(site)], str(directory), access_log=True,
+                                     user="root" if os.geteuid() == 0 else None))
+        try:
+            with running_nginx(conf, port) as prefix:
+                yield prefix
+        except HarnessError as exc:
+            if "not installed" in str(exc):
+                pytest.fail(str(exc), pytrace=False)
+            raise
+
+    return run

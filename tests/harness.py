@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 LOG_TAIL_LINES = 60
+PORTS_FLOOR = 20000  # test servers listen on ports from here up to the ephemeral range
 REQUEST_TIMEOUT = 5.0
 
 
@@ -55,27 +57,61 @@ class HarnessError(RuntimeError):
     """A server the harness started did not come up, or misbehaved."""
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections' ports)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, *ports: int) -> bool:
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _free_ports(host: str, count: int) -> int:
+    """A port p such that p .. p+count-1 are all free right now.
+
+    Chosen at random below the ephemeral range when there is room, so no outgoing
+    connection (nor the TIME-WAIT it leaves, tens of thousands after a load test) can
+    hold it or take it between this check and the server's bind; else the kernel's pick.
+    """
+    low = _ephemeral_low()
+    if low > PORTS_FLOOR + 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            p = rng.randrange(PORTS_FLOOR, low - count)
+            if _bindable(host, *range(p, p + count)):
+                return p
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            p = int(sock.getsockname()[1])
+        if p + count - 1 <= 65535 and _bindable(host, *range(p, p + count)):
+            return p
+    raise HarnessError(f"no {count} consecutive free ports on {host}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on *host* that is free right now (bind to port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on *host* that is free right now."""
+    return _free_ports(host, 1)
 
 
 def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port p such that p and p+1 are both free (per-worker ports of a 2-worker instance)."""
-    for _ in range(50):
-        p = free_port(host)
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind((host, p))
-                b.bind((host, p + 1))
-            return p
-        except OSError:
-            continue
-    raise HarnessError("no two consecutive free ports")
+    return _free_ports(host, 2)
 
 
 def serves(port: int, path: str = "/healthz", host: str = "127.0.0.1") -> bool:
@@ -566,6 +602,50 @@ class RedisServer:
     def __repr__(self) -> str:
         state = "running" if self.alive() else "stopped"
         return f"<RedisServer {self.url} {state}>"
+
+
+@contextlib.contextmanager
+def running_nginx(conf: Path, port: int, timeout: float = 15.0) -> Iterator[Path]:
+    """nginx in the foreground on the main config *conf*, its prefix (logs, pid, temp
+    files) the config's directory; yields that directory once *port* accepts, and
+    always kills the process group (master and workers) after.
+
+    ``nginx -t`` runs first. The caller writes *conf* (e.g. with
+    ``gunicorn_ext.nginx.wrapper_conf``); as root it must say ``user root;``, since
+    nginx workers would otherwise switch to "nobody", who cannot enter a 0700 tmp dir.
+    """
+    nginx = find_binary("nginx")
+    if nginx is None:
+        raise HarnessError("nginx is not installed; run `make system-deps` (apt-get install nginx)")
+    prefix = conf.parent
+    err = prefix / "error.log"
+    base = [nginx, "-p", f"{prefix}/", "-e", str(err), "-c", str(conf)]
+    check = subprocess.run([*base, "-t"], capture_output=True, text=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+    if check.returncode != 0:
+        raise HarnessError(f"nginx -t failed on {conf}:\n{check.stderr}")
+    proc = subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise HarnessError(f"nginx exited rc={proc.returncode}:\n{tail(err)}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if time.monotonic() > deadline:
+                raise HarnessError(f"nginx not listening on {port} after {timeout}s:\n{tail(err)}")
+            time.sleep(0.05)
+        yield prefix
+    finally:
+        _killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
 
 
 @contextlib.contextmanager

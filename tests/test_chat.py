@@ -28,7 +28,6 @@ import requests
 import socketio
 import websocket
 from harness import Gunicorn, RedisServer, free_port, free_port_pair, serves, wait_for
-from test_socketio_nginx import _nginx as running_nginx
 
 from gunicorn_ext.nginx import render
 
@@ -462,14 +461,15 @@ def _two_instances(factory: Callable[..., Gunicorn], redis_url: str,
 @pytest.mark.redis
 @pytest.mark.nginx
 def test_raw_chat_reaches_every_worker_of_two_instances_through_redis_and_nginx(
-        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer, tmp_path: Path,
+        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer,
+        nginx_site: Callable[..., Any],
         closing: list[Client]) -> None:
     listen = free_port()
     _, ports = _two_instances(gunicorn_factory, redis_server.url, listen)
     clients = _on_every_worker(_raw, ports, closing)
     conf = render(backends=[f"127.0.0.1:{p}" for p in ports.values()], listen=listen,
                   server_name="127.0.0.1", default_server=False)
-    with running_nginx(conf, tmp_path / "nginx", listen):
+    with nginx_site(conf, listen):
         for _ in range(3):  # through nginx's /ws location, to any worker of either instance
             clients.append(_raw(f"127.0.0.1:{listen}"))
             closing.append(clients[-1])
@@ -483,14 +483,15 @@ def test_raw_chat_reaches_every_worker_of_two_instances_through_redis_and_nginx(
 @pytest.mark.redis
 @pytest.mark.nginx
 def test_socketio_reaches_every_worker_of_two_instances_through_redis_and_nginx(
-        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer, tmp_path: Path,
+        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer,
+        nginx_site: Callable[..., Any],
         closing: list[Client]) -> None:
     listen = free_port()
     _, ports = _two_instances(gunicorn_factory, redis_server.url, listen)
     clients = _on_every_worker(_sio, ports, closing)
     conf = render(backends=[f"127.0.0.1:{p}" for p in ports.values()], listen=listen,
                   server_name="127.0.0.1", default_server=False)
-    with running_nginx(conf, tmp_path / "nginx", listen):
+    with nginx_site(conf, listen):
         for _ in range(2):
             clients.append(_sio(f"127.0.0.1:{listen}"))
             closing.append(clients[-1])

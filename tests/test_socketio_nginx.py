@@ -9,73 +9,23 @@ poll of that Engine.IO session reaches the same worker (else: "Session ID unknow
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 import socketio
-from harness import Gunicorn, find_binary, free_port, free_port_pair, serves, tail, wait_for
+from harness import Gunicorn, free_port, free_port_pair, serves, tail, wait_for
 
-from gunicorn_ext.nginx import render, wrapper_conf
+from gunicorn_ext.nginx import render
 from gunicorn_ext.sticky import route_name
 
 APPS = Path(__file__).resolve().parent / "apps"
 SESSIONS = 100
 OVERALL = 120.0
-
-
-@contextlib.contextmanager
-def _nginx(conf_text: str, tmp: Path, port: int) -> Iterator[Path]:
-    """Run nginx in the foreground on *conf_text* (state in *tmp*); always killed after."""
-    nginx = find_binary("nginx")
-    if nginx is None:
-        pytest.fail("nginx is not installed (apt-get install nginx)", pytrace=False)
-    tmp.mkdir()
-    site = tmp / "site.conf"
-    site.write_text(conf_text)
-    conf = tmp / "nginx.conf"
-    # As root, nginx workers would switch to "nobody", who cannot enter pytest's 0700 tmp dir.
-    conf.write_text(wrapper_conf([str(site)], str(tmp), user="root" if os.geteuid() == 0 else None,
-                                 access_log=True))
-    err = tmp / "error.log"
-    check = subprocess.run([nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-t"],
-                           capture_output=True, text=True, timeout=20)
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen(
-        [nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-g", "daemon off;"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"nginx exited rc={proc.returncode}:\n{tail(err)}", pytrace=False)
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"nginx not listening on {port}:\n{tail(err)}", pytrace=False)
-            time.sleep(0.05)
-        yield tmp
-    finally:
-        # Kill exactly the process group we started (master + its workers).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
 
 
 def _session(url: str) -> tuple[dict[str, int], str | None]:
@@ -97,7 +47,7 @@ def _session(url: str) -> tuple[dict[str, int], str | None]:
 
 @pytest.mark.slow
 def test_polling_clients_stay_on_one_worker_through_nginx(
-        gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> None:
+        gunicorn_factory: Callable[..., Gunicorn], nginx_site: Callable[..., Any]) -> None:
     bases = [free_port_pair(), free_port_pair()]
     while bases[1] in (bases[0] - 1, bases[0], bases[0] + 1):
         bases[1] = free_port_pair()
@@ -115,7 +65,7 @@ def test_polling_clients_stay_on_one_worker_through_nginx(
     backends = [f"127.0.0.1:{p}" for p in worker_ports]
     listen = free_port()
     conf = render(backends=backends, listen=listen, server_name="127.0.0.1", default_server=False)
-    with _nginx(conf, tmp_path / "nginx", listen) as ngx:
+    with nginx_site(conf, listen) as ngx:
         url = f"http://127.0.0.1:{listen}"
         pids = [set(g.worker_pids()) for g in instances]
         deadline = time.monotonic() + OVERALL

@@ -8,12 +8,8 @@ to the other one, which re-pins the client (:class:`gunicorn_ext.sticky.RouteCoo
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from harness import Gunicorn, find_binary, free_port, tail
+from harness import Gunicorn, find_binary, free_port, running_nginx
 
 from gunicorn_ext.sticky import ROUTE_RE, RouteCookie, default_route, read_cookie, route_name
 
@@ -127,21 +123,9 @@ class Cluster:
         assert addrs <= self.backend_ports | {self.port}, log
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, err: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"nginx exited rc={proc.returncode}:\n{tail(err)}", pytrace=False)
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    pytest.fail(f"nginx not listening on {port} after {timeout}s:\n{tail(err)}", pytrace=False)
-
-
 @pytest.fixture
 def cluster(gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> Iterator[Cluster]:
-    nginx = find_binary("nginx")
-    if nginx is None:
+    if find_binary("nginx") is None:
         pytest.fail("nginx is not installed (apt-get install nginx)", pytrace=False)
     a = gunicorn_factory("sticky_app:app", cwd=APPS, workers=2, env={"GX_ROUTE": "a"}, name="gunicorn-a")
     b = gunicorn_factory("sticky_app:app", cwd=APPS, workers=2, env={"GX_ROUTE": "b"}, name="gunicorn-b")
@@ -154,32 +138,8 @@ def cluster(gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> Iterat
     user = "user root;" if os.geteuid() == 0 else ""
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, a=a.port, b=b.port, port=port, user=user))
-    err = tmp / "error.log"
-    check = subprocess.run(
-        [nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-t"],
-        capture_output=True, text=True, timeout=20,
-    )
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen(
-        [nginx, "-p", str(tmp), "-e", str(err), "-c", str(conf), "-g", "daemon off;"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_port(port, proc, 15.0, err)
+    with running_nginx(conf, port):
         yield Cluster(a=a, b=b, port=port, tmp=tmp)
-    finally:
-        # Kill exactly the process group we started (master + its workers).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
 
 
 def _get(session: requests.Session | None, url: str, **kw: Any) -> requests.Response:
