@@ -546,7 +546,7 @@ class _Connections:
             return [pool.make_connection(), None, None]
 
     def give(self, slot: list[Any]) -> None:
-        if slot[0].pid == os.getpid():
+        if getattr(slot[0], "pid", None) in (None, os.getpid()):
             self._idle.append(slot)
 
     def forget(self) -> None:
@@ -590,16 +590,17 @@ def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> li
     slot = conns.take(pool)
     conn = slot[0]
     try:
-        if conn._sock is None:
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
             conn.connect()  # the class's own connect (Sentinel: find the master first)
         conn.check_health()  # a PING if the connection sat idle past the interval
-        sock = conn._sock
+        sock = getattr(conn, "_sock", None)
         if _hiredis_ok and isinstance(sock, socket.socket):
             if slot[1] is not sock:  # a new socket: a new reader
                 slot[1], slot[2] = sock, hiredis.Reader()
             sock.sendall(_pack(cmds)[0])
             raw = _read_replies(slot, len(cmds))
-        else:  # a client that isn't on a plain socket (fakeredis): redis-py's own reads
+        else:  # not on a plain socket (fakeredis, client-side caching): redis-py's reads
             conn.send_packed_command(_pack(cmds))
             raw = []
             for _ in cmds:

@@ -203,6 +203,15 @@ def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     store.close()
 
 
+def test_batches_on_resp3(redis_server: RedisServer) -> None:
+    # The batch reader parses RESP3 replies too (maps, booleans), shaped as on RESP2.
+    store = RedisStore(redis_server.url, protocol=3)
+    out = store.batch().hset("h", {"a": b"1"}).hgetall("h").expire("h", 10).incr("n").ttl("h").execute()
+    assert out[:4] == [None, {"a": b"1"}, True, 1] and 0 < out[4] <= 10
+    assert store.batch().hgetall("missing").execute() == [{}]
+    store.close()
+
+
 def test_fork_child_uses_own_connection(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     store.set("k", b"parent")  # the parent now holds a pooled connection
