@@ -270,27 +270,31 @@ class StoreSessionInterface(SessionInterface):
         self.max_size = max_size
         seconds = lifetime.total_seconds() if isinstance(lifetime, timedelta) else lifetime
         self.ttl = max(1.0, float(seconds))
-        self._signer_cache: tuple[tuple[Any, tuple[Any, ...]], Signer, Signer | None] | None = None
-        self._verified: dict[str, tuple[str, bool]] = {}  # cookie value -> (sid, current key)
+        # (keys, current signer, fallbacks' signer, cookie value -> (sid, signed by current))
+        self._signer_cache: tuple[tuple[Any, tuple[Any, ...]], Signer, Signer | None,
+                                  dict[str, tuple[str, bool]]] | None = None
 
     def generate_sid(self) -> str:
         return secrets.token_urlsafe(self.id_length)
 
-    def _signers(self, app: Flask) -> tuple[Signer, Signer | None]:
-        """Signers for the current secret key and for its fallbacks (None without any).
+    def _signers(self, app: Flask) -> tuple[Signer, Signer | None, dict[str, tuple[str, bool]]]:
+        """Signers for the current secret key and for its fallbacks (None without any),
+        and the cookie values verified with them.
 
-        Cached per key set: deriving the key is most of what signing costs.
+        Cached per key set: deriving the key is most of what signing costs. All three
+        change together, so a value verified with keys that were just replaced can only
+        land in the old set's dict.
         """
         current = app.secret_key
         fallbacks = tuple(app.config.get("SECRET_KEY_FALLBACKS") or ())
         cached = self._signer_cache
         if cached is not None and cached[0] == (current, fallbacks):
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         signer = Signer(current, salt=SALT)  # type: ignore[arg-type]
         old = Signer(list(fallbacks), salt=SALT) if fallbacks else None
-        self._signer_cache = ((current, fallbacks), signer, old)
-        self._verified = {}
-        return signer, old
+        verified: dict[str, tuple[str, bool]] = {}
+        self._signer_cache = ((current, fallbacks), signer, old, verified)
+        return signer, old, verified
 
     def _unsign(self, app: Flask, value: str | None) -> tuple[str | None, bool]:
         """The id in a signed cookie value (None for anything not signed by us), and
@@ -303,8 +307,8 @@ class StoreSessionInterface(SessionInterface):
         """
         if not value or len(value) > 1024:
             return None, False
-        signer, old = self._signers(app)
-        hit = self._verified.get(value)
+        signer, old, verified = self._signers(app)
+        hit = verified.get(value)
         if hit is not None:
             return hit
         for s, current in ((signer, True), (old, False)):
@@ -316,7 +320,6 @@ class StoreSessionInterface(SessionInterface):
                 continue
             if not _SID_RE.fullmatch(sid):
                 return None, False
-            verified = self._verified
             if len(verified) >= VERIFIED_CACHE:
                 with contextlib.suppress(StopIteration, KeyError, RuntimeError):
                     del verified[next(iter(verified))]  # the oldest

@@ -13,7 +13,7 @@ URL forms:
   (it connects when created).
 
 Defaults: 2 s socket and connect timeouts, a health check of idle connections after
-30 s, and no automatic retries, so an outage shows in milliseconds (as
+30 s, RESP2, and no automatic retries, so an outage shows in milliseconds (as
 :class:`~state.store.StoreUnavailable`) rather than after redis-py's retry loop. Keyword
 options override them and are passed to the client.
 
@@ -28,7 +28,9 @@ import contextlib
 import math
 import os
 import secrets
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +60,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2.0,
     "socket_connect_timeout": 2.0,
     "health_check_interval": 30,
+    # RESP2 (redis-py 8 defaults to RESP3): no out-of-band pushes can come between a
+    # batch's replies, so batches read their replies themselves (see _Connections).
+    # protocol=3 works too, through redis-py's own reads.
+    "protocol": 2,
 }
 
 # Errors meaning "the backend can't be reached right now" (ConnectionError covers
@@ -518,23 +524,27 @@ def _pack(cmds: list[tuple[Any, ...]]) -> list[bytes]:
 
 
 class _Connections:
-    """A LIFO of idle connections made by a redis-py pool, held by the store itself.
+    """Idle connections of the batches, taken from a redis-py pool and held by the store.
 
     redis-py 8 spends more on each pool checkout (locks, a readiness poll, metrics
     bookkeeping) and on each reply than a loopback round trip costs, and a session
-    request makes two batches. So a batch takes a connection from this list, writes
-    its commands on the connection's socket at once and parses the replies with a
-    hiredis reader of its own, then puts the connection back once every reply is
-    read: it is always clean. redis-py still does everything else: connecting, AUTH,
-    SELECT, TLS, finding the master through Sentinel, the idle health check. Any
-    error disconnects the connection (it reconnects on next use).
+    request makes two batches. So a batch takes a connection from this LIFO (from the
+    pool, which counts it, only when the LIFO is empty), writes its commands on the
+    connection's socket at once and parses the replies with a hiredis reader of its
+    own, then puts the connection back once every reply is read: it is always clean.
+    redis-py still does everything else: connecting, AUTH, SELECT, TLS, finding the
+    master through Sentinel, the idle health check. Before each use a zero-timeout
+    poll finds a connection the server closed while it sat here (a restart, the
+    server's ``timeout``), which is reconnected before anything is sent. Any error
+    disconnects the connection (it reconnects on next use). At most half the pool's
+    ``max_connections`` wait here; more go back to the pool.
 
-    The list belongs to one process: after a fork it starts empty, and the inherited
+    The LIFO belongs to one process: after a fork it starts empty, and the inherited
     connections are dropped without touching their sockets.
     """
 
     def __init__(self) -> None:
-        self._idle: list[list[Any]] = []   # [connection, its socket, its reader]
+        self._idle: list[list[Any]] = []   # [connection, its socket, reader, poller]
         self._pid = os.getpid()
 
     def take(self, pool: Any) -> list[Any]:
@@ -543,11 +553,17 @@ class _Connections:
         try:
             return self._idle.pop()
         except IndexError:
-            return [pool.make_connection(), None, None]
+            return [pool.get_connection(), None, None, None]
 
-    def give(self, slot: list[Any]) -> None:
-        if getattr(slot[0], "pid", None) in (None, os.getpid()):
+    def give(self, slot: list[Any], pool: Any) -> None:
+        conn = slot[0]
+        if getattr(conn, "pid", None) not in (None, os.getpid()):
+            return
+        if len(self._idle) < max(1, int(getattr(pool, "max_connections", 100)) // 2):
             self._idle.append(slot)
+        else:
+            with contextlib.suppress(Exception):
+                pool.release(conn)
 
     def forget(self) -> None:
         self._idle = []
@@ -555,14 +571,42 @@ class _Connections:
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
-        for conn, _, _ in idle:
+        for slot in idle:
             with contextlib.suppress(Exception):
-                conn.disconnect()
+                slot[0].disconnect()
+
+
+_POLL_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(
+    select, "POLLRDHUP", 0)
+
+
+def _ready_socket(slot: list[Any]) -> Any:
+    """The slot's connection's socket, connected and clean, with its reader and poller
+    (new ones for a new socket); None when it isn't a plain socket we can drive."""
+    conn = slot[0]
+    sock = getattr(conn, "_sock", None)
+    if sock is not None and slot[1] is sock:
+        stale = bool(slot[3].poll(0)) or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
+        if stale:  # closed by the server (or bytes nobody asked for): start afresh
+            conn.disconnect()
+            sock = None
+    if sock is None:
+        conn.connect()  # the class's own connect (Sentinel: find the master first)
+    conn.check_health()  # a PING if the connection sat idle past the interval
+    sock = getattr(conn, "_sock", None)
+    if not (_hiredis_ok and isinstance(sock, socket.socket)
+            and str(getattr(conn, "protocol", 2) or 2) == "2"):
+        return None
+    if slot[1] is not sock:
+        poller = select.poll()
+        poller.register(sock, _POLL_EVENTS)
+        slot[1], slot[2], slot[3] = sock, hiredis.Reader(), poller
+    return sock
 
 
 def _read_replies(slot: list[Any], count: int) -> list[Any]:
     """``count`` replies from the slot's socket, error replies as redis-py exceptions."""
-    conn, sock, reader = slot
+    conn, sock, reader, _ = slot
     out: list[Any] = []
     while len(out) < count:
         reply = reader.gets()
@@ -575,6 +619,8 @@ def _read_replies(slot: list[Any], count: int) -> list[Any]:
         if isinstance(reply, hiredis.ReplyError):
             reply = _parse_error(str(reply))
         out.append(reply)
+    if reader.has_data():  # more than was asked for: never reuse this connection
+        conn.disconnect()
     if conn.health_check_interval:  # as redis-py does after each reply it reads
         conn.next_health_check = time.monotonic() + conn.health_check_interval
     return out
@@ -590,17 +636,11 @@ def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> li
     slot = conns.take(pool)
     conn = slot[0]
     try:
-        sock = getattr(conn, "_sock", None)
-        if sock is None:
-            conn.connect()  # the class's own connect (Sentinel: find the master first)
-        conn.check_health()  # a PING if the connection sat idle past the interval
-        sock = getattr(conn, "_sock", None)
-        if _hiredis_ok and isinstance(sock, socket.socket):
-            if slot[1] is not sock:  # a new socket: a new reader
-                slot[1], slot[2] = sock, hiredis.Reader()
+        sock = _ready_socket(slot)
+        if sock is not None:
             sock.sendall(_pack(cmds)[0])
             raw = _read_replies(slot, len(cmds))
-        else:  # not on a plain socket (fakeredis, client-side caching): redis-py's reads
+        else:  # not a plain RESP2 socket (fakeredis, RESP3, client-side caching): redis-py
             conn.send_packed_command(_pack(cmds))
             raw = []
             for _ in cmds:
@@ -615,7 +655,7 @@ def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> li
         conn.disconnect()  # replies may be left unread: never reuse this connection
         raise
     finally:
-        conns.give(slot)
+        conns.give(slot, pool)
     if error is not None:
         raise error
     out: list[Any] = []

@@ -184,8 +184,8 @@ def _server_reads(client: redis.Redis) -> int:
 def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     observer = redis_server.client()
-    store.ping()  # connect first (the pool's connection, and the batches' own)
-    store.batch().get("x").execute()
+    store.batch().get("x").execute()  # connect first: the batches' connection
+    store.ping()  # and one for plain commands
     before = _server_reads(observer)
     store.get("x")
     assert _server_reads(observer) - before - 1 == 1
@@ -203,6 +203,46 @@ def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     store.close()
 
 
+def test_batch_reconnects_a_connection_the_server_closed(tmp_path: Path) -> None:
+    # The server drops clients idle for 1 s (as after a restart, or behind a proxy): the
+    # next batch finds its idle connection closed before sending, and reconnects.
+    with RedisServer(tmp_path, extra_args=["--timeout", "1"]) as server:
+        store = RedisStore(server.url)
+        assert store.batch().set("k", b"v").get("k").execute() == [None, b"v"]
+        idle = store._conns._idle[0][1]
+        time.sleep(2.5)
+        assert store.batch().get("k").incr("n").execute() == [b"v", 1]
+        assert store._conns._idle[0][1] is not idle  # a new socket
+        store.close()
+
+
+def test_batch_connections_stay_within_the_pool(redis_server: RedisServer) -> None:
+    # Batch connections come from the pool (which counts them) and at most half its
+    # max_connections wait in the store: plain commands still get one.
+    store = RedisStore(redis_server.url, max_connections=2)
+    barrier = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def batches() -> None:
+        try:
+            barrier.wait(5)
+            for _ in range(50):
+                store.batch().incr("n").execute()
+        except BaseException as exc:  # MaxConnectionsError when both are busy: fine
+            errors.append(exc)
+
+    threads = [threading.Thread(target=batches) for _ in range(2)]
+    for t in threads:
+        t.start()
+    barrier.wait(5)
+    for t in threads:
+        t.join(10)
+    assert len(store._conns._idle) <= 1
+    assert store.get("n") is not None  # a plain command finds a connection
+    assert store.batch().get("n").execute()[0] is not None
+    store.close()
+
+
 def test_batches_on_resp3(redis_server: RedisServer) -> None:
     # The batch reader parses RESP3 replies too (maps, booleans), shaped as on RESP2.
     store = RedisStore(redis_server.url, protocol=3)
@@ -214,10 +254,10 @@ def test_batches_on_resp3(redis_server: RedisServer) -> None:
 
 def test_fork_child_uses_own_connection(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
-    store.set("k", b"parent")  # the parent now holds a pooled connection
-    parent_conn = store.client.connection_pool._available_connections[0]
-    store.batch().set("b", b"parent").execute()  # and a batch connection of its own
+    store.batch().set("b", b"parent").execute()  # the parent holds a batch connection
     batch_conn = store._conns._idle[0]
+    store.set("k", b"parent")  # and a pooled one
+    parent_conn = store.client.connection_pool._available_connections[0]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 1
