@@ -70,6 +70,40 @@ def test_a_good_frame_gives_its_text() -> None:
     assert chat.parse_message('{"text": "hello \u00e9", "extra": 1}') == "hello \u00e9"
 
 
+def test_a_client_that_stops_reading_is_cut_off() -> None:
+    # Its thread is stuck in send() on a full socket buffer and never looks at its
+    # queue: once MAX_BACKLOG messages pile up, the socket is shut down, which fails
+    # that send, so the thread (and its place) is freed.
+    import socket
+
+    ours, theirs = socket.socketpair()  # "theirs" never reads
+    ours.settimeout(20)
+    client = chat._Client()
+    client.sock = ours
+    outcome: list[BaseException | None] = []
+
+    def stuck_send() -> None:
+        try:
+            while True:
+                ours.sendall(b"x" * 65536)
+        except OSError as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=stuck_send, daemon=True)
+    sender.start()
+    time.sleep(0.2)
+    assert sender.is_alive()  # blocked: the buffer is full
+    started = time.monotonic()
+    for i in range(chat.MAX_BACKLOG + 1):
+        client.push(f"message {i}")
+    assert client.too_slow
+    sender.join(chat.CLOSE_WAIT + 5)
+    assert not sender.is_alive() and outcome and not isinstance(outcome[0], TimeoutError)
+    assert time.monotonic() - started >= chat.CLOSE_WAIT - 0.1  # first its chance to close
+    ours.close()
+    theirs.close()
+
+
 def test_the_fanout_follows_the_state_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CHAT_URL", raising=False)
     assert chat.chat_url("sqlite:////tmp/x.db") is None

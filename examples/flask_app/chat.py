@@ -333,6 +333,7 @@ class _Client:
     def __init__(self) -> None:
         self.inbox: queue.SimpleQueue[str | _Signal] = queue.SimpleQueue()
         self.too_slow = False
+        self.sock: socket.socket | None = None  # set once the handshake is done
 
     def make_event(self) -> threading.Event:
         return _WakeEvent(self.inbox)
@@ -343,8 +344,21 @@ class _Client:
         if self.inbox.qsize() >= MAX_BACKLOG:
             self.too_slow = True
             self.inbox.put(_Signal.WAKE)
+            # Its thread may be stuck in send() to a client that stopped reading, and
+            # never see the signal: cut the connection if it hasn't gone by then.
+            timer = threading.Timer(CLOSE_WAIT, self.abort)
+            timer.daemon = True
+            timer.start()
             return
         self.inbox.put(frame)
+
+    def abort(self) -> None:
+        """Shut the socket down: a send() blocked on a full buffer fails at once."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _finish(ws: simple_websocket.Server) -> None:
@@ -472,6 +486,12 @@ class Chat:
                 log.exception("chat: could not close a Socket.IO client of slot %s", worker.slot)
         log.info("chat: slot %s is stopping: closed %s WebSocket and %s Socket.IO client(s)",
                  worker.slot, len(clients), len(sockets))
+        # A client thread stuck in send() (its client stopped reading) never sees STOP.
+        time.sleep(CLOSE_WAIT)
+        with self._lock:
+            stuck = list(self._clients)
+        for client in stuck:
+            client.abort()
 
     # -- messages -------------------------------------------------------------------
 
@@ -541,6 +561,7 @@ class Chat:
         except Exception as exc:
             log.warning("chat: WebSocket handshake failed: %s", exc)
             return
+        client.sock = ws.sock
         with self._lock:
             self._clients.add(client)
         try:
