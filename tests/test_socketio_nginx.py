@@ -9,7 +9,9 @@ poll of that Engine.IO session reaches the same worker (else: "Session ID unknow
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +47,9 @@ def _session(url: str) -> tuple[dict[str, int], str | None]:
         http.close()
 
 
-@pytest.mark.slow
-def test_polling_clients_stay_on_one_worker_through_nginx(
-        gunicorn_factory: Callable[..., Gunicorn], nginx_site: Callable[..., Any]) -> None:
+def _two_instances(gunicorn_factory: Callable[..., Gunicorn]) -> tuple[list[Gunicorn], list[int], str, int]:
+    """Two instances of 2 workers with per-worker ports: (instances, their port bases,
+    the rendered nginx config with the four worker ports as backends, its port)."""
     bases = [free_port_pair(), free_port_pair()]
     while bases[1] in (bases[0] - 1, bases[0], bases[0] + 1):
         bases[1] = free_port_pair()
@@ -61,10 +63,16 @@ def test_polling_clients_stay_on_one_worker_through_nginx(
     for port in worker_ports:  # each worker port pins to itself
         r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert r.cookies.get("gx_route") == route_name(f"127.0.0.1:{port}")
-
-    backends = [f"127.0.0.1:{p}" for p in worker_ports]
     listen = free_port()
-    conf = render(backends=backends, listen=listen, server_name="127.0.0.1", default_server=False)
+    conf = render(backends=[f"127.0.0.1:{p}" for p in worker_ports], listen=listen,
+                  server_name="127.0.0.1", default_server=False)
+    return instances, bases, conf, listen
+
+
+@pytest.mark.slow
+def test_polling_clients_stay_on_one_worker_through_nginx(
+        gunicorn_factory: Callable[..., Gunicorn], nginx_site: Callable[..., Any]) -> None:
+    instances, bases, conf, listen = _two_instances(gunicorn_factory)
     with nginx_site(conf, listen) as ngx:
         url = f"http://127.0.0.1:{listen}"
         pids = [set(g.worker_pids()) for g in instances]
@@ -99,3 +107,48 @@ def test_polling_clients_stay_on_one_worker_through_nginx(
         for g in instances:
             text = g.log_text()
             assert "Session ID unknown" not in text and "Invalid session" not in text, g.log_text_tail()
+
+
+@pytest.mark.slow
+def test_polling_client_repins_when_its_instance_dies(
+        gunicorn_factory: Callable[..., Gunicorn], nginx_site: Callable[..., Any]) -> None:
+    # A long-polling client pinned to a worker of one instance; that instance is
+    # SIGKILLed. nginx falls back to the pool, the worker that answers re-pins the
+    # client, and python-socketio's reconnection opens a new session there.
+    instances, bases, conf, listen = _two_instances(gunicorn_factory)
+    with nginx_site(conf, listen) as ngx:
+        http = requests.Session()
+        sio = socketio.Client(reconnection=True, reconnection_delay=0.2,
+                              reconnection_delay_max=1, http_session=http)
+        connects: list[float] = []
+        sio.on("connect", lambda: connects.append(time.monotonic()), namespace="/chat")
+        try:
+            sio.connect(f"http://127.0.0.1:{listen}", transports=["polling"],
+                        namespaces=["/chat"], wait_timeout=5)
+            first = sio.call("where", namespace="/chat", timeout=5)
+            dead = next(i for i, g in enumerate(instances) if first["pid"] in g.worker_pids())
+            alive = 1 - dead
+            alive_pids = set(instances[alive].worker_pids())
+            os.killpg(instances[dead].pgid, signal.SIGKILL)
+
+            def repinned() -> dict[str, int] | None:
+                if len(connects) < 2:
+                    return None
+                try:
+                    where: dict[str, int] = sio.call("where", namespace="/chat", timeout=2)
+                except socketio.exceptions.SocketIOError:
+                    return None
+                return where
+
+            try:
+                second = wait_for(repinned, 20, what="the client back on the other instance")
+            except Exception:
+                pytest.fail(f"no re-pin; nginx:\n{tail(ngx / 'error.log')}", pytrace=False)
+            assert second["pid"] in alive_pids
+            assert http.cookies.get("gx_route") == route_name(
+                f"127.0.0.1:{bases[alive] + second['slot']}")
+            for _ in range(5):  # and it goes on, on that one worker
+                assert sio.call("where", namespace="/chat", timeout=5)["pid"] == second["pid"]
+        finally:
+            sio.disconnect()
+            http.close()
