@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -55,6 +54,7 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
+import _wrk  # noqa: E402
 from harness import Gunicorn, running_gunicorn  # noqa: E402
 from plot import Bar, Panel, write_svg  # noqa: E402
 
@@ -329,32 +329,6 @@ def node_run(node: str, n_oneway: int, n_rtt: int) -> dict[str, Any]:
 # -------------------------------------------------------------- load generator
 
 
-def _wrk_rps(wrk: str, url: str, seconds: float, connections: int) -> dict[str, Any]:
-    # wrk takes whole seconds only.
-    cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", url]
-    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                        stdin=subprocess.DEVNULL)
-    if cp.returncode != 0:
-        raise RuntimeError(f"wrk failed (rc={cp.returncode}): {(cp.stderr or cp.stdout)[-1000:]}")
-    m = re.search(r"Requests/sec:\s*([\d.]+)", cp.stdout)
-    if not m:
-        raise RuntimeError(f"no Requests/sec in wrk output:\n{cp.stdout}")
-    reqs = re.search(r"(\d+) requests in", cp.stdout)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", cp.stdout)
-    sock_err = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                         cp.stdout)
-    return {
-        "rps": float(m.group(1)),
-        "requests": int(reqs.group(1)) if reqs else None,
-        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-        # A sync worker closes every connection after its response; wrk may count
-        # those EOFs as read errors, so only connect/write/timeout errors matter.
-        "socket_errors": ({k: int(v) for k, v in zip(("connect", "read", "write", "timeout"),
-                                                       sock_err.groups(), strict=True)}
-                          if sock_err else {}),
-    }
-
-
 _REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
@@ -502,7 +476,7 @@ def _server_cpu(g: Gunicorn) -> float | None:
 def measure_hello(log_dir: Path, wrk: str | None) -> dict[str, Any]:
     if wrk:
         def load(url: str, seconds: float) -> dict[str, Any]:
-            return _wrk_rps(wrk, url, seconds, HELLO_CONNECTIONS)
+            return _wrk.run(wrk, url, seconds, HELLO_CONNECTIONS)
     else:
         def load(url: str, seconds: float) -> dict[str, Any]:
             return _py_rps(url, seconds, HELLO_CONNECTIONS)
@@ -746,6 +720,8 @@ def main() -> int:
         "hello_at_least_97pct_plain": None if r["hello_vs_plain"] is None
         else r["hello_vs_plain"] >= TARGET_HELLO_VS_PLAIN,
     }
+    # A sync worker closes every connection after its response; wrk may count those
+    # EOFs as read errors, so only connect/write/timeout errors matter.
     bad_http = sum(x.get("non_2xx", 0) + sum(v for k, v in x.get("socket_errors", {}).items()
                                             if k != "read")
                    for rs in hello.values() for x in rs)

@@ -44,6 +44,7 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
+import _wrk  # noqa: E402
 from harness import Gunicorn, free_port, running_gunicorn, running_nginx, wait_for  # noqa: E402
 from plot import Bar, Panel, write_svg  # noqa: E402
 
@@ -60,24 +61,6 @@ COOKIE = "gx_route"
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def wrk_rps(wrk: str, url: str, seconds: int, headers: tuple[str, ...] = ()) -> dict[str, Any]:
-    cmd = [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s"]
-    for h in headers:
-        cmd += ["-H", h]
-    cmd.append(url)
-    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                        stdin=subprocess.DEVNULL)
-    if cp.returncode != 0:
-        raise RuntimeError(f"wrk failed (rc={cp.returncode}): {(cp.stderr or cp.stdout)[-1000:]}")
-    m = re.search(r"Requests/sec:\s*([\d.]+)", cp.stdout)
-    if not m:
-        raise RuntimeError(f"no Requests/sec in wrk output:\n{cp.stdout}")
-    reqs = re.search(r"(\d+) requests in", cp.stdout)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", cp.stdout)
-    return {"rps": float(m.group(1)), "requests": int(reqs.group(1)) if reqs else None,
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
 
 
 @contextlib.contextmanager
@@ -150,14 +133,14 @@ def main() -> int:
             # The direct baseline carries the same cookie, so RouteCookie adds no
             # Set-Cookie there either: it differs from nginx_pinned only by nginx.
             for url, hdrs in loads.values():  # warm up
-                wrk_rps(wrk, url, 1, hdrs)
+                _wrk.run(wrk, url, 1, CONNECTIONS, hdrs)
             log(f"req/s, {ROUNDS} rounds of {SECONDS}s, wrk -c{CONNECTIONS}, alternating; "
                 f"backends {route_a} and {route_b} ({WORKERS} sync workers each)")
             for r in range(ROUNDS):
                 order = list(loads) if r % 2 == 0 else list(reversed(loads))
                 for key in order:
                     url, hdrs = loads[key]
-                    res = wrk_rps(wrk, url, SECONDS, hdrs)
+                    res = _wrk.run(wrk, url, SECONDS, CONNECTIONS, hdrs)
                     if res["non_2xx"]:
                         errors.append(f"{key} round {r + 1}: {res['non_2xx']} non-2xx responses")
                     rounds[key].append(res)

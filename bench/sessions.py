@@ -19,9 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
+import _wrk  # noqa: E402
 from harness import RedisServer, running_gunicorn  # noqa: E402
 from plot import Bar, Panel, write_svg  # noqa: E402
 
@@ -66,23 +65,15 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _wrk(url: str, cookie: str) -> tuple[float, int]:
+def _load(url: str, cookie: str) -> tuple[float, int]:
     """(req/s, requests completed)."""
     wrk = shutil.which("wrk")
     if wrk is None:
         return _py_load(url, cookie)
-    cmd = [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--timeout", "5s",
-           "-H", f"Cookie: {cookie}", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 30,
-                         stdin=subprocess.DEVNULL, check=True).stdout
-    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if not m:
-        raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
-    bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
-    if bad and int(bad.group(1)):
-        raise RuntimeError(f"{bad.group(1)} failed responses from {url}")
-    done = re.search(r"(\d+) requests in", out)
-    return float(m.group(1)), int(done.group(1)) if done else 0
+    res = _wrk.run(wrk, url, SECONDS, CONNECTIONS, (f"Cookie: {cookie}",))
+    if res["non_2xx"]:
+        raise RuntimeError(f"{res['non_2xx']} failed responses from {url}")
+    return res["rps"], res["requests"] or 0
 
 
 def _py_load(url: str, cookie: str) -> tuple[float, int]:
@@ -141,7 +132,7 @@ def main() -> int:
                     for endpoint in ("write", "read"):
                         r.config_resetstat()
                         cpu0 = _cpu_seconds(pids)
-                        rps, n = _wrk(g.url(f"/{endpoint}"), cookie)
+                        rps, n = _load(g.url(f"/{endpoint}"), cookie)
                         cpu_req = (_cpu_seconds(pids) - cpu0) / n * 1e6 if n else 0.0
                         results[impl][endpoint].append(rps)
                         cpu_us[impl][endpoint].append(cpu_req)
