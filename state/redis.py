@@ -503,11 +503,10 @@ class RedisBatch(Batch):
         return results
 
 
-def _pack(cmds: list[tuple[Any, ...]]) -> list[bytes]:
+def _pack(cmds: list[tuple[Any, ...]]) -> bytes:
     """RESP-encode ``cmds`` (arguments are str, bytes or int: all a batch queues).
 
-    A few microseconds where redis-py's general ``pack_commands`` takes tens. One
-    buffer in a list, the shape ``send_packed_command`` takes from ``pack_commands``.
+    A few microseconds where redis-py's general ``pack_commands`` takes tens.
     """
     out: list[bytes] = []
     for cmd in cmds:
@@ -520,7 +519,7 @@ def _pack(cmds: list[tuple[Any, ...]]) -> list[bytes]:
             elif not isinstance(arg, bytes):
                 raise TypeError(f"cannot send {type(arg).__name__} to redis")
             out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return [b"".join(out)]
+    return b"".join(out)
 
 
 class _Connections:
@@ -544,23 +543,23 @@ class _Connections:
     """
 
     def __init__(self) -> None:
-        self._idle: list[list[Any]] = []   # [connection, its socket, reader, poller]
+        self._idle: list[_Wire] = []
         self._pid = os.getpid()
 
-    def take(self, pool: Any) -> list[Any]:
+    def take(self, pool: Any) -> _Wire:
         if self._pid != os.getpid():
             self.forget()
         try:
             return self._idle.pop()
         except IndexError:
-            return [pool.get_connection(), None, None, None]
+            return _Wire(pool.get_connection())
 
-    def give(self, slot: list[Any], pool: Any) -> None:
-        conn = slot[0]
+    def give(self, wire: _Wire, pool: Any) -> None:
+        conn = wire.conn
         if getattr(conn, "pid", None) not in (None, os.getpid()):
             return
         if len(self._idle) < max(1, int(getattr(pool, "max_connections", 100)) // 2):
-            self._idle.append(slot)
+            self._idle.append(wire)
         else:
             with contextlib.suppress(Exception):
                 pool.release(conn)
@@ -571,59 +570,73 @@ class _Connections:
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
-        for slot in idle:
+        for wire in idle:
             with contextlib.suppress(Exception):
-                slot[0].disconnect()
+                wire.conn.disconnect()
 
 
 _POLL_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(
     select, "POLLRDHUP", 0)
 
 
-def _ready_socket(slot: list[Any]) -> Any:
-    """The slot's connection's socket, connected and clean, with its reader and poller
-    (new ones for a new socket); None when it isn't a plain socket we can drive."""
-    conn = slot[0]
-    sock = getattr(conn, "_sock", None)
-    if sock is not None and slot[1] is sock:
-        stale = bool(slot[3].poll(0)) or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
-        if stale:  # closed by the server (or bytes nobody asked for): start afresh
-            conn.disconnect()
+class _Wire:
+    """One batch connection, and how a batch drives its current socket.
+
+    Whether the socket can be driven directly (a plain socket speaking RESP2, with
+    hiredis at hand) is decided once per socket, when it is new; then it gets its
+    own reader and a poller for the staleness check.
+    """
+
+    __slots__ = ("conn", "sock", "reader", "poller")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.sock: Any = None
+        self.reader: Any = None   # a hiredis.Reader when the socket is driven directly
+        self.poller: Any = None
+
+    def ready(self) -> bool:
+        """Connect if needed, clean; True when the batch may drive the socket itself."""
+        conn = self.conn
+        sock = getattr(conn, "_sock", None)
+        if sock is not None and sock is self.sock and self.poller is not None and (
+                self.poller.poll(0) or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)):
+            conn.disconnect()  # closed by the server (or bytes nobody asked for): afresh
             sock = None
-    if sock is None:
-        conn.connect()  # the class's own connect (Sentinel: find the master first)
-    conn.check_health()  # a PING if the connection sat idle past the interval
-    sock = getattr(conn, "_sock", None)
-    if not (_hiredis_ok and isinstance(sock, socket.socket)
-            and str(getattr(conn, "protocol", 2) or 2) == "2"):
-        return None
-    if slot[1] is not sock:
-        poller = select.poll()
-        poller.register(sock, _POLL_EVENTS)
-        slot[1], slot[2], slot[3] = sock, hiredis.Reader(), poller
-    return sock
+        if sock is None:
+            conn.connect()  # the class's own connect (Sentinel: find the master first)
+        conn.check_health()  # a PING if the connection sat idle past the interval
+        sock = getattr(conn, "_sock", None)
+        if sock is not self.sock:
+            self.sock = sock
+            self.reader = self.poller = None
+            if (_hiredis_ok and isinstance(sock, socket.socket)
+                    and str(getattr(conn, "protocol", 2) or 2) == "2"):
+                self.reader = hiredis.Reader()
+                self.poller = select.poll()
+                self.poller.register(sock, _POLL_EVENTS)
+        return self.reader is not None
 
-
-def _read_replies(slot: list[Any], count: int) -> list[Any]:
-    """``count`` replies from the slot's socket, error replies as redis-py exceptions."""
-    conn, sock, reader, _ = slot
-    out: list[Any] = []
-    while len(out) < count:
-        reply = reader.gets()
-        if reply is False:
-            data = sock.recv(65536)
-            if not data:
-                raise rexc.ConnectionError("redis closed the connection")
-            reader.feed(data)
-            continue
-        if isinstance(reply, hiredis.ReplyError):
-            reply = _parse_error(str(reply))
-        out.append(reply)
-    if reader.has_data():  # more than was asked for: never reuse this connection
-        conn.disconnect()
-    if conn.health_check_interval:  # as redis-py does after each reply it reads
-        conn.next_health_check = time.monotonic() + conn.health_check_interval
-    return out
+    def read_replies(self, count: int) -> list[Any]:
+        """``count`` replies from the socket, error replies as redis-py exceptions."""
+        conn, sock, reader = self.conn, self.sock, self.reader
+        out: list[Any] = []
+        while len(out) < count:
+            reply = reader.gets()
+            if reply is False:
+                data = sock.recv(65536)
+                if not data:
+                    raise rexc.ConnectionError("redis closed the connection")
+                reader.feed(data)
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                reply = _parse_error(str(reply))
+            out.append(reply)
+        if reader.has_data():  # more than was asked for: never reuse this connection
+            conn.disconnect()
+        if conn.health_check_interval:  # as redis-py does after each reply it reads
+            conn.next_health_check = time.monotonic() + conn.health_check_interval
+        return out
 
 
 def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> list[Any]:
@@ -633,15 +646,14 @@ def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> li
     costs more than the round trip itself on loopback. Replies are shaped as
     the pipeline's callbacks would shape them, so the converters are shared.
     """
-    slot = conns.take(pool)
-    conn = slot[0]
+    wire = conns.take(pool)
+    conn = wire.conn
     try:
-        sock = _ready_socket(slot)
-        if sock is not None:
-            sock.sendall(_pack(cmds)[0])
-            raw = _read_replies(slot, len(cmds))
+        if wire.ready():
+            wire.sock.sendall(_pack(cmds))
+            raw = wire.read_replies(len(cmds))
         else:  # not a plain RESP2 socket (fakeredis, RESP3, client-side caching): redis-py
-            conn.send_packed_command(_pack(cmds))
+            conn.send_packed_command([_pack(cmds)])
             raw = []
             for _ in cmds:
                 try:
@@ -655,7 +667,7 @@ def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> li
         conn.disconnect()  # replies may be left unread: never reuse this connection
         raise
     finally:
-        conns.give(slot, pool)
+        conns.give(wire, pool)
     if error is not None:
         raise error
     out: list[Any] = []

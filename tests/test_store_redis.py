@@ -209,10 +209,10 @@ def test_batch_reconnects_a_connection_the_server_closed(tmp_path: Path) -> None
     with RedisServer(tmp_path, extra_args=["--timeout", "1"]) as server:
         store = RedisStore(server.url)
         assert store.batch().set("k", b"v").get("k").execute() == [None, b"v"]
-        idle = store._conns._idle[0][1]
+        idle = store._conns._idle[0].sock
         time.sleep(2.5)
         assert store.batch().get("k").incr("n").execute() == [b"v", 1]
-        assert store._conns._idle[0][1] is not idle  # a new socket
+        assert store._conns._idle[0].sock is not idle  # a new socket
         store.close()
 
 
