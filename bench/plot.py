@@ -153,7 +153,11 @@ def bar_chart_svg(title: str, panels: Sequence[Panel], panel_width: float = 320.
 def write_svg(path: str | os.PathLike[str], title: str, panels: Sequence[Panel],
               **kw: float) -> str:
     """Write the chart to ``path`` (directories created); return the path."""
-    svg = bar_chart_svg(title, panels, **kw)
+    return save_svg(path, bar_chart_svg(title, panels, **kw))
+
+
+def save_svg(path: str | os.PathLike[str], svg: str) -> str:
+    """Write ``svg`` to ``path`` atomically (directories created); return the path."""
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     tmp = f"{os.fspath(path)}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

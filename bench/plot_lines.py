@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-from plot import format_value  # the same number format as the bar charts
+from plot import format_value, save_svg  # the same number format as the bar charts
 
 __all__ = ["Series", "Span", "Marker", "line_chart_svg", "write_line_svg"]
 
@@ -189,13 +189,7 @@ def line_chart_svg(title: str, series: Sequence[Series], *, x_label: str = "", y
 def write_line_svg(path: str | os.PathLike[str], title: str, series: Sequence[Series],
                    **kw: object) -> str:
     """Write the chart to ``path`` (directories created); return the path."""
-    svg = line_chart_svg(title, series, **kw)  # type: ignore[arg-type]
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(svg)
-    os.replace(tmp, path)
-    return os.fspath(path)
+    return save_svg(path, line_chart_svg(title, series, **kw))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":  # `make bench` runs bench/*.py; this one is a helper
