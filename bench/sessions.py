@@ -1,4 +1,4 @@
-"""Sessions: state.flask vs Flask-Session 0.8 vs Flask's cookie session, in one run.
+"""Sessions: gunicorn_ext.state.flask vs Flask-Session 0.8 vs Flask's cookie session, in one run.
 
 Each backend serves the same app (bench/sessions_app.py) from real Gunicorn
 (2 sync workers) against the same real redis-server. Measured per backend:
@@ -40,7 +40,7 @@ from harness import RedisServer, running_gunicorn  # noqa: E402
 from plot import Bar, Panel, write_svg  # noqa: E402
 
 IMPLS = ("ours", "flask_session", "cookie")
-LABELS = {"ours": "gunicorn-ext state.flask", "flask_session": "Flask-Session 0.8",
+LABELS = {"ours": "gunicorn-ext gunicorn_ext.state.flask", "flask_session": "Flask-Session 0.8",
           "cookie": "Flask cookie session"}
 SECONDS = int(os.environ.get("BENCH_SESSION_SECONDS", "3"))
 ROUNDS = int(os.environ.get("BENCH_SESSION_ROUNDS", "3"))

@@ -1,6 +1,6 @@
 """Flask app for bench/sessions.py: the same two endpoints on three session backends.
 
-SESSION_IMPL picks the backend: "ours" (state.flask on REDIS_URL), "flask_session"
+SESSION_IMPL picks the backend: "ours" (gunicorn_ext.state.flask on REDIS_URL), "flask_session"
 (Flask-Session 0.8, SESSION_TYPE=redis on the same Redis) or "cookie" (Flask's
 signed-cookie session).
 """
@@ -19,7 +19,7 @@ app = Flask(__name__)
 app.secret_key = "bench-secret-key-not-for-production"
 
 if IMPL == "ours":
-    from state.flask import Session
+    from gunicorn_ext.state.flask import Session
 
     app.config["SESSION_URL"] = REDIS_URL
     Session(app)

@@ -1,6 +1,6 @@
 """Shared state for stateless workers: a small store interface with Redis and SQLite
 backends, shared primitives (counters, TTL cache, locks) and Flask server-side sessions
-(``from state.flask import Session``)."""
+(``from gunicorn_ext.state.flask import Session``)."""
 
 from .store import Batch, LockTimeout, Store, StoreError, StoreUnavailable, open_store
 

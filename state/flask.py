@@ -28,7 +28,7 @@ unsigned cookie is simply a new empty session, without a store lookup.
 login, against fixation); ``session.destroy()`` deletes the session and its cookie.
 
 When the store is unavailable, requests that touch the session (or raise
-:class:`~state.store.StoreUnavailable` from app code) get ``503`` with ``Retry-After: 5``
+:class:`~gunicorn_ext.state.store.StoreUnavailable` from app code) get ``503`` with ``Retry-After: 5``
 and ``{"error": "session store unavailable"}``; requests that don't touch it are
 unaffected. A session larger than ``SESSION_MAX_SIZE`` raises :class:`SessionTooLarge`
 (a 500 unless the app handles it) and nothing of it is written.
@@ -254,7 +254,7 @@ class ServerSession(SessionMixin):
 
 
 class StoreSessionInterface(SessionInterface):
-    """Flask's session interface over a :class:`~state.store.Store`."""
+    """Flask's session interface over a :class:`~gunicorn_ext.state.store.Store`."""
 
     def __init__(self, store: Store, *, key_prefix: str = DEFAULT_PREFIX,
                  permanent: bool = True, id_length: int = DEFAULT_ID_LENGTH,
@@ -429,7 +429,7 @@ def _on_store_unavailable(exc: StoreUnavailable) -> Response:
 class Session:
     """``Session(app)`` or ``Session().init_app(app)``: server-side sessions for ``app``.
 
-    ``store`` (a :class:`~state.store.Store`) overrides the configuration's store.
+    ``store`` (a :class:`~gunicorn_ext.state.store.Store`) overrides the configuration's store.
     """
 
     def __init__(self, app: Flask | None = None, store: Store | None = None) -> None:

@@ -22,8 +22,8 @@
   had within ``blocking_timeout`` (None: wait forever, 0: don't wait). :func:`lock` is
   the same as a function.
 
-Every call raises :class:`~state.store.StoreUnavailable` when the backend can't be
-reached (a Flask app using :class:`state.flask.Session` answers it with a 503).
+Every call raises :class:`~gunicorn_ext.state.store.StoreUnavailable` when the backend can't be
+reached (a Flask app using :class:`gunicorn_ext.state.flask.Session` answers it with a 503).
 """
 
 from __future__ import annotations

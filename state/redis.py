@@ -14,7 +14,7 @@ URL forms:
 
 Defaults: 2 s socket and connect timeouts, a health check of idle connections after
 30 s, RESP2, and no automatic retries, so an outage shows in milliseconds (as
-:class:`~state.store.StoreUnavailable`) rather than after redis-py's retry loop. Keyword
+:class:`~gunicorn_ext.state.store.StoreUnavailable`) rather than after redis-py's retry loop. Keyword
 options override them and are passed to the client.
 
 Every redis-py error is mapped: unreachable/timeouts/loading/failover errors to
@@ -135,7 +135,7 @@ def _none(_: Any) -> None:
 
 
 class RedisStore(Store):
-    """A :class:`~state.store.Store` on Redis (plain, TLS, unix socket, Sentinel, Cluster).
+    """A :class:`~gunicorn_ext.state.store.Store` on Redis (plain, TLS, unix socket, Sentinel, Cluster).
 
     ``client=`` uses a ready redis-py compatible client instead (e.g. fakeredis); it
     must be created with ``decode_responses=False``.

@@ -1,4 +1,4 @@
-"""The behaviour every :class:`state.store.Store` backend must share.
+"""The behaviour every :class:`gunicorn_ext.state.store.Store` backend must share.
 
 Plain functions taking a fresh, empty store, so any backend's tests can run them::
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
-from state.store import LockTimeout, Store
+from gunicorn_ext.state.store import LockTimeout, Store
 
 SHORT = 0.3  # seconds: a TTL that expires within the test
 WAIT = SHORT + 0.15  # how long to sleep to be past it

@@ -1,4 +1,4 @@
-"""Flask server-side sessions (state.flask) over memory:// and sqlite:// stores."""
+"""Flask server-side sessions (gunicorn_ext.state.flask) over memory:// and sqlite:// stores."""
 
 from __future__ import annotations
 
@@ -15,8 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markupsafe import Markup
 
-from state.flask import SALT, ServerSession, Session, SessionTooLarge, StoreSessionInterface
-from state.store import Batch, Store, StoreUnavailable, open_store
+from gunicorn_ext.state.flask import (
+    SALT,
+    ServerSession,
+    Session,
+    SessionTooLarge,
+    StoreSessionInterface,
+)
+from gunicorn_ext.state.store import Batch, Store, StoreUnavailable, open_store
 
 # -- a store wrapper that records every call (and can be switched off) -------------------
 
@@ -609,7 +615,7 @@ _values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(_values)
 def test_values_round_trip_through_storage(value: Any) -> None:
-    from state.flask import _dumps, _loads
+    from gunicorn_ext.state.flask import _dumps, _loads
 
     raw = _dumps(value)
     assert isinstance(raw, bytes)

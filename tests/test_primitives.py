@@ -1,4 +1,4 @@
-"""Shared primitives (state.primitives) on memory:// and sqlite:// stores."""
+"""Shared primitives (gunicorn_ext.state.primitives) on memory:// and sqlite:// stores."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from state.flask import Session
-from state.primitives import Counter, LockTimeout, TTLCache, lock
-from state.store import Store, StoreUnavailable, open_store
+from gunicorn_ext.state.flask import Session
+from gunicorn_ext.state.primitives import Counter, LockTimeout, TTLCache, lock
+from gunicorn_ext.state.store import Store, StoreUnavailable, open_store
 
 
 @pytest.fixture(params=["memory", "sqlite"])

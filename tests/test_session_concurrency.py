@@ -1,5 +1,5 @@
 """Two overlapping requests change different session keys: Flask-Session 0.8 loses one
-(it rewrites the whole blob, its #71); state.flask keeps both (per-key writes).
+(it rewrites the whole blob, its #71); gunicorn_ext.state.flask keeps both (per-key writes).
 Real Gunicorn (gthread), real redis-server and SQLite, real HTTP."""
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_contract import ALL_CHECKS
 
-from state.memory import MemoryStore
-from state.sqlite import SQLiteStore, sqlite_path
-from state.store import Store, StoreUnavailable, open_store
+from gunicorn_ext.state.memory import MemoryStore
+from gunicorn_ext.state.sqlite import SQLiteStore, sqlite_path
+from gunicorn_ext.state.store import Store, StoreUnavailable, open_store
 
 
 def sqlite_url(path: Path) -> str:

@@ -20,8 +20,8 @@ from harness import RedisServer, find_binary, free_port, wait_for
 from redis.cluster import RedisCluster
 from redis.sentinel import Sentinel, SentinelManagedSSLConnection
 
-from state.redis import RedisStore, redact_url
-from state.store import LockTimeout, StoreError, StoreUnavailable, open_store
+from gunicorn_ext.state.redis import RedisStore, redact_url
+from gunicorn_ext.state.store import LockTimeout, StoreError, StoreUnavailable, open_store
 
 PASSWORD = "s3cr3t-pw"
 

@@ -11,9 +11,9 @@ from flask import Flask, Response, jsonify, request, session
 
 import gunicorn_ext
 from gunicorn_ext import worker
-from state import open_store
-from state.flask import Session
-from state.primitives import Counter
+from gunicorn_ext.state import open_store
+from gunicorn_ext.state.flask import Session
+from gunicorn_ext.state.primitives import Counter
 
 app = Flask(__name__)
 INSTANCE = os.environ.get("INSTANCE", "local")

@@ -425,7 +425,7 @@ class Chat:
             self.fanout = RedisFanout(self.url, self.deliver)
             manager = socketio.RedisManager(self.url, channel=SOCKETIO_CHANNEL,
                                             redis_options={"socket_connect_timeout": 2.0})
-        # manage_session=False: Flask sessions are server-side already (state.flask), and
+        # manage_session=False: Flask sessions are server-side already (gunicorn_ext.state.flask), and
         # a Socket.IO event should not load one it never reads.
         self.socketio = SocketIO(app, async_mode="threading", client_manager=manager,
                                  cors_allowed_origins=("*" if "*" in self.allowed_origins

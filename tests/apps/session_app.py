@@ -15,7 +15,7 @@ app = Flask(__name__)
 app.secret_key = "test-secret-key"
 
 if IMPL == "ours":
-    from state.flask import Session
+    from gunicorn_ext.state.flask import Session
 
     app.config["SESSION_URL"] = STATE_URL
     Session(app)
