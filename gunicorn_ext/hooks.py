@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .deadlines import Deadlines
 from .dispatch import DispatchedListener, Dispatcher, dispatched
 from .ipc.bus import worker as worker_bus
 from .ipc.hub import primary
@@ -31,6 +32,8 @@ reporter: Reporter | None = None
 dispatcher = Dispatcher(primary)
 #: This worker's end of it (None in the primary, or when even_spread is off).
 dispatched_listener: DispatchedListener | None = None
+#: This worker's request deadlines (None in the primary, or when request_timeout is 0).
+deadlines: Deadlines | None = None
 
 
 def _slot_of(w: Any) -> int | None:
@@ -134,7 +137,14 @@ def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
+    global deadlines
     worker_bus.start()
+    timeout = supervisor.settings.request_timeout
+    if timeout and reporter is not None:
+        deadlines = Deadlines(timeout, worker, reporter.recycle,
+                              lambda: worker_exit(None, worker), worker.log)
+        worker.wsgi = deadlines.wrap(worker.wsgi)  # the app is loaded; workers call worker.wsgi
+        deadlines.start()
     if reporter is not None:
         reporter.start()
     if dispatched_listener is not None:
@@ -149,6 +159,8 @@ def pre_request(worker: Any, req: Any) -> None:
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    if deadlines is not None:
+        deadlines.finished()
     worker_bus.flush()  # one-way messages batched during the request leave with it
     if reporter is not None:
         reporter.post_request()

@@ -88,6 +88,12 @@ class Settings:
     max_lifetime: float = 0.0
     max_lifetime_jitter: float = 0.0
 
+    # -- request deadlines
+    #: A request running longer than this (seconds) has its stack logged, gets 503
+    #: when nothing was sent yet, and its worker is recycled gracefully. 0: off.
+    #: WebSocket upgrades are exempt.
+    request_timeout: float = 0.0
+
     # -- rolling reload
     #: Workers replaced at a time by ``gunicorn-ext reload --rolling``.
     reload_batch: int = 1

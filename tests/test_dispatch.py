@@ -44,7 +44,7 @@ def test_example_spreads_requests_evenly(gunicorn_factory: Any, worker_class: st
 
 def _spread_app(gunicorn_factory: Any, **env: str) -> Gunicorn:
     env.setdefault("WORKERS", "2")
-    g = gunicorn_factory("spread_app:app", config=APPS / "spread_conf.py", cwd=APPS,
+    g = gunicorn_factory("hold_app:app", config=APPS / "hold_conf.py", cwd=APPS,
                          workers=int(env["WORKERS"]), env=env, health_path="/pid")
     g.wait_workers()
     pids = set(g.worker_pids())

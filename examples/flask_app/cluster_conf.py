@@ -36,4 +36,7 @@ if not os.environ.get("SECRET_KEY"):
         "SECRET_KEY is not set: using a development key; set it in production")
 
 # WORKER_PORTS_BASE=9000: slot N also listens on 9000+N (nginx can pin a client to a worker).
-gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")))
+# REQUEST_TIMEOUT: a request running longer has its stack logged, gets 503, and its worker
+# is recycled (Socket.IO's long-polling holds a request up to 25 s; WebSockets are exempt).
+gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
+                    request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")))

@@ -1,4 +1,4 @@
-"""A WSGI app for the even-spread tests: ``/pid`` answers with the worker's pid;
+"""A WSGI app for the even-spread and deadline tests: ``/pid`` answers with the worker's pid;
 ``/hold?s=S`` holds its thread for S seconds first (a busy worker)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Gunicorn config for the even-spread tests: class, threads and the setting from the env."""
+"""Gunicorn config for the even-spread and deadline tests: class, threads and settings
+from the environment."""
 
 import os
 
@@ -11,4 +12,5 @@ threads = int(os.environ.get("THREADS", "1"))
 graceful_timeout = 5
 
 gunicorn_ext.enable(globals(), even_spread=os.environ.get("EVEN_SPREAD", "1") == "1",
+                    request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "0")),
                     stats_interval=0.2)
