@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from harness import Gunicorn, wait_for
+from harness import Gunicorn, free_port_pair, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 APPS = Path(__file__).parent / "apps"
@@ -112,6 +113,107 @@ def test_breaker_exit_action_stops_the_primary(gunicorn_factory: Any) -> None:
     wait_for(lambda: not g.alive(), 30, what="the master to exit")
     assert g.stop() == 1
     assert "restart breaker open" in g.log_text()
+
+
+def refused(port: int) -> bool:
+    """True when a connect to the port is refused (not accepted, not left hanging)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def slot_of(port: int) -> int | None:
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}/", headers={"Connection": "close"}, timeout=10)
+        return int(r.json()["slot"])
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def test_served_then_sigkilled_workers_never_trip_the_breaker(gunicorn_factory: Any) -> None:
+    base = free_port_pair()
+    g = start(gunicorn_factory, 2, BREAKER_FAILURES="4", RESTART_MAX_DELAY="0.5",
+              WORKER_PORTS_BASE=str(base))
+    wait_ready_slots(g, 2)
+    kills = 0
+    deadline = time.monotonic() + 20
+    while kills < 16 and time.monotonic() < deadline:
+        try:  # the worker that answers has served: then it is SIGKILLed
+            pid = get(g, "/", timeout=5)["pid"]
+        except requests.RequestException:
+            time.sleep(0.05)  # both slots in backoff: the instance refuses, try again
+            continue
+        os.kill(pid, signal.SIGKILL)
+        kills += 1
+        time.sleep(0.1)
+    assert kills == 16  # 8 per slot on average: twice what would open a breaker counting kills
+    wait_for(lambda: g.log_text().count("not counted by the breaker") == kills, 10,
+             what="every kill logged as not counted")
+    assert "restart breaker open" not in g.log_text()
+    after = wait_ready_slots(g, 2)
+    assert all(w["breaker"] == "closed" for w in status(g)["workers"])
+    # Every slot serves, on the shared port and on its own per-worker port.
+    assert {slot_of(base + slot) for slot in (0, 1)} == {0, 1}
+    assert get(g, "/")["pid"] in after.values()
+
+
+@pytest.mark.parametrize("scope", ["slot", "instance"])
+def test_boot_failure_trips_the_breaker_refuses_and_recovers_by_itself(
+        gunicorn_factory: Any, tmp_path: Path, scope: str) -> None:
+    version = tmp_path / "VERSION"
+    version.write_text("broken")  # life_app raises at import
+    base = free_port_pair()
+    g = start(gunicorn_factory, 2, wait=False, APP_VERSION_FILE=str(version), HALT_ON_BOOT_ERROR="0",
+              BREAKER_FAILURES="3", BREAKER_SCOPE=scope, RESTART_DELAY="0.05",
+              BREAKER_COOLDOWN="3", BREAKER_MAX_COOLDOWN="3", MIN_UPTIME="0.5",
+              WORKER_PORTS_BASE=str(base))
+    trips = 2 if scope == "slot" else 1
+    wait_for(lambda: g.log_text().count("restart breaker open:") >= trips, 30, what="breaker open")
+    log = g.log_text()
+    assert "Not respawning" in log and "then trying one worker" in log
+    assert log.count("Booting worker") <= 3 * 2  # within the breaker's bounds: no fork storm
+    assert g.alive()
+    # No worker is running: the instance refuses connections instead of queueing them.
+    st = wait_for(lambda: (lambda st: st if st["listening"] is False else None)(status(g)), 10,
+                  what="listeners stopped")
+    assert {w["state"] for w in st["workers"]} == {"stopped"}
+    assert {w["breaker"] for w in st["workers"]} == {"open"}
+    assert refused(g.port) and refused(base) and refused(base + 1)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(g.url("/"), timeout=5)
+    assert "breaker open, retry in" in cli(g, "status").stdout
+    # The cause is fixed: the half-open worker stays up, the breaker closes, every slot serves.
+    version.write_text("1")
+    wait_ready_slots(g, 2, timeout=30)
+    wait_for(lambda: g.log_text().count("restart breaker closed:") >= trips, 10, what="closed")
+    log = g.log_text()
+    assert "restart breaker half-open after a 3s cool-down: trying one worker in slot 0" in log
+    assert "restart breaker closed: the worker in slot 0" in log
+    st = status(g)
+    assert st["listening"] is True and {w["breaker"] for w in st["workers"]} == {"closed"}
+    assert {slot_of(base + slot) for slot in (0, 1)} == {0, 1}
+    assert get(g, "/")["version"] == "1"
+
+
+def test_a_failed_half_open_try_doubles_the_cool_down(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, wait=False, APP_MODE="import_error", HALT_ON_BOOT_ERROR="0",
+              BREAKER_FAILURES="2", RESTART_DELAY="0.05", BREAKER_COOLDOWN="0.5",
+              BREAKER_MAX_COOLDOWN="2")
+    wait_for(lambda: g.log_text().count("next try in 2s") >= 2, 30, what="two tries at the cap")
+    log = g.log_text()
+    assert log.count("restart breaker open:") == 1
+    assert "Not respawning slot 0 for 0.5s, then trying one worker" in log
+    opened = [line.split("next try in ")[1].split("s")[0] for line in log.splitlines()
+              if "restart breaker open again" in line]
+    assert opened[:4] == ["1", "2", "2", "2"][: len(opened[:4])] and len(opened) >= 3
+    halves = [line.split("after a ")[1].split("s ")[0] for line in log.splitlines()
+              if "restart breaker half-open" in line]
+    assert halves[:3] == ["0.5", "1", "2"]
+    assert "this deploy is broken on purpose" in log
+    assert "restart breaker closed" not in log
+    assert g.alive()
 
 
 # -- memory and lifetime --------------------------------------------------------------
