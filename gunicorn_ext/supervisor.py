@@ -378,12 +378,12 @@ class Supervisor:
         now = time.monotonic()
         uptime = now - getattr(worker, "ext_started", now)
         self.last_exit[slot] = reason
+        unstable = not planned and self.unstable(code, sig, ready_at, now)
         policy = self.policy(slot)
-        policy.exited(now, uptime, crashed=not planned)
+        policy.exited(now, uptime, crashed=not planned, unstable=unstable)
         self.metrics.set_restarts(slot, policy.restarts)
         b = self.breaker(slot)
         probe = b.state == HALF_OPEN and b.probe_pid == pid
-        unstable = not planned and self.unstable(code, sig, ready_at, now)
         if probe:
             b.probe_pid = None  # stays half-open (the next worker tries again) unless it failed
         if planned:
@@ -405,7 +405,7 @@ class Supervisor:
             else:
                 then = f"respawning in {policy.delay:.2f}s"
                 if not unstable:
-                    then += " (served first: not counted by the breaker)"
+                    then += " (it had served: not counted by the breaker)"
             server.log.warning("gunicorn-ext: worker slot %s (pid %s) crashed after %.1fs: %s; %s",
                                slot, pid, uptime, reason, then)
         self._report_restart_state(slot, now)

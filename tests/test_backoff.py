@@ -57,6 +57,22 @@ def test_planned_exit_respawns_at_once_and_keeps_the_count() -> None:
     assert p.restarts == 3 and p.crashes == 2
 
 
+def test_kills_of_served_workers_keep_the_delay_without_growing_it() -> None:
+    p = SlotPolicy(initial=1.0, factor=2, cap=10)
+    for t in range(3):
+        p.exited(float(t), uptime=0.1, crashed=True)
+    assert p.delay == 2.0
+    for t in range(3, 30):  # a storm of kills of workers that had served
+        p.exited(float(t), uptime=0.5, crashed=True, unstable=False)
+        assert p.delay == 2.0 and not p.may_spawn(t + 1.9) and p.may_spawn(t + 2.0)
+    p.exited(100.0, uptime=31.0, crashed=True, unstable=False)
+    assert p.delay == 0.0  # a stable run still resets it
+    fresh = SlotPolicy()
+    for t in range(100):
+        fresh.exited(float(t), uptime=2.0, crashed=True, unstable=False)
+    assert fresh.delay == 0.0 and fresh.may_spawn(99.0) and fresh.crashes == 100
+
+
 # -- the breaker ----------------------------------------------------------------------
 
 
