@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 APPS = Path(__file__).parent / "apps"
 CONF = APPS / "life_conf.py"
+EXAMPLE = Path(__file__).parent.parent / "examples/flask_app"
 CLI = str(Path(sys.executable).parent / "gunicorn-ext")
 
 
@@ -160,6 +161,61 @@ def test_served_then_sigkilled_workers_never_trip_the_breaker(gunicorn_factory: 
     # Every slot serves, on the shared port and on its own per-worker port.
     assert {slot_of(base + slot) for slot in (0, 1)} == {0, 1}
     assert get(g, "/")["pid"] in after.values()
+
+
+def test_example_app_rides_out_a_kill_storm_without_the_breaker(gunicorn_factory: Any) -> None:
+    """The example with its defaults: 11 SIGKILLs of a served worker in well under the 60 s
+    window (the breaker opens at 10 unstable exits) never trip it, and the slot serves on."""
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=1)
+    kills = 0
+    deadline = time.monotonic() + 25
+    while kills < 11 and time.monotonic() < deadline:
+        try:
+            who = get(g, "/whoami", timeout=10)
+        except requests.RequestException:
+            time.sleep(0.05)
+            continue
+        os.kill(who["pid"], signal.SIGKILL)
+        kills += 1
+    assert kills == 11
+    who = wait_for(lambda: get(g, "/whoami"), 20, what="the slot serving again")
+    assert who["slot"] == 0
+    wait_for(lambda: g.log_text().count("crashed after") == 11, 10, what="11 exits logged")
+    log = g.log_text()
+    assert "restart breaker open" not in log
+    crashes = [line for line in log.splitlines() if "crashed after" in line]
+    assert all("not counted by the breaker" in c for c in crashes), crashes
+    text = requests.get(g.url("/metrics"), timeout=10).text
+    gauges = {s.labels["slot"]: s.value for fam in text_string_to_metric_families(text)
+              if fam.name == "gunicorn_ext_worker_breaker_open" for s in fam.samples}
+    assert gauges == {"0": 0.0}
+
+
+def test_unix_socket_refuses_while_held_and_is_whole_at_shutdown(gunicorn_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    version = tmp_path / "VERSION"
+    version.write_text("broken")
+    path = tmp_path / "app.sock"
+    g = start(gunicorn_factory, 1, wait=False, BIND=f"unix:{path}", APP_VERSION_FILE=str(version),
+              HALT_ON_BOOT_ERROR="0", BREAKER_FAILURES="2", RESTART_DELAY="0.05",
+              BREAKER_COOLDOWN="2", BREAKER_MAX_COOLDOWN="2", MIN_UPTIME="0.3")
+    g.wait_log("restart breaker open:", timeout=30)
+    wait_for(lambda: status(g)["listening"] is False, 10, what="listeners stopped")
+    with pytest.raises((FileNotFoundError, ConnectionRefusedError)), \
+            socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(str(path))
+    version.write_text("1")
+    wait_ready_slots(g, 1)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(path))
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert c.recv(12) == b"HTTP/1.0 200"
+    assert g.stop() == 0
+    assert not path.exists()  # Gunicorn unlinked the path it had bound
+    assert not list(tmp_path.glob("*paused*"))
+    assert "Traceback" not in g.log_text().split("Handling signal: term")[-1]
 
 
 @pytest.mark.parametrize("scope", ["slot", "instance"])
