@@ -422,9 +422,11 @@ class Supervisor:
         return now - ready_at < self.settings.restart_min_uptime
 
     def _report_restart_state(self, slot: int, now: float) -> None:
-        b = self.breaker(slot)
-        self.metrics.set_restart_state(slot, self.policy(slot).backoff_left(now), b.state == OPEN,
-                                       half_open=b.state == HALF_OPEN)
+        """Backoff and breaker gauges of ``slot`` (also from the hub thread: looks up only)."""
+        policy, b = self.policies.get(slot), self._breaker_state(slot)
+        state = b.state if b is not None else CLOSED
+        self.metrics.set_restart_state(slot, policy.backoff_left(now) if policy else 0.0,
+                                       state == OPEN, half_open=state == HALF_OPEN)
 
     def _open_breaker(self, server: Any, slot: int, b: Breaker, reason: str,
                       note: dict[str, Any] | None) -> None:
