@@ -19,6 +19,8 @@ import requests
 from harness import Gunicorn, free_port_pair, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from gunicorn_ext.cli import format_status
+
 APPS = Path(__file__).parent / "apps"
 CONF = APPS / "life_conf.py"
 EXAMPLE = Path(__file__).parent.parent / "examples/flask_app"
@@ -242,7 +244,8 @@ def test_boot_failure_trips_the_breaker_refuses_and_recovers_by_itself(
     assert refused(g.port) and refused(base) and refused(base + 1)
     with pytest.raises(requests.ConnectionError):
         requests.get(g.url("/"), timeout=5)
-    assert "breaker open, retry in" in cli(g, "status").stdout
+    text = format_status(st)
+    assert "not listening" in text and "stopped (breaker open, retry in" in text
     # The cause is fixed: the half-open worker stays up, the breaker closes, every slot serves.
     version.write_text("1")
     wait_ready_slots(g, 2, timeout=30)
