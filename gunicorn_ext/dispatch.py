@@ -292,12 +292,13 @@ class Dispatcher:
                     self._unwatch()
                     self._listeners = []
                     return
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of fds or memory, or the listener stopped (the restart gate shuts it
+                # while no worker runs): stop watching, look again shortly.
+                if exc.errno not in (errno.EINVAL, errno.ENOTSOCK):
                     self.log.error("gunicorn-ext: accept failed (%s); pausing 0.1 s", exc)
-                    self._unwatch()
-                    self.hub.call_later(0.1, self._update)
-                    return
-                raise
+                self._unwatch()
+                self.hub.call_later(0.1, self._update)
+                return
             self._give(w, conn.detach(), index)
         self._update()
 
