@@ -5,7 +5,7 @@ Environment:
 
 * ``GX_FLASK_SUITE_STORE`` -- a store URL: every ``Flask(...)`` the suite creates gets
   ``gunicorn_ext.state.flask.Session(app, store=...)``, as an app would call it, on one
-  store opened once for the run. Unset: Flask's cookie session (the baseline).
+  store opened once for the run (unless the app brings its own session interface). Unset: Flask's cookie session (the baseline).
 * ``GX_FLASK_SUITE_CONFIG`` -- JSON: config keys each app gets before ``Session(app)``
   (unless the test set them already).
 * ``GX_FLASK_SUITE_SKIP`` -- JSON ``{test id: reason}``: tests skipped on purpose.
@@ -35,6 +35,8 @@ _store: Any = None
 _apps = 0
 
 if _URL:
+    from flask.sessions import SecureCookieSessionInterface
+
     from gunicorn_ext.state.flask import Session
     from gunicorn_ext.state.store import open_store
 
@@ -43,6 +45,8 @@ if _URL:
     def _init_with_our_session(self: flask.Flask, *args: Any, **kwargs: Any) -> None:
         global _store, _apps
         _flask_init(self, *args, **kwargs)
+        if type(self.session_interface) is not SecureCookieSessionInterface:
+            return  # the test brings its own session interface: an app would keep it
         for key, value in _CONFIG.items():
             self.config.setdefault(key, value)
         if _store is None:

@@ -1,7 +1,8 @@
-"""Flask's own test suite is the reference: its ``tests/test_basic.py`` (the installed
-Flask's version, from its sdist on PyPI) with ``gunicorn_ext.state.flask.Session``
-installed on every app it creates, on SQLite and on a real redis-server, passes exactly
-as many tests as with Flask's cookie session, in the same run.
+"""Flask's own test suite is the reference: its ``tests/test_basic.py`` and the other
+files that exercise sessions (the installed Flask's version, from its sdist on PyPI),
+with ``gunicorn_ext.state.flask.Session`` installed on every app they create, on SQLite
+and on a real redis-server, give every test the outcome it has with Flask's cookie
+session in the same run (so the same pass count).
 
 The sdist is downloaded once with pip into ``.cache/flask-suite/`` (git-ignored) and
 unpacked there; a CI machine needs PyPI (or a pip index with sdists) the first time.
@@ -28,7 +29,9 @@ from typing import Any
 import pytest
 
 FLASK_VERSION = importlib.metadata.version("flask")
-SUITE_FILE = "tests/test_basic.py"
+SUITE_FILE = "tests/test_basic.py"  # the reference; the others also touch sessions
+SUITE_FILES = (SUITE_FILE, "tests/test_reqctx.py", "tests/test_testing.py",
+               "tests/test_helpers.py", "tests/test_session_interface.py")
 TESTS_DIR = Path(__file__).resolve().parent
 
 #: Flask's default: sessions are permanent only when the app says so.
@@ -75,8 +78,9 @@ def _flask_sdist(repo_root: Path) -> Path:
 
 def _run_suite(sdist: Path, tmp_path: Path, store_url: str | None,
                config: dict[str, Any] | None = None,
-               skipped: dict[str, str] | None = None) -> dict[str, str]:
-    """Run Flask's test_basic.py (with its own pytest configuration: warnings are
+               skipped: dict[str, str] | None = None,
+               files: tuple[str, ...] = SUITE_FILES) -> dict[str, str]:
+    """Run Flask's test ``files`` (with Flask's own pytest configuration: warnings are
     errors) and return {test id: outcome}."""
     report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get(
@@ -86,7 +90,7 @@ def _run_suite(sdist: Path, tmp_path: Path, store_url: str | None,
     env.pop("GX_FLASK_SUITE_STORE", None)
     if store_url is not None:
         env["GX_FLASK_SUITE_STORE"] = store_url
-    cmd = [sys.executable, "-m", "pytest", SUITE_FILE, "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
            "-p", "flask_suite_plugin", "-o", "addopts=", "--timeout=60"]
     done = subprocess.run(cmd, cwd=sdist, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -106,6 +110,10 @@ def _run_suite(sdist: Path, tmp_path: Path, store_url: str | None,
     return outcomes
 
 
+def _files(outcomes: dict[str, str]) -> set[str]:
+    return {t.split("::")[0] for t in outcomes}
+
+
 def _passed(outcomes: dict[str, str]) -> int:
     return sum(1 for o in outcomes.values() if o == "passed")
 
@@ -114,17 +122,23 @@ def _passed(outcomes: dict[str, str]) -> int:
 def cookie_baseline(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     sdist = _flask_sdist(repo_root)
     outcomes = _run_suite(sdist, tmp_path_factory.mktemp("cookie"), None)
-    assert len(outcomes) > 100 and _passed(outcomes) == len(outcomes), outcomes
+    basic = {t: o for t, o in outcomes.items() if t.startswith(SUITE_FILE)}
+    assert len(basic) > 100 and _passed(basic) == len(basic), basic
+    assert _passed(outcomes) > 190
     return outcomes
 
 
 def _check(ours: dict[str, str], baseline: dict[str, str],
            skipped: dict[str, str] | None = None) -> None:
     skipped = skipped or {}
+    baseline = {t: o for t, o in baseline.items() if t.split("::")[0] in _files(ours)}
     assert set(ours) == set(baseline)
-    assert sorted(t for t, o in ours.items() if o == "failed") == []
-    # only the tests skipped on purpose, each with its reason
-    assert {t for t, o in ours.items() if o == "skipped"} == set(skipped)
+    # only the tests skipped on purpose, each with its reason; every other test as
+    # with the cookie session (a few fail there too on some machines: async, environ)
+    differ = {t: (baseline[t], o) for t, o in ours.items()
+              if o != baseline[t] and t not in skipped}
+    assert differ == {}
+    assert {t for t in skipped if ours[t] == "skipped"} == set(skipped)
     assert _passed(ours) == _passed(baseline) - len(skipped)
 
 
@@ -146,5 +160,5 @@ def test_flask_suite_with_our_defaults(repo_root: Path, tmp_path: Path,
                                        cookie_baseline: dict[str, str]) -> None:
     sdist = _flask_sdist(repo_root)
     ours = _run_suite(sdist, tmp_path, f"sqlite:///{tmp_path / 'sessions.db'}",
-                      skipped=SKIPPED_WITH_DEFAULTS)
+                      skipped=SKIPPED_WITH_DEFAULTS, files=(SUITE_FILE,))
     _check(ours, cookie_baseline, SKIPPED_WITH_DEFAULTS)
