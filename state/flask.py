@@ -604,6 +604,10 @@ class Session:
             raise ValueError("SESSION_COOKIE_SAMESITE must be 'Strict', 'Lax', 'None' or "
                              f"None, got {samesite!r}")
         interval = config.get("SESSION_REFRESH_INTERVAL")
+        try:
+            interval = None if interval is None else float(interval)
+        except (TypeError, ValueError):
+            raise ValueError(f"SESSION_REFRESH_INTERVAL must be seconds >= 0, got {interval!r}")
         store = self._store or config.get("SESSION_STORE") or _store_from_config(config)
         interface = StoreSessionInterface(
             store,
@@ -611,7 +615,7 @@ class Session:
             permanent=bool(config.get("SESSION_PERMANENT", True)),
             id_length=int(config.get("SESSION_ID_LENGTH", DEFAULT_ID_LENGTH)),
             max_size=int(config.get("SESSION_MAX_SIZE", DEFAULT_MAX_SIZE)),
-            refresh_interval=None if interval is None else float(interval))
+            refresh_interval=interval)
         app.session_interface = interface
         app.register_error_handler(StoreUnavailable, _on_store_unavailable)
         app.extensions["gunicorn_ext.session"] = interface

@@ -858,8 +858,9 @@ def test_refresh_interval_zero_is_every_request(store: RecordingStore) -> None:
     for _ in range(3):
         client.get("/plain")
     assert [c[0] for c in store.calls] == ["expire"] * 3
-    with pytest.raises(ValueError, match="SESSION_REFRESH_INTERVAL"):
-        make_app(store, SESSION_REFRESH_INTERVAL=-1)
+    for bad in (-1, "soon", float("nan")):
+        with pytest.raises(ValueError, match="SESSION_REFRESH_INTERVAL"):
+            make_app(store, SESSION_REFRESH_INTERVAL=bad)
 
 
 def test_refresh_of_an_untouched_request_never_fails_it(
@@ -950,3 +951,20 @@ def test_flask_session_keys_without_meaning_get_one_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Session(clean)
+
+
+def test_cookie_of_the_previous_format_is_a_new_session_left_alone(
+        app: Flask, store: RecordingStore) -> None:
+    """Cookies from before the timestamped format (id.signature) verify no more: the
+    user gets a new session (signs in again once); the old cookie is not deleted."""
+    from itsdangerous import Signer
+
+    client = app.test_client()
+    client.get("/set/a/1")
+    old = Signer("test-secret", salt=SALT).sign(sid_of(app, client)).decode()
+    other = app.test_client()
+    other.set_cookie("session", old)
+    store.calls.clear()
+    r = other.get("/get/a")
+    assert r.json == {"value": None} and "Set-Cookie" not in r.headers
+    assert store.calls == []
