@@ -196,3 +196,31 @@ def test_a_read_refreshes_in_its_own_round_trip(gunicorn_factory: Any, redis_ser
         assert got.get("hgetall") == 5 and got.get("expire", 0) == expire, got
         assert set(got) <= {"hgetall", "expire"}, got
         g.stop()
+
+
+def test_untouched_requests_with_a_session_ride_out_an_outage(
+        gunicorn_factory: Any, redis_server: Any, repo_root: Path) -> None:
+    """With a refresh due on every request (interval 0), requests that never touch the
+    session still answer 200 while redis-server is down (their refresh is skipped, one
+    log line each), and the refresh works again once it is back."""
+    import redis
+
+    g = _start(gunicorn_factory, "ours", redis_server.url, repo_root,
+               SESSION_REFRESH_INTERVAL="0")
+    s = requests.Session()
+    s.get(g.url("/set/x"), timeout=10).raise_for_status()
+    redis_server.kill()
+    for _ in range(5):
+        r = s.get(g.url("/nosession"), timeout=10)
+        assert r.status_code == 200 and r.text == "no session needed"
+        assert "Set-Cookie" not in r.headers  # not refreshed, not deleted
+    assert s.get(g.url("/get"), timeout=10).status_code == 503  # one that needs it
+    assert "session expiry not refreshed" in g.log_text()
+    redis_server.start()  # empty: the old session is gone with it
+    s.get(g.url("/set/y"), timeout=10).raise_for_status()
+    client = redis.Redis.from_url(redis_server.url)
+    (key,) = client.keys("session:*")
+    client.config_resetstat()
+    assert s.get(g.url("/nosession"), timeout=10).status_code == 200
+    assert _redis_commands(client) == {"expire": 1}
+    assert client.exists(key)
