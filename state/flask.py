@@ -199,6 +199,7 @@ class ServerSession(SessionMixin):
         self._sizes = {k: len(k.encode()) + len(self._raw[k]) for k in data}
         self._data = data
         self._loaded = True
+        self.accessed = True  # Flask 3.1.3 sets it on the proxy; before, the session did
         return data
 
     @property
