@@ -74,9 +74,14 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from flask import Flask, Request, Response, jsonify
-from flask.sessions import SessionInterface, SessionMixin
-from itsdangerous import BadSignature, TimestampSigner
+from gunicorn_ext.extras import missing_extra
+
+try:
+    from flask import Flask, Request, Response, jsonify
+    from flask.sessions import SessionInterface, SessionMixin
+    from itsdangerous import BadSignature, TimestampSigner
+except ImportError as exc:
+    raise missing_extra(exc, "flask", __name__) from exc
 
 from . import codec
 from .store import Store, StoreUnavailable, open_store
@@ -413,11 +418,14 @@ class StoreSessionInterface(SessionInterface):
         gone[sid] = None
 
     def _cookie_params(self, app: Flask) -> dict[str, Any]:
-        return dict(domain=self.get_cookie_domain(app), path=self.get_cookie_path(app),
-                    secure=self.get_cookie_secure(app),
-                    partitioned=self.get_cookie_partitioned(app),
-                    samesite=self.get_cookie_samesite(app),
-                    httponly=self.get_cookie_httponly(app))
+        params = dict(domain=self.get_cookie_domain(app), path=self.get_cookie_path(app),
+                      secure=self.get_cookie_secure(app),
+                      samesite=self.get_cookie_samesite(app),
+                      httponly=self.get_cookie_httponly(app))
+        partitioned = getattr(self, "get_cookie_partitioned", None)  # Flask 3.1+
+        if partitioned is not None:
+            params["partitioned"] = partitioned(app)
+        return params
 
     def _set_cookie(self, app: Flask, session: ServerSession, response: Response,
                     value: str) -> None:
