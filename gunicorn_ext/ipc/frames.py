@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import FrameError
+from .errors import FrameError, MessageTooLarge, UnencodableMessage
 
 #: Address of the primary (arbiter) process.
 PRIMARY = -1
@@ -23,6 +23,12 @@ ALL = -2
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+#: Bytes a frame may grow by when the primary re-addresses it (a new id, the
+#: sender's slot): readers allow this much over the senders' limit, so a
+#: message its sender accepted is never refused on the way.
+ROUTING_SLACK = 64
+#: Longest error text carried in an :class:`Err` frame (characters).
+MAX_ERROR_TEXT = 2000
 
 
 class Msg(msgspec.Struct, array_like=True, tag="m"):
@@ -67,6 +73,10 @@ class Err(msgspec.Struct, array_like=True, tag="e"):
     #: Name of the failed one-way message (notices only).
     name: str = ""
 
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_ERROR_TEXT:  # an error report must never be too large to send
+            self.message = self.message[:MAX_ERROR_TEXT] + "..."
+
 
 class Sub(msgspec.Struct, array_like=True, tag="s"):
     """Subscribe this connection to a topic."""
@@ -100,22 +110,54 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
 
 
-def encode(frame: Frame) -> bytes:
-    """Serialize one frame, length prefix included."""
-    body = _encoder.encode(frame)
+_MAX_BODY = (1 << 32) - 1  # what the length prefix can say
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+def encode(frame: Frame, max_frame: int = _MAX_BODY) -> bytes:
+    """Serialize one frame, length prefix included.
+
+    Refuses, before anything can be written, what the receiver could not
+    decode: :class:`UnencodableMessage` for a payload that is not a msgpack
+    value (or a name that is not a str), :class:`MessageTooLarge` for a frame
+    over ``max_frame`` bytes. Either way the caller's stream stays in sync.
+    """
+    _check_fields(frame)
+    try:
+        body = _encoder.encode(frame)
+    except _ENCODE_ERRORS as exc:
+        raise UnencodableMessage(f"{_describe(frame)} can't be sent on the bus: "
+                                 f"{type(exc).__name__}: {exc}") from None
+    if len(body) > max_frame:
+        raise MessageTooLarge(f"{_describe(frame)} is {len(body)} bytes encoded, over the bus "
+                              f"limit of {max_frame} bytes (ipc_max_frame)")
     return HEADER.pack(len(body)) + body
 
 
-def encode_into(frame: Frame, buf: bytearray) -> None:
-    """Append one serialized frame to ``buf`` (saves a copy on the hot path)."""
-    start = len(buf)
-    buf += b"\0\0\0\0"
-    try:
-        _encoder.encode_into(frame, buf, start + 4)
-    except BaseException:
-        del buf[start:]  # never leave half a frame in the stream
-        raise
-    HEADER.pack_into(buf, start, len(buf) - start - 4)
+def _check_fields(frame: Frame) -> None:
+    """The typed fields a caller fills in: the receiver's typed decoder would
+    refuse a wrong type and close the connection, so refuse it here instead."""
+    kind = type(frame)
+    if kind is Msg or kind is Req:
+        assert isinstance(frame, (Msg, Req))
+        if type(frame.name) is not str:
+            raise UnencodableMessage(f"a message name must be a str, not {type(frame.name).__name__}")
+        if type(frame.dst) is not int:
+            raise UnencodableMessage(f"a destination must be an int, not {type(frame.dst).__name__}")
+    elif kind is Pub or kind is Sub or kind is Unsub:
+        topic = frame.topic  # type: ignore[union-attr]
+        if type(topic) is not str:
+            raise UnencodableMessage(f"a topic must be a str, not {type(topic).__name__}")
+
+
+def _describe(frame: Frame) -> str:
+    if isinstance(frame, (Msg, Req)):
+        return f"message {frame.name[:100]!r}"
+    if isinstance(frame, Pub):
+        return f"publication on {frame.topic[:100]!r}"
+    if isinstance(frame, Rep):
+        return "reply"
+    return f"{type(frame).__name__} frame"
 
 
 def decode(body: bytes | memoryview) -> Frame:
@@ -128,6 +170,10 @@ def decode(body: bytes | memoryview) -> Frame:
         reason = f"{reason} ({text})"
     except msgspec.DecodeError as exc:
         reason = f"undecodable frame ({exc})"
+    except RecursionError:
+        # Its sender had more stack to spare than this thread: never let it
+        # escape the reader (it would leave the stream half-consumed).
+        reason = "frame nested too deeply to decode"
     # Raised outside the except blocks, so no exception context keeps a
     # reference to the (borrowed) buffer.
     raise FrameError(reason)
