@@ -127,11 +127,11 @@ def broadcast():  # type: ignore[no-untyped-def]
     try:
         worker.broadcast("broadcast", body["message"])
     except gunicorn_ext.MessageTooLarge as exc:  # refused before sending: the bus is fine
-        return jsonify(error=str(exc)), 413
+        return jsonify(error=str(exc), slot=worker.slot), 413
     except gunicorn_ext.UnencodableMessage as exc:  # an int beyond 64 bits, ...
-        return jsonify(error=str(exc)), 400
+        return jsonify(error=str(exc), slot=worker.slot), 400
     except gunicorn_ext.IPCError as exc:
-        return jsonify(error=str(exc)), 503
+        return jsonify(error=str(exc), slot=worker.slot), 503
     return jsonify(sent=True, slot=worker.slot), 202
 
 
