@@ -48,7 +48,7 @@ def test_endpoints(gunicorn_factory: Any) -> None:
     assert seen == {0, 1}
 
     bad = requests.post(g.url("/broadcast"), data="nope", timeout=10)
-    assert bad.status_code == 400 and "message" in bad.json()["error"]
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
 
     m = fresh(g, "/metrics")
     assert m.status_code == 200 and m.headers["Content-Type"].startswith("text/plain")
