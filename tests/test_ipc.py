@@ -288,7 +288,9 @@ def test_bad_frame_closes_that_connection_and_its_worker_is_replaced(
     log = g.wait_log(f"closing the bus connection of worker slot {slot} (pid {pid}): ")
     assert reason in log
     # One line in the worker says why it goes; it is replaced in its slot, the other stays.
-    g.wait_log(f"worker slot {slot} (pid {pid}) lost its bus")
+    needle = f"worker slot {slot} (pid {pid}) lost its bus: the primary closed it: "
+    lines = [ln for ln in g.wait_log(needle).splitlines() if needle in ln]
+    assert len(lines) == 1 and reason in lines[0] and "finishing in-flight requests" in lines[0]
     after = wait_slots(g, 2, exclude={pid})
     assert after[1 - slot] == before[1 - slot]
     assert g.log_text().count(f"(pid {pid}) lost its bus") == 1

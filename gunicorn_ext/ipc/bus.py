@@ -159,8 +159,8 @@ class Bus:
         self.log = log
         self._primary_names = primary_names
         self.max_frame = max_frame
-        self._reader = frames.FrameReader(max_frame + frames.ROUTING_SLACK)
-        self._push_reader = frames.FrameReader(max_frame + frames.ROUTING_SLACK)
+        self._reader = frames.FrameReader(max_frame)
+        self._push_reader = frames.FrameReader(max_frame)
         for topic in self._topics:  # subscriptions made before the fork (preload)
             self._write(Sub(topic))
         os.register_at_fork(after_in_child=self._after_fork_child)
@@ -400,7 +400,7 @@ class Bus:
                 self._lost(f"reading from the primary failed ({exc})")
                 return
             if not data:
-                self._lost("the primary closed the connection (its log says why)")
+                self._lost("the primary closed the connection")
                 return
             for frame in reader.feed(data):
                 if type(frame) is Rep or type(frame) is Err:
@@ -464,7 +464,7 @@ class Bus:
                 break
             if not data:
                 if self._push is push:
-                    self._lost("the primary closed the connection (its log says why)")
+                    self._lost("the primary closed the connection")
                 break
             for frame in reader.feed(data):
                 try:
@@ -498,6 +498,9 @@ class Bus:
                     self._log("exception", "gunicorn-ext: subscriber of %r raised", frame.topic)
         elif kind is Err:
             assert isinstance(frame, Err)
+            if frame.code == BusClosed.code and not frame.name:  # the primary's goodbye
+                self._lost(f"the primary closed it: {frame.message}")
+                return
             error = error_from_code(frame.code, frame.message)
             self._log("warning", "gunicorn-ext: a message from slot %s was not handled: %s",
                       self.slot, frame.message)

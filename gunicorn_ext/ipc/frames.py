@@ -185,13 +185,17 @@ class FrameReader:
     Feed it whatever ``recv`` returned; it yields every complete frame and keeps
     the tail for the next call. Any error is final: the stream can't be trusted
     to be in sync after a bad frame, so the connection must be closed.
+
+    ``max_frame`` is the senders' limit (``ipc_max_frame``); the reader allows
+    :data:`ROUTING_SLACK` bytes more for frames the primary re-addressed.
     """
 
-    __slots__ = ("_buf", "max_frame", "error")
+    __slots__ = ("_buf", "max_frame", "_limit", "error")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._buf = bytearray()
         self.max_frame = max_frame
+        self._limit = max_frame + ROUTING_SLACK
         #: The first :class:`FrameError` met; once set, nothing more is decoded.
         self.error: FrameError | None = None
 
@@ -215,10 +219,9 @@ class FrameReader:
         try:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(src, pos)
-                if size > self.max_frame:
-                    raise FrameError(
-                        f"frame of {size} bytes exceeds the limit of {self.max_frame} bytes"
-                    )
+                if size > self._limit:
+                    raise FrameError(f"frame of {size} bytes exceeds the limit of "
+                                     f"{self.max_frame} bytes (ipc_max_frame)")
                 if end - pos - 4 < size:
                     break
                 out.append(decode(view[pos + 4 : pos + 4 + size]))

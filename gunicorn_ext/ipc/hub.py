@@ -90,7 +90,7 @@ class _Conn:
         self.push = push
         self.slot = slot
         self.worker = worker  # the arbiter's Worker object; .pid is set after fork
-        self.reader = frames.FrameReader(max_frame + frames.ROUTING_SLACK)
+        self.reader = frames.FrameReader(max_frame)
         self.out = bytearray()
         self.pout = bytearray()
         self.subs: set[str] = set()
@@ -680,6 +680,12 @@ class Hub:
             return
         conn.closed = True
         self._dirty.discard(conn)
+        if reason is not None and not conn.pout:
+            # Best effort: tell the worker why, so its own log line says it.
+            try:
+                conn.push.send(frames.encode(Err(0, BusClosed.code, reason, conn.slot, True)))
+            except OSError:
+                pass
         for i, sock in enumerate((conn.sock, conn.push)):
             self._fds.pop(sock.fileno(), None)
             if self._ep is not None and conn.events[i]:
