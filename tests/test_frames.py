@@ -3,6 +3,8 @@ and hostile bytes (hypothesis)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -106,7 +108,7 @@ wild = st.recursive(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(wild, st.integers(16, 4096))
 def test_encode_returns_a_frame_that_decodes_or_refuses_with_a_bus_error(payload: object,
                                                                           limit: int) -> None:
@@ -169,7 +171,7 @@ def test_error_text_is_bounded() -> None:
 # -- the decoder: hostile bodies behind a well-formed length prefix ----------------------------
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(any_frame, st.data())
 def test_a_corrupted_frame_never_raises(frame: frames.Frame, data: st.DataObject) -> None:
     body = bytearray(frames.encode(frame)[4:])
@@ -202,3 +204,21 @@ def test_nesting_too_deep_to_decode_is_a_frame_error_not_a_crash(depth: int, lev
     else:
         assert len(got) == 1 and isinstance(got[0], frames.Rep)
     assert reader.feed(b"") == []  # the reader's state is consistent either way
+
+
+def _at_depth(levels: int, fn: Any) -> Any:
+    """``fn()`` called ``levels`` Python frames deeper than here."""
+    return fn() if levels == 0 else _at_depth(levels - 1, fn)
+
+
+@pytest.mark.parametrize("enc_depth,dec_depth", [(0, 700), (700, 0), (700, 700)])
+def test_how_deep_a_value_can_nest_does_not_depend_on_either_stack(enc_depth: int,
+                                                                  dec_depth: int) -> None:
+    deep: Any = None
+    for _ in range(900):
+        deep = [deep]
+    frame = frames.Rep(1, deep)
+    data = _at_depth(enc_depth, lambda: frames.encode(frame))
+    reader = frames.FrameReader()
+    assert _at_depth(dec_depth, lambda: reader.feed(data)) == [frame]
+    assert reader.error is None

@@ -5,12 +5,20 @@ A frame is a 4-byte big-endian length followed by that many bytes of msgpack
 decoder is typed, so a frame of the wrong shape or with an unknown tag fails to
 decode instead of reaching a handler. Payloads are plain msgpack values
 (dict, list, str, bytes, int, float, bool, None): no pickle, ever.
+
+How deep a value can nest is bounded by Python's recursion limit, counted from
+the current stack. So that it never depends on which thread encodes or decodes
+(a value a shallow handler thread encoded must decode in a deep request
+thread), a frame that hits the limit is retried once on a fresh thread's empty
+stack; what fails there too is refused by its sender.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -112,6 +120,27 @@ _decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
 
 _MAX_BODY = (1 << 32) - 1  # what the length prefix can say
 _ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+_T = TypeVar("_T")
+
+
+def _on_fresh_stack(fn: Callable[[Any], _T], arg: Any) -> _T:
+    """``fn(arg)`` in a new thread, whose Python stack starts empty (rare path:
+    only for values nested too deep for the calling thread's stack)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn(arg)))
+        except BaseException as exc:  # handed back to the caller
+            out.append((False, exc))
+
+    t = threading.Thread(target=run, name="gunicorn-ext-deep", daemon=True)
+    t.start()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def encode(frame: Frame, max_frame: int = _MAX_BODY) -> bytes:
@@ -124,7 +153,10 @@ def encode(frame: Frame, max_frame: int = _MAX_BODY) -> bytes:
     """
     _check_fields(frame)
     try:
-        body = _encoder.encode(frame)
+        try:
+            body = _encoder.encode(frame)
+        except RecursionError:
+            body = _on_fresh_stack(_encoder.encode, frame)
     except _ENCODE_ERRORS as exc:
         raise UnencodableMessage(f"{_describe(frame)} can't be sent on the bus: "
                                  f"{type(exc).__name__}: {exc}") from None
@@ -162,21 +194,41 @@ def _describe(frame: Frame) -> str:
 
 def decode(body: bytes | memoryview) -> Frame:
     """Decode one frame body; raise :class:`FrameError` saying what is wrong."""
+    deep = False
     try:
         return _decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        reason = "unknown message type" if "$[0]" in text else "malformed message"
-        reason = f"{reason} ({text})"
+        reason = _invalid(exc)
     except msgspec.DecodeError as exc:
         reason = f"undecodable frame ({exc})"
     except RecursionError:
-        # Its sender had more stack to spare than this thread: never let it
-        # escape the reader (it would leave the stream half-consumed).
-        reason = "frame nested too deeply to decode"
+        # Its sender had more stack to spare than this thread. Never let it
+        # escape the reader (that would leave the stream half-consumed).
+        deep = True
+    if deep:
+        result = _on_fresh_stack(_decode_or_reason, bytes(body))
+        if not isinstance(result, str):
+            return result
+        reason = result
     # Raised outside the except blocks, so no exception context keeps a
     # reference to the (borrowed) buffer.
     raise FrameError(reason)
+
+
+def _invalid(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    return f"{'unknown message type' if '$[0]' in text else 'malformed message'} ({text})"
+
+
+def _decode_or_reason(body: bytes) -> Frame | str:
+    try:
+        return _decoder.decode(body)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        return _invalid(exc)
+    except msgspec.DecodeError as exc:
+        return f"undecodable frame ({exc})"
+    except RecursionError:
+        return "frame nested too deeply to decode"
 
 
 class FrameReader:
