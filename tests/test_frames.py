@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gunicorn_ext.ipc import frames
+from gunicorn_ext.ipc.bus import Bus
 from gunicorn_ext.ipc.errors import FrameError, MessageTooLarge, UnencodableMessage
+from gunicorn_ext.ipc.hub import Hub
 
 payloads = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
@@ -148,17 +150,25 @@ def test_nesting_too_deep_to_encode_is_unencodable() -> None:
         frames.encode(frames.Req(1, "n", 0, 1, deep))
 
 
-@pytest.mark.parametrize("frame", [
-    frames.Msg(1, 5, -1, 0),  # type: ignore[arg-type]
-    frames.Req(1, b"n", 0, 0),  # type: ignore[arg-type]
-    frames.Msg(1, "n", 1.0, 0),  # type: ignore[arg-type]
-    frames.Req(1, "n", True, 0),
-    frames.Pub(None, 0),  # type: ignore[arg-type]
-    frames.Sub(3),  # type: ignore[arg-type]
+@pytest.mark.parametrize("call", [
+    lambda bus, hub: bus.send(5),
+    lambda bus, hub: bus.send(b"name"),
+    lambda bus, hub: bus.send("n", None, 1.0),
+    lambda bus, hub: bus.request("n", None, True),
+    lambda bus, hub: bus.request("n", None, "0"),
+    lambda bus, hub: bus.publish(None),
+    lambda bus, hub: bus.subscribe(3),
+    lambda bus, hub: bus.unsubscribe(3),
+    lambda bus, hub: hub.send(1.0, "n"),
+    lambda bus, hub: hub.send(0, 7),
+    lambda bus, hub: hub.broadcast(("n",)),
+    lambda bus, hub: hub.publish(1),
+    lambda bus, hub: hub.request(False, "n"),
 ])
-def test_wrongly_typed_fields_are_refused_before_the_receiver_sees_them(frame: frames.Frame) -> None:
+def test_wrongly_typed_names_and_destinations_are_refused_in_the_caller(call: Any) -> None:
+    """The receiver's typed decoder would refuse them and close the connection."""
     with pytest.raises(UnencodableMessage, match="must be"):
-        frames.encode(frame)
+        call(Bus(), Hub())
 
 
 def test_error_text_is_bounded() -> None:

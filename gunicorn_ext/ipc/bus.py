@@ -121,6 +121,7 @@ class Bus:
 
     def subscribe(self, topic: str) -> Callable[[Callable[[Message], None]], Callable[[Message], None]]:
         """Decorator: receive every publication on ``topic`` from any process of the instance."""
+        frames.check_address(topic, what="a topic")
 
         def register(fn: Callable[[Message], None]) -> Callable[[Message], None]:
             first = topic not in self._topics
@@ -133,6 +134,7 @@ class Bus:
 
     def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic``; drops every handler registered for it."""
+        frames.check_address(topic, what="a topic")
         if self._topics.pop(topic, None) is not None and self._sock is not None:
             self._write(Unsub(topic))
 
@@ -245,6 +247,7 @@ class Bus:
         Like every send, raises :class:`MessageTooLarge` or
         :class:`UnencodableMessage` at once for what the bus can't carry.
         """
+        frames.check_address(topic, what="a topic")
         self._write(Pub(topic, self.slot, payload), True)
 
     def request(self, name: str, payload: Any = None, to: int = PRIMARY, timeout: float = 5.0) -> Any:
@@ -254,9 +257,9 @@ class Bus:
         :class:`RequestTimeout` or :class:`BusClosed`; :class:`MessageTooLarge`
         or :class:`UnencodableMessage` before anything is sent.
         """
+        self._check_target(name, to)
         if to == ALL:
             raise ValueError("a request goes to one worker or to the primary, not ALL")
-        self._check_target(name, to)
         rid = next(self._ids)
         pending = _Pending()
         self._pending[rid] = pending
@@ -298,6 +301,7 @@ class Bus:
         return pending.value
 
     def _check_target(self, name: str, to: int) -> None:
+        frames.check_address(name, to)
         if self._sock is None:
             raise BusClosed(self._closed_reason)
         if to == PRIMARY and self._primary_names is not None and name not in self._primary_names:

@@ -148,10 +148,10 @@ def encode(frame: Frame, max_frame: int = _MAX_BODY) -> bytes:
 
     Refuses, before anything can be written, what the receiver could not
     decode: :class:`UnencodableMessage` for a payload that is not a msgpack
-    value (or a name that is not a str), :class:`MessageTooLarge` for a frame
-    over ``max_frame`` bytes. Either way the caller's stream stays in sync.
+    value, :class:`MessageTooLarge` for a frame over ``max_frame`` bytes.
+    Either way the caller's stream stays in sync. (Names and destinations are
+    checked by :func:`check_address`.)
     """
-    _check_fields(frame)
     try:
         try:
             body = _encoder.encode(frame)
@@ -166,20 +166,18 @@ def encode(frame: Frame, max_frame: int = _MAX_BODY) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def _check_fields(frame: Frame) -> None:
-    """The typed fields a caller fills in: the receiver's typed decoder would
-    refuse a wrong type and close the connection, so refuse it here instead."""
-    kind = type(frame)
-    if kind is Msg or kind is Req:
-        assert isinstance(frame, (Msg, Req))
-        if type(frame.name) is not str:
-            raise UnencodableMessage(f"a message name must be a str, not {type(frame.name).__name__}")
-        if type(frame.dst) is not int:
-            raise UnencodableMessage(f"a destination must be an int, not {type(frame.dst).__name__}")
-    elif kind is Pub or kind is Sub or kind is Unsub:
-        topic = frame.topic  # type: ignore[union-attr]
-        if type(topic) is not str:
-            raise UnencodableMessage(f"a topic must be a str, not {type(topic).__name__}")
+def check_address(name: object, dst: object = PRIMARY, what: str = "a message name") -> None:
+    """Refuse, in the caller, a name or destination of the wrong type.
+
+    The receiver's typed decoder would refuse such a frame as malformed and
+    close the connection, so the public API checks these (and only these:
+    frames the primary relays were decoded against the same types).
+    """
+    if type(name) is not str:
+        raise UnencodableMessage(f"{what} must be a str, not {type(name).__name__}")
+    if type(dst) is not int:
+        raise UnencodableMessage(f"a destination must be an int (a slot, PRIMARY or ALL), "
+                                 f"not {type(dst).__name__}")
 
 
 def _describe(frame: Frame) -> str:

@@ -320,6 +320,7 @@ class Hub:
         every send, raises :class:`MessageTooLarge` or :class:`UnencodableMessage`
         at once, in the caller, for what the bus can't carry.
         """
+        frames.check_address(name, slot)
         self._check_primary()
         if slot not in self._slots:
             raise WorkerGone(f"no worker in slot {slot}")
@@ -329,6 +330,7 @@ class Hub:
 
     def broadcast(self, name: str, payload: Any = None) -> None:
         """Send a one-way message to every worker."""
+        frames.check_address(name)
         self._check_primary()
         frame = Msg(next(self._ids), name, ALL, PRIMARY, payload)
         frames.encode(frame, self.max_frame)
@@ -336,6 +338,7 @@ class Hub:
 
     def publish(self, topic: str, payload: Any = None) -> None:
         """Publish on ``topic`` to every subscribed worker (and primary subscriber)."""
+        frames.check_address(topic, what="a topic")
         self._check_primary()
         frame = Pub(topic, PRIMARY, payload)
         frames.encode(frame, self.max_frame)
@@ -346,9 +349,10 @@ class Hub:
 
         Raises :class:`WorkerGone`, :class:`NoHandler`, :class:`HandlerError` or
         :class:`RequestTimeout`; :class:`MessageTooLarge` or
-        :class:`UnencodableMessage` before anything is sent. Not callable from a handler (the hub thread
-        would wait on itself); use :meth:`send` there.
+        :class:`UnencodableMessage` before anything is sent. Not callable from
+        a handler (the hub thread would wait on itself); use :meth:`send` there.
         """
+        frames.check_address(name, slot)
         self._check_primary()
         if threading.get_ident() == self._thread_ident:
             raise RuntimeError("Hub.request() can't be called from a bus handler: it would deadlock")
