@@ -502,7 +502,7 @@ class Bus:
                     self._log("exception", "gunicorn-ext: subscriber of %r raised", frame.topic)
         elif kind is Err:
             assert isinstance(frame, Err)
-            if frame.code == BusClosed.code and not frame.name:  # the primary's goodbye
+            if frame.id == 0 and frame.code == BusClosed.code:  # the primary's goodbye
                 self._lost(f"the primary closed it: {frame.message}")
                 return
             error = error_from_code(frame.code, frame.message)

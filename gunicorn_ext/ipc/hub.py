@@ -685,7 +685,8 @@ class Hub:
         conn.closed = True
         self._dirty.discard(conn)
         if reason is not None and not conn.pout:
-            # Best effort: tell the worker why, so its own log line says it.
+            # Best effort: tell the worker why, so its own log line says it
+            # (id 0: no message or request of either side has it).
             try:
                 conn.push.send(frames.encode(Err(0, BusClosed.code, reason, conn.slot, True)))
             except OSError:
