@@ -299,6 +299,19 @@ def test_bad_frame_closes_that_connection_and_its_worker_is_replaced(
     assert g.alive()
 
 
+def test_worker_cut_off_for_not_reading_its_bus_is_replaced(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 2, IPC_MAX_BACKLOG=str(4 << 20))
+    before = wait_slots(g, 2)
+    call(g, "/send", name="sleep", payload=4, to=0)  # slot 0's listener is busy for 4 s...
+    call(g, "/flood", n=100, size=100_000, to=0)  # ...while 10 MB queue up for it
+    g.wait_log(f"closing the bus connection of worker slot 0 (pid {before[0]}): it is not "
+               "reading its bus messages")
+    g.wait_log(f"worker slot 0 (pid {before[0]}) lost its bus")
+    after = wait_slots(g, 2, exclude={before[0]})
+    assert after[1] == before[1]
+    assert ask(g, "echo", "x", to=0)["ok"]["pid"] == after[0]
+
+
 # -- lifecycle -----------------------------------------------------------------------------
 
 

@@ -97,4 +97,4 @@ def primary_results(msg):
     return out
 
 
-gunicorn_ext.enable(globals())
+gunicorn_ext.enable(globals(), ipc_max_backlog=int(os.environ.get("IPC_MAX_BACKLOG", 64 << 20)))

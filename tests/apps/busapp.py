@@ -112,6 +112,11 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
         if path == "/send":
             worker.send(q["name"], payload, to=to)
             return _json(start_response, {"sent": True, "slot": worker.slot})
+        if path == "/flood":  # big one-way messages, as fast as the bus takes them
+            n, blob = int(q["n"]), "x" * int(q["size"])
+            for _ in range(n):
+                worker.send("note", blob, to=to)
+            return _json(start_response, {"sent": n, "slot": worker.slot})
         if path == "/sendmany":
             n = int(q["n"])
             for i in range(n):
