@@ -269,16 +269,16 @@ def test_reply_the_bus_cannot_carry_is_a_handler_error(bus2: Gunicorn) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind,reason",
+    "kind,reason,worker_class",
     [
-        ("oversize", "exceeds the limit"),
-        ("malformed", "undecodable frame"),
-        ("unknown", "unknown message type"),
+        ("oversize", "exceeds the limit of 4194304 bytes (ipc_max_frame)", "gthread"),
+        ("malformed", "undecodable frame", "sync"),
+        ("unknown", "unknown message type", "gthread"),
     ],
 )
 def test_bad_frame_closes_that_connection_and_its_worker_is_replaced(
-        gunicorn_factory: Any, kind: str, reason: str) -> None:
-    g = start(gunicorn_factory, 2)
+        gunicorn_factory: Any, kind: str, reason: str, worker_class: str) -> None:
+    g = start(gunicorn_factory, 2, WORKER_CLASS=worker_class)
     before = wait_slots(g, 2)
     # The worker writes garbage into its own bus, then goes on with its request.
     bad = call(g, "/garbage_then_sleep", kind=kind, s=1.5)
