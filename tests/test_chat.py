@@ -33,7 +33,16 @@ import pytest
 import requests
 import socketio
 import websocket
-from harness import Gunicorn, RedisServer, free_port, free_port_pair, serves, tail, wait_for
+from harness import (
+    Gunicorn,
+    HarnessError,
+    RedisServer,
+    free_port,
+    free_port_pair,
+    serves,
+    tail,
+    wait_for,
+)
 
 from gunicorn_ext.nginx import render
 
@@ -567,10 +576,15 @@ def test_raw_chat_resubscribes_after_redis_comes_back(
 JS = Path(__file__).resolve().parent / "js"
 JS_READY = 30.0  # every node client connected, through nginx, on a loaded machine
 RECONNECT_WITHIN = 10.0  # after the SIGKILL of an instance, each client is back within this
-JS_KINDS = {"polling": 8, "websocket": 8, "raw": 8}
+#: Clients of each kind: socket.io-client on long-polling only, on websocket only, with
+#: its default (polling, upgraded to websocket), and ws on the raw /ws chat.
+JS_KINDS = {"polling": 6, "websocket": 6, "upgrade": 6, "raw": 6}
+SIO_KINDS = ("polling", "websocket", "upgrade")
+#: The transport each kind ends up on.
+TRANSPORT = {"polling": "polling", "websocket": "websocket", "upgrade": "websocket"}
 #: Who receives a message sent by a client of each kind: Socket.IO clients share the
 #: namespace /chat whatever their transport; the raw chat is a channel of its own.
-AUDIENCE = {"polling": ("polling", "websocket"), "websocket": ("polling", "websocket"),
+AUDIENCE = {"polling": SIO_KINDS, "websocket": SIO_KINDS, "upgrade": SIO_KINDS,
             "raw": ("raw",)}
 #: One line per request nginx proxies: enough to tell which worker each Engine.IO
 #: session's requests went to (appended to the rendered config, which is left as it is).
@@ -648,23 +662,21 @@ class NodeClients:
         self._err.close()
 
 
-def _broadcast(node: NodeClients, kind: str, tag: str) -> str:
-    """One uniquely tagged message from a client of *kind*; every client of its audience
-    gets it exactly once (waits for all, then a moment for duplicates)."""
+def _broadcast(node: NodeClients, kind: str, tag: str) -> list[int]:
+    """One uniquely tagged message from a client of *kind*: how many times each client of
+    its audience got it (waits until all have it or TIMEOUT, then a moment for duplicates)."""
     text = _nonce(f"{tag}-{kind}")
     said = node.command("said", cmd="say", kind=kind, text=text)
     assert "error" not in said and "error" not in said.get("ack", {}), said
     audience = AUDIENCE[kind]
 
-    def everyone() -> bool:
-        return all(c["received"].get(text) for c in node.status() if c["kind"] in audience)
+    def counts() -> list[int]:
+        return [c["received"].get(text, 0) for c in node.status() if c["kind"] in audience]
 
-    wait_for(everyone, TIMEOUT, interval=0.1, what=f"every {'/'.join(audience)} client to "
-             f"get {text}")
+    with contextlib.suppress(HarnessError):
+        wait_for(lambda: all(counts()), TIMEOUT, interval=0.1, what=text)
     time.sleep(DUPLICATE_WINDOW)
-    counts = [c["received"].get(text, 0) for c in node.status() if c["kind"] in audience]
-    assert counts == [1] * len(counts), (text, counts)
-    return text
+    return counts()
 
 
 def _warm_up_js(node: NodeClients) -> None:
@@ -722,40 +734,31 @@ def _run_js_scenario(node: NodeClients, instances: list[Gunicorn],
                      ports: dict[tuple[str, int], int], upstream_log: Path, ngx: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     ready = node.ready(JS_READY)
+    wait_for(lambda: all(c["transport"] == TRANSPORT[c["kind"]] for c in node.status()
+                         if c["kind"] in SIO_KINDS), TIMEOUT, what="the upgrades to websocket")
     node.command("where", cmd="where", times=3)
-    clients = node.status()
-    by_kind = {k: [c for c in clients if c["kind"] == k] for k in JS_KINDS}
-    workers = {k: {(c["where"]["instance"], c["where"]["slot"]) for c in cs}
-               for k, cs in by_kind.items()}
+    before = {c["id"]: c for c in node.status()}
+    workers = {k: {(c["where"]["instance"], c["where"]["slot"]) for c in before.values()
+                   if c["kind"] == k} for k in JS_KINDS}
     for kind, seen in workers.items():  # nginx's pool spread each kind over the workers
         assert len(seen) > 1 and {i for i, _ in seen} == {"east", "west"}, (kind, seen)
-    for c in clients:
-        assert len(c["connects"]) == 1 and c["disconnects"] == [], c
-        if c["kind"] != "raw":
-            assert c["wheres"] == [c["where"]["pid"]] * 3, c  # the same worker each time
-            assert c["transport"] == c["kind"], c
+    # Pinned: one connection so far, and every `where` answered by the worker it opened on.
+    pinned_before = {c["id"] for c in before.values() if len(c["connects"]) == 1
+                     and not c["disconnects"] and c["transport"] == TRANSPORT.get(c["kind"])
+                     and (c["kind"] == "raw" or c["wheres"] == [c["where"]["pid"]] * 3)}
     _warm_up_js(node)
-    for kind in JS_KINDS:
-        _broadcast(node, kind, "before")
-
-    # Every request of every long-polling session went to one worker (the one whose port
-    # the route cookie names; a websocket-only session is one request, with no sid),
-    # and no worker ever saw a session it did not hold.
+    delivered_before = {kind: _broadcast(node, kind, "before") for kind in JS_KINDS}
+    # Every request of every session that started on long-polling (polling, upgrade)
+    # went to one worker, the one whose port the route cookie names (a websocket-only
+    # session is one request, with no sid), and no worker saw a session it did not hold.
     by_sid = _sessions_on_one_worker(upstream_log)
-    assert len(by_sid) == JS_KINDS["polling"], by_sid
-    assert all(len(addrs) == 1 for addrs in by_sid.values()), by_sid
-    for g in instances:
-        text = g.log_text()
-        assert "Invalid session" not in text and "Session ID unknown" not in text, g.log_text_tail()
-    before = {c["id"]: c for c in node.status()}
+    refused = [g.log_text().count("Invalid session") for g in instances]
 
     # SIGKILL one instance: its clients reconnect through nginx to the other one.
-    dead = 0
-    dead_name = "east"
+    dead, dead_name = 0, "east"
+    on_dead = {cid for cid, c in before.items() if c["where"]["instance"] == dead_name}
     killed_at = time.time() * 1000
     os.killpg(instances[dead].pgid, signal.SIGKILL)
-    on_dead = {cid for cid, c in before.items() if c["where"]["instance"] == dead_name}
-    assert on_dead and len(on_dead) < len(before)
 
     def all_back() -> list[dict[str, Any]] | None:
         now = node.status()
@@ -764,33 +767,45 @@ def _run_js_scenario(node: NodeClients, instances: list[Gunicorn],
                    for c in now)
         return now if back else None
 
-    after = wait_for(all_back, RECONNECT_WITHIN + 5, interval=0.1,
-                     what=f"every client back\n{tail(ngx / 'error.log')}")
-    reconnect_ms = {k: sorted(c["connects"][-1][0] - killed_at for c in after
+    after_list = wait_for(all_back, RECONNECT_WITHIN + 5, interval=0.1,
+                          what=f"every client back\n{tail(ngx / 'error.log')}")
+    reconnect_ms = {k: sorted(c["connects"][-1][0] - killed_at for c in after_list
                               if c["kind"] == k and c["id"] in on_dead) for k in JS_KINDS}
-    for kind, times in reconnect_ms.items():
-        assert times and max(times) <= RECONNECT_WITHIN * 1000, (kind, times)
-    for c in after:
-        if c["id"] not in on_dead:  # the survivors' clients never noticed
-            assert len(c["connects"]) == 1 and c["disconnects"] == [], c
+    untouched = {c["id"] for c in after_list
+                 if c["id"] not in on_dead and len(c["connects"]) == 1 and not c["disconnects"]}
     node.command("where", cmd="where", times=3)
-    after = node.status()
+    after = {c["id"]: c for c in node.status()}
     alive_pids = set(instances[1 - dead].worker_pids())
-    for c in after:
-        assert c["where"]["pid"] in alive_pids, c
-        if c["kind"] != "raw":  # pinned again, to its new worker
-            assert c["wheres"][-3:] == [c["where"]["pid"]] * 3, c
+    pinned_after = {c["id"] for c in after.values() if c["where"]["pid"] in alive_pids
+                    and (c["kind"] == "raw" or c["wheres"][-3:] == [c["where"]["pid"]] * 3)}
     _warm_up_js(node)
-    for kind in JS_KINDS:
-        _broadcast(node, kind, "after")
+    delivered_after = {kind: _broadcast(node, kind, "after") for kind in JS_KINDS}
 
     with capsys.disabled():
-        print(f"\njs clients through nginx (ready in {ready['ms']} ms):")
+        print(f"\njs clients through nginx, 2 instances x 2 workers (all connected in "
+              f"{ready['ms']} ms); {len(by_sid)} long-polling sessions, "
+              f"{sum(len(a) == 1 for a in by_sid.values())} of them on one worker throughout")
         for kind, n in JS_KINDS.items():
-            cs = [c for c in after if c["kind"] == kind]
-            times = reconnect_ms[kind]
-            print(f"  {kind:9}: connected {sum(1 for c in cs if c['connected'])}/{n}, pinned "
-                  f"{n}/{n} on {len(workers[kind])} workers, each message delivered once to "
-                  f"{len([c for c in after if c['kind'] in AUDIENCE[kind]])} clients; "
-                  f"{len(times)} on the killed instance reconnected in "
-                  f"{times[0]:.0f}..{times[-1]:.0f} ms (median {times[len(times) // 2]:.0f})")
+            ids = {cid for cid, c in before.items() if c["kind"] == kind}
+            times = reconnect_ms[kind] or [float("nan")]
+            once = [sum(x == 1 for x in delivered_before[kind]), len(delivered_before[kind]),
+                    sum(x == 1 for x in delivered_after[kind]), len(delivered_after[kind])]
+            connected = sum(before[cid]["connected"] for cid in ids)
+            print(f"  {kind:9}: connected {connected}/{n} on {len(workers[kind])} workers, "
+                  f"pinned {len(ids & pinned_before)}/{n}; its message reached {once[0]}/"
+                  f"{once[1]} exactly once | SIGKILL east: {len(ids & on_dead)} reconnected in "
+                  f"{times[0]:.0f}..{times[-1]:.0f} ms (median {times[len(times) // 2]:.0f}), "
+                  f"{len(ids & untouched)} untouched; pinned {len(ids & pinned_after)}/{n}; "
+                  f"next message reached {once[2]}/{once[3]} exactly once")
+
+    assert pinned_before == set(before), sorted(set(before) - pinned_before)
+    assert len(by_sid) == JS_KINDS["polling"] + JS_KINDS["upgrade"], by_sid
+    assert all(len(addrs) == 1 for addrs in by_sid.values()), by_sid
+    assert refused == [0, 0], refused
+    for kind in JS_KINDS:
+        assert delivered_before[kind] == [1] * len(delivered_before[kind]), (kind, delivered_before)
+        assert delivered_after[kind] == [1] * len(delivered_after[kind]), (kind, delivered_after)
+        assert reconnect_ms[kind] and max(reconnect_ms[kind]) <= RECONNECT_WITHIN * 1000, \
+            (kind, reconnect_ms)
+    assert on_dead and untouched == set(before) - on_dead  # the survivors' clients never noticed
+    assert pinned_after == set(after), sorted(set(after) - pinned_after)

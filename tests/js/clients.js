@@ -1,11 +1,13 @@
 // Chat clients as users ship them, driven by tests/test_chat.py over stdin/stdout.
 //
-//   node clients.js '{"url": "http://127.0.0.1:PORT", "polling": 8, "websocket": 8, "raw": 8}'
+//   node clients.js '{"url": "http://127.0.0.1:PORT", "polling": 8, "websocket": 8,
+//                     "upgrade": 8, "raw": 8}'
 //
 // Kinds: "polling" and "websocket" are socket.io-client on the /chat namespace with
-// that one transport (default options otherwise: its own reconnection and backoff;
+// that one transport, "upgrade" with its default (long-polling, then an upgrade to
+// websocket); default options otherwise: its own reconnection and backoff;
 // withCredentials makes Node keep cookies, as a browser does, so the route cookie pins
-// the long-polling session); "raw" is the ws package on /ws, reconnecting on close
+// the long-polling session. "raw" is the ws package on /ws, reconnecting on close
 // after 250 ms (ws has no reconnection of its own).
 //
 // Every line on stdout is one JSON object: {"event": "ready"} once every client is
@@ -52,7 +54,8 @@ function received(c, text) {
 
 function socketio(kind, n) {
   const c = newClient(kind, n);
-  const sock = io(url + "/chat", { transports: [kind], withCredentials: true });
+  const transports = kind === "upgrade" ? {} : { transports: [kind] };
+  const sock = io(url + "/chat", { ...transports, withCredentials: true });
   c.sock = sock;
   sock.on("connect", async () => {
     try {
@@ -144,7 +147,7 @@ async function handle(line) {
   }
 }
 
-for (const kind of ["polling", "websocket"]) {
+for (const kind of ["polling", "websocket", "upgrade"]) {
   for (let n = 0; n < (config[kind] || 0); n++) clients.push(socketio(kind, n));
 }
 for (let n = 0; n < (config.raw || 0); n++) clients.push(raw(n));
