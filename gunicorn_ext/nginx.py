@@ -395,7 +395,7 @@ def render(backends: list[str], listen: int, server_name: str,
 
     if not isinstance(cookie, str) or not COOKIE_NAME_RE.match(cookie):
         raise ValueError(f"cookie {cookie!r}: expected 1-64 characters of [A-Za-z0-9_]")
-    parts = [HEADER, _upstreams(backends, routes), _maps(routes, cookie)]
+    parts = [HEADER.replace(COOKIE, cookie), _upstreams(backends, routes), _maps(routes, cookie)]
     if tls:
         assert tls_cert is not None and tls_key is not None
         http_port = _port("http_port", http_port)

@@ -554,7 +554,7 @@ def test_rendered_nginx_reads_the_renamed_cookie() -> None:
     from gunicorn_ext.nginx import render
 
     conf = render(["127.0.0.1:9000", "127.0.0.1:9001"], 8080, "example.com", cookie="route")
-    assert "map $cookie_route $gx_backend {" in conf and "$cookie_gx_route $gx" not in conf
+    assert "map $cookie_route $gx_backend {" in conf and "gx_route" not in conf
     assert "map $cookie_gx_route $gx_backend {" in render(["127.0.0.1:9000"], 8080, "example.com")
     for bad in ("gx-route", "", "a b", "x;", "x" * 65):
         with pytest.raises(ValueError, match="cookie"):
