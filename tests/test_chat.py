@@ -5,8 +5,10 @@ Gunicorn (2 gthread workers per instance): with the SQLite default the messages 
 over the gunicorn-ext bus (one instance); with ``STATE_URL=redis://...`` over a real
 redis-server, to two instances behind a real nginx. Each worker also listens on its
 own port (``WORKER_PORTS_BASE``), so clients are put on every worker for sure; the
-clients are websocket-client (raw) and python-socketio. Every check is that each client
-receives each message exactly once.
+clients are websocket-client (raw) and python-socketio, and in node the JavaScript
+clients users ship (``tests/js``: socket.io-client on long-polling, websocket and its
+default upgrade; ws on ``/ws``), through nginx only, pinned by the config's route cookie.
+Every check is that each client receives each message exactly once.
 """
 
 from __future__ import annotations

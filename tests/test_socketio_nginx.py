@@ -30,15 +30,21 @@ from gunicorn_ext.sticky import route_name
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
 SESSIONS = 100
+#: Route cookies no backend ever set, given to every 10th session: nginx's whitelist sends
+#: each to the pool, and the worker that answers re-pins the client.
+FORGED = ["127.0.0.1:22", "evil", "gx_127_0_0_1_22", "127_0_0_1_1", "x" * 3000, ""]
 OVERALL = 120.0
 
 
-def _session(url: str) -> tuple[dict[str, int], str | None]:
+def _session(url: str, forged: str | None = None) -> tuple[dict[str, int], str | None]:
     """One polling-only client session: connect /chat, call ``where``, disconnect.
 
     Returns the ``where`` answer and the route cookie the client held for its polls.
+    With *forged*, the client starts with that as its route cookie.
     """
     http = requests.Session()  # python-socketio's polls go through it: it keeps the cookie
+    if forged is not None:  # the domain and path the backend's own cookie replaces
+        http.cookies.set("gx_route", forged, domain="127.0.0.1", path="/")
     sio = socketio.Client(reconnection=False, http_session=http)
     try:
         sio.connect(url, transports=["polling"], namespaces=["/chat"], wait_timeout=5)
@@ -92,8 +98,9 @@ def test_polling_clients_stay_on_one_worker_through_nginx(
         seen: set[int] = set()
         for n in range(SESSIONS):
             assert time.monotonic() < deadline, f"only {n} sessions in {OVERALL}s"
+            forged = FORGED[n // 10 % len(FORGED)] if n % 10 == 0 else None
             try:
-                where, cookie = _session(url)
+                where, cookie = _session(url, forged)
             except (socketio.exceptions.SocketIOError, requests.RequestException) as exc:
                 pytest.fail(f"session {n} failed: {exc!r}\nnginx:\n{tail(ngx / 'error.log')}",
                             pytrace=False)

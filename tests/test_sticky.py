@@ -559,3 +559,18 @@ def test_rendered_nginx_reads_the_renamed_cookie() -> None:
     for bad in ("gx-route", "", "a b", "x;", "x" * 65):
         with pytest.raises(ValueError, match="cookie"):
             render(["127.0.0.1:9000"], 8080, "example.com", cookie=bad)
+
+
+def test_pin_worker_wraps_the_wsgi_app_and_says_so_for_other_workers() -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from gunicorn_ext.sticky import pin_worker
+
+    log = logging.getLogger("test.sticky")
+    worker = SimpleNamespace(wsgi=_echo_app(), log=log, ext_slot=0)
+    assert pin_worker(worker, "a") is True
+    assert isinstance(worker.wsgi, RouteCookie) and worker.wsgi.route == "a"
+    assert _call(worker.wsgi) == [("Content-Type", "text/plain"), ("Set-Cookie", PIN_A)]
+    asgi = SimpleNamespace(asgi=object(), log=log)  # Gunicorn's ASGI worker: no .wsgi
+    assert pin_worker(asgi, "a") is False and not hasattr(asgi, "wsgi")
