@@ -129,11 +129,12 @@ def instance_route(bind: Sequence[str], environ: dict[str, str] | None = None) -
 def pin_worker(worker: Any, route: str, cookie_name: str = "gx_route") -> bool:
     """Wrap the app a Gunicorn worker serves in :class:`RouteCookie` (``post_worker_init``).
 
-    Gunicorn internals: ``Worker.load_wsgi()`` stores the loaded app as ``worker.wsgi``
-    just before it calls the ``post_worker_init`` hook, and every request of the sync and
-    gthread workers calls ``worker.wsgi(environ, start_response)``; replacing that
-    attribute is the one seam that covers any WSGI app without touching it. ASGI
-    workers (``worker.asgi``) are not covered: returns False, with one log line.
+    Gunicorn internals: ``Worker.init_process()`` stores the loaded app as
+    ``worker.wsgi`` (``load_wsgi()``) just before it calls the ``post_worker_init`` hook,
+    and every WSGI worker class reads that attribute only after it (sync and gthread per
+    request, gevent and tornado when their server starts in ``run()``); replacing it is
+    the one seam that covers any WSGI app without touching it. ASGI workers
+    (``worker.asgi``) are not covered: returns False, with one log line.
     """
     app = getattr(worker, "wsgi", None)
     if app is None:
