@@ -232,7 +232,9 @@ def _add_nginx(commands: Any) -> None:
     p = sub.add_parser("render", help="print an http-context config for conf.d",
                        description="Print one http-context nginx config (upstreams, sticky "
                        "route map, server blocks) on stdout. Each backend must set the cookie "
-                       "gx_route to its route name (default: HOST:PORT with [^a-z0-9_] -> _).")
+                       "gx_route (or --cookie) to its route name (default: HOST:PORT with "
+                       "[^a-z0-9_] -> _); gunicorn-ext's sticky setting does, with per-worker "
+                       "ports.")
     p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
                    help="a Gunicorn instance (or per-worker port); repeat for several")
     p.add_argument("--listen", type=_port_arg, required=True, metavar="PORT",

@@ -574,3 +574,14 @@ def test_pin_worker_wraps_the_wsgi_app_and_says_so_for_other_workers() -> None:
     assert _call(worker.wsgi) == [("Content-Type", "text/plain"), ("Set-Cookie", PIN_A)]
     asgi = SimpleNamespace(asgi=object(), log=log)  # Gunicorn's ASGI worker: no .wsgi
     assert pin_worker(asgi, "a") is False and not hasattr(asgi, "wsgi")
+
+
+def test_nginx_render_cli_takes_the_cookie_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from gunicorn_ext.cli import main
+
+    base = ["nginx", "render", "--backend", "127.0.0.1:9000", "--listen", "8080",
+            "--server-name", "example.com"]
+    assert main([*base, "--cookie", "route"]) == 0
+    assert "map $cookie_route $gx_backend {" in capsys.readouterr().out
+    assert main([*base, "--cookie", "gx-route"]) == 2
+    assert "cookie 'gx-route': expected 1-64 characters of [A-Za-z0-9_]" in capsys.readouterr().err
