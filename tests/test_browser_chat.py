@@ -335,10 +335,12 @@ def _once_everywhere(pages: list[Page], text: str, instance: str, slot: int) -> 
 def test_two_browsers_on_two_instances_chat_both_ways(chromium: Chromium,
                                                       cluster: Cluster) -> None:
     # Page a: no cookie; nginx gives it to a worker of the pool, which pins it.
-    a = chromium.page(f"{cluster.url}/chat", cookies=[{
-        "name": "gx_route", "value": cluster.route("east", 0), "url": cluster.url}])
+    a = chromium.page(f"{cluster.url}/chat")
     where_a = a.connected()
     ia, sa = where_a["instance"], int(where_a["slot"])
+    route = a.cookies()["gx_route"]
+    assert route["value"] == cluster.route(ia, sa), route
+    assert route["httpOnly"], route
     # Page b: pinned to the other slot of the other instance.
     ib, sb = ("west" if ia == "east" else "east"), 1 - sa
     b = chromium.page(f"{cluster.url}/chat", cookies=[{
