@@ -46,10 +46,16 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
-from flask import Flask, Request, Response, jsonify
-from flask.json.tag import TaggedJSONSerializer
-from flask.sessions import SessionInterface, SessionMixin
-from itsdangerous import Signer
+
+from gunicorn_ext.extras import missing_extra
+
+try:
+    from flask import Flask, Request, Response, jsonify
+    from flask.json.tag import TaggedJSONSerializer
+    from flask.sessions import SessionInterface, SessionMixin
+    from itsdangerous import Signer
+except ImportError as exc:
+    raise missing_extra(exc, "flask", __name__) from exc
 
 from .store import Store, StoreUnavailable, open_store
 
