@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import socketio
 import websocket
 from harness import (
     Gunicorn,
@@ -105,6 +107,7 @@ class Chromium:
             raise
         self._ids = 0
         self.events: list[dict[str, Any]] = []
+        self.contexts: list[str] = []
 
     def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
         self._ids += 1
@@ -131,6 +134,7 @@ class Chromium:
     def page(self, url: str, cookies: Sequence[dict[str, Any]] = ()) -> Page:
         """A new page in a browser context of its own (its own cookies), opening *url*."""
         context = self.call("Target.createBrowserContext")["browserContextId"]
+        self.contexts.append(context)
         if cookies:
             self.call("Storage.setCookies", cookies=list(cookies), browserContextId=context)
         target = self.call("Target.createTarget", url="about:blank",
@@ -140,6 +144,12 @@ class Chromium:
         self.call("Emulation.setDeviceMetricsOverride", session, **VIEWPORT)
         self.call("Page.navigate", session, url=url)
         return Page(self, context, session)
+
+    def close_pages(self) -> None:
+        """Close every page opened so far (their connections go with them)."""
+        while self.contexts:
+            self.call("Target.disposeBrowserContext", browserContextId=self.contexts.pop())
+        self.events.clear()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -173,17 +183,22 @@ class Page:
             raise DevToolsError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def wait(self, expression: str, what: str, timeout: float = TIMEOUT) -> Any:
-        """Poll *expression* until it is truthy; fail saying what the page shows."""
+    def poll(self, expression: str, timeout: float) -> Any:
+        """Poll *expression* until it is truthy and return it; None after *timeout* s."""
         deadline = time.monotonic() + timeout
         while True:
             value = self.eval(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.describe()}",
-                            pytrace=False)
+            if value or time.monotonic() > deadline:
+                return value or None
             time.sleep(0.05)
+
+    def wait(self, expression: str, what: str, timeout: float = TIMEOUT) -> Any:
+        """Poll *expression* until it is truthy; fail saying what the page shows."""
+        value = self.poll(expression, timeout)
+        if value is None:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.describe()}",
+                        pytrace=False)
+        return value
 
     def describe(self) -> str:
         """What the page shows and logged: for failure messages."""
@@ -254,6 +269,13 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
         browser.close()
 
 
+@pytest.fixture
+def browser(chromium: Chromium) -> Iterator[Chromium]:
+    """The module's Chromium; the pages a test opens are closed after it."""
+    yield chromium
+    chromium.close_pages()
+
+
 # ----------------------------------------------------------------------------- servers
 
 
@@ -313,7 +335,33 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         conf.write_text(wrapper_conf([str(site)], str(site.parent), access_log=True,
                                      user="root" if os.geteuid() == 0 else None))
         nginx_dir = stack.enter_context(running_nginx(conf, listen))
+        _subscribe_every_worker(ports)
         yield Cluster(f"http://127.0.0.1:{listen}", instances, bases, nginx_dir)
+
+
+def _subscribe_every_worker(ports: list[int]) -> None:
+    """Have every worker subscribed to Redis before a page opens.
+
+    python-socketio subscribes a worker from a thread started by its first client, so a
+    message sent just after can miss that worker: a python-socketio client on each
+    worker port sends probes until all have seen one (pages opened later see none).
+    """
+    seen = [threading.Event() for _ in ports]
+    clients = [socketio.Client(reconnection=False) for _ in ports]
+    try:
+        for client, event, port in zip(clients, seen, ports, strict=True):
+            client.on("said", lambda m, e=event: e.set(), namespace="/chat")
+            client.connect(f"http://127.0.0.1:{port}", transports=["websocket"],
+                           namespaces=["/chat"], wait_timeout=TIMEOUT)
+        deadline = time.monotonic() + 20
+        n = 0
+        while not all(event.wait(0.3) for event in seen):
+            assert time.monotonic() < deadline, "not every worker is subscribed to Redis"
+            clients[0].call("say", {"text": f"probe {n}"}, namespace="/chat", timeout=TIMEOUT)
+            n += 1
+    finally:
+        for client in clients:
+            client.disconnect()
 
 
 # ----------------------------------------------------------------------------- tests
@@ -332,10 +380,9 @@ def _once_everywhere(pages: list[Page], text: str, instance: str, slot: int) -> 
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.nginx
-def test_two_browsers_on_two_instances_chat_both_ways(chromium: Chromium,
-                                                      cluster: Cluster) -> None:
+def test_two_browsers_on_two_instances_chat_both_ways(browser: Chromium, cluster: Cluster) -> None:
     # Page a: no cookie; nginx gives it to a worker of the pool, which pins it.
-    a = chromium.page(f"{cluster.url}/chat")
+    a = browser.page(f"{cluster.url}/chat")
     where_a = a.connected()
     ia, sa = where_a["instance"], int(where_a["slot"])
     route = a.cookies()["gx_route"]
@@ -343,7 +390,7 @@ def test_two_browsers_on_two_instances_chat_both_ways(chromium: Chromium,
     assert route["httpOnly"], route
     # Page b: pinned to the other slot of the other instance.
     ib, sb = ("west" if ia == "east" else "east"), 1 - sa
-    b = chromium.page(f"{cluster.url}/chat", cookies=[{
+    b = browser.page(f"{cluster.url}/chat", cookies=[{
         "name": "gx_route", "value": cluster.route(ib, sb), "url": cluster.url,
         "httpOnly": True, "sameSite": "Lax"}])
     where_b = b.connected()
@@ -369,6 +416,50 @@ def test_two_browsers_on_two_instances_chat_both_ways(chromium: Chromium,
     assert sids and set(sids) <= {"101", "200"}, sids
     logs = cluster.logs()
     assert "Session ID unknown" not in logs and "Invalid session" not in logs
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.nginx
+def test_a_page_whose_worker_is_killed_reconnects_and_chats_on(
+        browser: Chromium, cluster: Cluster) -> None:
+    # The worker holding page a's connection is SIGKILLed: socket.io-client reconnects
+    # by itself, through nginx (the pinned upstream's backups, or the respawned
+    # worker), the worker that answers re-pins the page, and the chat goes on.
+    a = browser.page(f"{cluster.url}/chat")
+    before = a.connected()
+    ia, pid = before["instance"], int(before["pid"])
+    ib = "west" if ia == "east" else "east"
+    b = browser.page(f"{cluster.url}/chat", cookies=[{
+        "name": "gx_route", "value": cluster.route(ib, 0), "url": cluster.url}])
+    b.connected()
+    os.kill(pid, signal.SIGKILL)
+    try:
+        after = a.wait(
+            "(s => s.dataset.state === 'connected' && s.dataset.transport === 'websocket'"
+            f" && s.dataset.pid && s.dataset.pid !== '{pid}' && Object.assign({{}}, s.dataset))"
+            "(document.getElementById('status'))", "the page back, on another worker process",
+            timeout=15)
+        ia, sa = after["instance"], int(after["slot"])
+        assert int(after["pid"]) in cluster.instances[ia].worker_pids()
+        assert a.cookies()["gx_route"]["value"] == cluster.route(ia, sa)
+        # The worker it reached may be the one respawned in the killed one's place,
+        # subscribed to Redis only since this page came: probe until it is.
+        deadline = time.monotonic() + 15
+        for n in itertools.count():
+            b.send(f"probe {n}")
+            if a.poll(f"document.body.innerText.includes('probe {n}')", 0.5):
+                break
+            assert time.monotonic() < deadline, a.describe()
+        hello = f"back on {ia} {uuid.uuid4().hex[:8]}"
+        a.send(hello)
+        _once_everywhere([a, b], hello, ia, sa)
+        reply = f"welcome back from {ib} {uuid.uuid4().hex[:8]}"
+        b.send(reply)
+        _once_everywhere([a, b], reply, ib, 0)
+    finally:  # the cluster is whole again for the next test
+        ports = [base + slot for base in cluster.bases.values() for slot in (0, 1)]
+        wait_for(lambda: all(serves(p) for p in ports), 20, what="the killed worker respawned")
 
 
 FOREIGN_PAGE = """<!doctype html>
@@ -416,9 +507,9 @@ def _foreign_site(server: str) -> Iterator[str]:
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.nginx
-def test_a_page_from_another_origin_cannot_connect(chromium: Chromium, cluster: Cluster) -> None:
+def test_a_page_from_another_origin_cannot_connect(browser: Chromium, cluster: Cluster) -> None:
     with _foreign_site(cluster.url) as origin:
-        page = chromium.page(f"{origin}/")
+        page = browser.page(f"{origin}/")
         page.wait("typeof io === 'function'", "the client script loaded from the chat's origin")
         results = page.wait("window.results && Object.keys(window.results).length === 2"
                             " && window.results", "both connection attempts to end")
