@@ -8,10 +8,13 @@ with the four worker ports as backends. Chromium (Debian's ``chromium``, install
 browser context has its own cookie jar, so it is one user.
 
 * Two pages, on workers of different instances, exchange messages both ways: each
-  message shows once on both pages, naming the worker that took it. The first page
-  starts with no cookie at all (the example pins it by itself); the second is given the
-  route cookie of a worker of the other instance, as that worker would have set it.
-  Screenshots of both pages go to ``tests/output/`` for a human to look at.
+  message shows once on both pages, naming the worker that took it. The first page is
+  on long-polling only and starts with no cookie at all (the example pins it by
+  itself, else its polls would scatter over the workers); the second, on a WebSocket,
+  is given the route cookie of a worker of the other instance, as that worker would
+  have set it. Screenshots of both pages go to ``tests/output/`` for a human to see.
+* The worker a page is on is SIGKILLed: the page reconnects by itself, is re-pinned,
+  and chats on (on either transport).
 * A page from another origin (same host, another port) loads the same client script
   but cannot connect, on either transport.
 """
@@ -218,13 +221,17 @@ class Page:
                 lines.append(json.dumps(params.get("exceptionDetails", {}))[:500])
         return f"--- page shows:\n{shown}\n--- console:\n" + "\n".join(lines)
 
-    def connected(self) -> dict[str, Any]:
-        """Wait until the chat page is connected over a WebSocket and knows its worker."""
+    def connected(self, transport: str, *, not_pid: int = 0,
+                  timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Wait until the chat page is connected over *transport* and says which worker
+        it is on (another process than *not_pid*); return what it says."""
         status: dict[str, Any] = self.wait(
             "(s => s && s.dataset.state === 'connected' && s.dataset.pid"
-            " && s.dataset.transport === 'websocket' && Object.assign({}, s.dataset))"
-            "(document.getElementById('status'))",
-            "the page connected over a WebSocket, knowing its worker")
+            f" && s.dataset.pid !== '{not_pid}' && s.dataset.transport === '{transport}'"
+            " && Object.assign({}, s.dataset))(document.getElementById('status'))",
+            f"the page connected over {transport}"
+            + (f", on a worker other than pid {not_pid}" if not_pid else ""),
+            timeout)
         return status
 
     def send(self, text: str) -> None:
@@ -293,8 +300,14 @@ class Cluster:
         """The route cookie value of one worker (what it sets, what nginx maps)."""
         return route_name(f"127.0.0.1:{self.bases[instance] + slot}")
 
-    def logs(self) -> str:
-        return "\n".join(g.log_text() for g in self.instances.values())
+    def mark(self) -> dict[str, int]:
+        """Where each log ends now (for :meth:`logs`)."""
+        return {name: len(g.log_text()) for name, g in self.instances.items()}
+
+    def logs(self, since: dict[str, int] | None = None) -> str:
+        """Both instances' logs (from *since*, a :meth:`mark`)."""
+        since = since or {}
+        return "\n".join(g.log_text()[since.get(name, 0):] for name, g in self.instances.items())
 
 
 @pytest.fixture(scope="module")
@@ -381,19 +394,23 @@ def _once_everywhere(pages: list[Page], text: str, instance: str, slot: int) -> 
 @pytest.mark.redis
 @pytest.mark.nginx
 def test_two_browsers_on_two_instances_chat_both_ways(browser: Chromium, cluster: Cluster) -> None:
-    # Page a: no cookie; nginx gives it to a worker of the pool, which pins it.
-    a = browser.page(f"{cluster.url}/chat")
-    where_a = a.connected()
+    access_log = cluster.nginx_dir / "access.log"
+    logged, marks = access_log.stat().st_size, cluster.mark()
+    # Page a: long-polling only, and no cookie: nginx gives its first request to a worker
+    # of the pool, which pins it; every later poll must reach that same worker.
+    a = browser.page(f"{cluster.url}/chat?transport=polling")
+    where_a = a.connected("polling")
     ia, sa = where_a["instance"], int(where_a["slot"])
     route = a.cookies()["gx_route"]
     assert route["value"] == cluster.route(ia, sa), route
     assert route["httpOnly"], route
-    # Page b: pinned to the other slot of the other instance.
+    # Page b: a WebSocket (the page's default), pinned to the other slot of the other
+    # instance.
     ib, sb = ("west" if ia == "east" else "east"), 1 - sa
     b = browser.page(f"{cluster.url}/chat", cookies=[{
         "name": "gx_route", "value": cluster.route(ib, sb), "url": cluster.url,
         "httpOnly": True, "sameSite": "Lax"}])
-    where_b = b.connected()
+    where_b = b.connected("websocket")
     assert (where_b["instance"], int(where_b["slot"])) == (ib, sb), b.describe()
     assert int(where_b["pid"]) in cluster.instances[ib].worker_pids()
     assert int(where_a["pid"]) in cluster.instances[ia].worker_pids()
@@ -411,35 +428,36 @@ def test_two_browsers_on_two_instances_chat_both_ways(browser: Chromium, cluster
     b.screenshot(OUTPUT / "browser_chat-b.png")
 
     # Every Engine.IO request of either page reached the worker holding its session.
-    log = (cluster.nginx_dir / "access.log").read_text()
-    sids = re.findall(r'"(?:GET|POST) /socket\.io/\?\S*?sid=[\w-]+\S* HTTP/1\.1" (\d+)', log)
-    assert sids and set(sids) <= {"101", "200"}, sids
-    logs = cluster.logs()
+    with open(access_log, "rb") as f:
+        f.seek(logged)
+        log = f.read().decode()
+    polls = re.findall(r'"(?:GET|POST) /socket\.io/\?\S*?transport=polling&\S*?sid=[\w-]+\S*'
+                       r' HTTP/1\.1" (\d+)', log)
+    assert len(polls) >= 4 and set(polls) == {"200"}, polls  # a's polls, all answered
+    logs = cluster.logs(marks)
     assert "Session ID unknown" not in logs and "Invalid session" not in logs
 
 
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.nginx
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
 def test_a_page_whose_worker_is_killed_reconnects_and_chats_on(
-        browser: Chromium, cluster: Cluster) -> None:
+        browser: Chromium, cluster: Cluster, transport: str) -> None:
     # The worker holding page a's connection is SIGKILLed: socket.io-client reconnects
     # by itself, through nginx (the pinned upstream's backups, or the respawned
     # worker), the worker that answers re-pins the page, and the chat goes on.
-    a = browser.page(f"{cluster.url}/chat")
-    before = a.connected()
+    query = "?transport=polling" if transport == "polling" else ""
+    a = browser.page(f"{cluster.url}/chat{query}")
+    before = a.connected(transport)
     ia, pid = before["instance"], int(before["pid"])
     ib = "west" if ia == "east" else "east"
     b = browser.page(f"{cluster.url}/chat", cookies=[{
         "name": "gx_route", "value": cluster.route(ib, 0), "url": cluster.url}])
-    b.connected()
+    b.connected("websocket")
     os.kill(pid, signal.SIGKILL)
     try:
-        after = a.wait(
-            "(s => s.dataset.state === 'connected' && s.dataset.transport === 'websocket'"
-            f" && s.dataset.pid && s.dataset.pid !== '{pid}' && Object.assign({{}}, s.dataset))"
-            "(document.getElementById('status'))", "the page back, on another worker process",
-            timeout=15)
+        after = a.connected(transport, not_pid=pid, timeout=15)
         ia, sa = after["instance"], int(after["slot"])
         assert int(after["pid"]) in cluster.instances[ia].worker_pids()
         assert a.cookies()["gx_route"]["value"] == cluster.route(ia, sa)

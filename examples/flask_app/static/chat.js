@@ -7,7 +7,14 @@
   const form = document.getElementById("say");
   const input = form.elements.text;
   const error = document.getElementById("error");
-  const socket = io("/chat");  // polling first, then upgraded to a WebSocket
+  // A WebSocket first: one connection for the whole session, which any worker can hold
+  // (`make run` with several workers, no nginx). Should it fail (a proxy without
+  // WebSocket support), long-polling: its requests must all reach one worker, which
+  // the route cookie does behind nginx. /chat?transport=polling uses long-polling only.
+  const polling = new URLSearchParams(location.search).get("transport") === "polling";
+  const socket = io("/chat", polling
+    ? {transports: ["polling"]}
+    : {transports: ["websocket", "polling"], tryAllTransports: true});
 
   function show(state, text) {
     status.dataset.state = state;
@@ -25,7 +32,7 @@
 
   let worker = null;  // what "where" answered for this connection
   function connected() {
-    const transport = socket.io.engine.transport.name;  // polling, then websocket
+    const transport = socket.io.engine.transport.name;
     status.dataset.transport = transport;
     show("connected", worker
       ? "connected to " + where(worker) + " (pid " + worker.pid + ") over " + transport
