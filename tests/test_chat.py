@@ -11,9 +11,15 @@ receives each message exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import queue
+import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -27,7 +33,7 @@ import pytest
 import requests
 import socketio
 import websocket
-from harness import Gunicorn, RedisServer, free_port, free_port_pair, serves, wait_for
+from harness import Gunicorn, RedisServer, free_port, free_port_pair, serves, tail, wait_for
 
 from gunicorn_ext.nginx import render
 
@@ -554,3 +560,237 @@ def test_raw_chat_resubscribes_after_redis_comes_back(
              what="both workers' subscribers back")
     _assert_each_gets_it_once(clients, clients[1], _nonce("after"))
     assert all(not c.texts("lost") for c in clients)
+
+
+# ----------------------------------------------------------------------------- node clients
+
+JS = Path(__file__).resolve().parent / "js"
+JS_READY = 30.0  # every node client connected, through nginx, on a loaded machine
+RECONNECT_WITHIN = 10.0  # after the SIGKILL of an instance, each client is back within this
+JS_KINDS = {"polling": 8, "websocket": 8, "raw": 8}
+#: Who receives a message sent by a client of each kind: Socket.IO clients share the
+#: namespace /chat whatever their transport; the raw chat is a channel of its own.
+AUDIENCE = {"polling": ("polling", "websocket"), "websocket": ("polling", "websocket"),
+            "raw": ("raw",)}
+#: One line per request nginx proxies: enough to tell which worker each Engine.IO
+#: session's requests went to (appended to the rendered config, which is left as it is).
+UPSTREAM_LOG = ("log_format gx_upstream '$request_method $request_uri $status "
+                "$upstream_addr $cookie_gx_route';\naccess_log {path} gx_upstream;\n")
+
+
+class NodeClients:
+    """``tests/js/clients.js`` in node: socket.io-client and ws clients, one process.
+
+    Commands go to its stdin and each answer is one JSON line on its stdout (see the
+    script); its stderr goes to *log*.
+    """
+
+    def __init__(self, url: str, counts: dict[str, int], log: Path) -> None:
+        node = shutil.which("node")
+        if node is None or not (JS / "node_modules" / "socket.io-client").is_dir():
+            pytest.fail("node or tests/js/node_modules missing: run `make js-deps` "
+                        "(apt-get install nodejs npm; npm ci in tests/js)", pytrace=False)
+        self._err = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [node, str(JS / "clients.js"), json.dumps({"url": url, **counts})], cwd=JS,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+            start_new_session=True)
+        self.log = log
+        self._events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._events.put(json.loads(line))
+        self._events.put({"event": "exited"})
+
+    def wait(self, event: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        try:
+            got = self._events.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"node: no {event!r} within {timeout}s\n{self.log.read_text()[-3000:]}",
+                        pytrace=False)
+        assert got["event"] == event, (got, self.log.read_text()[-3000:])
+        return got
+
+    def ready(self, timeout: float) -> dict[str, Any]:
+        """Wait for every client to be connected; else fail saying who is not, and why."""
+        try:
+            got = self._events.get(timeout=timeout)
+        except queue.Empty:
+            clients = self.status()
+            counts = {k: f"{sum(c['connected'] for c in clients if c['kind'] == k)}/"
+                         f"{sum(1 for c in clients if c['kind'] == k)}" for k in JS_KINDS}
+            errors = sorted({e for c in clients for e in c["errors"]})[:5]
+            pytest.fail(f"node clients not all connected after {timeout}s: {counts}; "
+                        f"errors: {errors}", pytrace=False)
+        assert got["event"] == "ready", (got, self.log.read_text()[-3000:])
+        return got
+
+    def command(self, answer: str, timeout: float = 3 * TIMEOUT, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.wait(answer, timeout)
+
+    def status(self) -> list[dict[str, Any]]:
+        clients: list[dict[str, Any]] = self.command("status", cmd="status")["clients"]
+        return clients
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.command("bye", timeout=3, cmd="quit")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+        self._err.close()
+
+
+def _broadcast(node: NodeClients, kind: str, tag: str) -> str:
+    """One uniquely tagged message from a client of *kind*; every client of its audience
+    gets it exactly once (waits for all, then a moment for duplicates)."""
+    text = _nonce(f"{tag}-{kind}")
+    said = node.command("said", cmd="say", kind=kind, text=text)
+    assert "error" not in said and "error" not in said.get("ack", {}), said
+    audience = AUDIENCE[kind]
+
+    def everyone() -> bool:
+        return all(c["received"].get(text) for c in node.status() if c["kind"] in audience)
+
+    wait_for(everyone, TIMEOUT, interval=0.1, what=f"every {'/'.join(audience)} client to "
+             f"get {text}")
+    time.sleep(DUPLICATE_WINDOW)
+    counts = [c["received"].get(text, 0) for c in node.status() if c["kind"] in audience]
+    assert counts == [1] * len(counts), (text, counts)
+    return text
+
+
+def _warm_up_js(node: NodeClients) -> None:
+    """python-socketio's Redis subscription starts with a worker's first client (see
+    :func:`_warm_up`): probe until every Socket.IO client has seen one."""
+    deadline = time.monotonic() + 10
+    n = 0
+    while True:
+        text = f"probe-{n}-{uuid.uuid4().hex[:6]}"
+        node.command("said", cmd="say", kind="websocket", text=text)
+        n += 1
+        time.sleep(0.3)
+        clients = [c for c in node.status() if c["kind"] != "raw"]
+        if all(any(t.startswith("probe-") for t in c["received"]) for c in clients):
+            return
+        assert time.monotonic() < deadline, [c["id"] for c in clients if not c["received"]]
+
+
+def _sessions_on_one_worker(log: Path) -> dict[str, set[str]]:
+    """Engine.IO sid -> the worker addresses nginx sent that session's requests to."""
+    by_sid: dict[str, set[str]] = {}
+    for line in log.read_text().splitlines():
+        method, uri, status, upstream, _ = (line.split(" ") + [""] * 5)[:5]
+        m = re.search(r"[?&]sid=([\w-]+)", uri)
+        if uri.startswith("/socket.io/") and m and upstream != "-":
+            by_sid.setdefault(m[1], set()).update(a.strip() for a in upstream.split(","))
+    return by_sid
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.nginx
+def test_js_clients_stay_pinned_get_each_message_once_and_reconnect_after_an_instance_dies(
+        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer,
+        nginx_site: Callable[..., Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The example as `make run` starts it, twice (2 workers each, per-worker ports, one
+    redis-server), behind the nginx config `gunicorn-ext nginx render` gives, and the
+    JavaScript clients users ship: socket.io-client on long-polling and on websocket,
+    and ws on /ws. The example has no sticky code: the route cookie is the config's."""
+    listen = free_port()
+    instances, ports = _two_instances(gunicorn_factory, redis_server.url, listen)
+    conf = render(backends=[f"127.0.0.1:{p}" for p in ports.values()], listen=listen,
+                  server_name="127.0.0.1", default_server=False)
+    upstream_log = tmp_path / "upstream.log"
+    with nginx_site(UPSTREAM_LOG.format(path=upstream_log) + conf, listen) as ngx:
+        node = NodeClients(f"http://127.0.0.1:{listen}", JS_KINDS, tmp_path / "node.log")
+        try:
+            _run_js_scenario(node, instances, ports, upstream_log, ngx, capsys)
+        finally:
+            node.close()
+
+
+def _run_js_scenario(node: NodeClients, instances: list[Gunicorn],
+                     ports: dict[tuple[str, int], int], upstream_log: Path, ngx: Path,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    ready = node.ready(JS_READY)
+    node.command("where", cmd="where", times=3)
+    clients = node.status()
+    by_kind = {k: [c for c in clients if c["kind"] == k] for k in JS_KINDS}
+    workers = {k: {(c["where"]["instance"], c["where"]["slot"]) for c in cs}
+               for k, cs in by_kind.items()}
+    for kind, seen in workers.items():  # nginx's pool spread each kind over the workers
+        assert len(seen) > 1 and {i for i, _ in seen} == {"east", "west"}, (kind, seen)
+    for c in clients:
+        assert len(c["connects"]) == 1 and c["disconnects"] == [], c
+        if c["kind"] != "raw":
+            assert c["wheres"] == [c["where"]["pid"]] * 3, c  # the same worker each time
+            assert c["transport"] == c["kind"], c
+    _warm_up_js(node)
+    for kind in JS_KINDS:
+        _broadcast(node, kind, "before")
+
+    # Every request of every long-polling session went to one worker (the one whose port
+    # the route cookie names; a websocket-only session is one request, with no sid),
+    # and no worker ever saw a session it did not hold.
+    by_sid = _sessions_on_one_worker(upstream_log)
+    assert len(by_sid) == JS_KINDS["polling"], by_sid
+    assert all(len(addrs) == 1 for addrs in by_sid.values()), by_sid
+    for g in instances:
+        text = g.log_text()
+        assert "Invalid session" not in text and "Session ID unknown" not in text, g.log_text_tail()
+    before = {c["id"]: c for c in node.status()}
+
+    # SIGKILL one instance: its clients reconnect through nginx to the other one.
+    dead = 0
+    dead_name = "east"
+    killed_at = time.time() * 1000
+    os.killpg(instances[dead].pgid, signal.SIGKILL)
+    on_dead = {cid for cid, c in before.items() if c["where"]["instance"] == dead_name}
+    assert on_dead and len(on_dead) < len(before)
+
+    def all_back() -> list[dict[str, Any]] | None:
+        now = node.status()
+        back = all(c["connected"] and c["where"] and (c["id"] not in on_dead
+                   or (len(c["connects"]) > 1 and c["where"]["instance"] != dead_name))
+                   for c in now)
+        return now if back else None
+
+    after = wait_for(all_back, RECONNECT_WITHIN + 5, interval=0.1,
+                     what=f"every client back\n{tail(ngx / 'error.log')}")
+    reconnect_ms = {k: sorted(c["connects"][-1][0] - killed_at for c in after
+                              if c["kind"] == k and c["id"] in on_dead) for k in JS_KINDS}
+    for kind, times in reconnect_ms.items():
+        assert times and max(times) <= RECONNECT_WITHIN * 1000, (kind, times)
+    for c in after:
+        if c["id"] not in on_dead:  # the survivors' clients never noticed
+            assert len(c["connects"]) == 1 and c["disconnects"] == [], c
+    node.command("where", cmd="where", times=3)
+    after = node.status()
+    alive_pids = set(instances[1 - dead].worker_pids())
+    for c in after:
+        assert c["where"]["pid"] in alive_pids, c
+        if c["kind"] != "raw":  # pinned again, to its new worker
+            assert c["wheres"][-3:] == [c["where"]["pid"]] * 3, c
+    _warm_up_js(node)
+    for kind in JS_KINDS:
+        _broadcast(node, kind, "after")
+
+    with capsys.disabled():
+        print(f"\njs clients through nginx (ready in {ready['ms']} ms):")
+        for kind, n in JS_KINDS.items():
+            cs = [c for c in after if c["kind"] == kind]
+            times = reconnect_ms[kind]
+            print(f"  {kind:9}: connected {sum(1 for c in cs if c['connected'])}/{n}, pinned "
+                  f"{n}/{n} on {len(workers[kind])} workers, each message delivered once to "
+                  f"{len([c for c in after if c['kind'] in AUDIENCE[kind]])} clients; "
+                  f"{len(times)} on the killed instance reconnected in "
+                  f"{times[0]:.0f}..{times[-1]:.0f} ms (median {times[len(times) // 2]:.0f})")
