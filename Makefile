@@ -20,6 +20,7 @@ JS_STAMP := $(JS)/node_modules/.installed
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
 	@echo "make system-deps  apt-get install redis-server and nginx if missing (root)"
+	@echo "make browser-deps apt-get install chromium if missing (root; the browser test)"
 	@echo "make js-deps      apt-get install nodejs and npm if missing (root); npm ci in $(JS)"
 	@echo "make lint         ruff check + mypy"
 	@echo "make test         install, system-deps, lint, then the whole pytest suite"
@@ -72,6 +73,22 @@ system-deps:
 	for b in redis-server nginx; do have "$$b" || { echo "error: $$b still missing after apt-get" >&2; exit 1; }; done; \
 	echo "system-deps: installed redis-server and nginx (tests start their own instances on free ports)"
 
+.PHONY: browser-deps
+# Headless Chromium for tests/test_browser_chat.py (Debian's package, driven over the
+# DevTools protocol; no browser download from anywhere else).
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1; then echo "browser-deps: chromium present"; exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "error: chromium not installed and not root (or no apt-get); run as root:" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+	  exit 1; \
+	fi; \
+	echo "browser-deps: installing chromium"; \
+	apt-get update; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium </dev/null; \
+	command -v chromium >/dev/null || { echo "error: chromium still missing after apt-get" >&2; exit 1; }; \
+	echo "browser-deps: installed chromium"
+
 # The JavaScript clients the chat tests drive (socket.io-client, ws): exact pins in
 # $(JS)/package-lock.json, installed into $(JS)/node_modules only (nothing global).
 js-deps: $(JS_STAMP)
@@ -94,7 +111,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install system-deps js-deps
+test: install system-deps js-deps browser-deps
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
 	$(BIN)/pytest -q
