@@ -61,8 +61,9 @@ def wait_ready_slots(g: Gunicorn, n: int, exclude: set[int] = frozenset(), timeo
 
 
 def test_crash_loop_backs_off_then_opens_the_breaker(gunicorn_factory: Any) -> None:
+    # Each worker crashes on its first request, soon after it is ready: unstable exits.
     g = start(gunicorn_factory, 1, APP_MODE="crash_every_request", RESTART_DELAY="0.2",
-              BREAKER_FAILURES="4")
+              BREAKER_FAILURES="4", MIN_UPTIME="10")
     wait_ready_slots(g, 1)
     deadline = time.monotonic() + 30
     while "restart breaker open" not in g.log_text() and time.monotonic() < deadline:
