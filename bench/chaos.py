@@ -21,9 +21,15 @@ Cases (tests/chaos_cases.py), 16 client threads, each with its own cookies:
    of both instances serving with no operator action;
 2. redis-server SIGKILLed for BENCH_CHAOS_REDIS_DOWN (10) s under /healthz, /whoami
    (no store) and /counter, /hits (store); targets: 0 failures without the store, 503 +
-   Retry-After with it, first 200 within 1 s of Redis answering, no session lost.
+   Retry-After with it, first 200 within 1 s of Redis answering, no session lost;
+3. a boot-failing app: instance 0 runs the example through tests/apps/boot_fault_app.py
+   (its workers exit 1 before ready while a file exists), its workers are SIGKILLed
+   under load, and the fault is fixed after BENCH_CHAOS_BROKEN_FOR (20) s; targets: the
+   crash loop stops within the breaker's bounds (restart_breaker_failures per slot, then
+   one half-open try per cool-down), no request fails meanwhile, and every slot serves
+   again after the fix with no operator action (half-open). gunicorn-ext and plain only.
 
-Writes bench/results/chaos.json and chaos_kills.svg / chaos_redis.svg (answers and
+Writes bench/results/chaos.json and chaos_kills.svg / chaos_redis.svg / chaos_boot.svg (answers and
 failures per second). Targets print as PASS/FAIL; a miss does not fail the run, a crash
 does. Every process is stopped at the end; only loopback is ever a target.
 """
@@ -47,8 +53,8 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
-from chaos_cases import redis_outage, worker_kills  # noqa: E402
-from example_cluster import example_cluster  # noqa: E402
+from chaos_cases import boot_failure, redis_outage, worker_kills  # noqa: E402
+from example_cluster import APPS, example_cluster  # noqa: E402
 from harness import RedisServer  # noqa: E402
 from plot_lines import Marker, Series, Span, write_line_svg  # noqa: E402
 
@@ -56,6 +62,10 @@ from gunicorn_ext.nginx import find_nginx, render  # noqa: E402
 
 KILL_SECONDS = float(os.environ.get("BENCH_CHAOS_KILL_SECONDS", "60"))
 REDIS_DOWN = float(os.environ.get("BENCH_CHAOS_REDIS_DOWN", "10"))
+BROKEN_FOR = float(os.environ.get("BENCH_CHAOS_BROKEN_FOR", "20"))
+#: The example's breaker (gunicorn-ext's defaults): 10 unstable exits per slot in 60 s,
+#: then a 30 s cool-down before the half-open try.
+BREAKER_FAILURES, BREAKER_COOLDOWN = 10, 30.0
 WORKERS = 3
 CLIENTS = 16
 FAIL_TARGET_PCT = 0.5
@@ -88,11 +98,19 @@ def run_side(side: str, case: str, tmp: Path) -> dict[str, Any]:
     redis.start()
     try:
         conf = main_nginx if side == "ext_main_nginx" else None
-        with example_cluster(d, kind=kind, workers=WORKERS, redis=redis, conf=conf) as c:
+        fault = d / "boot-fault"
+        extra = ({"app": "boot_fault_app:app",
+                  "env": {"PYTHONPATH": str(APPS), "BOOT_FAULT": str(fault)}}
+                 if case == "boot" else {})
+        with example_cluster(d, kind=kind, workers=WORKERS, redis=redis, conf=conf,
+                             **extra) as c:  # type: ignore[arg-type]
             if case == "kills":
                 res = worker_kills(c, seconds=KILL_SECONDS, clients=CLIENTS)
-            else:
+            elif case == "redis":
                 res = redis_outage(c, down=REDIS_DOWN, clients=CLIENTS)
+            else:
+                res = boot_failure(c, fault, broken_for=BROKEN_FOR,
+                                   settle=BREAKER_COOLDOWN * 2 + 30, clients=CLIENTS)
             res["nginx_upstream_errors"] = c.nginx_errors().count("upstream")
             res["no_live_upstreams"] = c.nginx_errors().count("no live upstreams")
             res["tracebacks"] = sum(g.log_text().count("Traceback") for g in c.instances)
@@ -143,10 +161,28 @@ def report_redis(res: dict[str, dict[str, Any]]) -> None:
         f"no session lost: {verdict(e['sessions_lost'] == 0)}")
 
 
+def report_boot(res: dict[str, dict[str, Any]]) -> None:
+    log(f"\n3. boot-failing app on instance 0 for {BROKEN_FOR:.0f} s (workers exit 1 before "
+        f"ready), {CLIENTS} clients on GET /whoami")
+    log(f"   {'':28}{'boots broken':>13}{'last half':>10}{'failed':>8}{'failed %':>10}"
+        "  back after fix")
+    for r in res.values():
+        back = r["recovered_after_fix_s"]
+        log(f"   {r['label']:28}{r['boots_while_broken']:>13,}{r['boots_last_half']:>10,}"
+            f"{r['failed']:>8,}{r['failed_pct']:>9.2f}%  "
+            f"{'never' if back is None else f'{back:.1f} s'}  {r['failures_by_status']}")
+    e = res["ext"]
+    bound = WORKERS * (BREAKER_FAILURES + 1)
+    log(f"   target boots while broken <= {WORKERS} slots x ({BREAKER_FAILURES} + 1 half-open): "
+        f"{verdict(e['boots_while_broken'] <= bound)} ({e['boots_while_broken']}, plain Gunicorn "
+        f"{res['plain']['boots_while_broken']}); no request failed: {verdict(e['failed'] == 0)}; "
+        f"back by itself after the fix (half-open): {verdict(e['every_slot_serves'])}")
+
+
 def plot(case: str, res: dict[str, dict[str, Any]], title: str, marks: list[Marker],
          spans: list[Span]) -> Path:
     series = []
-    for side in SIDES:
+    for side in res:
         tl = res[side]["timeline"]
         label = res[side]["label"]
         series.append(Series(f"{label} 200/s", tl["t"], tl["ok_per_s"], ours=side == "ext",
@@ -170,13 +206,18 @@ def main() -> int:
                                       "instances": 2, "clients": CLIENTS}}
     with tempfile.TemporaryDirectory(prefix="gx-bench-chaos-") as tmpd:
         tmp = Path(tmpd)
-        for case in ("kills", "redis"):
+        for case in ("kills", "redis", "boot"):
             res: dict[str, dict[str, Any]] = {}
-            for side in SIDES:
+            for side in SIDES if case != "boot" else ("ext", "plain"):
                 log(f"=== {case}: {SIDES[side][0]}")
                 res[side] = run_side(side, case, tmp)
-            (report_kills if case == "kills" else report_redis)(res)
-            if case == "kills":
+            {"kills": report_kills, "redis": report_redis, "boot": report_boot}[case](res)
+            if case == "boot":
+                r = res["ext"]
+                path = plot(case, res, "Boot-failing app on one instance, fixed later",
+                            [Marker(r["fault_at_s"], "app broken, workers killed"),
+                             Marker(r["fixed_at_s"], "fixed")], [])
+            elif case == "kills":
                 k0, k1 = res["ext"]["kill_window_s"]
                 path = plot(case, res, "Worker SIGKILL every 0.5 s under load",
                             [], [Span(k0, k1, label="kills")])

@@ -8,20 +8,26 @@ plain numbers (JSON-ready) plus the raw results under ``"_results"``.
   two instances, under load; then wait until every slot of both instances serves.
 * :func:`redis_outage` -- SIGKILL redis-server for *down* seconds under load on routes
   with and without the store, then start it again (appendonly: its data survives).
+* :func:`boot_failure` -- make instance 0's app fail at boot (tests/apps/boot_fault_app.py)
+  and kill its workers, under load; fix it after *broken_for* seconds and wait until
+  every slot serves again, untouched.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from example_cluster import Cluster
 from load import Load, Result, sessions_lost
 
-__all__ = ["STORE_PATHS", "FREE_PATHS", "redis_outage", "timeline", "worker_kills"]
+__all__ = ["STORE_PATHS", "FREE_PATHS", "boot_failure", "redis_outage", "timeline", "worker_kills"]
 
 #: Routes of the example that use the store (session, shared counter), and routes that don't.
 STORE_PATHS = ("/counter", "/hits")
@@ -131,5 +137,56 @@ def redis_outage(cluster: Cluster, *, down: float = 10.0, before: float = 3.0,
         "sessions": len({r.client for r in results if r.count is not None}),
         "sessions_lost": len(lost),
         "timeline": timeline(results, load.now(), 0.5),
+        "_results": results,
+    }
+
+
+def boot_failure(cluster: Cluster, fault: Path, *, broken_for: float, settle: float,
+                 clients: int = 16) -> dict[str, Any]:
+    """Break instance 0's app (create *fault*) and SIGKILL its workers under load; after
+    *broken_for* s fix it (delete *fault*) and wait up to *settle* s for every slot.
+
+    ``boots_while_broken`` counts worker boots in instance 0 from the fault to the fix,
+    ``boots_last_half`` those in the second half of it (a breaker that holds: none but
+    its half-open tries).
+    """
+    g = cluster.instances[0]
+    load = Load(cluster.url, ("/whoami",), clients=clients,
+                max_seconds=broken_for + settle + 30)
+    load.start()
+    try:
+        time.sleep(1.0)
+        mark = len(g.log_text())
+        fault.touch()
+        t_fault = load.now()
+        for pid in g.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(broken_for / 2)
+        half = len(g.log_text())
+        time.sleep(broken_for / 2)
+        text = g.log_text()
+        fault.unlink()
+        t_fix = load.now()
+        serving = cluster.serving_pids(0, settle)
+        t_back = load.now()
+        time.sleep(1.0)
+    finally:
+        results = load.stop()
+    failed = [r for r in results if not r.ok]
+    all_serve = len(serving) == cluster.workers
+    after = g.log_text()[mark:]
+    return {
+        "requests": len(results), "failed": len(failed),
+        "failed_pct": round(100.0 * len(failed) / max(1, len(results)), 3),
+        "failures_by_status": dict(Counter(_status(r) for r in failed)),
+        "boots_while_broken": text[mark:].count("Booting worker"),
+        "boots_last_half": text[half:].count("Booting worker"),
+        "breaker_opened": after.count("restart breaker open"),
+        "half_open_tries": after.count("restart breaker half-open"),
+        "breaker_closed": after.count("restart breaker closed"),
+        "fault_at_s": round(t_fault, 3), "fixed_at_s": round(t_fix, 3),
+        "every_slot_serves": all_serve, "serving_workers": len(serving),
+        "recovered_after_fix_s": round(t_back - t_fix, 2) if all_serve else None,
+        "timeline": timeline(results, load.now()),
         "_results": results,
     }

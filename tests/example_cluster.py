@@ -26,12 +26,16 @@ from harness import Gunicorn, HarnessError, RedisServer, free_port, running_ngin
 
 from gunicorn_ext.nginx import render, wrapper_conf
 
-__all__ = ["EXAMPLE", "Cluster", "example_cluster"]
+__all__ = ["APPS", "EXAMPLE", "Cluster", "example_cluster"]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "flask_app"
-CONFIGS = {"ext": EXAMPLE / "cluster_conf.py",
-           "plain": Path(__file__).resolve().parent / "apps" / "example_plain_conf.py"}
+APPS = Path(__file__).resolve().parent / "apps"
+#: ``ext``: the example's own config; ``plain``: the same without gunicorn-ext;
+#: ``ext_env``: every gunicorn-ext setting from the environment (tests/apps/life_conf.py),
+#: for short breaker cool-downs in tests.
+CONFIGS = {"ext": EXAMPLE / "cluster_conf.py", "plain": APPS / "example_plain_conf.py",
+           "ext_env": APPS / "life_conf.py"}
 SECRET = "chaos-test-secret-key-not-for-production"
 
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from chaos_cases import redis_outage, worker_kills
-from example_cluster import example_cluster
+from chaos_cases import boot_failure, redis_outage, worker_kills
+from example_cluster import APPS, example_cluster
 from harness import RedisServer
 
 pytestmark = [pytest.mark.nginx, pytest.mark.redis, pytest.mark.slow]
@@ -59,3 +59,29 @@ def test_redis_outage_fails_only_the_store_routes_and_recovers(
     first = res["first_store_200_after_redis_up_s"]
     assert first is not None and first <= 3.0, first
     assert res["sessions"] == 8 and res["sessions_lost"] == 0
+
+
+def test_a_boot_failing_instance_stops_forking_refuses_and_recovers_when_fixed(
+        tmp_path: Path, aof_redis: RedisServer) -> None:
+    # The example app behind a boot fault (tests/apps/boot_fault_app.py), with the
+    # settings from the environment (tests/apps/life_conf.py) for a short cool-down.
+    fault = tmp_path / "boot-fault"
+    env = {"PYTHONPATH": str(APPS), "BOOT_FAULT": str(fault),
+           "BREAKER_FAILURES": "3", "BREAKER_COOLDOWN": "2", "MIN_UPTIME": "1"}
+    with example_cluster(tmp_path, kind="ext_env", workers=2, redis=aof_redis,
+                         app="boot_fault_app:app", env=env) as c:
+        res = boot_failure(c, fault, broken_for=4.0, settle=20.0, clients=8)
+        errors = c.nginx_errors()
+        log = c.instances[0].log_text()
+    # The crash loop stops within the breaker's bounds: 3 unstable exits per slot, then
+    # one half-open try per cool-down (none or one per slot in the last 2 s).
+    assert res["breaker_opened"] >= 2, log[-3000:]
+    assert res["boots_while_broken"] <= 2 * (3 + 2), res["boots_while_broken"]
+    assert res["boots_last_half"] <= 2, res["boots_last_half"]
+    # Meanwhile the broken instance refuses connections, so nginx sends everything to
+    # the other one: only requests in flight on the killed workers may fail.
+    assert "no live upstreams" not in errors
+    assert res["failed_pct"] <= 0.5, (res["failed"], res["requests"], res["failures_by_status"])
+    # Fixed, it comes back by itself: a half-open try boots and every slot serves again.
+    assert res["every_slot_serves"], (res, log[-3000:])
+    assert res["half_open_tries"] >= 1 and res["breaker_closed"] >= 1
