@@ -26,7 +26,8 @@ Cases (tests/chaos_cases.py), 16 client threads, each with its own cookies:
    (its workers exit 1 before ready while a file exists), its workers are SIGKILLed
    under load, and the fault is fixed after BENCH_CHAOS_BROKEN_FOR (20) s; targets: the
    crash loop stops within the breaker's bounds (restart_breaker_failures per slot, then
-   one half-open try per cool-down), no request fails meanwhile, and every slot serves
+   one half-open try per cool-down), <= 0.5% of requests fail meanwhile (those in flight
+   on the killed workers; the instance refuses, nginx fails over), and every slot serves
    again after the fix with no operator action (half-open). gunicorn-ext and plain only.
 
 Writes bench/results/chaos.json and chaos_kills.svg / chaos_redis.svg / chaos_boot.svg (answers and
@@ -175,7 +176,8 @@ def report_boot(res: dict[str, dict[str, Any]]) -> None:
     bound = WORKERS * (BREAKER_FAILURES + 1)
     log(f"   target boots while broken <= {WORKERS} slots x ({BREAKER_FAILURES} + 1 half-open): "
         f"{verdict(e['boots_while_broken'] <= bound)} ({e['boots_while_broken']}, plain Gunicorn "
-        f"{res['plain']['boots_while_broken']}); no request failed: {verdict(e['failed'] == 0)}; "
+        f"{res['plain']['boots_while_broken']}); <= {FAIL_TARGET_PCT}% failed: "
+        f"{verdict(e['failed_pct'] <= FAIL_TARGET_PCT)}; "
         f"back by itself after the fix (half-open): {verdict(e['every_slot_serves'])}")
 
 
