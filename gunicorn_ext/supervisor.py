@@ -16,8 +16,9 @@ of the running arbiter instance (not the class), each calling the original:
   in the arbiter's main thread, where forking is safe, closes a half-open
   breaker whose worker stayed up, and stops the listeners when no worker runs
   and none may start now, so clients are refused instead of kept waiting;
-* ``stop``: makes the listeners whole again first, so Gunicorn closes (and
-  unlinks) exactly what it opened.
+* ``stop``: notes that the arbiter is shutting down (so its workers' exits are
+  not crashes) and puts a renamed unix socket back first, so Gunicorn closes
+  and unlinks exactly what it opened.
 
 Everything else is plain hooks and the bus.
 """
@@ -87,6 +88,7 @@ class Supervisor:
         self._force_slot: int | None = None
         self._pending_slot: int | None = None
         self._halt: str | None = None
+        self._stopping = False
         self._started = time.time()
         self.instance = os.environ.get("INSTANCE", "")
         self.control: Any = None
@@ -218,8 +220,8 @@ class Supervisor:
     def _held_because(self) -> str:
         """Why nothing may start now (for the log line of a closed gate)."""
         if any(b.state != CLOSED for _, b in self._all_breakers()):
-            return "restart breaker open"
-        return "restart backoff"
+            return "held by the restart breaker"
+        return "every slot in restart backoff"
 
     def _spawn_worker(self, orig: Callable[[], int]) -> int | None:
         server = self.server
@@ -240,7 +242,8 @@ class Supervisor:
         return pid
 
     def _stop(self, orig: Callable[[bool], None], graceful: bool) -> None:
-        self.gate.open(self.server.LISTENERS, self.server.log)
+        self._stopping = True  # exits from here on are the shutdown's, not crashes
+        self.gate.release(self.server.log)
         orig(graceful)
 
     def assign_slot(self, server: Any, worker: Any) -> int:
@@ -317,7 +320,7 @@ class Supervisor:
                 orig()
             finally:
                 server._num_workers -= extra
-        if not server.WORKERS and server.LISTENERS:
+        if not server.WORKERS and server.LISTENERS and not self._stopping:
             # Nobody to accept and nobody about to be forked: refuse, don't queue.
             self.gate.close(server.LISTENERS, server.log, self._held_because())
 
@@ -370,17 +373,17 @@ class Supervisor:
             return  # the rollout stops and gives the slot back to the old worker
         planned = bool(getattr(worker, "ext_planned", False) or code == 0
                        or sig in _STOP_SIGNALS  # someone asked it to stop
-                       or not server.LISTENERS  # the arbiter is shutting down
+                       or self._stopping  # the arbiter is shutting down
                        or (note is not None and note.get("planned")))
         now = time.monotonic()
         uptime = now - getattr(worker, "ext_started", now)
         self.last_exit[slot] = reason
+        unstable = not planned and self.unstable(code, sig, ready_at, now)
         policy = self.policy(slot)
-        policy.exited(now, uptime, crashed=not planned)
+        policy.exited(now, uptime, crashed=not planned, unstable=unstable)
         self.metrics.set_restarts(slot, policy.restarts)
         b = self.breaker(slot)
         probe = b.state == HALF_OPEN and b.probe_pid == pid
-        unstable = not planned and self.unstable(code, sig, ready_at, now)
         if probe:
             b.probe_pid = None  # stays half-open (the next worker tries again) unless it failed
         if planned:
@@ -395,10 +398,16 @@ class Supervisor:
             self._open_breaker(server, slot, b, reason, note)
             self.hub.call_later(b.wait + 0.01, server.wakeup)
         else:
-            server.log.warning(
-                "gunicorn-ext: worker slot %s (pid %s) crashed after %.1fs: %s; respawning in %.2fs%s",
-                slot, pid, uptime, reason, policy.delay,
-                "" if unstable or b.state != CLOSED else " (served first: not counted by the breaker)")
+            if b.state == OPEN:
+                then = f"held: restart breaker open, next try in {b.retry_in(now):.1f}s"
+            elif b.state == HALF_OPEN:
+                then = "restart breaker half-open: one worker at a time"
+            else:
+                then = f"respawning in {policy.delay:.2f}s"
+                if not unstable:
+                    then += " (it had served: not counted by the breaker)"
+            server.log.warning("gunicorn-ext: worker slot %s (pid %s) crashed after %.1fs: %s; %s",
+                               slot, pid, uptime, reason, then)
         self._report_restart_state(slot, now)
         if policy.delay and b.state == CLOSED:
             self.hub.call_later(policy.delay + 0.01, server.wakeup)
@@ -413,17 +422,22 @@ class Supervisor:
         return now - ready_at < self.settings.restart_min_uptime
 
     def _report_restart_state(self, slot: int, now: float) -> None:
-        b = self.breaker(slot)
-        self.metrics.set_restart_state(slot, self.policy(slot).backoff_left(now), b.state == OPEN,
-                                       half_open=b.state == HALF_OPEN)
+        """Backoff and breaker gauges of ``slot`` (also from the hub thread: looks up only)."""
+        policy, b = self.policies.get(slot), self._breaker_state(slot)
+        state = b.state if b is not None else CLOSED
+        self.metrics.set_restart_state(slot, policy.backoff_left(now) if policy else 0.0,
+                                       state == OPEN, half_open=state == HALF_OPEN)
 
     def _open_breaker(self, server: Any, slot: int, b: Breaker, reason: str,
                       note: dict[str, Any] | None) -> None:
         s = self.settings
         scope = "any slot" if s.restart_breaker_scope == "instance" else f"slot {slot}"
         tb = (note or {}).get("traceback")
-        what = (f"gunicorn-ext: restart breaker open: slot {slot} crashed {s.restart_breaker_failures} "
-                f"times in {s.restart_breaker_window:.0f}s, last cause: {reason}. ")
+        n, window = s.restart_breaker_failures, f"{s.restart_breaker_window:g}s"
+        what = "gunicorn-ext: restart breaker open: " + (
+            f"{n} crashes in {window} across slots (last in slot {slot}), last cause: {reason}. "
+            if s.restart_breaker_scope == "instance" else
+            f"slot {slot} crashed {n} times in {window}, last cause: {reason}. ")
         if s.restart_breaker_action == "exit":
             what += "Shutting down (restart_breaker_action='exit')."
         else:

@@ -1,16 +1,24 @@
-"""Backoff and breaker bookkeeping (pure, no processes)."""
+"""Backoff and breaker bookkeeping (pure, no processes), and the listener gate on real sockets."""
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import socket
+from pathlib import Path
 
 import pytest
+from gunicorn import sock as gsock
+from gunicorn.config import Config
+from harness import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from gunicorn_ext.ipc.hub import Hub
 from gunicorn_ext.metrics import ClusterMetrics
 from gunicorn_ext.restart.backoff import SlotPolicy
 from gunicorn_ext.restart.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from gunicorn_ext.restart.gate import Gate
 from gunicorn_ext.settings import Settings, SettingsError
 from gunicorn_ext.supervisor import Supervisor
 
@@ -47,6 +55,22 @@ def test_planned_exit_respawns_at_once_and_keeps_the_count() -> None:
     p.exited(5.0, uptime=5.0, crashed=False)
     assert p.may_spawn(5.0)
     assert p.restarts == 3 and p.crashes == 2
+
+
+def test_kills_of_served_workers_keep_the_delay_without_growing_it() -> None:
+    p = SlotPolicy(initial=1.0, factor=2, cap=10)
+    for t in range(3):
+        p.exited(float(t), uptime=0.1, crashed=True)
+    assert p.delay == 2.0
+    for t in range(3, 30):  # a storm of kills of workers that had served
+        p.exited(float(t), uptime=0.5, crashed=True, unstable=False)
+        assert p.delay == 2.0 and not p.may_spawn(t + 1.9) and p.may_spawn(t + 2.0)
+    p.exited(100.0, uptime=31.0, crashed=True, unstable=False)
+    assert p.delay == 0.0  # a stable run still resets it
+    fresh = SlotPolicy()
+    for t in range(100):
+        fresh.exited(float(t), uptime=2.0, crashed=True, unstable=False)
+    assert fresh.delay == 0.0 and fresh.may_spawn(99.0) and fresh.crashes == 100
 
 
 # -- the breaker ----------------------------------------------------------------------
@@ -141,3 +165,70 @@ def test_metrics_show_open_and_half_open() -> None:
     got = {s.labels["slot"]: s.value for fam in text_string_to_metric_families(cm.render().decode())
            if fam.name == "gunicorn_ext_worker_breaker_open" for s in fam.samples}
     assert got == {"0": 1.0, "1": 0.5, "2": 0.0}
+
+
+# -- the gate: listeners stop while no worker runs ---------------------------------------
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def _add(self, msg: str, *args: object) -> None:
+        self.lines.append(msg % args)
+
+    info = warning = error = debug = _add
+
+
+def _tcp(cfg: Config, log: _Log) -> gsock.TCPSocket:
+    return gsock.TCPSocket(("127.0.0.1", free_port()), cfg, log)
+
+
+def test_gate_refuses_tcp_then_listens_again_on_the_same_socket() -> None:
+    cfg, log = Config(), _Log()
+    lnr = _tcp(cfg, log)
+    addr, fd = lnr.sock.getsockname(), lnr.sock.fileno()
+    queued = socket.create_connection(addr, timeout=5)  # in the backlog, never accepted
+    gate = Gate()
+    gate.close([lnr], log, "restart breaker open")
+    assert gate.closed and "not listening on http://127.0.0.1" in log.lines[-1]
+    with pytest.raises(ConnectionResetError):
+        queued.recv(1)  # a queued client is told at once, not left waiting
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(addr, timeout=5)
+    assert gate.open([lnr], log) and not gate.closed
+    assert (lnr.sock.getsockname(), lnr.sock.fileno()) == (addr, fd)  # what workers inherit
+    with socket.create_connection(addr, timeout=5):
+        select.select([lnr.sock], [], [], 5)
+        conn, _ = lnr.sock.accept()
+        conn.close()
+    lnr.close()
+
+
+def test_gate_renames_a_unix_socket_aside_and_back(tmp_path: Path) -> None:
+    cfg, log = Config(), _Log()
+    path = str(tmp_path / "app.sock")
+    lnr = gsock.UnixSocket(path, cfg, log)
+    gate = Gate()
+    gate.close([lnr], log, "restart backoff")
+    with pytest.raises(FileNotFoundError), socket.socket(socket.AF_UNIX) as c:
+        c.connect(path)
+    assert gate.open([lnr], log)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(path)
+    gate.close([lnr], log, "restart backoff")
+    gate.release(log)  # the arbiter stops: the path is back for Gunicorn to unlink
+    assert os.path.exists(path) and not gate.closed
+    gsock.close_sockets([lnr])
+    assert not os.path.exists(path)
+
+
+def test_gate_leaves_a_port_0_listener_alone() -> None:
+    cfg, log = Config(), _Log()
+    lnr = gsock.TCPSocket(("127.0.0.1", 0), cfg, log)
+    gate = Gate()
+    gate.close([lnr], log, "restart breaker open")
+    assert any("stays open while no worker runs (bound to port 0)" in line for line in log.lines)
+    with socket.create_connection(lnr.sock.getsockname(), timeout=5):
+        pass
+    lnr.close()

@@ -27,17 +27,20 @@ class SlotPolicy:
     not_before: float = 0.0
     #: Crashes seen, ever (restarts counted for status and metrics).
     crashes: int = 0
-    #: Crashes in a row without ``stable_after`` seconds of uptime between them.
+    #: Unstable crashes in a row without ``stable_after`` seconds of uptime between them.
     streak: int = 0
     #: Every exit that was followed by a respawn, planned or not.
     restarts: int = 0
 
-    def exited(self, now: float, uptime: float, crashed: bool) -> None:
+    def exited(self, now: float, uptime: float, crashed: bool, unstable: bool = True) -> None:
         """Record an exit and set the delay of the next respawn.
 
         A planned exit (recycling, reload, scale) respawns at once and resets
         nothing. A crash after ``stable_after`` seconds of uptime resets the
-        backoff first, as PM2 does.
+        backoff first, as PM2 does. Only unstable crashes (the ones the breaker
+        counts) make the delay grow: a worker that served and was then killed
+        waits out the current delay, so a storm of kills (OOM killer, chaos,
+        an operator) costs a respawn each, not a growing outage.
         """
         self.restarts += 1
         if not crashed:
@@ -47,6 +50,9 @@ class SlotPolicy:
         if uptime >= self.stable_after:
             self.streak = 0
             self.delay = 0.0
+        if not unstable:
+            self.not_before = now + self.delay
+            return
         self.streak += 1
         # The first crash respawns at once (one crash costs no extra latency);
         # each further one in a row waits longer, up to the cap.

@@ -83,6 +83,17 @@ class Gate:
                 log.info("gunicorn-ext: listening again on %s for a new worker", ", ".join(names))
         return ok
 
+    def release(self, log: Any) -> None:
+        """The arbiter is stopping: put renamed unix sockets back (TCP ones just close)."""
+        for path, aside in list(self._aside.values()):
+            try:
+                os.rename(aside, path)
+            except OSError as exc:
+                log.warning("gunicorn-ext: could not put %s back: %s", path, exc)
+        self._aside.clear()
+        self._shut.clear()
+        self.closed = False
+
     # ------------------------------------------------------------------
 
     def _close_one(self, lnr: Any) -> bool:
