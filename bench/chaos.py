@@ -112,8 +112,10 @@ def run_side(side: str, case: str, tmp: Path) -> dict[str, Any]:
             else:
                 res = boot_failure(c, fault, broken_for=BROKEN_FOR,
                                    settle=BREAKER_COOLDOWN * 2 + 30, clients=CLIENTS)
-            res["nginx_upstream_errors"] = c.nginx_errors().count("upstream")
-            res["no_live_upstreams"] = c.nginx_errors().count("no live upstreams")
+            errors = c.nginx_errors().splitlines()
+            # Lines, one per failed attempt (connection refused or reset, timeout).
+            res["nginx_failed_attempts"] = sum(1 for line in errors if "upstream" in line)
+            res["no_live_upstreams"] = sum(1 for line in errors if "no live upstreams" in line)
             res["tracebacks"] = sum(g.log_text().count("Traceback") for g in c.instances)
             res["breaker_lines"] = sum(g.log_text().lower().count("breaker") for g in c.instances)
     finally:
