@@ -100,11 +100,11 @@ def run_side(side: str, case: str, tmp: Path) -> dict[str, Any]:
     try:
         conf = main_nginx if side == "ext_main_nginx" else None
         fault = d / "boot-fault"
-        extra = ({"app": "boot_fault_app:app",
-                  "env": {"PYTHONPATH": str(APPS), "BOOT_FAULT": str(fault)}}
-                 if case == "boot" else {})
+        boot = case == "boot"
+        app = "boot_fault_app:app" if boot else "app:app"
+        env = {"PYTHONPATH": str(APPS), "BOOT_FAULT": str(fault)} if boot else None
         with example_cluster(d, kind=kind, workers=WORKERS, redis=redis, conf=conf,
-                             **extra) as c:  # type: ignore[arg-type]
+                             app=app, env=env) as c:
             if case == "kills":
                 res = worker_kills(c, seconds=KILL_SECONDS, clients=CLIENTS)
             elif case == "redis":
