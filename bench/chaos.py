@@ -133,13 +133,13 @@ def report_kills(res: dict[str, dict[str, Any]]) -> None:
     log(f"   {'':28}{'requests':>9}{'failed':>8}{'failed %':>10}{'kills':>7}  end: serving workers")
     for side in SIDES:
         r = res[side]
-        log(f"   {r['label']:28}{r['requests']:>9,}{r['failed']:>8,}{r['failed_pct']:>9.2f}%"
+        log(f"   {r['label']:28}{r['requests']:>9,}{r['failed']:>8,}{r['failed_pct']:>9.3f}%"
             f"{r['kills']:>7}  {r['serving_workers']} of {WORKERS} each"
             f"{'' if r['every_slot_serves'] else ' (NOT all)'}  {r['failures_by_status']}")
     e = res["ext"]
     log(f"   target gunicorn-ext <= {FAIL_TARGET_PCT}% failed: "
-        f"{verdict(e['failed_pct'] <= FAIL_TARGET_PCT)} ({e['failed_pct']:.2f}%, plain Gunicorn "
-        f"{res['plain']['failed_pct']:.2f}%, main's nginx {res['ext_main_nginx']['failed_pct']:.2f}%)")
+        f"{verdict(e['failed_pct'] <= FAIL_TARGET_PCT)} ({e['failed_pct']:.3f}%, plain Gunicorn "
+        f"{res['plain']['failed_pct']:.3f}%, main's nginx {res['ext_main_nginx']['failed_pct']:.2f}%)")
     log(f"   target every slot serves at the end, no operator action: "
         f"{verdict(e['every_slot_serves'])} (plain Gunicorn: {res['plain']['every_slot_serves']})")
 
@@ -172,7 +172,7 @@ def report_boot(res: dict[str, dict[str, Any]]) -> None:
     for r in res.values():
         back = r["recovered_after_fix_s"]
         log(f"   {r['label']:28}{r['boots_while_broken']:>13,}{r['boots_last_half']:>10,}"
-            f"{r['failed']:>8,}{r['failed_pct']:>9.2f}%  "
+            f"{r['failed']:>8,}{r['failed_pct']:>9.3f}%  "
             f"{'never' if back is None else f'{back:.1f} s'}  {r['failures_by_status']}")
     e = res["ext"]
     bound = WORKERS * (BREAKER_FAILURES + 1)
