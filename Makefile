@@ -12,16 +12,23 @@ STAMP  := $(VENV)/.installed
 # Debian puts nginx (and sometimes redis-server) in /usr/sbin, often off a user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: help install system-deps lint test run bench bench-deps clean
+JS     := tests/js
+JS_STAMP := $(JS)/node_modules/.installed
+
+.PHONY: help install system-deps js-deps lint test run bench bench-deps dist docs clean
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
 	@echo "make system-deps  apt-get install redis-server and nginx if missing (root)"
+	@echo "make browser-deps apt-get install chromium if missing (root; the browser test)"
+	@echo "make js-deps      apt-get install nodejs and npm if missing (root); npm ci in $(JS)"
 	@echo "make lint         ruff check + mypy"
 	@echo "make test         install, system-deps, lint, then the whole pytest suite"
 	@echo "make run          the example cluster (examples/flask_app)"
 	@echo "make bench        every bench/*.py; results in bench/results/<name>.json"
 	@echo "make bench-deps   apt-get install wrk if missing (root; optional)"
+	@echo "make docs         build the docs site into docs/_build/html (warnings are errors)"
+	@echo "make dist         build the sdist and wheel into dist/, check them, run the example from the wheel"
 	@echo "make clean        remove caches and build artefacts (keeps $(VENV))"
 
 install: $(STAMP)
@@ -66,12 +73,47 @@ system-deps:
 	for b in redis-server nginx; do have "$$b" || { echo "error: $$b still missing after apt-get" >&2; exit 1; }; done; \
 	echo "system-deps: installed redis-server and nginx (tests start their own instances on free ports)"
 
+.PHONY: browser-deps
+# Headless Chromium for tests/test_browser_chat.py (Debian's package, driven over the
+# DevTools protocol; no browser download from anywhere else).
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1; then echo "browser-deps: chromium present"; exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "error: chromium not installed and not root (or no apt-get); run as root:" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+	  exit 1; \
+	fi; \
+	echo "browser-deps: installing chromium"; \
+	apt-get update; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium </dev/null; \
+	command -v chromium >/dev/null || { echo "error: chromium still missing after apt-get" >&2; exit 1; }; \
+	echo "browser-deps: installed chromium"
+
+# The JavaScript clients the chat tests drive (socket.io-client, ws): exact pins in
+# $(JS)/package-lock.json, installed into $(JS)/node_modules only (nothing global).
+js-deps: $(JS_STAMP)
+
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	    echo "error: node and npm are needed for the chat tests; run as root:" >&2; \
+	    echo "  sudo apt-get update && sudo apt-get install -y nodejs npm" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "js-deps: installing nodejs and npm"; \
+	  apt-get update; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm </dev/null; \
+	fi
+	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install system-deps
+test: install system-deps js-deps browser-deps
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory docs
 	$(BIN)/pytest -q
 
 run: install
@@ -109,6 +151,20 @@ bench-deps:
 	  echo "bench-deps: apt-get install wrk failed; benchmarks use a Python load generator"; \
 	fi
 
+# Sphinx, warnings as errors; the settings reference is generated from gunicorn_ext/settings.py.
+docs: install
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
+# The sdist and wheel in dist/, checked by tests/test_dist.py (twine check, the wheel's
+# files, a fresh venv outside the tree running the example). `make test` runs the same
+# checks on a copy it builds itself.
+dist: install system-deps
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	GX_DIST_DIR=dist $(BIN)/pytest -q -p no:cacheprovider tests/test_dist.py
+
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(STAMP)
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(STAMP) \
+	  $(JS)/node_modules
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -18,6 +18,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+#: The package version, in this one place (pyproject.toml reads it; CHANGES.md records it).
+__version__ = "0.2.0.dev0"
+
 if TYPE_CHECKING:
     from .hooks import enable
     from .ipc import (
@@ -28,8 +31,10 @@ if TYPE_CHECKING:
         HandlerError,
         IPCError,
         Message,
+        MessageTooLarge,
         NoHandler,
         RequestTimeout,
+        UnencodableMessage,
         WorkerGone,
     )
     from .ipc.bus import Bus, worker
@@ -45,13 +50,14 @@ _WHERE = {
     "Settings": ".settings",
     "SettingsError": ".settings",
     **{name: ".ipc" for name in ("ALL", "PRIMARY", "BusClosed", "FrameError", "HandlerError",
-                                 "IPCError", "Message", "NoHandler", "RequestTimeout",
-                                 "WorkerGone")},
+                                 "IPCError", "Message", "MessageTooLarge", "NoHandler",
+                                 "RequestTimeout", "UnencodableMessage", "WorkerGone")},
 }
 
 __all__ = [
-    "ALL", "PRIMARY", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub", "IPCError",
-    "Message", "NoHandler", "RequestTimeout", "Settings", "SettingsError", "WorkerGone",
+    "__version__", "ALL", "PRIMARY", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub",
+    "IPCError", "Message", "MessageTooLarge", "NoHandler", "RequestTimeout", "Settings",
+    "SettingsError", "UnencodableMessage", "WorkerGone",
     "enable", "primary", "worker",
 ]
 

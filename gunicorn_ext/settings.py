@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .sticky import COOKIE_NAME_RE
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -98,6 +100,12 @@ class Settings:
     max_lifetime: float = 0.0
     max_lifetime_jitter: float = 0.0
 
+    # -- request deadlines
+    #: A request running longer than this (seconds) has its stack logged, gets 503
+    #: when nothing was sent yet, and its worker is recycled gracefully. 0: off.
+    #: WebSocket upgrades are exempt.
+    request_timeout: float = 0.0
+
     # -- rolling reload
     #: Workers replaced at a time by ``gunicorn-ext reload --rolling``.
     reload_batch: int = 1
@@ -109,6 +117,23 @@ class Settings:
     worker_ports_base: int = 0
     #: Host of the per-worker ports; default: the host of Gunicorn's first bind.
     worker_ports_host: str = ""
+
+    # -- accepting
+    #: The primary accepts connections and hands each to the worker with the most
+    #: free threads (sync and gthread workers), instead of whichever worker the
+    #: kernel wakes. False: Gunicorn's own accept in every worker.
+    even_spread: bool = True
+
+    # -- sticky routing (nginx pins a client to the backend its route cookie names)
+    #: Set the route cookie on the responses of any WSGI app Gunicorn serves (a
+    #: middleware the worker hooks put around it). None (default): on when
+    #: ``worker_ports_base`` is set, the cookie naming the worker's own port; True:
+    #: always (without per-worker ports it names the instance: GX_ROUTE, else its first
+    #: bind); False: never. An app wrapped in its own RouteCookie keeps that one.
+    sticky: bool | None = None
+    #: Name of the route cookie (nginx's ``$cookie_<name>``; give the same to
+    #: ``gunicorn-ext nginx render --cookie``).
+    sticky_cookie: str = "gx_route"
 
     # -- status and metrics
     #: How often each worker reports its counters to the primary (seconds).
@@ -171,6 +196,16 @@ class Settings:
             raise bad("worker_ports_base", "must be 0 (off) or a port number")
         if self.stats_interval <= 0:
             raise bad("stats_interval", "must be positive")
+        if not (self.sticky is None or isinstance(self.sticky, bool)):
+            raise bad("sticky", "must be True, False or None (on with per-worker ports)")
+        if not isinstance(self.sticky_cookie, str) or not COOKIE_NAME_RE.match(self.sticky_cookie):
+            raise bad("sticky_cookie", "must be 1-64 characters of [A-Za-z0-9_] (an nginx "
+                      "variable name: $cookie_<name>)")
+
+    @property
+    def sticky_on(self) -> bool:
+        """Whether the worker hooks set the route cookie (``sticky``, resolved)."""
+        return bool(self.worker_ports_base) if self.sticky is None else self.sticky
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> Settings:

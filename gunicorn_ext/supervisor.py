@@ -399,9 +399,9 @@ class Supervisor:
             self.hub.call_later(b.wait + 0.01, server.wakeup)
         else:
             if b.state == OPEN:
-                then = f"held: restart breaker open, next try in {b.retry_in(now):.1f}s"
+                then = f"held by the restart breaker (next try in {b.retry_in(now):.1f}s)"
             elif b.state == HALF_OPEN:
-                then = "restart breaker half-open: one worker at a time"
+                then = "the restart breaker is half-open: one worker at a time"
             else:
                 then = f"respawning in {policy.delay:.2f}s"
                 if not unstable:

@@ -35,7 +35,12 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar, overload
 
-from flask.json.tag import TaggedJSONSerializer
+from gunicorn_ext.extras import missing_extra
+
+try:
+    from flask.json.tag import TaggedJSONSerializer
+except ImportError as exc:
+    raise missing_extra(exc, "flask", __name__) from exc
 
 from .store import LockTimeout, Store, StoreUnavailable
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,8 +17,11 @@ from typing import Any
 
 import pytest
 import requests
-from harness import Gunicorn, free_port_pair, wait_for
+from harness import Gunicorn, find_binary, free_port, free_port_pair, running_nginx, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+
+from gunicorn_ext import nginx as nginx_conf
+from gunicorn_ext.cli import format_status
 
 APPS = Path(__file__).parent / "apps"
 CONF = APPS / "life_conf.py"
@@ -242,7 +246,8 @@ def test_boot_failure_trips_the_breaker_refuses_and_recovers_by_itself(
     assert refused(g.port) and refused(base) and refused(base + 1)
     with pytest.raises(requests.ConnectionError):
         requests.get(g.url("/"), timeout=5)
-    assert "breaker open, retry in" in cli(g, "status").stdout
+    text = format_status(st)
+    assert "not listening" in text and "stopped (breaker open, retry in" in text
     # The cause is fixed: the half-open worker stays up, the breaker closes, every slot serves.
     version.write_text("1")
     wait_ready_slots(g, 2, timeout=30)
@@ -254,6 +259,35 @@ def test_boot_failure_trips_the_breaker_refuses_and_recovers_by_itself(
     assert st["listening"] is True and {w["breaker"] for w in st["workers"]} == {"closed"}
     assert {slot_of(base + slot) for slot in (0, 1)} == {0, 1}
     assert get(g, "/")["version"] == "1"
+
+
+def test_nginx_fails_over_at_once_from_an_instance_with_no_worker(gunicorn_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    """Real nginx (the rendered template) in front of a healthy instance and one whose
+    breaker holds every slot: no client waits on the held one, every request is served."""
+    if find_binary("nginx") is None:
+        pytest.fail("nginx is not installed; run `make system-deps`")
+    good = start(gunicorn_factory, 2)
+    held = start(gunicorn_factory, 1, wait=False, APP_MODE="import_error", HALT_ON_BOOT_ERROR="0",
+                 BREAKER_FAILURES="2", RESTART_DELAY="0.05")
+    held.wait_log("restart breaker open:", timeout=30)
+    wait_for(lambda: status(held)["listening"] is False, 10, what="the held instance refusing")
+    port = free_port()
+    site = tmp_path / "nginx" / "site.conf"
+    site.parent.mkdir()
+    text = nginx_conf.render([f"127.0.0.1:{held.port}", f"127.0.0.1:{good.port}"], port, "app.test")
+    site.write_text(re.sub(r"listen (\d+)", r"listen 127.0.0.1:\1", text))
+    conf = site.parent / "nginx.conf"
+    conf.write_text(nginx_conf.wrapper_conf([str(site)], str(site.parent),
+                                            user="root" if os.geteuid() == 0 else None))
+    pids = set(wait_ready_slots(good, 2).values())
+    with running_nginx(conf, port) as prefix:
+        for _ in range(20):  # round robin sends some to the held instance first
+            r = requests.get(f"http://127.0.0.1:{port}/", headers={"Host": "app.test"}, timeout=5)
+            assert r.status_code == 200 and r.json()["pid"] in pids
+        errors = (prefix / "error.log").read_text()
+    assert "(111: Connection refused) while connecting to upstream" in errors
+    assert f"127.0.0.1:{held.port}" in errors
 
 
 def test_a_failed_half_open_try_doubles_the_cool_down(gunicorn_factory: Any) -> None:
