@@ -9,6 +9,7 @@ check passes.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,8 @@ _MARK = "_gunicorn_ext_hook"
 supervisor = Supervisor(primary)
 #: This worker's reporter (None in the primary).
 reporter: Reporter | None = None
+#: The primary's admin HTTP endpoint (None unless ``admin_bind`` is set).
+admin: Any = None
 
 
 def _slot_of(w: Any) -> int | None:
@@ -38,9 +41,38 @@ def _slot_of(w: Any) -> int | None:
 def on_starting(server: Any) -> None:
     primary.start(server.log)
     supervisor.install(server)
+    _start_admin(server)
+
+
+def _start_admin(server: Any) -> None:
+    """Serve ``admin_bind`` from the arbiter; exit at once (status 1) if it can't listen."""
+    global admin
+    s = supervisor.settings
+    if not s.admin_bind or admin is not None:
+        return
+    from .admin import ENDPOINTS, AdminError, AdminServer
+    from .settings import parse_address
+
+    host, port = parse_address("admin_bind", s.admin_bind)
+    server_ = AdminServer(host, port, supervisor, server.log, allow_remote=s.admin_allow_remote)
+    try:
+        server_.start()
+    except AdminError as exc:
+        server.log.error("gunicorn-ext: %s; shutting down", exc)
+        supervisor.stop()
+        primary.stop()
+        sys.exit(1)
+    admin = server_
+    h, p = admin.address
+    server.log.info("gunicorn-ext: admin endpoint on http://%s:%s (%s)",
+                    f"[{h}]" if ":" in h else h, p, " ".join(ENDPOINTS))
 
 
 def on_exit(server: Any) -> None:
+    global admin
+    if admin is not None:
+        admin.close()
+        admin = None
     supervisor.stop()
     primary.stop()
 

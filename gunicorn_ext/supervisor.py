@@ -84,6 +84,7 @@ class Supervisor:
 
     def configure(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics.set_memory_limits(settings.memory_soft_limit, settings.memory_hard_limit)
         for policy in self.policies.values():
             self._apply(policy)
 
@@ -466,7 +467,7 @@ class Supervisor:
                          "backoff": round(policy.backoff_left(now), 3)})
         rows.sort(key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["state"] == "draining"))
         totals = {k: sum(int(r[k] or 0) for r in rows) for k in ("requests", "inflight", "rss")}
-        totals["restarts"] = sum(p.restarts for p in self.policies.values())
+        totals["restarts"] = sum(p.restarts for p in list(self.policies.values()))
         return {
             "instance": self.instance,
             "primary_pid": os.getpid(),

@@ -3,7 +3,8 @@
 Every gunicorn-ext feature is on; settings come from the environment:
 BIND (default 127.0.0.1:8000), WORKERS (default: the CPUs this process may
 use), THREADS (default 32), STATE_URL (default an SQLite file beside this
-config), SECRET_KEY, INSTANCE (default host:port of BIND).
+config), SECRET_KEY, INSTANCE (default host:port of BIND), ADMIN_BIND (the primary's own
+/metrics /status /livez /readyz, e.g. 127.0.0.1:9191; default off).
 """
 
 import logging
@@ -36,4 +37,6 @@ if not os.environ.get("SECRET_KEY"):
         "SECRET_KEY is not set: using a development key; set it in production")
 
 # WORKER_PORTS_BASE=9000: slot N also listens on 9000+N (nginx can pin a client to a worker).
-gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")))
+# ADMIN_BIND=127.0.0.1:9191: the primary itself serves /metrics /status /livez /readyz there.
+gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
+                    admin_bind=os.environ.get("ADMIN_BIND", ""))
