@@ -193,6 +193,8 @@ class Supervisor:
             used = {getattr(w, "ext_slot", None) for w in server.WORKERS.values()
                     if not getattr(w, "ext_retired", False)}
             slot = next(i for i in range(len(used) + 1) if i not in used)
+        # Export the slot's restart counter from 0, so increase() sees its first restart.
+        self.metrics.set_restarts(slot, self.policy(slot).restarts)
         worker.ext_slot = slot
         worker.ext_retired = False
         worker.ext_rolling_old = False
