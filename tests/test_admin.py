@@ -337,6 +337,11 @@ def test_forks_while_the_endpoint_is_busy_do_not_deadlock(gunicorn_factory: Call
                      len(g.worker_pids()) == 2, 20, what="the replacement worker")
             time.sleep(0.3)
         wait_for(lambda: get(port, "/readyz").status_code == 200, 20, what="ready again")
+        # HUP: Gunicorn re-reads the config and forks a new generation; the endpoint stays.
+        old = set(g.worker_pids())
+        g.signal(signal.SIGHUP)
+        wait_for(lambda: not old & set(g.worker_pids()) and len(g.worker_pids()) == 2
+                 and get(port, "/readyz").status_code == 200, 30, what="a new generation, ready")
     finally:
         stop.set()
         for t in threads:
