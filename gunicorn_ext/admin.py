@@ -25,6 +25,7 @@ connections it inherited and never serves.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -57,6 +58,11 @@ _LISTENER = object()
 
 class AdminError(Exception):
     """The admin endpoint cannot start, with a message fit to log as is."""
+
+    def __init__(self, message: str, in_use: bool = False) -> None:
+        super().__init__(message)
+        #: The address is taken (by another process, or the old master after USR2).
+        self.in_use = in_use
 
 
 def readiness(sup: Any) -> list[str]:
@@ -256,10 +262,16 @@ class AdminServer:
         self._cond = threading.Condition()
         self._pause_requested = False
         self._parked = False
+        self._retry_at = 0.0
+
+    @property
+    def listening(self) -> bool:
+        """False while waiting to take the address over from an old master."""
+        return self._sock is not None
 
     @property
     def address(self) -> tuple[str, int]:
-        """The (host, port) actually listened on."""
+        """The (host, port) listened on (the configured one while waiting to take it over)."""
         if self._sock is None:
             return self.host, self.port
         name = self._sock.getsockname()
@@ -267,10 +279,40 @@ class AdminServer:
 
     # ------------------------------------------------------------- lifecycle
 
-    def start(self) -> None:
-        """Listen and start the thread; :class:`AdminError` says why it cannot."""
+    def start(self, take_over: int = 0) -> None:
+        """Listen and start the thread; :class:`AdminError` says why it cannot.
+
+        ``take_over``: the pid of an old master this one replaces (Gunicorn's USR2).
+        While that process holds the address, the thread retries every second and
+        takes the address over once it is free; until then this primary does not serve.
+        """
         if self._running:
             return
+        try:
+            sock: socket.socket | None = self._listen()
+        except AdminError as exc:
+            if not (exc.in_use and take_over):
+                raise
+            self.log.warning("gunicorn-ext: admin_bind %s:%s is still held, by the old master "
+                             "(pid %s) after USR2 presumably; serving it once it is free",
+                             self.host, self.port, take_over)
+            sock = None
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        if sock is not None:
+            self._serve_on(sock)
+        self._running = True
+        if not self._fork_handlers:
+            self._fork_handlers = True  # once per server; they do nothing once it stops
+            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_parent,
+                                after_in_child=self._after_fork_child)
+        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-admin", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> socket.socket:
         try:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except OSError as exc:
@@ -287,22 +329,24 @@ class AdminServer:
         except OSError as exc:
             sock.close()
             raise AdminError(f"cannot listen on admin_bind {self.host}:{self.port}: "
-                             f"{exc.strerror or exc}")
+                             f"{exc.strerror or exc}", in_use=exc.errno == errno.EADDRINUSE)
         sock.setblocking(False)
+        return sock
+
+    def _serve_on(self, sock: socket.socket) -> None:
+        assert self._sel is not None
         self._sock = sock
-        self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self._sel.register(sock, selectors.EVENT_READ, _LISTENER)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-        self._running = True
-        if not self._fork_handlers:
-            self._fork_handlers = True  # once per server; they do nothing once it stops
-            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_parent,
-                                after_in_child=self._after_fork_child)
-        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-admin", daemon=True)
-        self._thread.start()
+
+    def _retry_listen(self) -> None:
+        """USR2 take-over: try the address again (in the thread, once a second)."""
+        self._retry_at = time.monotonic() + 1.0
+        try:
+            sock = self._listen()
+        except AdminError:
+            return
+        self._serve_on(sock)
+        self.log.info("gunicorn-ext: admin endpoint on http://%s:%s (taken over)", self.host, self.port)
 
     def close(self) -> None:
         """Stop the thread and close the listener and every connection."""
@@ -385,6 +429,8 @@ class AdminServer:
                 self._park()
                 continue
             now = time.monotonic()
+            if self._sock is None and now >= self._retry_at:
+                self._retry_listen()
             timeout = min([c.deadline for c in self._conns.values()], default=now + 1.0) - now
             try:
                 events = sel.select(max(0.0, min(timeout, 1.0)))

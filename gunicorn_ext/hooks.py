@@ -9,7 +9,6 @@ check passes.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,18 +53,17 @@ def _start_admin(server: Any) -> None:
     from .settings import parse_address
 
     host, port = parse_address("admin_bind", s.admin_bind)
-    server_ = AdminServer(host, port, supervisor, server.log, allow_remote=s.admin_allow_remote)
+    endpoint = AdminServer(host, port, supervisor, server.log, allow_remote=s.admin_allow_remote)
     try:
-        server_.start()
+        endpoint.start(take_over=getattr(server, "master_pid", 0))
     except AdminError as exc:
         server.log.error("gunicorn-ext: %s; shutting down", exc)
-        supervisor.stop()
-        primary.stop()
-        sys.exit(1)
-    admin = server_
+        server.halt(exit_status=1)  # Gunicorn's own exit: pidfile removed, on_exit run
+    admin = endpoint
     h, p = admin.address
-    server.log.info("gunicorn-ext: admin endpoint on http://%s:%s (%s)",
-                    f"[{h}]" if ":" in h else h, p, " ".join(ENDPOINTS))
+    if admin.listening:
+        server.log.info("gunicorn-ext: admin endpoint on http://%s:%s (%s)",
+                        f"[{h}]" if ":" in h else h, p, " ".join(ENDPOINTS))
 
 
 def on_exit(server: Any) -> None:

@@ -372,3 +372,38 @@ def test_unusable_admin_bind_stops_the_start_with_one_line(gunicorn_factory: Cal
             assert "Booting worker" not in log
     finally:
         taken.close()
+
+
+class ScriptGunicorn(Gunicorn):
+    """Started by the ``gunicorn`` script, so that USR2 re-executes something that runs."""
+
+    @property
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).parent / "gunicorn"), *super().command[3:]]
+
+
+def test_usr2_new_master_takes_the_address_over(tmp_path: Path) -> None:
+    port, env = admin_env(tmp_path)
+    g = ScriptGunicorn("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=1,
+                       env=env, log_dir=tmp_path)
+    try:
+        g.start().wait_ready()
+        old = g.master_pid
+        assert get(port, "/livez").text == f"ok: primary pid {old}\n"
+        g.signal(signal.SIGUSR2)
+        g.wait_log(f"is still held, by the old master (pid {old})", timeout=20)
+        assert get(port, "/livez").text == f"ok: primary pid {old}\n"  # the old one still serves
+        os.kill(old, signal.SIGTERM)
+
+        def new_primary() -> bool:
+            try:
+                text = get(port, "/livez").text
+            except requests.RequestException:
+                return False
+            return text.startswith("ok: primary pid ") and text != f"ok: primary pid {old}\n"
+
+        wait_for(new_primary, 20, what="the new master serving the admin endpoint")
+        assert "(taken over)" in g.log_text()
+        wait_for(lambda: get(port, "/readyz").status_code == 200, 20, what="the new master ready")
+    finally:
+        g.stop()
