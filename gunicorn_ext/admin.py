@@ -65,17 +65,20 @@ class AdminError(Exception):
         self.in_use = in_use
 
 
-def readiness(sup: Any) -> list[str]:
+def readiness(sup: Any, stopping: bool = False) -> list[str]:
     """Why the instance is not ready (empty: ready), from the supervisor's own state.
 
     A slot is served when a worker in it has reported ready and has not been
     replaced; during a rolling reload the old worker serves its slot until its
     replacement is ready. A failed rolling reload keeps the instance not ready
     until the next reload succeeds (the old workers still serve the app).
+    ``stopping``: the arbiter has closed its listeners to shut down.
     """
     server = sup.server
     if server is None:
         return ["the arbiter is not running"]
+    if stopping:
+        return ["the primary is shutting down: its listeners are closed, workers are draining"]
     ready = sup.ready_pids
     steps = dict(sup.rollout.steps)
     served: set[int] = set()
@@ -180,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/livez":
             self._reply(HTTPStatus.OK, f"ok: primary pid {os.getpid()}\n")
         elif path == "/readyz":
-            reasons = readiness(admin.supervisor)
+            reasons = readiness(admin.supervisor, stopping=admin.arbiter_stopping())
             if reasons:
                 self._reply(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n" + "".join(
                     f"- {r}\n" for r in reasons), quiet=True)
@@ -263,6 +266,17 @@ class AdminServer:
         self._pause_requested = False
         self._parked = False
         self._retry_at = 0.0
+        self._arbiter_listened = False
+
+    def arbiter_stopping(self) -> bool:
+        """True once the arbiter, having listened, closed its listeners (Arbiter.stop)."""
+        server = self.supervisor.server
+        if server is None:
+            return False
+        if server.LISTENERS:
+            self._arbiter_listened = True
+            return False
+        return self._arbiter_listened
 
     @property
     def listening(self) -> bool:
@@ -428,6 +442,7 @@ class AdminServer:
             if self._pause_requested:
                 self._park()
                 continue
+            self.arbiter_stopping()  # notes that the arbiter listened, once it has
             now = time.monotonic()
             if self._sock is None and now >= self._retry_at:
                 self._retry_listen()

@@ -407,3 +407,29 @@ def test_usr2_new_master_takes_the_address_over(tmp_path: Path) -> None:
         wait_for(lambda: get(port, "/readyz").status_code == 200, 20, what="the new master ready")
     finally:
         g.stop()
+
+
+def test_readyz_says_shutting_down_while_workers_drain(gunicorn_factory: Callable[..., Gunicorn],
+                                                        tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    port, env = admin_env(tmp_path, ADMIN_APP_RELEASE=str(release), GRACEFUL_TIMEOUT="20")
+    g = gunicorn_factory("admin_app:app", config=EXAMPLE / "cluster_conf.py", cwd=APPS, workers=1,
+                         env=env)
+    wait_for(lambda: get(port, "/readyz").status_code == 200, 20, what="readyz 200")
+    out: list[int] = []
+    blocker = threading.Thread(target=lambda: out.append(
+        requests.get(g.url("/block"), timeout=30).status_code))
+    blocker.start()
+    try:
+        wait_for(lambda: get(port, "/status").json()["totals"]["inflight"] == 1, 15,
+                 what="the request in flight")
+        g.signal(signal.SIGTERM)  # Gunicorn closes its listeners, the worker drains
+        text = wait_for(lambda: (lambda r: r.text if r.status_code == 503 else None)(
+            get(port, "/readyz")), 10, what="readyz 503 while draining")
+        assert "the primary is shutting down" in text
+        assert get(port, "/livez").status_code == 200  # alive, just not taking traffic
+    finally:
+        release.touch()
+        blocker.join(timeout=30)
+    assert out == [200]  # the in-flight request finished
+    assert g.proc is not None and g.proc.wait(timeout=30) == 0
