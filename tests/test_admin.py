@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -299,12 +300,18 @@ def test_bad_input_is_a_4xx_with_one_log_line_never_a_5xx(gunicorn_factory: Call
             for s in flood:
                 s.close()
         wait_for(lambda: get(port, "/livez").status_code == 200, 5, what="livez after the flood")
+        for _ in range(50):  # clients that ask, then reset the connection without reading
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert get(port, "/metrics").status_code == 200
         silent[1].settimeout(10)
         assert silent[1].recv(100).startswith(b"HTTP/1.1 408 ")  # told, then closed
     finally:
         for s in silent:
             s.close()
     assert g.get("/healthz").status_code == 200 and g.alive()
+    assert "admin endpoint failed" not in g.log_text()
 
 
 def test_forks_while_the_endpoint_is_busy_do_not_deadlock(gunicorn_factory: Callable[..., Gunicorn],
