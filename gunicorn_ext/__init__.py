@@ -31,8 +31,10 @@ if TYPE_CHECKING:
         HandlerError,
         IPCError,
         Message,
+        MessageTooLarge,
         NoHandler,
         RequestTimeout,
+        UnencodableMessage,
         WorkerGone,
     )
     from .ipc.bus import Bus, worker
@@ -48,13 +50,14 @@ _WHERE = {
     "Settings": ".settings",
     "SettingsError": ".settings",
     **{name: ".ipc" for name in ("ALL", "PRIMARY", "BusClosed", "FrameError", "HandlerError",
-                                 "IPCError", "Message", "NoHandler", "RequestTimeout",
-                                 "WorkerGone")},
+                                 "IPCError", "Message", "MessageTooLarge", "NoHandler",
+                                 "RequestTimeout", "UnencodableMessage", "WorkerGone")},
 }
 
 __all__ = [
-    "__version__", "ALL", "PRIMARY", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub", "IPCError",
-    "Message", "NoHandler", "RequestTimeout", "Settings", "SettingsError", "WorkerGone",
+    "__version__", "ALL", "PRIMARY", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub",
+    "IPCError", "Message", "MessageTooLarge", "NoHandler", "RequestTimeout", "Settings",
+    "SettingsError", "UnencodableMessage", "WorkerGone",
     "enable", "primary", "worker",
 ]
 

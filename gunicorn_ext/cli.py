@@ -61,6 +61,17 @@ def _num(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _state(w: dict[str, Any]) -> str:
+    """The state cell, with the restart breaker when it is not closed."""
+    state = str(w.get("state", "?"))
+    breaker = w.get("breaker")
+    if breaker == "open":
+        return f"{state} (breaker open, retry in {human_duration(w.get('breaker_retry_in'))})"
+    if breaker == "half-open":
+        return f"{state} (breaker half-open)"
+    return state
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Render a ``status`` response as a header line and a ``pm2 ls``-like table."""
     workers = sorted(status.get("workers") or [], key=lambda w: w.get("slot", 0))
@@ -71,6 +82,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"up {human_duration(status.get('uptime'))}",
         f"workers {live}/{status.get('workers_target', '?')}",
     ]
+    if status.get("listening") is False:
+        header.append("not listening (no worker: connections are refused)")
     rollout = status.get("rollout") or {}
     if rollout.get("state", "idle") != "idle":
         text = (f"rollout {rollout.get('state')} {rollout.get('done', 0)}/{rollout.get('total', 0)}"
@@ -89,7 +102,7 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append([
             _num(w.get("slot")),
             str(w["pid"]) if running else "-",
-            str(w.get("state", "?")),
+            _state(w),
             human_duration(w.get("uptime")) if running else "-",
             _num(w.get("requests")),
             _num(w.get("inflight")) if running else "-",

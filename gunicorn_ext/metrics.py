@@ -72,7 +72,8 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     _CPU: ("gauge", "CPU use of the slot's worker process, in percent of one CPU."),
     _RESTARTS: ("counter", "Times the slot's worker was restarted."),
     _BACKOFF: ("gauge", "Current restart back-off of the slot, in seconds."),
-    _BREAKER: ("gauge", "1 while the slot's restart circuit breaker is open, else 0."),
+    _BREAKER: ("gauge", "1 while the slot's restart circuit breaker is open, 0.5 while it is "
+                        "half-open (trying one worker), else 0."),
     _WORKERS: ("gauge", "Number of workers: kind=target (configured) or kind=live."),
     _MEMORY_LIMIT: ("gauge", "A worker's RSS limit in bytes: kind=soft (recycle) or kind=hard "
                              "(killed); absent when off."),
@@ -241,7 +242,7 @@ class _Slot:
         self.restarts: float | None = None
         self.restarts_base = 0.0
         self.backoff: float | None = None
-        self.breaker: bool | None = None
+        self.breaker: float | None = None
 
 
 def _num(value: Any) -> float:
@@ -412,11 +413,12 @@ class ClusterMetrics(Collector):
                 s.restarts_base += s.restarts
             s.restarts = value
 
-    def set_restart_state(self, slot: int, backoff_seconds: float, breaker_open: bool) -> None:
+    def set_restart_state(self, slot: int, backoff_seconds: float, breaker_open: bool,
+                          half_open: bool = False) -> None:
         with self._lock:
             s = self._slot(slot)
             s.backoff = float(backoff_seconds)
-            s.breaker = bool(breaker_open)
+            s.breaker = 1.0 if breaker_open else 0.5 if half_open else 0.0
 
     def set_workers(self, target: int, live: int) -> None:
         with self._lock:
@@ -492,7 +494,7 @@ class ClusterMetrics(Collector):
             if s.backoff is not None:
                 out[_BACKOFF].add_sample(_BACKOFF, one, s.backoff)
             if s.breaker is not None:
-                out[_BREAKER].add_sample(_BREAKER, one, 1.0 if s.breaker else 0.0)
+                out[_BREAKER].add_sample(_BREAKER, one, s.breaker)
         if self._workers is not None:
             target, live = self._workers
             out[_WORKERS].add_sample(_WORKERS, {"kind": "target"}, float(target))

@@ -20,7 +20,7 @@ import traceback
 from typing import Any
 
 from .ipc.bus import Bus
-from .ipc.errors import IPCError
+from .ipc.errors import BusClosed, IPCError
 from .metrics import WorkerStats
 from .settings import Settings
 
@@ -102,8 +102,10 @@ class Reporter:
             snap["pid"] = os.getpid()
             snap["rss"] = current_rss()
             self.bus.send(STATS, snap)
-        except IPCError:
-            self._stop.set()
+        except BusClosed:
+            self._stop.set()  # the worker is on its way out
+        except IPCError as exc:  # e.g. MessageTooLarge: this report is lost, not the next one
+            self.log.error("gunicorn-ext: could not report worker stats: %s", exc)
         except Exception:
             self.log.exception("gunicorn-ext: could not report worker stats")
 

@@ -89,13 +89,23 @@ class Settings:
     restart_max_delay: float = 15.0
     #: A worker that lived this long before exiting resets its slot's backoff.
     restart_stable_after: float = 30.0
-    #: This many crashes of a slot within ``restart_breaker_window`` open the
-    #: breaker: the slot (or the instance) stops respawning. 0 disables it.
+    #: This many unstable exits of a slot within ``restart_breaker_window`` open
+    #: the breaker: the slot (or the instance) stops respawning. 0 disables it.
     restart_breaker_failures: int = 10
     restart_breaker_window: float = 60.0
+    #: Unstable exits: a boot failure, an exit before the worker reported ready,
+    #: or one within this many seconds after it (PM2's min_uptime). A worker that
+    #: reported ready and was then killed by a signal never counts.
+    restart_min_uptime: float = 1.0
+    #: An open breaker waits this long, then tries one worker (half-open): it
+    #: closes once that worker has been ready ``restart_min_uptime`` seconds, and
+    #: each failed try doubles the wait, up to ``restart_breaker_max_cooldown``.
+    restart_breaker_cooldown: float = 30.0
+    restart_breaker_max_cooldown: float = 300.0
     #: "slot": only the crashing slot stops; "instance": every slot stops.
     restart_breaker_scope: str = "slot"
-    #: "hold": the primary keeps running (with what still serves);
+    #: "hold": the primary keeps running (with what still serves, refusing
+    #: connections while no worker runs) and retries after the cool-down;
     #: "exit": the primary shuts down with exit status 1.
     restart_breaker_action: str = "hold"
     #: Keep Gunicorn's behaviour of shutting down when a worker fails to boot
@@ -118,6 +128,12 @@ class Settings:
     max_lifetime: float = 0.0
     max_lifetime_jitter: float = 0.0
 
+    # -- request deadlines
+    #: A request running longer than this (seconds) has its stack logged, gets 503
+    #: when nothing was sent yet, and its worker is recycled gracefully. 0: off.
+    #: WebSocket upgrades are exempt.
+    request_timeout: float = 0.0
+
     # -- rolling reload
     #: Workers replaced at a time by ``gunicorn-ext reload --rolling``.
     reload_batch: int = 1
@@ -129,6 +145,12 @@ class Settings:
     worker_ports_base: int = 0
     #: Host of the per-worker ports; default: the host of Gunicorn's first bind.
     worker_ports_host: str = ""
+
+    # -- accepting
+    #: The primary accepts connections and hands each to the worker with the most
+    #: free threads (sync and gthread workers), instead of whichever worker the
+    #: kernel wakes. False: Gunicorn's own accept in every worker.
+    even_spread: bool = True
 
     # -- status and metrics
     #: How often each worker reports its counters to the primary (seconds).
@@ -179,6 +201,11 @@ class Settings:
             raise bad("restart_breaker_failures", "must be 0 (off) or more")
         if self.restart_breaker_failures and self.restart_breaker_window <= 0:
             raise bad("restart_breaker_window", "must be positive")
+        if self.restart_breaker_cooldown <= 0:
+            raise bad("restart_breaker_cooldown", "must be positive")
+        if self.restart_breaker_max_cooldown < self.restart_breaker_cooldown:
+            raise bad("restart_breaker_max_cooldown",
+                      f"must be at least restart_breaker_cooldown ({self.restart_breaker_cooldown})")
         if self.restart_breaker_scope not in ("slot", "instance"):
             raise bad("restart_breaker_scope", "must be 'slot' or 'instance'")
         if self.restart_breaker_action not in ("hold", "exit"):

@@ -1,18 +1,24 @@
 """The primary's lifecycle manager: restart policy, recycling, rolling reload, status.
 
 Gunicorn's arbiter respawns a dead worker at once, forever, and offers no hook
-that can delay or veto a spawn. The supervisor therefore wraps three methods
+that can delay or veto a spawn. The supervisor therefore wraps four methods
 of the running arbiter instance (not the class), each calling the original:
 
 * ``spawn_worker``: picks the slot, and declines while that slot is in backoff
   or its breaker is open (Gunicorn's loop simply tries again next tick; a timer
-  wakes the arbiter when the backoff ends);
+  wakes the arbiter when the backoff ends); it also makes the listeners listen
+  again before the fork when they were stopped (restart/gate.py);
 * ``reap_workers``: peeks at each worker's exit status (``waitid`` with
   ``WNOWAIT``, so Gunicorn still reaps it) because ``child_exit`` is not given
   the status; and, when asked to, keeps Gunicorn from shutting down on a boot
   error;
 * ``manage_workers``: runs queued operator actions (scale, rolling reload)
-  in the arbiter's main thread, where forking is safe.
+  in the arbiter's main thread, where forking is safe, closes a half-open
+  breaker whose worker stayed up, and stops the listeners when no worker runs
+  and none may start now, so clients are refused instead of kept waiting;
+* ``stop``: notes that the arbiter is shutting down (so its workers' exits are
+  not crashes) and puts a renamed unix socket back first, so Gunicorn closes
+  and unlinks exactly what it opened.
 
 Everything else is plain hooks and the bus.
 """
@@ -31,6 +37,8 @@ from .ipc.message import Message
 from .metrics import ClusterMetrics
 from .reporter import EXITING, STATS
 from .restart.backoff import SlotPolicy
+from .restart.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from .restart.gate import Gate
 from .restart.rolling import Rollout
 from .settings import Settings
 
@@ -62,6 +70,11 @@ class Supervisor:
         self.metrics = ClusterMetrics()
         self.rollout = Rollout()
         self.policies: dict[int, SlotPolicy] = {}
+        #: One breaker per slot (restart_breaker_scope="slot"), or one for all.
+        self.breakers: dict[int, Breaker] = {}
+        self.instance_breaker = Breaker()
+        self.gate = Gate()
+        self._ready_at: dict[int, float] = {}
         self.last_exit: dict[int, str] = {}
         self.ready_pids: set[int] = set()
         self._statuses: dict[int, tuple[int | None, int | None]] = {}
@@ -75,7 +88,7 @@ class Supervisor:
         self._force_slot: int | None = None
         self._pending_slot: int | None = None
         self._halt: str | None = None
-        self._instance_breaker = False
+        self._stopping = False
         self._started = time.time()
         self.instance = os.environ.get("INSTANCE", "")
         self.control: Any = None
@@ -87,12 +100,18 @@ class Supervisor:
         self.metrics.set_memory_limits(settings.memory_soft_limit, settings.memory_hard_limit)
         for policy in self.policies.values():
             self._apply(policy)
+        for b in [self.instance_breaker, *self.breakers.values()]:
+            self._apply_breaker(b)
 
     def _apply(self, p: SlotPolicy) -> None:
         s = self.settings
         p.initial, p.factor, p.cap = s.restart_delay, s.restart_backoff_factor, s.restart_max_delay
         p.stable_after = s.restart_stable_after
-        p.breaker_failures, p.breaker_window = s.restart_breaker_failures, s.restart_breaker_window
+
+    def _apply_breaker(self, b: Breaker) -> None:
+        s = self.settings
+        b.failures, b.window = s.restart_breaker_failures, s.restart_breaker_window
+        b.cooldown, b.max_cooldown = s.restart_breaker_cooldown, s.restart_breaker_max_cooldown
 
     def policy(self, slot: int) -> SlotPolicy:
         p = self.policies.get(slot)
@@ -101,6 +120,21 @@ class Supervisor:
             self._apply(p)
         return p
 
+    def breaker(self, slot: int) -> Breaker:
+        """The breaker that governs ``slot`` (the instance's one with scope "instance")."""
+        if self.settings.restart_breaker_scope == "instance":
+            return self.instance_breaker
+        b = self.breakers.get(slot)
+        if b is None:
+            b = self.breakers[slot] = Breaker()
+            self._apply_breaker(b)
+        return b
+
+    def _all_breakers(self) -> list[tuple[int | None, Breaker]]:
+        if self.settings.restart_breaker_scope == "instance":
+            return [(None, self.instance_breaker)]
+        return list(self.breakers.items())
+
     def install(self, server: Any) -> None:
         """Wrap the arbiter's methods and register the primary's handlers (on_starting)."""
         if self.server is server:
@@ -108,9 +142,11 @@ class Supervisor:
         self.server = server
         self.instance = self.instance or os.environ.get("INSTANCE") or f"{os.uname().nodename}:{os.getpid()}"
         orig_spawn, orig_reap, orig_manage = server.spawn_worker, server.reap_workers, server.manage_workers
+        orig_stop = server.stop
         server.spawn_worker = lambda: self._spawn_worker(orig_spawn)
         server.reap_workers = lambda: self._reap_workers(orig_reap)
         server.manage_workers = lambda: self._manage_workers(orig_manage)
+        server.stop = lambda graceful=True: self._stop(orig_stop, graceful)
         hub = self.hub
         hub.handler(STATS)(self._on_stats)
         hub.handler(EXITING)(self._on_exiting)
@@ -160,7 +196,7 @@ class Supervisor:
         """The lowest free slot that may spawn now; None while all are held back."""
         if self._force_slot is not None:
             return self._force_slot
-        if self._instance_breaker or self._halt:
+        if self._halt:
             return None
         used = {getattr(w, "ext_slot", None) for w in list(server.WORKERS.values())
                 if not getattr(w, "ext_retired", False)}
@@ -168,23 +204,48 @@ class Supervisor:
         for slot in range(server.num_workers):
             if slot in used:
                 continue
-            policy = self.policy(slot)
-            if policy.may_spawn(now):
+            b = self.breaker(slot)
+            if b.due(now):
+                b.half_open()
+                server.log.warning(
+                    "gunicorn-ext: restart breaker half-open after a %gs cool-down: trying one "
+                    "worker in slot %s", b.wait, slot)
+            if b.state == HALF_OPEN:
+                if b.may_spawn(now):
+                    return slot  # the probe: the cool-down was its backoff
+                continue
+            if b.may_spawn(now) and self.policy(slot).may_spawn(now):
                 return slot
         return None
+
+    def _held_because(self) -> str:
+        """Why nothing may start now (for the log line of a closed gate)."""
+        if any(b.state != CLOSED for _, b in self._all_breakers()):
+            return "held by the restart breaker"
+        return "every slot in restart backoff"
 
     def _spawn_worker(self, orig: Callable[[], int]) -> int | None:
         server = self.server
         slot = self.next_slot(server)
         if slot is None:
             return None
+        if not self.gate.open(server.LISTENERS, server.log):
+            return None  # a worker must never inherit a listener that does not listen
         self._pending_slot = slot
         rolling = self._force_slot is not None
         pid = orig()
         worker = server.WORKERS.get(pid)
         if worker is not None:
             worker.ext_rollout_new = rolling
+        b = self.breaker(slot)
+        if b.state == HALF_OPEN and b.probe_pid is None and not rolling:
+            b.probe_pid = pid
         return pid
+
+    def _stop(self, orig: Callable[[bool], None], graceful: bool) -> None:
+        self._stopping = True  # exits from here on are the shutdown's, not crashes
+        self.gate.release(self.server.log)
+        orig(graceful)
 
     def assign_slot(self, server: Any, worker: Any) -> int:
         """Called from pre_fork: the slot chosen by the wrapped spawn_worker."""
@@ -250,17 +311,41 @@ class Supervisor:
             except Exception:
                 server.log.exception("gunicorn-ext: operator action failed")
         self.rollout.tick(self, server, self.ready_pids, self.settings.reload_ready_timeout)
+        self._close_stable_probes(server)
         extra = sum(1 for w in list(server.WORKERS.values()) if getattr(w, "ext_rolling_old", False))
         if not extra:
             orig()
-            return
-        # Old workers of a rollout stay until their replacement is ready: don't
-        # let Gunicorn count them against num_workers and stop someone else.
-        server._num_workers += extra
-        try:
-            orig()
-        finally:
-            server._num_workers -= extra
+        else:
+            # Old workers of a rollout stay until their replacement is ready: don't
+            # let Gunicorn count them against num_workers and stop someone else.
+            server._num_workers += extra
+            try:
+                orig()
+            finally:
+                server._num_workers -= extra
+        if not server.WORKERS and server.LISTENERS and not self._stopping:
+            # Nobody to accept and nobody about to be forked: refuse, don't queue.
+            self.gate.close(server.LISTENERS, server.log, self._held_because())
+
+    def _close_stable_probes(self, server: Any) -> None:
+        """Close each half-open breaker whose worker has been ready restart_min_uptime."""
+        now = time.monotonic()
+        need = self.settings.restart_min_uptime
+        for slot, b in self._all_breakers():
+            if b.state != HALF_OPEN or b.probe_pid is None:
+                continue
+            ready_at = self._ready_at.get(b.probe_pid)
+            if ready_at is None or now - ready_at < need:
+                continue
+            worker = server.WORKERS.get(b.probe_pid)
+            where = f"slot {getattr(worker, 'ext_slot', slot)}"
+            server.log.warning(
+                "gunicorn-ext: restart breaker closed: the worker in %s (pid %s) stayed up %.1fs "
+                "after it was ready; respawning normally", where, b.probe_pid, now - ready_at)
+            b.close()
+            for s, p in self.policies.items():
+                if slot is None or s == slot:
+                    p.reset()
 
     # ------------------------------------------------------------------ exits
 
@@ -271,6 +356,7 @@ class Supervisor:
         slot = getattr(worker, "ext_slot", None)
         was_ready = pid in self.ready_pids
         self.ready_pids.discard(pid)
+        ready_at = self._ready_at.pop(pid, None)
         self._stats.pop(pid, None)
         self._procs.pop(pid, None)
         self._sampled.pop(pid, None)
@@ -290,40 +376,79 @@ class Supervisor:
             return  # the rollout stops and gives the slot back to the old worker
         planned = bool(getattr(worker, "ext_planned", False) or code == 0
                        or sig in _STOP_SIGNALS  # someone asked it to stop
-                       or not server.LISTENERS  # the arbiter is shutting down
+                       or self._stopping  # the arbiter is shutting down
                        or (note is not None and note.get("planned")))
-        uptime = time.monotonic() - getattr(worker, "ext_started", time.monotonic())
+        now = time.monotonic()
+        uptime = now - getattr(worker, "ext_started", now)
         self.last_exit[slot] = reason
+        unstable = not planned and self.unstable(code, sig, ready_at, now)
         policy = self.policy(slot)
-        opened = policy.exited(time.monotonic(), uptime, crashed=not planned)
+        policy.exited(now, uptime, crashed=not planned, unstable=unstable)
         self.metrics.set_restarts(slot, policy.restarts)
+        b = self.breaker(slot)
+        probe = b.state == HALF_OPEN and b.probe_pid == pid
+        if probe:
+            b.probe_pid = None  # stays half-open (the next worker tries again) unless it failed
         if planned:
             server.log.info("gunicorn-ext: worker slot %s (pid %s) exited: %s", slot, pid, reason)
-        elif opened:
-            self._open_breaker(server, slot, policy, reason, note)
+        elif probe and unstable:
+            wait = b.probe_failed(now)
+            server.log.error(
+                "gunicorn-ext: restart breaker open again: the half-open worker in slot %s (pid "
+                "%s) failed: %s; next try in %gs", slot, pid, reason, wait)
+            self.hub.call_later(wait + 0.01, server.wakeup)
+        elif unstable and b.record(now):
+            self._open_breaker(server, slot, b, reason, note)
+            self.hub.call_later(b.wait + 0.01, server.wakeup)
         else:
-            server.log.warning(
-                "gunicorn-ext: worker slot %s (pid %s) crashed after %.1fs: %s; respawning in %.2fs",
-                slot, pid, uptime, reason, policy.delay)
-        self.metrics.set_restart_state(slot, policy.backoff_left(time.monotonic()), policy.breaker_open)
-        if policy.delay and not policy.breaker_open:
+            if b.state == OPEN:
+                then = f"held by the restart breaker (next try in {b.retry_in(now):.1f}s)"
+            elif b.state == HALF_OPEN:
+                then = "the restart breaker is half-open: one worker at a time"
+            else:
+                then = f"respawning in {policy.delay:.2f}s"
+                if not unstable:
+                    then += " (it had served: not counted by the breaker)"
+            server.log.warning("gunicorn-ext: worker slot %s (pid %s) crashed after %.1fs: %s; %s",
+                               slot, pid, uptime, reason, then)
+        self._report_restart_state(slot, now)
+        if policy.delay and b.state == CLOSED:
             self.hub.call_later(policy.delay + 0.01, server.wakeup)
 
-    def _open_breaker(self, server: Any, slot: int, policy: SlotPolicy, reason: str,
+    def unstable(self, code: int | None, sig: int | None, ready_at: float | None,
+                 now: float) -> bool:
+        """Does this crash count toward the breaker? (see restart/breaker.py)"""
+        if code in _BOOT_ERROR_CODES or ready_at is None:
+            return True  # it never got as far as serving
+        if sig is not None:
+            return False  # it served, then was killed (OOM killer, operator, chaos)
+        return now - ready_at < self.settings.restart_min_uptime
+
+    def _report_restart_state(self, slot: int, now: float) -> None:
+        """Backoff and breaker gauges of ``slot`` (also from the hub thread: looks up only)."""
+        policy, b = self.policies.get(slot), self._breaker_state(slot)
+        state = b.state if b is not None else CLOSED
+        self.metrics.set_restart_state(slot, policy.backoff_left(now) if policy else 0.0,
+                                       state == OPEN, half_open=state == HALF_OPEN)
+
+    def _open_breaker(self, server: Any, slot: int, b: Breaker, reason: str,
                       note: dict[str, Any] | None) -> None:
         s = self.settings
         scope = "any slot" if s.restart_breaker_scope == "instance" else f"slot {slot}"
         tb = (note or {}).get("traceback")
-        what = (f"gunicorn-ext: restart breaker open: slot {slot} crashed {len(policy._recent)} "
-                f"times in {s.restart_breaker_window:.0f}s, last cause: {reason}. Not respawning "
-                f"{scope}; ")
-        what += ("shutting down (restart_breaker_action='exit')." if s.restart_breaker_action == "exit"
-                 else "fix the app, then run `gunicorn-ext reload --rolling` or `gunicorn-ext scale N`.")
+        n, window = s.restart_breaker_failures, f"{s.restart_breaker_window:g}s"
+        what = "gunicorn-ext: restart breaker open: " + (
+            f"{n} crashes in {window} across slots (last in slot {slot}), last cause: {reason}. "
+            if s.restart_breaker_scope == "instance" else
+            f"slot {slot} crashed {n} times in {window}, last cause: {reason}. ")
+        if s.restart_breaker_action == "exit":
+            what += "Shutting down (restart_breaker_action='exit')."
+        else:
+            what += (f"Not respawning {scope} for {b.wait:g}s, then trying one worker; "
+                     "`gunicorn-ext reload --rolling` or `gunicorn-ext scale N` retries at once.")
         if tb:
             what += "\nLast traceback from the worker:\n" + tb.rstrip()
         server.log.error(what)
-        if s.restart_breaker_scope == "instance":
-            self._instance_breaker = True
         if s.restart_breaker_action == "exit":
             self._halt = f"restart breaker open for slot {slot}: {reason}"
             server.wakeup()
@@ -366,7 +491,10 @@ class Supervisor:
             self._notes[note["pid"]] = note
 
     def _on_ready(self, slot: int, pid: int) -> None:
+        self._ready_at[pid] = time.monotonic()
         self.ready_pids.add(pid)
+        if self.server is not None and any(b.probe_pid == pid for _, b in self._all_breakers()):
+            self.hub.call_later(self.settings.restart_min_uptime + 0.01, self.server.wakeup)
         if self.rollout.running and self.server is not None:
             self.server.wakeup()
 
@@ -418,8 +546,8 @@ class Supervisor:
                 self._procs.pop(pid, None)
         target = server.num_workers
         self.metrics.set_workers(target, len(live))
-        for slot, policy in list(self.policies.items()):
-            self.metrics.set_restart_state(slot, policy.backoff_left(now), policy.breaker_open)
+        for slot in list(self.policies):
+            self._report_restart_state(slot, now)
 
     @staticmethod
     def _kill(pid: int, sig: int) -> None:
@@ -446,6 +574,7 @@ class Supervisor:
             stats = self._stats.get(pid, {})
             rss, cpu = self._sampled.get(pid, (int(stats.get("rss", 0) or 0), 0.0))
             policy = self.policies.get(slot) if slot is not None else None
+            breaker = self._breaker_state(slot)
             rows.append({
                 "slot": slot,
                 "pid": pid,
@@ -457,16 +586,20 @@ class Supervisor:
                 "cpu": round(cpu, 1),
                 "restarts": policy.restarts if policy else 0,
                 "last_exit": self.last_exit.get(slot) if slot is not None else None,
+                "breaker": breaker.state if breaker else CLOSED,
             })
         for slot in range(server.num_workers):
             if slot in seen:
                 continue
             policy = self.policies.get(slot) or SlotPolicy()  # never written from this thread
-            state = "stopped" if policy.breaker_open or self._instance_breaker else "backoff"
+            breaker = self._breaker_state(slot) or Breaker()
+            state = "backoff" if breaker.state == CLOSED else "stopped"
             rows.append({"slot": slot, "pid": None, "state": state, "uptime": 0.0, "requests": 0,
                          "inflight": 0, "rss": 0, "cpu": 0.0, "restarts": policy.restarts,
                          "last_exit": self.last_exit.get(slot),
-                         "backoff": round(policy.backoff_left(now), 3)})
+                         "backoff": round(policy.backoff_left(now), 3),
+                         "breaker": breaker.state,
+                         "breaker_retry_in": round(breaker.retry_in(now), 3)})
         rows.sort(key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["state"] == "draining"))
         totals = {k: sum(int(r[k] or 0) for r in rows) for k in ("requests", "inflight", "rss")}
         totals["restarts"] = sum(p.restarts for p in list(self.policies.values()))
@@ -476,9 +609,18 @@ class Supervisor:
             "uptime": round(time.time() - self._started, 3),
             "workers_target": server.num_workers,
             "workers": rows,
+            "listening": not self.gate.closed,
             "totals": totals,
             "rollout": self.rollout.as_dict(),
         }
+
+    def _breaker_state(self, slot: int | None) -> Breaker | None:
+        """Read-only look-up from the hub thread (never creates a breaker)."""
+        if slot is None:
+            return None
+        if self.settings.restart_breaker_scope == "instance":
+            return self.instance_breaker
+        return self.breakers.get(slot)
 
     def render_metrics(self) -> str:
         return self.metrics.render().decode()
@@ -513,19 +655,22 @@ class Supervisor:
         self._actions.append(action)
         self.server.wakeup()
 
-    def _start_rollout(self, batch: int) -> None:
+    def _reset_restarts(self) -> None:
+        """An operator's reload or scale: forget backoff, close every breaker."""
         for p in list(self.policies.values()):
             p.reset()
-        self._instance_breaker = False
+        for _, b in self._all_breakers():
+            b.close()
+
+    def _start_rollout(self, batch: int) -> None:
+        self._reset_restarts()
         slots = sorted({w.ext_slot for w in self.server.WORKERS.values()
                         if not getattr(w, "ext_retired", False)})
         self.rollout.start(slots, batch)
         self.server.log.info("gunicorn-ext: rolling reload: %s", self.rollout.message)
 
     def _scale(self, n: int) -> None:
-        for p in list(self.policies.values()):
-            p.reset()
-        self._instance_breaker = False
+        self._reset_restarts()
         self.server.log.info("gunicorn-ext: scaling from %s to %s workers", self.server.num_workers, n)
         self.server.num_workers = n
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ def test_endpoints(gunicorn_factory: Any) -> None:
     assert seen == {0, 1}
 
     bad = requests.post(g.url("/broadcast"), data="nope", timeout=10)
-    assert bad.status_code == 400 and "message" in bad.json()["error"]
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
 
     m = fresh(g, "/metrics")
     assert m.status_code == 200 and m.headers["Content-Type"].startswith("text/plain")
@@ -99,3 +100,76 @@ def test_counter_and_hits_are_shared_by_every_worker(gunicorn_factory: Any, redi
         assert hits == list(range(1, 21)), url
         assert fresh(g, "/healthz").headers.get("Set-Cookie") is None
         g.stop()
+
+
+def cli_status(g: Gunicorn) -> dict[str, Any]:
+    r = subprocess.run([str(Path(sys.executable).parent / "gunicorn-ext"), "status", "--json"],
+                       env=g.env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def post_raw(g: Gunicorn, body: bytes, path: str = "/broadcast") -> requests.Response:
+    return requests.post(g.url(path), data=body, headers={"Content-Type": "application/json"},
+                         timeout=30)
+
+
+def test_bad_input_is_a_4xx_and_every_worker_stays_on_the_bus(gunicorn_factory: Any) -> None:
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=2)
+
+    def both_ready() -> dict[int, int] | None:
+        c = fresh(g, "/cluster").json()
+        slots = {w["slot"]: w["pid"] for w in c["workers"] if w["ready"]}
+        return slots if sorted(slots) == [0, 1] else None
+
+    before = wait_for(both_ready, 15, what="both workers on the bus")
+
+    # 5 MB: parsed (under MAX_CONTENT_LENGTH), then refused by the bus in the sender;
+    # until both workers have refused one.
+    refused: set[int] = set()
+    for _ in range(30):
+        r = requests.post(g.url("/broadcast"), json={"message": "x" * 5_000_000},
+                          headers={"Connection": "close"}, timeout=30)
+        assert r.status_code == 413, r.text
+        assert "over the bus limit of 4194304 bytes (ipc_max_frame)" in r.json()["error"]
+        refused.add(r.json()["slot"])
+        if refused == {0, 1}:
+            break
+    assert refused == {0, 1}
+    # Over Flask's MAX_CONTENT_LENGTH: 413 before the body is parsed.
+    r = post_raw(g, b'{"message": "' + b"x" * (9 * 1024 * 1024) + b'"}')
+    assert r.status_code == 413 and "over 8 MiB" in r.json()["error"]
+
+    cases: list[tuple[bytes, str]] = [
+        (json.dumps({"message": 2**70}).encode(), "can't be sent on the bus"),
+        (json.dumps({"message": [1, -(2**64)]}).encode(), "can't be sent on the bus"),
+        (b'{"message": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper than"),
+        (b'{"message": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than"),
+        (b'{"message": "unterminated', "not valid JSON"),
+        (b'{"message": "\xff\xfe"}', "not valid JSON"),
+        (b'{"message": ' + b"9" * 5000 + b"}", "not valid JSON"),  # over Python's int digits
+        (b"[1, 2]", "expected a JSON object"),
+        (b"", "not valid JSON"),
+    ]
+    for body, reason in cases:
+        r = post_raw(g, body)
+        assert r.status_code == 400, (body[:40], r.status_code, r.text[:200])
+        assert reason in r.json()["error"], (body[:40], r.text[:200])
+
+    # Fine input still goes through: nesting within bounds, ints within 64 bits.
+    ok = {"message": [[[[2**63]]], -(2**63), "ok"]}
+    assert requests.post(g.url("/broadcast"), json=ok, timeout=10).status_code == 202
+
+    # Every worker is still on the bus, and every view agrees.
+    assert both_ready() == before
+    assert set(before.values()) == set(g.worker_pids())
+    st = cli_status(g)
+    assert {w["slot"]: w["pid"] for w in st["workers"] if w["state"] == "ready"} == before
+    for _ in range(10):
+        m = fresh(g, "/metrics")
+        assert m.status_code == 200, m.text
+        c = fresh(g, "/cluster")
+        assert c.status_code == 200 and len(c.json()["workers"]) == 2
+    log = g.log_text()
+    assert "lost its bus" not in log and "closing the bus connection" not in log
+    assert "Traceback" not in log and "Error handling request" not in log

@@ -201,7 +201,9 @@ def test_primary_request_send_broadcast_publish(bus2: Gunicorn) -> None:
     assert primary_api(bus2, "request", 5, "echo", None)["error"] == "WorkerGone"
     assert primary_api(bus2, "request", 0, "nope", None)["error"] == "NoHandler"
     for kind in ("request", "send", "broadcast", "publish"):  # refused in the caller, at once
-        assert primary_api(bus2, kind, 0, "echo", "UNENCODABLE")["error"] == "TypeError"
+        for bad, error in (("UNENCODABLE", "UnencodableMessage"), ("HUGE_INT", "UnencodableMessage"),
+                           ("TOO_LARGE", "MessageTooLarge")):
+            assert primary_api(bus2, kind, 0, "echo", bad)["error"] == error, (kind, bad)
     assert primary_api(bus2, "send", 0, "note", "p-direct") == {"ok": "sent"}
     assert primary_api(bus2, "broadcast", 0, "note", "p-all") == {"ok": "sent"}
     assert primary_api(bus2, "publish", 0, "news", "p-news") == {"ok": "sent"}
@@ -214,40 +216,100 @@ def test_primary_request_send_broadcast_publish(bus2: Gunicorn) -> None:
     assert "p-direct" not in {m["payload"] for m in ask(bus2, "inbox", to=1)["ok"]}
 
 
+# -- what the bus can't carry -------------------------------------------------------------
+
+BIG = f"big:{5 * 1024 * 1024}"  # over the default ipc_max_frame (4 MiB)
+REFUSED = [(BIG, "MessageTooLarge"), ("int", "UnencodableMessage"),
+           ("neg_int", "UnencodableMessage"), ("object", "UnencodableMessage")]
+
+
+def assert_bus_intact(g: Gunicorn, slots: dict[int, int]) -> None:
+    """Same workers on the bus as before, each answering; no connection was closed."""
+    assert live_slots(g) == slots
+    for slot in slots:
+        assert ask(g, "echo", "still here", to=slot)["ok"]["slot"] == slot
+    log = g.log_text()
+    assert "closing the bus connection" not in log and "lost its bus" not in log
+
+
+def test_sender_refuses_what_the_bus_cannot_carry(bus2: Gunicorn) -> None:
+    slots = live_slots(bus2)
+    for make, error in REFUSED:
+        for path, params in (("/send", {"name": "record"}), ("/send", {"name": "note", "to": 1}),
+                             ("/broadcast", {"name": "note"}), ("/publish", {"topic": "news"}),
+                             ("/ask", {"name": "record"}), ("/ask", {"name": "echo", "to": 0})):
+            r = call(bus2, path, make=make, **params)
+            assert r.get("error") == error, (path, params, make, r)
+            if error == "MessageTooLarge":
+                assert "over the bus limit of 4194304 bytes (ipc_max_frame)" in r["message"]
+            else:
+                assert "can't be sent on the bus" in r["message"]
+    assert ask(bus2, "records")["ok"] == []  # nothing refused reached the primary
+    for slot in slots:
+        got = ask(bus2, "inbox", to=slot)["ok"]
+        assert got == [], got  # nor a worker
+    assert_bus_intact(bus2, slots)
+
+
+def test_reply_the_bus_cannot_carry_is_a_handler_error(bus2: Gunicorn) -> None:
+    slots = live_slots(bus2)
+    for spec in (BIG, "int", "object"):
+        # Primary and worker handlers; the asker waits 20 s at most but gets its answer at once.
+        for to in (-1, 0, 1):
+            r = ask(bus2, "bad_reply", spec, to=to, timeout=20)
+            assert r.get("error") == "HandlerError", (spec, to, r)
+            assert "returned a reply the bus can't carry" in r["message"]
+        r = primary_api(bus2, "request", 1, "bad_reply", spec)
+        assert r.get("error") == "HandlerError", (spec, r)
+    assert "handler 'bad_reply' in the primary returned a reply the bus can't carry" in bus2.log_text()
+    assert_bus_intact(bus2, slots)
+
+
 # -- hostile frames --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "kind,reason",
+    "kind,reason,worker_class",
     [
-        ("oversize", "exceeds the limit"),
-        ("malformed", "undecodable frame"),
-        ("unknown", "unknown message type"),
+        ("oversize", "exceeds the limit of 4194304 bytes (ipc_max_frame)", "gthread"),
+        ("malformed", "undecodable frame", "sync"),
+        ("unknown", "unknown message type", "gthread"),
     ],
 )
-def test_bad_frame_closes_only_that_connection(gunicorn_factory: Any, kind: str, reason: str) -> None:
-    g = start(gunicorn_factory, 2)
-    wait_slots(g, 2)
-    bad = call(g, "/garbage", kind=kind)
-    g.wait_log(f"closing the bus connection of worker slot {bad['slot']}")
-    assert reason in g.log_text()
-    # The broken worker gets a clear error; the other keeps full service.
-    other = 1 - bad["slot"]
-    seen: set[str] = set()
-    for _ in range(200):
-        r = ask(g, "echo", 1)
-        if r["slot"] == bad["slot"]:
-            assert r["error"] == "BusClosed"
-            seen.add("bad")
-        else:
-            assert r["ok"]["payload"] == 1
-            seen.add("good")
-        if seen == {"bad", "good"}:
-            break
-    assert seen == {"bad", "good"}
-    assert ask(g, "echo", "x", to=other).get("ok") or True
-    # The primary is alive and still relays between healthy processes.
+def test_bad_frame_closes_that_connection_and_its_worker_is_replaced(
+        gunicorn_factory: Any, kind: str, reason: str, worker_class: str) -> None:
+    g = start(gunicorn_factory, 2, WORKER_CLASS=worker_class)
+    before = wait_slots(g, 2)
+    # The worker writes garbage into its own bus, then goes on with its request.
+    bad = call(g, "/garbage_then_sleep", kind=kind, s=1.5)
+    assert bad["sent"] == kind  # the in-flight request finished though the bus went away
+    slot, pid = bad["slot"], bad["pid"]
+    assert before[slot] == pid
+    log = g.wait_log(f"closing the bus connection of worker slot {slot} (pid {pid}): ")
+    assert reason in log
+    # One line in the worker says why it goes; it is replaced in its slot, the other stays.
+    needle = f"worker slot {slot} (pid {pid}) lost its bus: the primary closed it: "
+    lines = [ln for ln in g.wait_log(needle).splitlines() if needle in ln]
+    assert len(lines) == 1 and reason in lines[0] and "finishing in-flight requests" in lines[0]
+    after = wait_slots(g, 2, exclude={pid})
+    assert after[1 - slot] == before[1 - slot]
+    assert g.log_text().count(f"(pid {pid}) lost its bus") == 1
+    for s in (0, 1):
+        assert ask(g, "echo", "x", to=s)["ok"]["pid"] == after[s]
     assert g.alive()
+
+
+def test_worker_cut_off_for_not_reading_its_bus_is_replaced(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 2, IPC_MAX_BACKLOG=str(4 << 20))
+    before = wait_slots(g, 2)
+    call(g, "/send", name="sleep", payload=4, to=0)  # slot 0's listener is busy for 4 s...
+    call(g, "/flood", n=100, size=100_000, to=0)  # ...while 10 MB queue up for it
+    g.wait_log(f"closing the bus connection of worker slot 0 (pid {before[0]}): it is not "
+               "reading its bus messages")
+    g.wait_log(f"worker slot 0 (pid {before[0]}) lost its bus")
+    after = wait_slots(g, 2, exclude={before[0]})
+    assert after[1] == before[1]
+    assert ask(g, "echo", "x", to=0)["ok"]["pid"] == after[0]
 
 
 # -- lifecycle -----------------------------------------------------------------------------

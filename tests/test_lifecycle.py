@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,11 +17,15 @@ from typing import Any
 
 import pytest
 import requests
-from harness import Gunicorn, wait_for
+from harness import Gunicorn, find_binary, free_port, free_port_pair, running_nginx, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+
+from gunicorn_ext import nginx as nginx_conf
+from gunicorn_ext.cli import format_status
 
 APPS = Path(__file__).parent / "apps"
 CONF = APPS / "life_conf.py"
+EXAMPLE = Path(__file__).parent.parent / "examples/flask_app"
 CLI = str(Path(sys.executable).parent / "gunicorn-ext")
 
 
@@ -61,8 +67,9 @@ def wait_ready_slots(g: Gunicorn, n: int, exclude: set[int] = frozenset(), timeo
 
 
 def test_crash_loop_backs_off_then_opens_the_breaker(gunicorn_factory: Any) -> None:
+    # Each worker crashes on its first request, soon after it is ready: unstable exits.
     g = start(gunicorn_factory, 1, APP_MODE="crash_every_request", RESTART_DELAY="0.2",
-              BREAKER_FAILURES="4")
+              BREAKER_FAILURES="4", MIN_UPTIME="10")
     wait_ready_slots(g, 1)
     deadline = time.monotonic() + 30
     while "restart breaker open" not in g.log_text() and time.monotonic() < deadline:
@@ -111,6 +118,195 @@ def test_breaker_exit_action_stops_the_primary(gunicorn_factory: Any) -> None:
     wait_for(lambda: not g.alive(), 30, what="the master to exit")
     assert g.stop() == 1
     assert "restart breaker open" in g.log_text()
+
+
+def refused(port: int) -> bool:
+    """True when a connect to the port is refused (not accepted, not left hanging)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def slot_of(port: int) -> int | None:
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}/", headers={"Connection": "close"}, timeout=10)
+        return int(r.json()["slot"])
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def test_served_then_sigkilled_workers_never_trip_the_breaker(gunicorn_factory: Any) -> None:
+    base = free_port_pair()
+    g = start(gunicorn_factory, 2, BREAKER_FAILURES="4", WORKER_PORTS_BASE=str(base))
+    wait_ready_slots(g, 2)
+    kills = 0
+    deadline = time.monotonic() + 20
+    while kills < 16 and time.monotonic() < deadline:
+        try:  # the worker that answers has served: then it is SIGKILLed
+            pid = get(g, "/", timeout=5)["pid"]
+        except requests.RequestException:
+            time.sleep(0.05)  # both slots in backoff: the instance refuses, try again
+            continue
+        os.kill(pid, signal.SIGKILL)
+        kills += 1
+        time.sleep(0.1)
+    assert kills == 16  # 8 per slot on average: twice what would open a breaker counting kills
+    wait_for(lambda: g.log_text().count("not counted by the breaker") == kills, 10,
+             what="every kill logged as not counted")
+    log = g.log_text()
+    assert "restart breaker open" not in log
+    # Kills don't make the backoff grow either: each one respawns at once.
+    lines = [line for line in log.splitlines() if "not counted by the breaker" in line]
+    assert all("killed by SIGKILL; respawning in 0.00s" in line for line in lines), lines
+    after = wait_ready_slots(g, 2)
+    assert all(w["breaker"] == "closed" for w in status(g)["workers"])
+    # Every slot serves, on the shared port and on its own per-worker port.
+    assert {slot_of(base + slot) for slot in (0, 1)} == {0, 1}
+    assert get(g, "/")["pid"] in after.values()
+
+
+def test_example_app_rides_out_a_kill_storm_without_the_breaker(gunicorn_factory: Any) -> None:
+    """The example with its defaults: 11 SIGKILLs of a served worker in well under the 60 s
+    window (the breaker opens at 10 unstable exits) never trip it, and the slot serves on."""
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=1)
+    kills = 0
+    deadline = time.monotonic() + 25
+    while kills < 11 and time.monotonic() < deadline:
+        try:
+            who = get(g, "/whoami", timeout=10)
+        except requests.RequestException:
+            time.sleep(0.05)
+            continue
+        os.kill(who["pid"], signal.SIGKILL)
+        kills += 1
+    assert kills == 11
+    who = wait_for(lambda: get(g, "/whoami"), 20, what="the slot serving again")
+    assert who["slot"] == 0
+    wait_for(lambda: g.log_text().count("crashed after") == 11, 10, what="11 exits logged")
+    log = g.log_text()
+    assert "restart breaker open" not in log
+    crashes = [line for line in log.splitlines() if "crashed after" in line]
+    assert all("not counted by the breaker" in c for c in crashes), crashes
+    text = requests.get(g.url("/metrics"), timeout=10).text
+    gauges = {s.labels["slot"]: s.value for fam in text_string_to_metric_families(text)
+              if fam.name == "gunicorn_ext_worker_breaker_open" for s in fam.samples}
+    assert gauges == {"0": 0.0}
+
+
+def test_unix_socket_refuses_while_held_and_is_whole_at_shutdown(gunicorn_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    version = tmp_path / "VERSION"
+    version.write_text("broken")
+    path = tmp_path / "app.sock"
+    g = start(gunicorn_factory, 1, wait=False, BIND=f"unix:{path}", APP_VERSION_FILE=str(version),
+              HALT_ON_BOOT_ERROR="0", BREAKER_FAILURES="2", RESTART_DELAY="0.05",
+              BREAKER_COOLDOWN="2", BREAKER_MAX_COOLDOWN="2", MIN_UPTIME="0.3")
+    g.wait_log("restart breaker open:", timeout=30)
+    wait_for(lambda: status(g)["listening"] is False, 10, what="listeners stopped")
+    with pytest.raises((FileNotFoundError, ConnectionRefusedError)), \
+            socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(str(path))
+    version.write_text("1")
+    wait_ready_slots(g, 1)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(path))
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert c.recv(12) == b"HTTP/1.0 200"
+    assert g.stop() == 0
+    assert not path.exists()  # Gunicorn unlinked the path it had bound
+    assert not list(tmp_path.glob("*paused*"))
+    assert "Traceback" not in g.log_text().split("Handling signal: term")[-1]
+
+
+@pytest.mark.parametrize("scope", ["slot", "instance"])
+def test_boot_failure_trips_the_breaker_refuses_and_recovers_by_itself(
+        gunicorn_factory: Any, tmp_path: Path, scope: str) -> None:
+    version = tmp_path / "VERSION"
+    version.write_text("broken")  # life_app raises at import
+    base = free_port_pair()
+    g = start(gunicorn_factory, 2, wait=False, APP_VERSION_FILE=str(version), HALT_ON_BOOT_ERROR="0",
+              BREAKER_FAILURES="3", BREAKER_SCOPE=scope, RESTART_DELAY="0.05",
+              BREAKER_COOLDOWN="3", BREAKER_MAX_COOLDOWN="3", MIN_UPTIME="0.5",
+              WORKER_PORTS_BASE=str(base))
+    trips = 2 if scope == "slot" else 1
+    wait_for(lambda: g.log_text().count("restart breaker open:") >= trips, 30, what="breaker open")
+    log = g.log_text()
+    assert "Not respawning" in log and "then trying one worker" in log
+    assert log.count("Booting worker") <= 3 * 2  # within the breaker's bounds: no fork storm
+    assert g.alive()
+    # No worker is running: the instance refuses connections instead of queueing them.
+    st = wait_for(lambda: (lambda st: st if st["listening"] is False else None)(status(g)), 10,
+                  what="listeners stopped")
+    assert {w["state"] for w in st["workers"]} == {"stopped"}
+    assert {w["breaker"] for w in st["workers"]} == {"open"}
+    assert refused(g.port) and refused(base) and refused(base + 1)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(g.url("/"), timeout=5)
+    text = format_status(st)
+    assert "not listening" in text and "stopped (breaker open, retry in" in text
+    # The cause is fixed: the half-open worker stays up, the breaker closes, every slot serves.
+    version.write_text("1")
+    wait_ready_slots(g, 2, timeout=30)
+    wait_for(lambda: g.log_text().count("restart breaker closed:") >= trips, 10, what="closed")
+    log = g.log_text()
+    assert "restart breaker half-open after a 3s cool-down: trying one worker in slot 0" in log
+    assert "restart breaker closed: the worker in slot 0" in log
+    st = status(g)
+    assert st["listening"] is True and {w["breaker"] for w in st["workers"]} == {"closed"}
+    assert {slot_of(base + slot) for slot in (0, 1)} == {0, 1}
+    assert get(g, "/")["version"] == "1"
+
+
+def test_nginx_fails_over_at_once_from_an_instance_with_no_worker(gunicorn_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    """Real nginx (the rendered template) in front of a healthy instance and one whose
+    breaker holds every slot: no client waits on the held one, every request is served."""
+    if find_binary("nginx") is None:
+        pytest.fail("nginx is not installed; run `make system-deps`")
+    good = start(gunicorn_factory, 2)
+    held = start(gunicorn_factory, 1, wait=False, APP_MODE="import_error", HALT_ON_BOOT_ERROR="0",
+                 BREAKER_FAILURES="2", RESTART_DELAY="0.05")
+    held.wait_log("restart breaker open:", timeout=30)
+    wait_for(lambda: status(held)["listening"] is False, 10, what="the held instance refusing")
+    port = free_port()
+    site = tmp_path / "nginx" / "site.conf"
+    site.parent.mkdir()
+    text = nginx_conf.render([f"127.0.0.1:{held.port}", f"127.0.0.1:{good.port}"], port, "app.test")
+    site.write_text(re.sub(r"listen (\d+)", r"listen 127.0.0.1:\1", text))
+    conf = site.parent / "nginx.conf"
+    conf.write_text(nginx_conf.wrapper_conf([str(site)], str(site.parent),
+                                            user="root" if os.geteuid() == 0 else None))
+    pids = set(wait_ready_slots(good, 2).values())
+    with running_nginx(conf, port) as prefix:
+        for _ in range(20):  # round robin sends some to the held instance first
+            r = requests.get(f"http://127.0.0.1:{port}/", headers={"Host": "app.test"}, timeout=5)
+            assert r.status_code == 200 and r.json()["pid"] in pids
+        errors = (prefix / "error.log").read_text()
+    assert "(111: Connection refused) while connecting to upstream" in errors
+    assert f"127.0.0.1:{held.port}" in errors
+
+
+def test_a_failed_half_open_try_doubles_the_cool_down(gunicorn_factory: Any) -> None:
+    g = start(gunicorn_factory, 1, wait=False, APP_MODE="import_error", HALT_ON_BOOT_ERROR="0",
+              BREAKER_FAILURES="2", RESTART_DELAY="0.05", BREAKER_COOLDOWN="0.5",
+              BREAKER_MAX_COOLDOWN="2")
+    wait_for(lambda: g.log_text().count("next try in 2s") >= 2, 30, what="two tries at the cap")
+    log = g.log_text()
+    assert log.count("restart breaker open:") == 1
+    assert "Not respawning slot 0 for 0.5s, then trying one worker" in log
+    opened = [line.split("next try in ")[1].split("s")[0] for line in log.splitlines()
+              if "restart breaker open again" in line]
+    assert opened[:4] == ["1", "2", "2", "2"][: len(opened[:4])] and len(opened) >= 3
+    halves = [line.split("after a ")[1].split("s ")[0] for line in log.splitlines()
+              if "restart breaker half-open" in line]
+    assert halves[:3] == ["0.5", "1", "2"]
+    assert "this deploy is broken on purpose" in log
+    assert "restart breaker closed" not in log
+    assert g.alive()
 
 
 # -- memory and lifetime --------------------------------------------------------------

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import threading
+from typing import Any, NoReturn
 
 import chat
-from flask import Flask, Response, jsonify, request, session
+from flask import Flask, Response, abort, jsonify, request, session
+from werkzeug.exceptions import RequestEntityTooLarge
 
 import gunicorn_ext
 from gunicorn_ext import worker
@@ -16,6 +19,10 @@ from gunicorn_ext.state.flask import Session
 from gunicorn_ext.state.primitives import Counter
 
 app = Flask(__name__)
+# Bad input is the client's error, never a 500: a body over this is a 413 (Flask's own
+# limit, on every route); JSON is parsed within bounds by json_body() below.
+app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+MAX_JSON_DEPTH = 32
 INSTANCE = os.environ.get("INSTANCE", "local")
 # Shared state: an SQLite file by default (one machine, no server needed); a redis://
 # URL to share it between machines. cluster_conf.py sets both from the environment.
@@ -37,6 +44,47 @@ _inbox_lock = threading.Lock()
 def _on_broadcast(msg: gunicorn_ext.Message) -> None:
     with _inbox_lock:
         _inbox.append(msg.payload)
+
+
+def _client_error(status: int, error: str) -> NoReturn:
+    response = jsonify(error=error)
+    response.status_code = status
+    abort(response)
+
+
+def json_body() -> Any:
+    """The request's JSON body, parsed within bounds.
+
+    Over MAX_CONTENT_LENGTH: 413; not JSON, or nested deeper than MAX_JSON_DEPTH: 400.
+    (Flask's get_json(silent=True) would let a RecursionError through as a 500.)
+    """
+    try:
+        data = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        _client_error(413, f"request body is over {limit >> 20} MiB")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        _client_error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    except ValueError as exc:  # malformed, not UTF-8, an int of too many digits
+        _client_error(400, f"body is not valid JSON: {exc}")
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        _client_error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 @app.get("/healthz")
@@ -73,13 +121,17 @@ def cluster():  # type: ignore[no-untyped-def]
 
 @app.post("/broadcast")
 def broadcast():  # type: ignore[no-untyped-def]
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict) or "message" not in body:
         return jsonify(error='expected a JSON object {"message": ...}'), 400
     try:
         worker.broadcast("broadcast", body["message"])
+    except gunicorn_ext.MessageTooLarge as exc:  # refused before sending: the bus is fine
+        return jsonify(error=str(exc), slot=worker.slot), 413
+    except gunicorn_ext.UnencodableMessage as exc:  # an int beyond 64 bits, ...
+        return jsonify(error=str(exc), slot=worker.slot), 400
     except gunicorn_ext.IPCError as exc:
-        return jsonify(error=str(exc)), 503
+        return jsonify(error=str(exc), slot=worker.slot), 503
     return jsonify(sent=True, slot=worker.slot), 202
 
 

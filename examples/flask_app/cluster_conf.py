@@ -37,6 +37,9 @@ if not os.environ.get("SECRET_KEY"):
         "SECRET_KEY is not set: using a development key; set it in production")
 
 # WORKER_PORTS_BASE=9000: slot N also listens on 9000+N (nginx can pin a client to a worker).
+# REQUEST_TIMEOUT: a request running longer has its stack logged, gets 503, and its worker
+# is recycled (Socket.IO's long-polling holds a request up to 25 s; WebSockets are exempt).
 # ADMIN_BIND=127.0.0.1:9191: the primary itself serves /metrics /status /livez /readyz there.
 gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
+                    request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")),
                     admin_bind=os.environ.get("ADMIN_BIND", ""))

@@ -5,8 +5,10 @@ from .errors import (
     FrameError,
     HandlerError,
     IPCError,
+    MessageTooLarge,
     NoHandler,
     RequestTimeout,
+    UnencodableMessage,
     WorkerGone,
 )
 from .frames import ALL, PRIMARY
@@ -20,7 +22,9 @@ __all__ = [
     "HandlerError",
     "IPCError",
     "Message",
+    "MessageTooLarge",
     "NoHandler",
     "RequestTimeout",
+    "UnencodableMessage",
     "WorkerGone",
 ]

@@ -13,12 +13,18 @@ Each worker holds two sockets made by the hub just before the fork:
 
 Messages from one sender arrive in the order sent. A reply travels on the call
 channel, so it may overtake a one-way message pushed to the worker earlier.
+
+What the bus can't carry (over ``ipc_max_frame``, not a msgpack value) is
+refused in the sender before anything is written. A worker whose bus closes
+for any other reason exits gracefully and is replaced in its slot: it never
+serves on without a bus.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import signal
 import socket
 import struct
 import threading
@@ -26,12 +32,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from . import frames
 from .errors import (
     BusClosed,
-    HandlerError,
     IPCError,
     NoHandler,
     RequestTimeout,
@@ -39,7 +42,7 @@ from .errors import (
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Message, run_handler
+from .message import ErrorCallback, Handler, Message, answer, run_handler
 
 _RECV_SIZE = 64 * 1024
 #: One-way sends closer together than this (seconds) are batched...
@@ -82,6 +85,9 @@ class Bus:
         self._topics: dict[str, list[Callable[[Message], None]]] = {}
         self._error_callbacks: list[ErrorCallback] = []
         self._primary_names: frozenset[str] | None = None
+        self.max_frame = frames.DEFAULT_MAX_FRAME
+        #: Makes :meth:`close` happen once when several threads see the bus fail.
+        self._close_lock = threading.Lock()
         self._wlock = threading.Lock()
         #: Held by the thread reading the call channel (the "reader role").
         self._rlock = threading.Lock()
@@ -115,6 +121,7 @@ class Bus:
 
     def subscribe(self, topic: str) -> Callable[[Callable[[Message], None]], Callable[[Message], None]]:
         """Decorator: receive every publication on ``topic`` from any process of the instance."""
+        frames.check_address(topic, what="a topic")
 
         def register(fn: Callable[[Message], None]) -> Callable[[Message], None]:
             first = topic not in self._topics
@@ -127,6 +134,7 @@ class Bus:
 
     def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic``; drops every handler registered for it."""
+        frames.check_address(topic, what="a topic")
         if self._topics.pop(topic, None) is not None and self._sock is not None:
             self._write(Unsub(topic))
 
@@ -152,6 +160,7 @@ class Bus:
         self.slot = slot
         self.log = log
         self._primary_names = primary_names
+        self.max_frame = max_frame
         self._reader = frames.FrameReader(max_frame)
         self._push_reader = frames.FrameReader(max_frame)
         for topic in self._topics:  # subscriptions made before the fork (preload)
@@ -169,12 +178,17 @@ class Bus:
         self._flusher.start()
         self._write(Ready(os.getpid()))
 
-    def close(self, reason: str = "the bus was closed") -> None:
-        sock, self._sock = self._sock, None
-        push, self._push = self._push, None
-        if sock is None:
-            return
-        self._closed_reason = reason
+    def close(self, reason: str = "the bus was closed") -> bool:
+        """Close this worker's end; every waiting request gets :class:`BusClosed`.
+
+        Returns False when it was already closed.
+        """
+        with self._close_lock:
+            sock, self._sock = self._sock, None
+            push, self._push = self._push, None
+            if sock is None:
+                return False
+            self._closed_reason = reason
         for s in (sock, push):
             if s is None:
                 continue
@@ -184,6 +198,22 @@ class Bus:
                 pass
             s.close()
         self._fail_all(BusClosed(reason))
+        return True
+
+    def _lost(self, reason: str) -> None:
+        """The bus failed under us: close it, and exit gracefully (once).
+
+        A worker without a bus would serve on half-alive (no ``/cluster``, no
+        metrics, no messages), so it stops the way Gunicorn's SIGTERM stops it:
+        no new requests, in-flight ones finish; the arbiter then forks a new
+        worker into the same slot, with a new bus.
+        """
+        if not self.close(reason):
+            return
+        self._log("error", "gunicorn-ext: worker slot %s (pid %s) lost its bus: %s; finishing "
+                  "in-flight requests, then exiting so the slot gets a new worker",
+                  self.slot, os.getpid(), reason)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _after_fork_child(self) -> None:
         # A process forked by the app (multiprocessing, ...) is not a worker:
@@ -212,18 +242,24 @@ class Bus:
         self.send(name, payload, ALL)
 
     def publish(self, topic: str, payload: Any = None) -> None:
-        """Publish on ``topic`` to every subscriber of the instance."""
+        """Publish on ``topic`` to every subscriber of the instance.
+
+        Like every send, raises :class:`MessageTooLarge` or
+        :class:`UnencodableMessage` at once for what the bus can't carry.
+        """
+        frames.check_address(topic, what="a topic")
         self._write(Pub(topic, self.slot, payload), True)
 
     def request(self, name: str, payload: Any = None, to: int = PRIMARY, timeout: float = 5.0) -> Any:
         """Send a request to the primary (default) or a worker slot; return the reply.
 
         Raises :class:`NoHandler`, :class:`HandlerError`, :class:`WorkerGone`,
-        :class:`RequestTimeout` or :class:`BusClosed`.
+        :class:`RequestTimeout` or :class:`BusClosed`; :class:`MessageTooLarge`
+        or :class:`UnencodableMessage` before anything is sent.
         """
+        self._check_target(name, to)
         if to == ALL:
             raise ValueError("a request goes to one worker or to the primary, not ALL")
-        self._check_target(name, to)
         rid = next(self._ids)
         pending = _Pending()
         self._pending[rid] = pending
@@ -265,6 +301,7 @@ class Bus:
         return pending.value
 
     def _check_target(self, name: str, to: int) -> None:
+        frames.check_address(name, to)
         if self._sock is None:
             raise BusClosed(self._closed_reason)
         if to == PRIMARY and self._primary_names is not None and name not in self._primary_names:
@@ -282,10 +319,15 @@ class Bus:
         of the HTTP request (:meth:`flush`), or after ``_FLUSH_DELAY`` from the
         flusher thread. An isolated send is written at once.
         """
+        if self._sock is None:
+            raise BusClosed(self._closed_reason)
+        # Outside the lock; what the bus can't carry is refused here, in the caller.
+        self._write_bytes(frames.encode(frame, self.max_frame), oneway)
+
+    def _write_bytes(self, data: bytes, oneway: bool = False) -> None:
         sock = self._sock
         if sock is None:
             raise BusClosed(self._closed_reason)
-        data = frames.encode(frame)  # outside the lock; raises on unencodable payloads
         with self._wlock:
             obuf = self._obuf
             if oneway:
@@ -306,7 +348,7 @@ class Bus:
             try:
                 sock.sendall(data)
             except OSError as exc:
-                self.close(f"the primary closed the bus ({exc})")
+                self._lost(f"writing to the primary failed ({exc})")
                 raise BusClosed(self._closed_reason) from None
 
     def flush(self) -> None:
@@ -325,7 +367,7 @@ class Bus:
         try:
             sock.sendall(data)
         except OSError as exc:
-            self.close(f"the primary closed the bus ({exc})")
+            self._lost(f"writing to the primary failed ({exc})")
 
     def _flush_soon(self) -> None:
         """The flusher thread: writes a held-back burst ``_FLUSH_DELAY`` after it began."""
@@ -359,11 +401,10 @@ class Bus:
             except (BlockingIOError, InterruptedError):
                 continue  # timed out (or a signal): the loop re-checks the deadline
             except OSError as exc:
-                self.close(f"the bus connection failed ({exc})")
+                self._lost(f"reading from the primary failed ({exc})")
                 return
             if not data:
-                self._log("error", "gunicorn-ext: the primary closed the bus of slot %s", self.slot)
-                self.close("the primary closed the bus")
+                self._lost("the primary closed the connection")
                 return
             for frame in reader.feed(data):
                 if type(frame) is Rep or type(frame) is Err:
@@ -372,8 +413,7 @@ class Bus:
                     self._log("warning", "gunicorn-ext: unexpected %s frame on the call channel",
                               type(frame).__name__)
             if reader.error is not None:
-                self._log("error", "gunicorn-ext: bad frame from the primary: %s", reader.error)
-                self.close(f"bad frame from the primary: {reader.error}")
+                self._lost(f"bad frame from the primary: {reader.error}")
                 return
 
     def _deliver(self, frame: Rep | Err) -> None:
@@ -422,12 +462,13 @@ class Bus:
                 data = push.recv(_RECV_SIZE)
             except InterruptedError:
                 continue
-            except OSError:
+            except OSError as exc:
+                if self._push is push:
+                    self._lost(f"reading from the primary failed ({exc})")
                 break
             if not data:
                 if self._push is push:
-                    self._log("error", "gunicorn-ext: the primary closed the bus of slot %s", self.slot)
-                    self.close("the primary closed the bus")
+                    self._lost("the primary closed the connection")
                 break
             for frame in reader.feed(data):
                 try:
@@ -437,8 +478,7 @@ class Bus:
                 except Exception:
                     self._log("exception", "gunicorn-ext: failed to handle a bus frame")
             if reader.error is not None:
-                self._log("error", "gunicorn-ext: bad frame from the primary: %s", reader.error)
-                self.close(f"bad frame from the primary: {reader.error}")
+                self._lost(f"bad frame from the primary: {reader.error}")
                 break
 
     def _handle(self, frame: frames.Frame) -> None:
@@ -451,16 +491,8 @@ class Bus:
                 self._write(Err(frame.id, exc.code, str(exc), frame.src, True, frame.name))
         elif kind is Req:
             assert isinstance(frame, Req)
-            try:
-                value = self._call(frame.name, frame.payload, frame.src)
-            except IPCError as exc:
-                self._write(Err(frame.id, exc.code, str(exc)))
-                return
-            try:
-                self._write(Rep(frame.id, value))
-            except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-                self._write(Err(frame.id, HandlerError.code,
-                                f"reply to {frame.name!r} is not encodable: {exc}"))
+            self._write_bytes(answer(self._handlers, frame, f"worker slot {self.slot}", self.log,
+                                     self.max_frame))
         elif kind is Pub:
             assert isinstance(frame, Pub)
             for fn in list(self._topics.get(frame.topic, ())):
@@ -470,6 +502,9 @@ class Bus:
                     self._log("exception", "gunicorn-ext: subscriber of %r raised", frame.topic)
         elif kind is Err:
             assert isinstance(frame, Err)
+            if frame.id == 0 and frame.code == BusClosed.code:  # the primary's goodbye
+                self._lost(f"the primary closed it: {frame.message}")
+                return
             error = error_from_code(frame.code, frame.message)
             self._log("warning", "gunicorn-ext: a message from slot %s was not handled: %s",
                       self.slot, frame.message)

@@ -46,14 +46,30 @@ class BusClosed(IPCError):
 
 
 class FrameError(IPCError):
-    """A frame was oversized, malformed, or of an unknown type."""
+    """A frame received was oversized, malformed, or of an unknown type."""
 
     code = "bad_frame"
 
 
+class MessageTooLarge(IPCError):
+    """The encoded message is over ``ipc_max_frame``: refused by its sender,
+    before anything was written (the connection stays open)."""
+
+    code = "too_large"
+
+
+class UnencodableMessage(IPCError):
+    """The payload is not a msgpack value (an int beyond 64 bits, an unsupported
+    type, a string with lone surrogates, nesting too deep): refused by its sender,
+    before anything was written (the connection stays open)."""
+
+    code = "unencodable"
+
+
 _BY_CODE: dict[str, type[IPCError]] = {
     cls.code: cls
-    for cls in (IPCError, NoHandler, HandlerError, RequestTimeout, WorkerGone, BusClosed, FrameError)
+    for cls in (IPCError, NoHandler, HandlerError, RequestTimeout, WorkerGone, BusClosed, FrameError,
+                MessageTooLarge, UnencodableMessage)
 }
 
 

@@ -5,16 +5,24 @@ A frame is a 4-byte big-endian length followed by that many bytes of msgpack
 decoder is typed, so a frame of the wrong shape or with an unknown tag fails to
 decode instead of reaching a handler. Payloads are plain msgpack values
 (dict, list, str, bytes, int, float, bool, None): no pickle, ever.
+
+How deep a value can nest is bounded by Python's recursion limit, counted from
+the current stack. So that it never depends on which thread encodes or decodes
+(a value a shallow handler thread encoded must decode in a deep request
+thread), a frame that hits the limit is retried once on a fresh thread's empty
+stack; what fails there too is refused by its sender.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
-from .errors import FrameError
+from .errors import FrameError, MessageTooLarge, UnencodableMessage
 
 #: Address of the primary (arbiter) process.
 PRIMARY = -1
@@ -23,6 +31,12 @@ ALL = -2
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+#: Bytes a frame may grow by when the primary re-addresses it (a new id, the
+#: sender's slot): readers allow this much over the senders' limit, so a
+#: message its sender accepted is never refused on the way.
+ROUTING_SLACK = 64
+#: Longest error text carried in an :class:`Err` frame (characters).
+MAX_ERROR_TEXT = 2000
 
 
 class Msg(msgspec.Struct, array_like=True, tag="m"):
@@ -67,6 +81,10 @@ class Err(msgspec.Struct, array_like=True, tag="e"):
     #: Name of the failed one-way message (notices only).
     name: str = ""
 
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_ERROR_TEXT:  # an error report must never be too large to send
+            self.message = self.message[:MAX_ERROR_TEXT] + "..."
+
 
 class Sub(msgspec.Struct, array_like=True, tag="s"):
     """Subscribe this connection to a topic."""
@@ -100,37 +118,115 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
 
 
-def encode(frame: Frame) -> bytes:
-    """Serialize one frame, length prefix included."""
-    body = _encoder.encode(frame)
+_MAX_BODY = (1 << 32) - 1  # what the length prefix can say
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+_T = TypeVar("_T")
+
+
+def _on_fresh_stack(fn: Callable[[Any], _T], arg: Any) -> _T:
+    """``fn(arg)`` in a new thread, whose Python stack starts empty (rare path:
+    only for values nested too deep for the calling thread's stack)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn(arg)))
+        except BaseException as exc:  # handed back to the caller
+            out.append((False, exc))
+
+    t = threading.Thread(target=run, name="gunicorn-ext-deep", daemon=True)
+    t.start()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def encode(frame: Frame, max_frame: int = _MAX_BODY) -> bytes:
+    """Serialize one frame, length prefix included.
+
+    Refuses, before anything can be written, what the receiver could not
+    decode: :class:`UnencodableMessage` for a payload that is not a msgpack
+    value, :class:`MessageTooLarge` for a frame over ``max_frame`` bytes.
+    Either way the caller's stream stays in sync. (Names and destinations are
+    checked by :func:`check_address`.)
+    """
+    try:
+        try:
+            body = _encoder.encode(frame)
+        except RecursionError:
+            body = _on_fresh_stack(_encoder.encode, frame)
+    except _ENCODE_ERRORS as exc:
+        raise UnencodableMessage(f"{_describe(frame)} can't be sent on the bus: "
+                                 f"{type(exc).__name__}: {exc}") from None
+    if len(body) > max_frame:
+        raise MessageTooLarge(f"{_describe(frame)} is {len(body)} bytes encoded, over the bus "
+                              f"limit of {max_frame} bytes (ipc_max_frame)")
     return HEADER.pack(len(body)) + body
 
 
-def encode_into(frame: Frame, buf: bytearray) -> None:
-    """Append one serialized frame to ``buf`` (saves a copy on the hot path)."""
-    start = len(buf)
-    buf += b"\0\0\0\0"
-    try:
-        _encoder.encode_into(frame, buf, start + 4)
-    except BaseException:
-        del buf[start:]  # never leave half a frame in the stream
-        raise
-    HEADER.pack_into(buf, start, len(buf) - start - 4)
+def check_address(name: object, dst: object = PRIMARY, what: str = "a message name") -> None:
+    """Refuse, in the caller, a name or destination of the wrong type.
+
+    The receiver's typed decoder would refuse such a frame as malformed and
+    close the connection, so the public API checks these (and only these:
+    frames the primary relays were decoded against the same types).
+    """
+    if type(name) is not str:
+        raise UnencodableMessage(f"{what} must be a str, not {type(name).__name__}")
+    if type(dst) is not int:
+        raise UnencodableMessage(f"a destination must be an int (a slot, PRIMARY or ALL), "
+                                 f"not {type(dst).__name__}")
+
+
+def _describe(frame: Frame) -> str:
+    if isinstance(frame, (Msg, Req)):
+        return f"message {frame.name[:100]!r}"
+    if isinstance(frame, Pub):
+        return f"publication on {frame.topic[:100]!r}"
+    if isinstance(frame, Rep):
+        return "reply"
+    return f"{type(frame).__name__} frame"
 
 
 def decode(body: bytes | memoryview) -> Frame:
     """Decode one frame body; raise :class:`FrameError` saying what is wrong."""
+    deep = False
     try:
         return _decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        reason = "unknown message type" if "$[0]" in text else "malformed message"
-        reason = f"{reason} ({text})"
+        reason = _invalid(exc)
     except msgspec.DecodeError as exc:
         reason = f"undecodable frame ({exc})"
+    except RecursionError:
+        # Its sender had more stack to spare than this thread. Never let it
+        # escape the reader (that would leave the stream half-consumed).
+        deep = True
+    if deep:
+        result = _on_fresh_stack(_decode_or_reason, bytes(body))
+        if not isinstance(result, str):
+            return result
+        reason = result
     # Raised outside the except blocks, so no exception context keeps a
     # reference to the (borrowed) buffer.
     raise FrameError(reason)
+
+
+def _invalid(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    return f"{'unknown message type' if '$[0]' in text else 'malformed message'} ({text})"
+
+
+def _decode_or_reason(body: bytes) -> Frame | str:
+    try:
+        return _decoder.decode(body)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        return _invalid(exc)
+    except msgspec.DecodeError as exc:
+        return f"undecodable frame ({exc})"
+    except RecursionError:
+        return "frame nested too deeply to decode"
 
 
 class FrameReader:
@@ -139,13 +235,17 @@ class FrameReader:
     Feed it whatever ``recv`` returned; it yields every complete frame and keeps
     the tail for the next call. Any error is final: the stream can't be trusted
     to be in sync after a bad frame, so the connection must be closed.
+
+    ``max_frame`` is the senders' limit (``ipc_max_frame``); the reader allows
+    :data:`ROUTING_SLACK` bytes more for frames the primary re-addressed.
     """
 
-    __slots__ = ("_buf", "max_frame", "error")
+    __slots__ = ("_buf", "max_frame", "_limit", "error")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._buf = bytearray()
         self.max_frame = max_frame
+        self._limit = max_frame + ROUTING_SLACK
         #: The first :class:`FrameError` met; once set, nothing more is decoded.
         self.error: FrameError | None = None
 
@@ -169,10 +269,9 @@ class FrameReader:
         try:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(src, pos)
-                if size > self.max_frame:
-                    raise FrameError(
-                        f"frame of {size} bytes exceeds the limit of {self.max_frame} bytes"
-                    )
+                if size > self._limit:
+                    raise FrameError(f"frame of {size} bytes exceeds the limit of "
+                                     f"{self.max_frame} bytes (ipc_max_frame)")
                 if end - pos - 4 < size:
                     break
                 out.append(decode(view[pos + 4 : pos + 4 + size]))

@@ -31,19 +31,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from . import frames
 from .errors import (
     BusClosed,
-    HandlerError,
     IPCError,
     RequestTimeout,
     WorkerGone,
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Message, run_handler
+from .message import ErrorCallback, Handler, Message, answer, run_handler
 
 _READ = select.EPOLLIN
 _WRITE = select.EPOLLOUT
@@ -319,43 +316,50 @@ class Hub:
 
         Raises :class:`WorkerGone` when no worker holds that slot right now. If
         it dies before reading the message, or has no handler for it, the
-        failure is logged and passed to the :meth:`on_error` callbacks.
+        failure is logged and passed to the :meth:`on_error` callbacks. Like
+        every send, raises :class:`MessageTooLarge` or :class:`UnencodableMessage`
+        at once, in the caller, for what the bus can't carry.
         """
+        frames.check_address(name, slot)
         self._check_primary()
         if slot not in self._slots:
             raise WorkerGone(f"no worker in slot {slot}")
         frame = Msg(next(self._ids), name, slot, PRIMARY, payload)
-        frames.encode(frame)  # an unencodable payload raises here, in the caller
+        frames.encode(frame, self.max_frame)  # what the bus can't carry is refused here
         self._call(lambda: self._route_msg(None, frame))
 
     def broadcast(self, name: str, payload: Any = None) -> None:
         """Send a one-way message to every worker."""
+        frames.check_address(name)
         self._check_primary()
         frame = Msg(next(self._ids), name, ALL, PRIMARY, payload)
-        frames.encode(frame)
+        frames.encode(frame, self.max_frame)
         self._call(lambda: self._route_msg(None, frame))
 
     def publish(self, topic: str, payload: Any = None) -> None:
         """Publish on ``topic`` to every subscribed worker (and primary subscriber)."""
+        frames.check_address(topic, what="a topic")
         self._check_primary()
         frame = Pub(topic, PRIMARY, payload)
-        frames.encode(frame)
+        frames.encode(frame, self.max_frame)
         self._call(lambda: self._route_pub(frame))
 
     def request(self, slot: int, name: str, payload: Any = None, timeout: float = 5.0) -> Any:
         """Ask the worker in ``slot`` and wait for its reply.
 
         Raises :class:`WorkerGone`, :class:`NoHandler`, :class:`HandlerError` or
-        :class:`RequestTimeout`. Not callable from a handler (the hub thread
-        would wait on itself); use :meth:`send` there.
+        :class:`RequestTimeout`; :class:`MessageTooLarge` or
+        :class:`UnencodableMessage` before anything is sent. Not callable from
+        a handler (the hub thread would wait on itself); use :meth:`send` there.
         """
+        frames.check_address(name, slot)
         self._check_primary()
         if threading.get_ident() == self._thread_ident:
             raise RuntimeError("Hub.request() can't be called from a bus handler: it would deadlock")
         rid = next(self._ids)
         pending = _Pending(None)
         frame = Req(rid, name, slot, PRIMARY, payload)
-        frames.encode(frame)
+        frames.encode(frame, self.max_frame)
         self._pending[rid] = pending
         self._call(lambda: self._primary_request(frame, pending))
         if not pending.event.wait(timeout):
@@ -615,7 +619,9 @@ class Hub:
     def _queue(self, conn: _Conn, frame: frames.Frame) -> None:
         """Send a frame to a worker: replies on its call channel, the rest on push."""
         reply = type(frame) is Rep or (type(frame) is Err and not frame.oneway)  # type: ignore[union-attr]
-        self._queue_bytes(conn, frames.encode(frame), reply)
+        # Senders checked the size; re-addressing may add a few bytes, which
+        # the workers' readers allow for.
+        self._queue_bytes(conn, frames.encode(frame, self.max_frame + frames.ROUTING_SLACK), reply)
 
     def _queue_bytes(self, conn: _Conn, data: bytes, reply: bool) -> None:
         """Written through at once when nothing is queued before it (the common
@@ -678,6 +684,13 @@ class Hub:
             return
         conn.closed = True
         self._dirty.discard(conn)
+        if reason is not None and not conn.pout:
+            # Best effort: tell the worker why, so its own log line says it
+            # (id 0: no message or request of either side has it).
+            try:
+                conn.push.send(frames.encode(Err(0, BusClosed.code, reason, conn.slot, True)))
+            except OSError:
+                pass
         for i, sock in enumerate((conn.sock, conn.push)):
             self._fds.pop(sock.fileno(), None)
             if self._ep is not None and conn.events[i]:
@@ -755,16 +768,8 @@ class Hub:
                     self.log.exception("gunicorn-ext: on_ready callback failed")
 
     def _handle_request(self, conn: _Conn, frame: Req) -> None:
-        try:
-            value = run_handler(self._handlers, frame.name, frame.payload, conn.slot,
-                                "the primary", self.log)
-        except IPCError as exc:
-            self._queue(conn, Err(frame.id, exc.code, str(exc)))
-            return
-        try:
-            self._queue(conn, Rep(frame.id, value))
-        except (TypeError, ValueError, msgspec.EncodeError) as exc:  # reply not encodable
-            self._queue(conn, Err(frame.id, HandlerError.code, f"reply to {frame.name!r} is not encodable: {exc}"))
+        self._queue_bytes(conn, answer(self._handlers, frame, "the primary", self.log,
+                                       self.max_frame), True)
 
     def _relay_request(self, origin: _Conn, frame: Req) -> None:
         target = self._slots.get(frame.dst)
@@ -772,8 +777,14 @@ class Hub:
             self._queue(origin, Err(frame.id, WorkerGone.code, f"no worker in slot {frame.dst}"))
             return
         rid = next(self._ids)
+        try:
+            data = frames.encode(Req(rid, frame.name, frame.dst, frame.src, frame.payload),
+                                 self.max_frame + frames.ROUTING_SLACK)
+        except IPCError as exc:  # only a sender that bypassed its own checks gets here
+            self._queue(origin, Err(frame.id, exc.code, str(exc)))
+            return
         self._relay[rid] = (origin, frame.id, target, time.monotonic())
-        self._queue(target, Req(rid, frame.name, frame.dst, frame.src, frame.payload))
+        self._queue_bytes(target, data, False)
 
     def _primary_request(self, frame: Req, pending: _Pending) -> None:
         target = self._slots.get(frame.dst)
@@ -840,7 +851,7 @@ class Hub:
             except IPCError as exc:
                 self._notify_sender(origin, frame, exc)
         elif dst == ALL:
-            data = frames.encode(frame)  # once for every worker
+            data = frames.encode(frame, self.max_frame + frames.ROUTING_SLACK)  # once for all
             for conn in list(self._slots.values()):
                 self._queue_bytes(conn, data, False)
         else:
@@ -854,7 +865,7 @@ class Hub:
     def _route_pub(self, frame: Pub) -> None:
         subs = self._subs.get(frame.topic)
         if subs:
-            data = frames.encode(frame)
+            data = frames.encode(frame, self.max_frame + frames.ROUTING_SLACK)
             for conn in list(subs):
                 self._queue_bytes(conn, data, False)
         for fn in self._local_subs.get(frame.topic, ()):

@@ -7,8 +7,9 @@ from typing import Any
 
 import msgspec
 
-from .errors import HandlerError, IPCError, NoHandler
-from .frames import PRIMARY
+from . import frames
+from .errors import HandlerError, IPCError, MessageTooLarge, NoHandler, UnencodableMessage
+from .frames import PRIMARY, Err, Rep, Req
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -49,3 +50,24 @@ def run_handler(handlers: dict[str, Handler], name: str, payload: Any, src: int,
         if log is not None:
             log.exception("gunicorn-ext: handler %r in %s raised", name, where)
         raise HandlerError(f"handler {name!r} in {where} raised {type(exc).__name__}: {exc}") from exc
+
+
+def answer(handlers: dict[str, Handler], req: Req, where: str, log: Any, max_frame: int) -> bytes:
+    """Run the handler for request ``req`` (``src`` already set) and return the
+    encoded reply to send back: the handler's value, or the error.
+
+    A value the bus can't carry (not a msgpack value, or over ``max_frame``)
+    becomes a :class:`HandlerError` for the asker at once, never a timeout.
+    Both ends of the bus answer requests through this one function.
+    """
+    try:
+        value = run_handler(handlers, req.name, req.payload, req.src, where, log)
+    except IPCError as exc:
+        return frames.encode(Err(req.id, exc.code, str(exc)))
+    try:
+        return frames.encode(Rep(req.id, value), max_frame)
+    except (MessageTooLarge, UnencodableMessage) as exc:
+        text = f"handler {req.name!r} in {where} returned a reply the bus can't carry: {exc}"
+        if log is not None:
+            log.error("gunicorn-ext: %s", text)
+        return frames.encode(Err(req.id, HandlerError.code, text))

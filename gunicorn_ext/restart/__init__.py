@@ -1,1 +1,2 @@
-"""Restart policies: per-slot backoff and breaker (backoff.py), rolling reload (rolling.py)."""
+"""Restart policies: per-slot backoff (backoff.py), the crash-loop breaker (breaker.py),
+refusing connections while no worker runs (gate.py), rolling reload (rolling.py)."""

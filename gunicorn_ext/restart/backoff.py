@@ -1,4 +1,4 @@
-"""When may a slot respawn its worker? Exponential backoff plus a breaker.
+"""When may a slot respawn its worker? Exponential backoff (the breaker is breaker.py).
 
 Pure bookkeeping, no processes: the supervisor feeds it exits and asks it for
 the next allowed spawn time, so the policy is easy to test on its own.
@@ -9,8 +9,7 @@ at once: a lone crash should cost no more than Gunicorn's own respawn.
 
 from __future__ import annotations
 
-import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -21,8 +20,6 @@ class SlotPolicy:
     factor: float = 1.5
     cap: float = 15.0
     stable_after: float = 30.0
-    breaker_failures: int = 10
-    breaker_window: float = 60.0
 
     #: Delay applied to the next respawn (0: respawn at once).
     delay: float = 0.0
@@ -30,29 +27,32 @@ class SlotPolicy:
     not_before: float = 0.0
     #: Crashes seen, ever (restarts counted for status and metrics).
     crashes: int = 0
-    #: Crashes in a row without ``stable_after`` seconds of uptime between them.
+    #: Unstable crashes in a row without ``stable_after`` seconds of uptime between them.
     streak: int = 0
     #: Every exit that was followed by a respawn, planned or not.
     restarts: int = 0
-    breaker_open: bool = False
-    _recent: collections.deque[float] = field(default_factory=collections.deque)
 
-    def exited(self, now: float, uptime: float, crashed: bool) -> bool:
-        """Record an exit; return True when this crash opened the breaker.
+    def exited(self, now: float, uptime: float, crashed: bool, unstable: bool = True) -> None:
+        """Record an exit and set the delay of the next respawn.
 
         A planned exit (recycling, reload, scale) respawns at once and resets
         nothing. A crash after ``stable_after`` seconds of uptime resets the
-        backoff first, as PM2 does.
+        backoff first, as PM2 does. Only unstable crashes (the ones the breaker
+        counts) make the delay grow: a worker that served and was then killed
+        waits out the current delay, so a storm of kills (OOM killer, chaos,
+        an operator) costs a respawn each, not a growing outage.
         """
         self.restarts += 1
         if not crashed:
             self.not_before = now
-            return False
+            return
         self.crashes += 1
         if uptime >= self.stable_after:
             self.streak = 0
             self.delay = 0.0
-            self._recent.clear()
+        if not unstable:
+            self.not_before = now + self.delay
+            return
         self.streak += 1
         # The first crash respawns at once (one crash costs no extra latency);
         # each further one in a row waits longer, up to the cap.
@@ -63,25 +63,15 @@ class SlotPolicy:
         else:
             self.delay = min(self.delay * self.factor, self.cap)
         self.not_before = now + self.delay
-        if self.breaker_failures:
-            self._recent.append(now)
-            while self._recent and now - self._recent[0] > self.breaker_window:
-                self._recent.popleft()
-            if len(self._recent) >= self.breaker_failures and not self.breaker_open:
-                self.breaker_open = True
-                return True
-        return False
 
     def may_spawn(self, now: float) -> bool:
-        return not self.breaker_open and now >= self.not_before
+        return now >= self.not_before
 
     def backoff_left(self, now: float) -> float:
         return max(0.0, self.not_before - now)
 
     def reset(self) -> None:
-        """Forget crashes (a new deploy or an operator's scale/reload)."""
+        """Forget crashes (a new deploy, an operator's scale/reload, a closed breaker)."""
         self.delay = 0.0
         self.streak = 0
         self.not_before = 0.0
-        self.breaker_open = False
-        self._recent.clear()

@@ -41,6 +41,13 @@ def slow(msg):
     return "late"
 
 
+@primary.handler("bad_reply")
+def bad_reply(msg):
+    if msg.payload.startswith("big:"):
+        return "x" * int(msg.payload[4:])
+    return {"int": 2**70, "object": object()}[msg.payload]
+
+
 @primary.handler("record")
 def record(msg):
     _records.append(msg.payload)
@@ -59,6 +66,10 @@ def primary_ask(msg):
     kind, slot, name, payload = msg.payload
     if payload == "UNENCODABLE":
         payload = object()
+    elif payload == "HUGE_INT":
+        payload = 2**70
+    elif payload == "TOO_LARGE":
+        payload = "x" * (5 * 1024 * 1024)
 
     def run():
         try:
@@ -73,7 +84,7 @@ def primary_ask(msg):
             elif kind == "publish":
                 primary.publish(name, payload)
                 _results.append({"ok": "sent"})
-        except (gunicorn_ext.IPCError, TypeError) as exc:
+        except gunicorn_ext.IPCError as exc:
             _results.append({"error": type(exc).__name__, "message": str(exc)})
 
     threading.Thread(target=run, daemon=True).start()
@@ -86,4 +97,4 @@ def primary_results(msg):
     return out
 
 
-gunicorn_ext.enable(globals())
+gunicorn_ext.enable(globals(), ipc_max_backlog=int(os.environ.get("IPC_MAX_BACKLOG", 64 << 20)))

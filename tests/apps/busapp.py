@@ -54,6 +54,11 @@ def sleep(msg: gunicorn_ext.Message) -> int:
     return worker.slot
 
 
+@worker.handler("bad_reply")
+def bad_reply(msg: gunicorn_ext.Message) -> Any:
+    return make_payload(msg.payload)
+
+
 @worker.subscribe("news")
 def news(msg: gunicorn_ext.Message) -> None:
     _record("news", msg)
@@ -63,6 +68,14 @@ def news(msg: gunicorn_ext.Message) -> None:
 def on_error(name: str, error: Exception) -> None:
     with _lock:
         _errors.append({"name": name, "error": type(error).__name__, "message": str(error)})
+
+
+def make_payload(spec: str) -> Any:
+    """A payload the bus can't carry, by name: ``big:N`` (N bytes of text), ``int``
+    (beyond 64 bits), ``object`` (no msgpack form)."""
+    if spec.startswith("big:"):
+        return "x" * int(spec[4:])
+    return {"int": 2**70, "neg_int": -(2**64), "object": object()}[spec]
 
 
 def _json(start_response: Callable[..., Any], body: Any, status: str = "200 OK") -> list[bytes]:
@@ -79,6 +92,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
     path = environ["PATH_INFO"]
     q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
     payload = json.loads(q["payload"]) if "payload" in q else None
+    if "make" in q:
+        payload = make_payload(q["make"])
     to = int(q.get("to", gunicorn_ext.PRIMARY))
     try:
         if path == "/healthz":
@@ -97,6 +112,11 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
         if path == "/send":
             worker.send(q["name"], payload, to=to)
             return _json(start_response, {"sent": True, "slot": worker.slot})
+        if path == "/flood":  # big one-way messages, as fast as the bus takes them
+            n, blob = int(q["n"]), "x" * int(q["size"])
+            for _ in range(n):
+                worker.send("note", blob, to=to)
+            return _json(start_response, {"sent": n, "slot": worker.slot})
         if path == "/sendmany":
             n = int(q["n"])
             for i in range(n):
@@ -116,6 +136,10 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
                 return _json(start_response, {"slot": worker.slot, "errors": list(_errors)})
         if path == "/garbage":
             return _json(start_response, _garbage(q["kind"]))
+        if path == "/garbage_then_sleep":  # an in-flight request while the bus goes away
+            sent = _garbage(q["kind"])
+            time.sleep(float(q["s"]))
+            return _json(start_response, sent)
     except gunicorn_ext.IPCError as exc:
         return _json(start_response, _error(exc), "502 Bad Gateway")
     start_response("404 Not Found", [("Content-Type", "text/plain")])

@@ -15,8 +15,12 @@ graceful_timeout = 5
 gunicorn_ext.enable(
     globals(),
     restart_delay=float(env("RESTART_DELAY", "0.1")),
+    restart_max_delay=float(env("RESTART_MAX_DELAY", "15")),
+    restart_min_uptime=float(env("MIN_UPTIME", "1")),
     restart_breaker_failures=int(env("BREAKER_FAILURES", "10")),
     restart_breaker_window=60.0,
+    restart_breaker_cooldown=float(env("BREAKER_COOLDOWN", "30")),
+    restart_breaker_max_cooldown=float(env("BREAKER_MAX_COOLDOWN", "300")),
     restart_breaker_scope=env("BREAKER_SCOPE", "slot"),
     restart_breaker_action=env("BREAKER_ACTION", "hold"),
     halt_on_boot_error=env("HALT_ON_BOOT_ERROR", "1") == "1",
@@ -28,4 +32,5 @@ gunicorn_ext.enable(
     max_lifetime_jitter=float(env("MAX_LIFETIME_JITTER", "0")),
     reload_ready_timeout=float(env("READY_TIMEOUT", "20")),
     stats_interval=0.2,
+    worker_ports_base=int(env("WORKER_PORTS_BASE", "0")),
 )

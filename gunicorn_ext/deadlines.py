@@ -1,0 +1,174 @@
+"""Request deadlines (``request_timeout``): what uWSGI calls harakiri.
+
+Gunicorn's ``timeout`` watches a worker's heartbeat, which a gthread worker's main
+thread keeps sending while one of its request threads hangs forever (Gunicorn #2086).
+Here every request carries a deadline. A watchdog thread in the worker checks the
+requests in flight; one past its deadline:
+
+1. has its thread's stack logged with the request line (one log record);
+2. gets ``503`` with ``Retry-After`` when nothing of its response was sent yet (the
+   app had not called ``start_response``), and its connection is shut down either way,
+   so the client is not left waiting;
+3. recycles the worker gracefully: it stops taking connections, its other requests
+   finish, and the slot gets a fresh worker. A sync worker has no other request, so it
+   is stopped at once (SIGQUIT, which unwinds the stuck Python code); a gthread worker
+   exits as soon as its other requests are done, or after ``graceful_timeout``.
+
+A hang inside C code that holds the GIL stops the watchdog too; ``faulthandler``,
+re-armed by every tick of the watchdog, then dumps every thread's stack to stderr after
+``request_timeout`` plus two seconds, and Gunicorn's own ``timeout`` ends the worker.
+
+WebSocket upgrades are exempt: they hold their request for as long as they are open.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 47\r\n\r\n"
+             b"the request ran past its deadline (gunicorn-ext)")
+#: How long the watchdog gives a stopped worker to go before it exits the process itself.
+EXIT_GRACE = 2.0
+
+
+@dataclass
+class _Request:
+    start: float
+    line: str
+    sock: Any
+    responded: bool = False  # start_response was called: part of a response may be out
+    expired: bool = False
+
+
+class Deadlines:
+    """The deadlines of one worker's requests, and the watchdog that enforces them."""
+
+    def __init__(self, timeout: float, worker: Any, recycle: Callable[[str], None],
+                 cleanup: Callable[[], None], log: Any) -> None:
+        self.timeout = timeout
+        self.worker = worker
+        self.recycle = recycle  # tell the primary why, then stop gracefully (SIGTERM)
+        self.cleanup = cleanup  # what worker_exit would do, before the process ends
+        self.log = log
+        self.threaded = type(worker).__name__ != "SyncWorker"
+        self.graceful_timeout = float(getattr(worker.cfg, "graceful_timeout", 30) or 30)
+        self._inflight: dict[int, _Request] = {}
+        self._lock = threading.Lock()
+        self._stopping_since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- the WSGI side, on each request's thread
+
+    def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+        """*app* with its requests registered (removed in :meth:`finished`)."""
+
+        def with_deadline(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+                return app(environ, start_response)
+            query = environ.get("QUERY_STRING")
+            line = (f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"
+                    f"{'?' + query if query else ''}")
+            entry = _Request(time.monotonic(), line, environ.get("gunicorn.socket"))
+            with self._lock:
+                self._inflight[threading.get_ident()] = entry
+
+            def tracked_start_response(*args: Any, **kw: Any) -> Any:
+                entry.responded = True
+                return start_response(*args, **kw)
+
+            return app(environ, tracked_start_response)
+
+        return with_deadline
+
+    def finished(self) -> None:
+        """``post_request``: the response is complete (body included)."""
+        with self._lock:
+            self._inflight.pop(threading.get_ident(), None)
+
+    # -- the watchdog
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-deadlines",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = max(0.05, min(1.0, self.timeout / 4))
+        while True:
+            time.sleep(interval)
+            try:
+                self.check(time.monotonic())
+            except Exception:
+                self.log.exception("gunicorn-ext: request deadline check failed")
+
+    def check(self, now: float) -> None:
+        with self._lock:
+            live = [(ident, r) for ident, r in self._inflight.items() if not r.expired]
+            expired = [(ident, r) for ident, r in live if now - r.start > self.timeout]
+            for _, r in expired:
+                r.expired = True
+            others = [r for _, r in live if not r.expired]
+        if live:
+            # A hang that holds the GIL stops this thread: faulthandler speaks then.
+            faulthandler.dump_traceback_later(self.timeout + 2.0, exit=False)
+        else:
+            faulthandler.cancel_dump_traceback_later()
+        for ident, r in expired:
+            self._expire(ident, r, now)
+        if self._stopping_since is not None:
+            done = not others
+            late = now - self._stopping_since > (self.graceful_timeout if self.threaded
+                                                  else EXIT_GRACE)
+            if done or late:
+                self._exit()
+
+    def _expire(self, ident: int, r: _Request, now: float) -> None:
+        frame = sys._current_frames().get(ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(thread gone)\n"
+        self.log.critical(
+            "gunicorn-ext: request deadline: %s ran %.1fs, over request_timeout=%ss, in worker "
+            "pid %s; the worker is recycled. Its thread's stack:\n%s",
+            r.line, now - r.start, _fmt(self.timeout), os.getpid(), stack)
+        sock = r.sock
+        if sock is not None:
+            try:
+                if not r.responded:
+                    sock.settimeout(1.0)
+                    sock.sendall(_RESPONSE)
+            except OSError:
+                pass
+            try:
+                sock.shutdown(2)  # SHUT_RDWR: the client is answered or cut, never left hanging
+            except OSError:
+                pass
+        if self._stopping_since is None:
+            self._stopping_since = now
+            self.recycle(f"request deadline: {r.line} ran over request_timeout={_fmt(self.timeout)}s")
+            if not self.threaded:
+                # The stuck request runs on the main thread: SIGQUIT's handler raises
+                # SystemExit there, unwinding it.
+                os.kill(os.getpid(), signal.SIGQUIT)
+
+    def _exit(self) -> None:
+        self.log.warning("gunicorn-ext: worker pid %s exits after its request deadline",
+                         os.getpid())
+        faulthandler.cancel_dump_traceback_later()
+        try:
+            self.cleanup()
+        except Exception:
+            self.log.exception("gunicorn-ext: cleanup before exit failed")
+        os._exit(0)
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:g}"

@@ -1,0 +1,161 @@
+"""Refuse connections while an instance has no worker: stop and resume listening.
+
+Gunicorn's arbiter keeps its listening sockets open for as long as it runs, so
+with every worker gone (a crash loop held back by backoff or the breaker) the
+kernel goes on completing handshakes into the backlog and clients hang until
+their own timeout. A refused connection is what lets nginx (or any client-side
+balancer) move to the next instance at once; a 503 would not do, because the
+nginx templates rightly treat a 503 as the app's answer, not a dead backend.
+
+The listeners are Gunicorn's own objects (``arbiter.LISTENERS``), changed in
+place so that workers forked later inherit them as they are and USR2 passes the
+same file descriptors:
+
+* TCP: ``shutdown(SHUT_RD)`` on a listening socket makes Linux stop listening
+  (queued connections are reset, new ones refused) while the socket keeps its
+  descriptor and its bound port; ``listen()`` resumes it. A socket bound to
+  port 0 would lose its port, so such a listener is left alone.
+* Unix: a shut-down AF_UNIX listener can't listen again, so its socket file is
+  renamed aside (``connect()`` then fails at once) and its queued connections
+  are closed; it is renamed back before a worker is forked. Abstract-namespace
+  sockets are left alone.
+
+Per-worker ports (worker_ports.py) are opened by each worker, so they close
+with it and need nothing here. Runs in the arbiter's main thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from gunicorn import sock as gsock
+
+_SUFFIX = ".gunicorn-ext-paused"
+
+
+class Gate:
+    """Stops and resumes the arbiter's listeners; ``closed`` while they refuse."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        #: Unix listeners renamed aside: id(listener) -> (path, aside path).
+        self._aside: dict[int, tuple[str, str]] = {}
+        #: TCP listeners that were shut down (ids).
+        self._shut: set[int] = set()
+        self._warned = False
+
+    def close(self, listeners: list[Any], log: Any, why: str) -> None:
+        """Stop accepting on every listener that can be resumed later."""
+        if self.closed or not listeners:
+            return
+        names = []
+        for lnr in listeners:
+            try:
+                if self._close_one(lnr):
+                    names.append(str(lnr))
+            except OSError as exc:
+                log.warning("gunicorn-ext: could not stop listening on %s: %s", lnr, exc)
+        self.closed = True
+        if names:
+            log.warning("gunicorn-ext: no worker is running (%s): not listening on %s, so "
+                        "clients are refused at once instead of waiting", why, ", ".join(names))
+
+    def open(self, listeners: list[Any], log: Any) -> bool:
+        """Listen again (before a fork); False, with a log line, when one can't."""
+        if not self.closed:
+            return True
+        ok = True
+        names = []
+        for lnr in listeners:
+            try:
+                if self._open_one(lnr):
+                    names.append(str(lnr))
+            except OSError as exc:
+                ok = False
+                log.error("gunicorn-ext: could not listen again on %s: %s; not starting a "
+                          "worker until it can", lnr, exc)
+        if ok:
+            self.closed = False
+            if names:
+                log.info("gunicorn-ext: listening again on %s for a new worker", ", ".join(names))
+        return ok
+
+    def release(self, log: Any) -> None:
+        """The arbiter is stopping: put renamed unix sockets back (TCP ones just close)."""
+        for path, aside in list(self._aside.values()):
+            try:
+                os.rename(aside, path)
+            except OSError as exc:
+                log.warning("gunicorn-ext: could not put %s back: %s", path, exc)
+        self._aside.clear()
+        self._shut.clear()
+        self.closed = False
+
+    # ------------------------------------------------------------------
+
+    def _close_one(self, lnr: Any) -> bool:
+        sock = getattr(lnr, "sock", None)
+        if sock is None:
+            return False
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            if _port(lnr) == 0:
+                self._warn_once(lnr, "bound to port 0")
+                return False
+            sock.shutdown(socket.SHUT_RD)
+            if gsock.BaseSocket._is_listening(sock):  # not Linux: shutdown did not stop it
+                self._warn_once(lnr, "this kernel keeps it listening after shutdown()")
+                return False
+            self._shut.add(id(lnr))
+            return True
+        if sock.family == socket.AF_UNIX:
+            path = sock.getsockname()
+            if not isinstance(path, str) or not path or path.startswith("\0"):
+                self._warn_once(lnr, "an abstract or unnamed unix socket")
+                return False
+            aside = path + _SUFFIX
+            os.rename(path, aside)
+            self._aside[id(lnr)] = (path, aside)
+            _drain(sock)
+            return True
+        return False
+
+    def _open_one(self, lnr: Any) -> bool:
+        key = id(lnr)
+        if key in self._shut:
+            sock = lnr.sock
+            before = sock.getsockname()
+            sock.listen(lnr.conf.backlog)
+            if sock.getsockname() != before:  # pragma: no cover - the port was not locked
+                raise OSError(errno.EADDRNOTAVAIL, f"the port changed to {sock.getsockname()}")
+            self._shut.discard(key)
+            return True
+        if key in self._aside:
+            path, aside = self._aside[key]
+            os.link(aside, path)  # fails if someone took the path meanwhile: never overwrite
+            os.unlink(aside)
+            del self._aside[key]
+            return True
+        return False
+
+    def _warn_once(self, lnr: Any, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            lnr.log.warning("gunicorn-ext: %s stays open while no worker runs (%s)", lnr, why)
+
+
+def _port(lnr: Any) -> int | None:
+    addr = getattr(lnr, "cfg_addr", None)
+    return addr[1] if isinstance(addr, tuple) and len(addr) >= 2 else None
+
+
+def _drain(sock: socket.socket) -> None:
+    """Close the connections already queued on a (non-blocking) listener."""
+    for _ in range(10000):
+        try:
+            conn, _addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.close()
