@@ -95,21 +95,28 @@ def readiness(sup: Any, stopping: bool = False) -> list[str]:
             served.add(slot)
         else:
             booting.add(slot)
+    missing = [slot for slot in range(server.num_workers) if slot not in served]
     reasons = []
-    for slot in range(server.num_workers):
-        if slot in served:
-            continue
-        if slot in booting:
-            why = "its worker is booting"
-        else:
-            policy = sup.policies.get(slot)
-            if policy is not None and policy.breaker_open:
+    if missing:
+        # Why, in the words of the status document (it knows back-off and the breaker).
+        rows: dict[int, dict[str, Any]] = {}
+        for row in sup.status().get("workers", []):
+            if row.get("state") != "draining":
+                rows.setdefault(row.get("slot"), row)
+        for slot in missing:
+            row = rows.get(slot, {})
+            state = row.get("state")
+            if slot in booting or state == "booting":
+                why = "its worker is booting"
+            elif state == "stopped":
                 why = "its restart breaker is open"
-            elif policy is not None and policy.backoff_left(time.monotonic()) > 0:
-                why = f"it is in restart back-off ({policy.backoff_left(time.monotonic()):.1f}s left)"
+            elif state == "backoff" and float(row.get("backoff") or 0) > 0:
+                why = f"it is in restart back-off ({float(row['backoff']):.1f}s left)"
+            elif state == "backoff":
+                why = "its worker exited and is being replaced"
             else:
                 why = "it has no worker"
-        reasons.append(f"slot {slot} has no ready worker: {why}")
+            reasons.append(f"slot {slot} has no ready worker: {why}")
     if sup.rollout.state == "failed":
         reasons.append(f"the last rolling reload failed: {sup.rollout.message}")
     return reasons
