@@ -12,11 +12,16 @@ STAMP  := $(VENV)/.installed
 # Debian puts nginx (and sometimes redis-server) in /usr/sbin, often off a user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: help install system-deps lint test run bench bench-deps dist docs clean
+JS     := tests/js
+JS_STAMP := $(JS)/node_modules/.installed
+
+.PHONY: help install system-deps js-deps lint test run bench bench-deps dist docs clean
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
 	@echo "make system-deps  apt-get install redis-server, nginx and prometheus if missing (root)"
+	@echo "make browser-deps apt-get install chromium if missing (root; the browser test)"
+	@echo "make js-deps      apt-get install nodejs and npm if missing (root); npm ci in $(JS)"
 	@echo "make lint         ruff check + mypy"
 	@echo "make test         install, system-deps, lint, then the whole pytest suite"
 	@echo "make run          the example cluster (examples/flask_app)"
@@ -69,11 +74,45 @@ system-deps:
 	for b in redis-server nginx prometheus promtool; do have "$$b" || { echo "error: $$b still missing after apt-get" >&2; exit 1; }; done; \
 	echo "system-deps: installed $${missing[*]} (tests start their own instances on free ports)"
 
+.PHONY: browser-deps
+# Headless Chromium for tests/test_browser_chat.py (Debian's package, driven over the
+# DevTools protocol; no browser download from anywhere else).
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1; then echo "browser-deps: chromium present"; exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "error: chromium not installed and not root (or no apt-get); run as root:" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+	  exit 1; \
+	fi; \
+	echo "browser-deps: installing chromium"; \
+	apt-get update; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium </dev/null; \
+	command -v chromium >/dev/null || { echo "error: chromium still missing after apt-get" >&2; exit 1; }; \
+	echo "browser-deps: installed chromium"
+
+# The JavaScript clients the chat tests drive (socket.io-client, ws): exact pins in
+# $(JS)/package-lock.json, installed into $(JS)/node_modules only (nothing global).
+js-deps: $(JS_STAMP)
+
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	    echo "error: node and npm are needed for the chat tests; run as root:" >&2; \
+	    echo "  sudo apt-get update && sudo apt-get install -y nodejs npm" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "js-deps: installing nodejs and npm"; \
+	  apt-get update; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm </dev/null; \
+	fi
+	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install system-deps
+test: install system-deps js-deps browser-deps
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
 	$(BIN)/pytest -q
@@ -127,5 +166,6 @@ dist: install system-deps
 	GX_DIST_DIR=dist $(BIN)/pytest -q -p no:cacheprovider tests/test_dist.py
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(STAMP)
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(STAMP) \
+	  $(JS)/node_modules
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -211,7 +211,7 @@ def _cmd_nginx_render(args: argparse.Namespace) -> int:
     try:
         text = render(args.backend, args.listen, args.server_name, route_names=args.route,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, http_port=args.http_port,
-                      default_server=not args.no_default_server)
+                      default_server=not args.no_default_server, cookie=args.cookie)
     except ValueError as exc:
         print(f"gunicorn-ext nginx render: {exc}", file=sys.stderr)
         return 2
@@ -245,7 +245,9 @@ def _add_nginx(commands: Any) -> None:
     p = sub.add_parser("render", help="print an http-context config for conf.d",
                        description="Print one http-context nginx config (upstreams, sticky "
                        "route map, server blocks) on stdout. Each backend must set the cookie "
-                       "gx_route to its route name (default: HOST:PORT with [^a-z0-9_] -> _).")
+                       "gx_route (or --cookie) to its route name (default: HOST:PORT with "
+                       "[^a-z0-9_] -> _); gunicorn-ext's sticky setting does, with per-worker "
+                       "ports.")
     p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
                    help="a Gunicorn instance (or per-worker port); repeat for several")
     p.add_argument("--listen", type=_port_arg, required=True, metavar="PORT",
@@ -253,6 +255,8 @@ def _add_nginx(commands: Any) -> None:
     p.add_argument("--server-name", required=True, metavar="NAME", help="e.g. example.com")
     p.add_argument("--route", action="append", metavar="NAME",
                    help="route name of each --backend, in order ([a-z0-9_])")
+    p.add_argument("--cookie", default="gx_route", metavar="NAME",
+                   help="the route cookie's name: the backends' sticky_cookie (default gx_route)")
     p.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="private key (PEM)")
     p.add_argument("--http-port", type=_port_arg, default=80, metavar="PORT",

@@ -19,7 +19,7 @@ from .ipc.hub import primary
 from .reporter import Reporter
 from .settings import Settings
 from .stacks import format_all_stacks
-from .sticky import route_name
+from .sticky import instance_route, pin_worker, route_name
 from .supervisor import Supervisor
 
 _MARK = "_gunicorn_ext_hook"
@@ -149,6 +149,20 @@ def post_fork(server: Any, worker: Any) -> None:
         if open_worker_port(worker, host, port):
             # RouteCookie() built at app import in this worker then names this worker's port.
             os.environ["GX_ROUTE"] = route_name(f"{host}:{port}")
+    if s.sticky_on:
+        _choose_route(worker)
+
+
+def _choose_route(worker: Any) -> None:
+    """Decide this worker's route (post_worker_init pins the app to it): its own port's
+    (GX_ROUTE, set above), else the instance's; also for a RouteCookie() of the app."""
+    try:
+        worker.ext_route = instance_route(list(worker.cfg.bind))
+    except ValueError as exc:
+        worker.log.error("gunicorn-ext: no sticky route cookie (%s); set GX_ROUTE, or "
+                         "sticky=False", exc)
+        return
+    os.environ["GX_ROUTE"] = worker.ext_route
 
 
 def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
@@ -169,6 +183,9 @@ def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
 def post_worker_init(worker: Any) -> None:
     global deadlines
     worker_bus.start()
+    route = getattr(worker, "ext_route", None)
+    if route is not None:  # the app is loaded (worker.wsgi): put the route cookie around it
+        pin_worker(worker, route, supervisor.settings.sticky_cookie)
     timeout = supervisor.settings.request_timeout
     if timeout and reporter is not None:
         deadlines = Deadlines(timeout, worker, reporter.recycle,

@@ -335,9 +335,9 @@ def _upstreams(backends: list[str], routes: list[str]) -> str:
     return "\n".join(out)
 
 
-def _maps(routes: list[str]) -> str:
+def _maps(routes: list[str], cookie: str) -> str:
     entries = "\n".join(f'    "{r}" gx_{r};' for r in routes)
-    return MAPS.substitute(cookie=COOKIE, pool=POOL, entries=entries)
+    return MAPS.substitute(cookie=cookie, pool=POOL, entries=entries)
 
 
 def _server_body(server_name: str, tls: bool) -> str:
@@ -354,13 +354,14 @@ def _default_server(ports: list[tuple[int, bool]]) -> str:
 def render(backends: list[str], listen: int, server_name: str,
            route_names: list[str] | None = None, tls_cert: str | None = None,
            tls_key: str | None = None, *, http_port: int = 80,
-           default_server: bool = True) -> str:
+           default_server: bool = True, cookie: str = COOKIE) -> str:
     """Return one http-context nginx config proxying *server_name* to *backends*.
 
     *backends* are ``HOST:PORT``; *route_names* (same length, ``[a-z0-9_]``, unique)
     default to :func:`route_name` of each backend. With *tls_cert* and *tls_key*,
     *listen* is the HTTPS port and *http_port* (default 80) redirects to it.
     With *default_server* a catch-all server answers unknown hosts with 444.
+    *cookie* is the route cookie's name (the ``sticky_cookie`` setting of the backends).
     Raises :class:`ValueError` on any invalid or unsafe input.
     """
     if not backends:
@@ -390,7 +391,11 @@ def render(backends: list[str], listen: int, server_name: str,
         raise ValueError("TLS needs both a certificate and a key")
     tls = tls_cert is not None and tls_key is not None
 
-    parts = [HEADER, _upstreams(backends, routes), _maps(routes)]
+    from .sticky import COOKIE_NAME_RE
+
+    if not isinstance(cookie, str) or not COOKIE_NAME_RE.match(cookie):
+        raise ValueError(f"cookie {cookie!r}: expected 1-64 characters of [A-Za-z0-9_]")
+    parts = [HEADER.replace(COOKIE, cookie), _upstreams(backends, routes), _maps(routes, cookie)]
     if tls:
         assert tls_cert is not None and tls_key is not None
         http_port = _port("http_port", http_port)

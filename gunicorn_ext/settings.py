@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .sticky import COOKIE_NAME_RE
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -152,6 +154,17 @@ class Settings:
     #: kernel wakes. False: Gunicorn's own accept in every worker.
     even_spread: bool = True
 
+    # -- sticky routing (nginx pins a client to the backend its route cookie names)
+    #: Set the route cookie on the responses of any WSGI app Gunicorn serves (a
+    #: middleware the worker hooks put around it). None (default): on when
+    #: ``worker_ports_base`` is set, the cookie naming the worker's own port; True:
+    #: always (without per-worker ports it names the instance: GX_ROUTE, else its first
+    #: bind); False: never. An app wrapped in its own RouteCookie keeps that one.
+    sticky: bool | None = None
+    #: Name of the route cookie (nginx's ``$cookie_<name>``; give the same to
+    #: ``gunicorn-ext nginx render --cookie``).
+    sticky_cookie: str = "gx_route"
+
     # -- status and metrics
     #: How often each worker reports its counters to the primary (seconds).
     stats_interval: float = 1.0
@@ -227,6 +240,16 @@ class Settings:
             if not self.admin_allow_remote and not is_loopback(host):
                 raise bad("admin_bind", "must be a loopback address (127.0.0.1, [::1], localhost) "
                                         "unless admin_allow_remote=True")
+        if not (self.sticky is None or isinstance(self.sticky, bool)):
+            raise bad("sticky", "must be True, False or None (on with per-worker ports)")
+        if not isinstance(self.sticky_cookie, str) or not COOKIE_NAME_RE.match(self.sticky_cookie):
+            raise bad("sticky_cookie", "must be 1-64 characters of [A-Za-z0-9_] (an nginx "
+                      "variable name: $cookie_<name>)")
+
+    @property
+    def sticky_on(self) -> bool:
+        """Whether the worker hooks set the route cookie (``sticky``, resolved)."""
+        return bool(self.worker_ports_base) if self.sticky is None else self.sticky
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> Settings:

@@ -2,9 +2,11 @@
 
 How it works (stock nginx >= 1.22, no ``sticky`` directive needed):
 
-1. Every Gunicorn instance wraps its WSGI app in :class:`RouteCookie`. The middleware
-   sets a cookie (default ``gx_route``) whose value is the *route name* of the instance
-   that produced the response, e.g. ``h_127_0_0_1_8000``.
+1. Every backend wraps the WSGI app in :class:`RouteCookie`. The middleware sets a
+   cookie (default ``gx_route``) whose value is the *route name* of the backend that
+   produced the response, e.g. ``127_0_0_1_9000``. With ``gunicorn_ext.enable()`` the
+   worker hooks do it for any app (:func:`pin_worker`; settings ``sticky`` and
+   ``sticky_cookie``); an app that wraps itself keeps its own and is never pinned twice.
 2. nginx maps ``$cookie_gx_route`` through a **whitelist** to a named upstream::
 
        map $cookie_gx_route $gx_backend {
@@ -32,17 +34,29 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+import socket
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-__all__ = ["ROUTE_RE", "RouteCookie", "default_route", "read_cookie", "route_name"]
+__all__ = [
+    "COOKIE_NAME_RE", "ENVIRON_KEY", "ROUTE_RE", "RouteCookie", "default_route",
+    "instance_route", "pin_worker", "read_cookie", "route_name",
+]
 
 #: What a route value may look like. Narrow on purpose: it is a map key in nginx and a
 #: cookie value, so it never needs quoting or escaping on either side.
 ROUTE_RE = re.compile(r"^[a-z0-9_]{1,64}$")
 
-_COOKIE_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+#: What a route cookie's name may look like: nginx reads it as the variable
+#: ``$cookie_<name>``, and an nginx variable name has no other characters.
+COOKIE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+#: The WSGI environ key naming the innermost :class:`RouteCookie` of a request: only
+#: that one pins, so an app wrapped in its own under the worker hooks' gets one cookie.
+ENVIRON_KEY = "gunicorn_ext.route_cookie"
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], object]]
@@ -88,6 +102,52 @@ def default_route(environ: dict[str, str] | None = None) -> str:
     raise ValueError("no route: pass route=..., or set GX_ROUTE, INSTANCE or BIND")
 
 
+def instance_route(bind: Sequence[str], environ: dict[str, str] | None = None) -> str:
+    """The route of a whole Gunicorn instance (per-worker ports off), from its *bind* list.
+
+    ``GX_ROUTE`` if set; else :func:`route_name` of the first address Gunicorn binds,
+    which is the ``--backend`` nginx is rendered with (``127.0.0.1:8000`` ->
+    ``127_0_0_1_8000``). A wildcard host (``0.0.0.0:8000``, ``[::]:8000``) stands for
+    this machine, so its host name is used (``web1:8000`` -> ``web1_8000``). Raises
+    :class:`ValueError` when there is no address or the name is invalid or too long.
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get("GX_ROUTE", "").strip()
+    if explicit:
+        if not ROUTE_RE.match(explicit):
+            raise ValueError(f"GX_ROUTE must match {ROUTE_RE.pattern}, got {explicit!r}")
+        return explicit
+    if not bind:
+        raise ValueError("no route: Gunicorn binds no address; set GX_ROUTE")
+    first = bind[0]
+    host, sep, port = first.rpartition(":")
+    if sep and port.isdigit() and host in _WILDCARD_HOSTS:
+        first = f"{socket.gethostname()}:{port}"
+    return route_name(first)
+
+
+def pin_worker(worker: Any, route: str, cookie_name: str = "gx_route") -> bool:
+    """Wrap the app a Gunicorn worker serves in :class:`RouteCookie` (``post_worker_init``).
+
+    Gunicorn internals: ``Worker.init_process()`` stores the loaded app as
+    ``worker.wsgi`` (``load_wsgi()``) just before it calls the ``post_worker_init`` hook,
+    and every WSGI worker class reads that attribute only after it (sync and gthread per
+    request, gevent and tornado when their server starts in ``run()``); replacing it is
+    the one seam that covers any WSGI app without touching it. ASGI workers
+    (``worker.asgi``) are not covered: returns False, with one log line.
+    """
+    app = getattr(worker, "wsgi", None)
+    if app is None:
+        worker.log.warning("gunicorn-ext: sticky routing needs a WSGI worker; %s serves no "
+                           "WSGI app, so no %s cookie is set (wrap the app yourself, or set "
+                           "sticky=False)", type(worker).__name__, cookie_name)
+        return False
+    worker.wsgi = RouteCookie(app, route=route, cookie_name=cookie_name)
+    worker.log.info("gunicorn-ext: worker slot %s pins its clients with the cookie %s=%s",
+                    getattr(worker, "ext_slot", "?"), cookie_name, route)
+    return True
+
+
 def read_cookie(header: str, name: str) -> str | None:
     """Return the value of the first cookie *name* in a ``Cookie`` header, or ``None``.
 
@@ -117,14 +177,19 @@ class RouteCookie:
     SameSite=Lax`` (plus ``Secure`` and ``Max-Age`` when asked) unless the request's
     cookie already names this route. So a new client gets pinned, a client whose pinned
     backend failed over to this one gets re-pinned here, and a pinned client sees no
-    ``Set-Cookie`` churn. If the app itself already set the cookie, it is left alone.
+    ``Set-Cookie`` churn. If the app itself already set the cookie, it is left alone;
+    of nested ``RouteCookie`` (the worker hooks' around an app's own), only the innermost
+    pins.
 
     Args:
         app: the WSGI application to wrap.
         route: this backend's route name; default :func:`default_route`. Must match
             ``^[a-z0-9_]{1,64}$`` (it is an nginx map key), else :class:`ValueError`.
         cookie_name: the cookie nginx reads (``$cookie_<name>``); default ``gx_route``.
-        secure: add ``Secure`` (set it when clients reach nginx over HTTPS only).
+            Must match ``^[A-Za-z0-9_]{1,64}$`` (an nginx variable name).
+        secure: add ``Secure``: ``True`` always, ``False`` never, ``None`` (default) when
+            the request came over HTTPS (``wsgi.url_scheme``, which Gunicorn takes from
+            ``X-Forwarded-Proto`` only from ``forwarded_allow_ips``, i.e. local nginx).
         max_age: ``Max-Age`` in seconds; ``None`` makes a session cookie.
     """
 
@@ -133,14 +198,16 @@ class RouteCookie:
         app: WSGIApp,
         route: str | None = None,
         cookie_name: str = "gx_route",
-        secure: bool = False,
+        secure: bool | None = None,
         max_age: int | None = None,
     ) -> None:
         value = default_route() if route is None else route
         if not isinstance(value, str) or not ROUTE_RE.match(value):
             raise ValueError(f"route must match {ROUTE_RE.pattern}, got {value!r}")
-        if not _COOKIE_NAME_RE.match(cookie_name):
-            raise ValueError(f"cookie_name must match {_COOKIE_NAME_RE.pattern}, got {cookie_name!r}")
+        if not isinstance(cookie_name, str) or not COOKIE_NAME_RE.match(cookie_name):
+            raise ValueError(f"cookie_name must match {COOKIE_NAME_RE.pattern}, got {cookie_name!r}")
+        if secure not in (True, False, None):
+            raise ValueError(f"secure must be True, False or None, got {secure!r}")
         if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0):
             raise ValueError(f"max_age must be a non-negative int or None, got {max_age!r}")
         self.app = app
@@ -148,16 +215,22 @@ class RouteCookie:
         self.cookie_name = cookie_name
         self.secure = secure
         self.max_age = max_age
-        self.set_cookie_value: str = self._build_set_cookie()
+        self._plain = self._build_set_cookie(False)
+        self._secure = self._build_set_cookie(True)
 
-    def _build_set_cookie(self) -> str:
+    def _build_set_cookie(self, secure: bool) -> str:
         parts = [f"{self.cookie_name}={self.route}", "Path=/"]
         if self.max_age is not None:
             parts.append(f"Max-Age={self.max_age}")
         parts += ["HttpOnly", "SameSite=Lax"]
-        if self.secure:
+        if secure:
             parts.append("Secure")
         return "; ".join(parts)
+
+    def _set_cookie_for(self, environ: dict[str, Any]) -> str:
+        if self.secure is None:
+            return self._secure if environ.get("wsgi.url_scheme") == "https" else self._plain
+        return self._secure if self.secure else self._plain
 
     def needs_pin(self, environ: dict[str, Any]) -> bool:
         """True unless the request's route cookie already names this backend."""
@@ -165,6 +238,7 @@ class RouteCookie:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Call the app; add the ``Set-Cookie`` header to its response if needed."""
+        environ[ENVIRON_KEY] = self  # a RouteCookie inside the app takes over from this one
         if not self.needs_pin(environ):
             return self.app(environ, start_response)
         prefix = self.cookie_name + "="
@@ -172,11 +246,12 @@ class RouteCookie:
         def pinning_start_response(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
+            ours = environ.get(ENVIRON_KEY) is self
             already = any(
                 k.lower() == "set-cookie" and v.lstrip().startswith(prefix) for k, v in headers
             )
-            if not already:
-                headers = [*headers, ("Set-Cookie", self.set_cookie_value)]
+            if ours and not already:
+                headers = [*headers, ("Set-Cookie", self._set_cookie_for(environ))]
             if exc_info is not None:
                 return start_response(status, headers, exc_info)
             return start_response(status, headers)

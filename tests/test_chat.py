@@ -5,15 +5,23 @@ Gunicorn (2 gthread workers per instance): with the SQLite default the messages 
 over the gunicorn-ext bus (one instance); with ``STATE_URL=redis://...`` over a real
 redis-server, to two instances behind a real nginx. Each worker also listens on its
 own port (``WORKER_PORTS_BASE``), so clients are put on every worker for sure; the
-clients are websocket-client (raw) and python-socketio. Every check is that each client
-receives each message exactly once.
+clients are websocket-client (raw) and python-socketio, and in node the JavaScript
+clients users ship (``tests/js``: socket.io-client on long-polling, websocket and its
+default upgrade; ws on ``/ws``), through nginx only, pinned by the config's route cookie.
+Every check is that each client receives each message exactly once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import queue
+import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -27,7 +35,16 @@ import pytest
 import requests
 import socketio
 import websocket
-from harness import Gunicorn, RedisServer, free_port, free_port_pair, serves, wait_for
+from harness import (
+    Gunicorn,
+    HarnessError,
+    RedisServer,
+    free_port,
+    free_port_pair,
+    serves,
+    tail,
+    wait_for,
+)
 
 from gunicorn_ext.nginx import render
 
@@ -554,3 +571,246 @@ def test_raw_chat_resubscribes_after_redis_comes_back(
              what="both workers' subscribers back")
     _assert_each_gets_it_once(clients, clients[1], _nonce("after"))
     assert all(not c.texts("lost") for c in clients)
+
+
+# ----------------------------------------------------------------------------- node clients
+
+JS = Path(__file__).resolve().parent / "js"
+JS_READY = 30.0  # every node client connected, through nginx, on a loaded machine
+RECONNECT_WITHIN = 10.0  # after the SIGKILL of an instance, each client is back within this
+#: Clients of each kind: socket.io-client on long-polling only, on websocket only, with
+#: its default (polling, upgraded to websocket), and ws on the raw /ws chat.
+JS_KINDS = {"polling": 6, "websocket": 6, "upgrade": 6, "raw": 6}
+SIO_KINDS = ("polling", "websocket", "upgrade")
+#: The transport each kind ends up on.
+TRANSPORT = {"polling": "polling", "websocket": "websocket", "upgrade": "websocket"}
+#: Who receives a message sent by a client of each kind: Socket.IO clients share the
+#: namespace /chat whatever their transport; the raw chat is a channel of its own.
+AUDIENCE = {"polling": SIO_KINDS, "websocket": SIO_KINDS, "upgrade": SIO_KINDS,
+            "raw": ("raw",)}
+#: One line per request nginx proxies: enough to tell which worker each Engine.IO
+#: session's requests went to (appended to the rendered config, which is left as it is).
+UPSTREAM_LOG = ("log_format gx_upstream '$request_method $request_uri $status "
+                "$upstream_addr $cookie_gx_route';\naccess_log {path} gx_upstream;\n")
+
+
+class NodeClients:
+    """``tests/js/clients.js`` in node: socket.io-client and ws clients, one process.
+
+    Commands go to its stdin and each answer is one JSON line on its stdout (see the
+    script); its stderr goes to *log*.
+    """
+
+    def __init__(self, url: str, counts: dict[str, int], log: Path) -> None:
+        node = shutil.which("node")
+        if node is None or not (JS / "node_modules" / "socket.io-client").is_dir():
+            pytest.fail("node or tests/js/node_modules missing: run `make js-deps` "
+                        "(apt-get install nodejs npm; npm ci in tests/js)", pytrace=False)
+        self._err = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [node, str(JS / "clients.js"), json.dumps({"url": url, **counts})], cwd=JS,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+            start_new_session=True)
+        self.log = log
+        self._events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._events.put(json.loads(line))
+        self._events.put({"event": "exited"})
+
+    def wait(self, event: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        try:
+            got = self._events.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"node: no {event!r} within {timeout}s\n{self.log.read_text()[-3000:]}",
+                        pytrace=False)
+        assert got["event"] == event, (got, self.log.read_text()[-3000:])
+        return got
+
+    def ready(self, timeout: float) -> dict[str, Any]:
+        """Wait for every client to be connected; else fail saying who is not, and why."""
+        try:
+            got = self._events.get(timeout=timeout)
+        except queue.Empty:
+            clients = self.status()
+            counts = {k: f"{sum(c['connected'] for c in clients if c['kind'] == k)}/"
+                         f"{sum(1 for c in clients if c['kind'] == k)}" for k in JS_KINDS}
+            errors = sorted({e for c in clients for e in c["errors"]})[:5]
+            pytest.fail(f"node clients not all connected after {timeout}s: {counts}; "
+                        f"errors: {errors}", pytrace=False)
+        assert got["event"] == "ready", (got, self.log.read_text()[-3000:])
+        return got
+
+    def command(self, answer: str, timeout: float = 3 * TIMEOUT, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.wait(answer, timeout)
+
+    def status(self) -> list[dict[str, Any]]:
+        clients: list[dict[str, Any]] = self.command("status", cmd="status")["clients"]
+        return clients
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.command("bye", timeout=3, cmd="quit")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+        self._err.close()
+
+
+def _broadcast(node: NodeClients, kind: str, tag: str) -> list[int]:
+    """One uniquely tagged message from a client of *kind*: how many times each client of
+    its audience got it (waits until all have it or TIMEOUT, then a moment for duplicates)."""
+    text = _nonce(f"{tag}-{kind}")
+    said = node.command("said", cmd="say", kind=kind, text=text)
+    assert "error" not in said and "error" not in said.get("ack", {}), said
+    audience = AUDIENCE[kind]
+
+    def counts() -> list[int]:
+        return [c["received"].get(text, 0) for c in node.status() if c["kind"] in audience]
+
+    with contextlib.suppress(HarnessError):
+        wait_for(lambda: all(counts()), TIMEOUT, interval=0.1, what=text)
+    time.sleep(DUPLICATE_WINDOW)
+    return counts()
+
+
+def _warm_up_js(node: NodeClients) -> None:
+    """python-socketio's Redis subscription starts with a worker's first client (see
+    :func:`_warm_up`): probe until every Socket.IO client has seen one."""
+    deadline = time.monotonic() + 10
+    n = 0
+    while True:
+        text = f"probe-{n}-{uuid.uuid4().hex[:6]}"
+        node.command("said", cmd="say", kind="websocket", text=text)
+        n += 1
+        time.sleep(0.3)
+        clients = [c for c in node.status() if c["kind"] != "raw"]
+        if all(any(t.startswith("probe-") for t in c["received"]) for c in clients):
+            return
+        assert time.monotonic() < deadline, [c["id"] for c in clients if not c["received"]]
+
+
+def _sessions_on_one_worker(log: Path) -> tuple[dict[str, set[str]], int]:
+    """Engine.IO sid -> the worker addresses nginx sent that session's requests to; and
+    how many of those requests were refused (400: a worker that does not hold the sid)."""
+    by_sid: dict[str, set[str]] = {}
+    refused = 0
+    for line in log.read_text().splitlines():
+        method, uri, status, upstream, _ = (line.split(" ") + [""] * 5)[:5]
+        m = re.search(r"[?&]sid=([\w-]+)", uri)
+        if uri.startswith("/socket.io/") and m and upstream != "-":
+            by_sid.setdefault(m[1], set()).update(a.strip() for a in upstream.split(","))
+            refused += status == "400"
+    return by_sid, refused
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.nginx
+def test_js_clients_stay_pinned_get_each_message_once_and_reconnect_after_an_instance_dies(
+        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer,
+        nginx_site: Callable[..., Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The example as `make run` starts it, twice (2 workers each, per-worker ports, one
+    redis-server), behind the nginx config `gunicorn-ext nginx render` gives, and the
+    JavaScript clients users ship: socket.io-client on long-polling and on websocket,
+    and ws on /ws. The example has no sticky code: the route cookie is the config's."""
+    listen = free_port()
+    instances, ports = _two_instances(gunicorn_factory, redis_server.url, listen)
+    conf = render(backends=[f"127.0.0.1:{p}" for p in ports.values()], listen=listen,
+                  server_name="127.0.0.1", default_server=False)
+    upstream_log = tmp_path / "upstream.log"
+    with nginx_site(UPSTREAM_LOG.format(path=upstream_log) + conf, listen) as ngx:
+        node = NodeClients(f"http://127.0.0.1:{listen}", JS_KINDS, tmp_path / "node.log")
+        try:
+            _run_js_scenario(node, instances, ports, upstream_log, ngx, capsys)
+        finally:
+            node.close()
+
+
+def _run_js_scenario(node: NodeClients, instances: list[Gunicorn],
+                     ports: dict[tuple[str, int], int], upstream_log: Path, ngx: Path,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    ready = node.ready(JS_READY)
+    wait_for(lambda: all(c["transport"] == TRANSPORT[c["kind"]] for c in node.status()
+                         if c["kind"] in SIO_KINDS), TIMEOUT, what="the upgrades to websocket")
+    node.command("where", cmd="where", times=3)
+    before = {c["id"]: c for c in node.status()}
+    workers = {k: {(c["where"]["instance"], c["where"]["slot"]) for c in before.values()
+                   if c["kind"] == k} for k in JS_KINDS}
+    for kind, seen in workers.items():  # nginx's pool spread each kind over the workers
+        assert len(seen) > 1 and {i for i, _ in seen} == {"east", "west"}, (kind, seen)
+    # Pinned: one connection so far, and every `where` answered by the worker it opened on.
+    pinned_before = {c["id"] for c in before.values() if len(c["connects"]) == 1
+                     and not c["disconnects"] and c["transport"] == TRANSPORT.get(c["kind"])
+                     and (c["kind"] == "raw" or c["wheres"] == [c["where"]["pid"]] * 3)}
+    _warm_up_js(node)
+    delivered_before = {kind: _broadcast(node, kind, "before") for kind in JS_KINDS}
+    # Every request of every session that started on long-polling (polling, upgrade)
+    # went to one worker, the one whose port the route cookie names (a websocket-only
+    # session is one request, with no sid), and no worker saw a session it did not hold.
+    by_sid, refused = _sessions_on_one_worker(upstream_log)
+
+    # SIGKILL one instance: its clients reconnect through nginx to the other one.
+    dead, dead_name = 0, "east"
+    on_dead = {cid for cid, c in before.items() if c["where"]["instance"] == dead_name}
+    killed_at = time.time() * 1000
+    os.killpg(instances[dead].pgid, signal.SIGKILL)
+
+    def all_back() -> list[dict[str, Any]] | None:
+        now = node.status()
+        back = all(c["connected"] and c["where"] and (c["id"] not in on_dead
+                   or (len(c["connects"]) > 1 and c["where"]["instance"] != dead_name))
+                   for c in now)
+        return now if back else None
+
+    after_list = wait_for(all_back, RECONNECT_WITHIN + 5, interval=0.1,
+                          what=f"every client back\n{tail(ngx / 'error.log')}")
+    reconnect_ms = {k: sorted(c["connects"][-1][0] - killed_at for c in after_list
+                              if c["kind"] == k and c["id"] in on_dead) for k in JS_KINDS}
+    untouched = {c["id"] for c in after_list
+                 if c["id"] not in on_dead and len(c["connects"]) == 1 and not c["disconnects"]}
+    node.command("where", cmd="where", times=3)
+    after = {c["id"]: c for c in node.status()}
+    alive_pids = set(instances[1 - dead].worker_pids())
+    pinned_after = {c["id"] for c in after.values() if c["where"]["pid"] in alive_pids
+                    and (c["kind"] == "raw" or c["wheres"][-3:] == [c["where"]["pid"]] * 3)}
+    _warm_up_js(node)
+    delivered_after = {kind: _broadcast(node, kind, "after") for kind in JS_KINDS}
+
+    with capsys.disabled():
+        print(f"\njs clients through nginx, 2 instances x 2 workers (all connected in "
+              f"{ready['ms']} ms); {len(by_sid)} long-polling sessions, "
+              f"{sum(len(a) == 1 for a in by_sid.values())} of them on one worker throughout, "
+              f"{refused} requests refused")
+        for kind, n in JS_KINDS.items():
+            ids = {cid for cid, c in before.items() if c["kind"] == kind}
+            times = reconnect_ms[kind] or [float("nan")]
+            once = [sum(x == 1 for x in delivered_before[kind]), len(delivered_before[kind]),
+                    sum(x == 1 for x in delivered_after[kind]), len(delivered_after[kind])]
+            connected = sum(before[cid]["connected"] for cid in ids)
+            print(f"  {kind:9}: connected {connected}/{n} on {len(workers[kind])} workers, "
+                  f"pinned {len(ids & pinned_before)}/{n}; its message reached {once[0]}/"
+                  f"{once[1]} exactly once | SIGKILL east: {len(ids & on_dead)} reconnected in "
+                  f"{times[0]:.0f}..{times[-1]:.0f} ms (median {times[len(times) // 2]:.0f}), "
+                  f"{len(ids & untouched)} untouched; pinned {len(ids & pinned_after)}/{n}; "
+                  f"next message reached {once[2]}/{once[3]} exactly once")
+
+    assert pinned_before == set(before), sorted(set(before) - pinned_before)
+    assert len(by_sid) == JS_KINDS["polling"] + JS_KINDS["upgrade"], by_sid
+    assert all(len(addrs) == 1 for addrs in by_sid.values()), by_sid
+    assert refused == 0, refused
+    for kind in JS_KINDS:
+        assert delivered_before[kind] == [1] * len(delivered_before[kind]), (kind, delivered_before)
+        assert delivered_after[kind] == [1] * len(delivered_after[kind]), (kind, delivered_after)
+        assert reconnect_ms[kind] and max(reconnect_ms[kind]) <= RECONNECT_WITHIN * 1000, \
+            (kind, reconnect_ms)
+    assert on_dead and untouched == set(before) - on_dead  # the survivors' clients never noticed
+    assert pinned_after == set(after), sorted(set(after) - pinned_after)

@@ -1,10 +1,13 @@
 """Socket.IO long-polling through nginx, pinned to one Gunicorn worker by the route cookie.
 
-Two Gunicorn instances with two gthread workers each; every worker also listens on its
-own port (gunicorn-ext's per-worker ports) and its ``RouteCookie`` names that port. nginx
-(rendered by :func:`gunicorn_ext.nginx.render`) has the four worker ports as backends:
-a new client's handshake goes to the pool, the answering worker pins it, and every later
-poll of that Engine.IO session reaches the same worker (else: "Session ID unknown").
+The example (examples/flask_app) as ``make run`` starts it: its cluster_conf.py, two
+instances of two gthread workers, per-worker ports (``WORKER_PORTS_BASE``) and one real
+redis-server (``STATE_URL``). The example has no sticky code: with per-worker ports the
+config's ``sticky`` setting pins each client to the worker that answered (the cookie
+names that worker's port). nginx (rendered by :func:`gunicorn_ext.nginx.render`) has the
+four worker ports as backends: a new client's handshake goes to the pool, the answering
+worker pins it, and every later poll of that Engine.IO session reaches the same worker
+(else: "Session ID unknown"). The JavaScript clients are in tests/test_chat.py.
 """
 
 from __future__ import annotations
@@ -20,22 +23,28 @@ from typing import Any
 import pytest
 import requests
 import socketio
-from harness import Gunicorn, free_port, free_port_pair, serves, tail, wait_for
+from harness import Gunicorn, RedisServer, free_port, free_port_pair, serves, tail, wait_for
 
 from gunicorn_ext.nginx import render
 from gunicorn_ext.sticky import route_name
 
-APPS = Path(__file__).resolve().parent / "apps"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
 SESSIONS = 100
+#: Route cookies no backend ever set, given to every 10th session: nginx's whitelist sends
+#: each to the pool, and the worker that answers re-pins the client.
+FORGED = ["127.0.0.1:22", "evil", "gx_127_0_0_1_22", "127_0_0_1_1", "x" * 3000, ""]
 OVERALL = 120.0
 
 
-def _session(url: str) -> tuple[dict[str, int], str | None]:
+def _session(url: str, forged: str | None = None) -> tuple[dict[str, int], str | None]:
     """One polling-only client session: connect /chat, call ``where``, disconnect.
 
     Returns the ``where`` answer and the route cookie the client held for its polls.
+    With *forged*, the client starts with that as its route cookie.
     """
     http = requests.Session()  # python-socketio's polls go through it: it keeps the cookie
+    if forged is not None:  # the domain and path the backend's own cookie replaces
+        http.cookies.set("gx_route", forged, domain="127.0.0.1", path="/")
     sio = socketio.Client(reconnection=False, http_session=http)
     try:
         sio.connect(url, transports=["polling"], namespaces=["/chat"], wait_timeout=5)
@@ -43,26 +52,32 @@ def _session(url: str) -> tuple[dict[str, int], str | None]:
         where: dict[str, int] = sio.call("where", namespace="/chat", timeout=5)
         return where, http.cookies.get("gx_route")
     finally:
-        sio.disconnect()
+        # Not sio.disconnect(): python-engineio's client (4.15) drops its CLOSE packet when
+        # it follows another one (its write loop stops on the state change), and the
+        # session then waits for the server's ping (25 s) to end. A lone CLOSE goes out.
+        sio.eio.disconnect(abort=True)
         http.close()
 
 
-def _two_instances(gunicorn_factory: Callable[..., Gunicorn]) -> tuple[list[Gunicorn], list[int], str, int]:
-    """Two instances of 2 workers with per-worker ports: (instances, their port bases,
-    the rendered nginx config with the four worker ports as backends, its port)."""
+def _two_instances(gunicorn_factory: Callable[..., Gunicorn],
+                   redis: RedisServer) -> tuple[list[Gunicorn], list[int], str, int]:
+    """Two example instances of 2 workers with per-worker ports: (instances, their port
+    bases, the rendered nginx config with the four worker ports as backends, its port)."""
     bases = [free_port_pair(), free_port_pair()]
     while bases[1] in (bases[0] - 1, bases[0], bases[0] + 1):
         bases[1] = free_port_pair()
     instances = [
-        gunicorn_factory("sio_sticky_app:app", config=APPS / "sio_conf.py", cwd=APPS, workers=2,
-                         env={"WORKER_PORTS_BASE": str(base)}, name=f"gunicorn-{i}")
+        gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=2,
+                         env={"WORKER_PORTS_BASE": str(base), "STATE_URL": redis.url,
+                              "SECRET_KEY": "k" * 32}, name=f"gunicorn-{i}")
         for i, base in enumerate(bases)
     ]
     worker_ports = [base + slot for base in bases for slot in (0, 1)]
     wait_for(lambda: all(serves(p) for p in worker_ports), 20, what="all four worker ports")
-    for port in worker_ports:  # each worker port pins to itself
+    for port in worker_ports:  # each worker port pins to itself, once
         r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        assert r.cookies.get("gx_route") == route_name(f"127.0.0.1:{port}")
+        assert r.headers.get("Set-Cookie") == (
+            f"gx_route={route_name(f'127.0.0.1:{port}')}; Path=/; HttpOnly; SameSite=Lax")
     listen = free_port()
     conf = render(backends=[f"127.0.0.1:{p}" for p in worker_ports], listen=listen,
                   server_name="127.0.0.1", default_server=False)
@@ -70,9 +85,12 @@ def _two_instances(gunicorn_factory: Callable[..., Gunicorn]) -> tuple[list[Guni
 
 
 @pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.nginx
 def test_polling_clients_stay_on_one_worker_through_nginx(
-        gunicorn_factory: Callable[..., Gunicorn], nginx_site: Callable[..., Any]) -> None:
-    instances, bases, conf, listen = _two_instances(gunicorn_factory)
+        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer,
+        nginx_site: Callable[..., Any]) -> None:
+    instances, bases, conf, listen = _two_instances(gunicorn_factory, redis_server)
     with nginx_site(conf, listen) as ngx:
         url = f"http://127.0.0.1:{listen}"
         pids = [set(g.worker_pids()) for g in instances]
@@ -80,8 +98,9 @@ def test_polling_clients_stay_on_one_worker_through_nginx(
         seen: set[int] = set()
         for n in range(SESSIONS):
             assert time.monotonic() < deadline, f"only {n} sessions in {OVERALL}s"
+            forged = FORGED[n // 10 % len(FORGED)] if n % 10 == 0 else None
             try:
-                where, cookie = _session(url)
+                where, cookie = _session(url, forged)
             except (socketio.exceptions.SocketIOError, requests.RequestException) as exc:
                 pytest.fail(f"session {n} failed: {exc!r}\nnginx:\n{tail(ngx / 'error.log')}",
                             pytrace=False)
@@ -110,12 +129,15 @@ def test_polling_clients_stay_on_one_worker_through_nginx(
 
 
 @pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.nginx
 def test_polling_client_repins_when_its_instance_dies(
-        gunicorn_factory: Callable[..., Gunicorn], nginx_site: Callable[..., Any]) -> None:
+        gunicorn_factory: Callable[..., Gunicorn], redis_server: RedisServer,
+        nginx_site: Callable[..., Any]) -> None:
     # A long-polling client pinned to a worker of one instance; that instance is
     # SIGKILLed. nginx falls back to the pool, the worker that answers re-pins the
     # client, and python-socketio's reconnection opens a new session there.
-    instances, bases, conf, listen = _two_instances(gunicorn_factory)
+    instances, bases, conf, listen = _two_instances(gunicorn_factory, redis_server)
     with nginx_site(conf, listen) as ngx:
         http = requests.Session()
         sio = socketio.Client(reconnection=True, reconnection_delay=0.2,

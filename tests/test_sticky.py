@@ -4,12 +4,19 @@ The nginx config is written here by hand (not by the renderer) so the test pins 
 mechanism itself: a whitelist ``map`` from the ``gx_route`` cookie to named upstreams,
 ``default`` -> the pool, and ``backup`` servers so a pinned-but-dead backend falls over
 to the other one, which re-pins the client (:class:`gunicorn_ext.sticky.RouteCookie`).
+
+Then the setting: ``gunicorn_ext.enable(..., sticky=..., sticky_cookie=...)`` puts the
+route cookie around any WSGI app from the worker hooks (here a bare WSGI function with
+no sticky code; the example behind nginx is in test_socketio_nginx.py and test_chat.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,9 +25,25 @@ from typing import Any
 
 import pytest
 import requests
-from harness import Gunicorn, find_binary, free_port, running_nginx
+from harness import (
+    Gunicorn,
+    find_binary,
+    free_port,
+    free_port_pair,
+    running_nginx,
+    serves,
+    wait_for,
+)
 
-from gunicorn_ext.sticky import ROUTE_RE, RouteCookie, default_route, read_cookie, route_name
+from gunicorn_ext.settings import Settings, SettingsError
+from gunicorn_ext.sticky import (
+    ROUTE_RE,
+    RouteCookie,
+    default_route,
+    instance_route,
+    read_cookie,
+    route_name,
+)
 
 APPS = Path(__file__).resolve().parent / "apps"
 TIMEOUT = 5.0
@@ -314,8 +337,11 @@ def test_route_validation(bad: str) -> None:
 
 
 def test_other_argument_validation() -> None:
+    for name in ("bad name", "gx-route", "", "x" * 65, "a;b"):  # nginx: $cookie_<[A-Za-z0-9_]>
+        with pytest.raises(ValueError):
+            RouteCookie(_echo_app(), route="a", cookie_name=name)
     with pytest.raises(ValueError):
-        RouteCookie(_echo_app(), route="a", cookie_name="bad name")
+        RouteCookie(_echo_app(), route="a", secure="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         RouteCookie(_echo_app(), route="a", max_age=-1)
     RouteCookie(_echo_app(), route="x" * 64)
@@ -359,3 +385,203 @@ def test_flask_wsgi_app_wrapping() -> None:
     client = app.test_client()
     assert client.get("/").headers.getlist("Set-Cookie") == [PIN_A]
     assert client.get("/").headers.getlist("Set-Cookie") == []  # test client kept the cookie
+
+
+def _call_env(mw: Any, environ: dict[str, Any]) -> list[str]:
+    captured: list[list[tuple[str, str]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured.append(headers)
+        return lambda data: None
+
+    assert b"".join(mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/", **environ}, start_response)) == b"ok"
+    return _set_cookies(captured[0])
+
+
+def test_secure_follows_the_request_scheme_by_default() -> None:
+    mw = RouteCookie(_echo_app(), route="a")
+    assert _call_env(mw, {"wsgi.url_scheme": "http"}) == [PIN_A]
+    assert _call_env(mw, {"wsgi.url_scheme": "https"}) == [PIN_A + "; Secure"]
+    never = RouteCookie(_echo_app(), route="a", secure=False)
+    assert _call_env(never, {"wsgi.url_scheme": "https"}) == [PIN_A]
+
+
+def test_nested_route_cookies_pin_once_the_innermost_wins() -> None:
+    # The worker hooks' RouteCookie around an app that wraps itself in its own: one
+    # cookie, the app's, whatever each of them would decide alone.
+    outer = RouteCookie(RouteCookie(_echo_app(), route="inner"), route="outer")
+    assert _call_env(outer, {}) == ["gx_route=inner; Path=/; HttpOnly; SameSite=Lax"]
+    assert _call_env(outer, {"HTTP_COOKIE": "gx_route=inner"}) == []  # outer would re-pin
+    assert _call_env(outer, {"HTTP_COOKIE": "gx_route=outer"}) == [
+        "gx_route=inner; Path=/; HttpOnly; SameSite=Lax"]
+    same = RouteCookie(RouteCookie(_echo_app(), route="a"), route="a")
+    assert _call_env(same, {}) == [PIN_A]
+
+
+def test_instance_route_from_the_bind() -> None:
+    assert instance_route(["127.0.0.1:8000"], {}) == "127_0_0_1_8000"
+    assert instance_route(["10.0.0.5:8000", "unix:/x"], {}) == "10_0_0_5_8000"
+    assert instance_route(["127.0.0.1:8000"], {"GX_ROUTE": "blue"}) == "blue"
+    host = route_name(f"{socket.gethostname()}:8000")
+    assert instance_route(["0.0.0.0:8000"], {}) == host  # a wildcard is this machine
+    assert instance_route(["[::]:8000"], {}) == host
+    for bind, env in (([], {}), (["127.0.0.1:1"], {"GX_ROUTE": "Bad-Route"}),
+                      (["unix:/" + "x" * 80], {})):
+        with pytest.raises(ValueError):
+            instance_route(bind, env)
+
+
+def test_sticky_settings_are_validated() -> None:
+    assert Settings().sticky is None and not Settings().sticky_on  # no per-worker ports
+    assert Settings(worker_ports_base=9000).sticky_on
+    assert not Settings(worker_ports_base=9000, sticky=False).sticky_on
+    assert Settings(sticky=True).sticky_on
+    assert Settings(sticky_cookie="route_2").sticky_cookie == "route_2"
+    for bad in ({"sticky": "yes"}, {"sticky": 1}, {"sticky_cookie": "gx-route"},
+                {"sticky_cookie": ""}, {"sticky_cookie": 5}, {"sticky_cookie": "a b"}):
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            Settings.from_kwargs(bad)
+
+
+# -- (e) the setting: the worker hooks pin any WSGI app ------------------------------------
+
+PLAIN_APP = """\
+import os
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+"""
+
+OWN_COOKIE_APP = """\
+from gunicorn_ext.sticky import RouteCookie
+from plain_app import app as plain
+
+app = RouteCookie(plain, route="mine")
+"""
+
+CONF = """\
+import os
+import gunicorn_ext
+
+bind = os.environ["BIND"]
+workers = int(os.environ["WORKERS"])
+gunicorn_ext.enable(globals(), {settings})
+"""
+
+
+def _serve(factory: Callable[..., Gunicorn], tmp_path: Path, app: str, settings: str,
+           workers: int = 1, env: dict[str, str] | None = None) -> Gunicorn:
+    (tmp_path / "plain_app.py").write_text(PLAIN_APP)
+    (tmp_path / "own_cookie_app.py").write_text(OWN_COOKIE_APP)
+    conf = tmp_path / f"conf_{abs(hash(settings))}.py"
+    conf.write_text(CONF.format(settings=settings))
+    g = factory(app, config=conf, cwd=tmp_path, workers=workers, health_path="/", env=env)
+    g.wait_workers(workers)
+    return g
+
+
+def _pins(url: str, cookie: str | None = None) -> list[str]:
+    headers = {"Connection": "close", **({"Cookie": cookie} if cookie else {})}
+    resp = requests.get(url, headers=headers, timeout=TIMEOUT)
+    assert resp.status_code == 200, resp.text
+    return resp.raw.headers.getlist("Set-Cookie")
+
+
+def _pin(route: str, name: str = "gx_route") -> str:
+    return f"{name}={route}; Path=/; HttpOnly; SameSite=Lax"
+
+
+def test_per_worker_ports_pin_a_plain_wsgi_app_to_each_worker(
+        gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> None:
+    base = free_port_pair()
+    g = _serve(gunicorn_factory, tmp_path, "plain_app:app", f"worker_ports_base={base}",
+               workers=2)
+    wait_for(lambda: serves(base, "/") and serves(base + 1, "/"), 15, what="worker ports")
+    for port in (base, base + 1):
+        route = route_name(f"127.0.0.1:{port}")
+        assert _pins(f"http://127.0.0.1:{port}/") == [_pin(route)]
+        assert _pins(f"http://127.0.0.1:{port}/", f"gx_route={route}") == []  # pinned: no churn
+        assert _pins(f"http://127.0.0.1:{port}/", "gx_route=127_0_0_1_1") == [_pin(route)]
+    # The shared port pins to the port of whichever worker answered.
+    worker_routes = {route_name(f"127.0.0.1:{p}") for p in (base, base + 1)}
+    assert {c.split(";")[0].split("=")[1] for c in _pins(g.url("/"))} <= worker_routes
+    assert g.log_text().count("pins its clients with the cookie gx_route=") == 2
+
+
+def test_sticky_false_sets_no_cookie(gunicorn_factory: Callable[..., Gunicorn],
+                                     tmp_path: Path) -> None:
+    base = free_port_pair()
+    _serve(gunicorn_factory, tmp_path, "plain_app:app",
+           f"worker_ports_base={base}, sticky=False")
+    wait_for(lambda: serves(base, "/"), 15, what="the worker port")
+    assert _pins(f"http://127.0.0.1:{base}/") == []
+
+
+def test_sticky_true_without_worker_ports_names_the_instance_under_a_renamed_cookie(
+        gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> None:
+    g = _serve(gunicorn_factory, tmp_path, "plain_app:app", "sticky=True, sticky_cookie='rt'")
+    route = route_name(g.bind)
+    assert _pins(g.url("/")) == [_pin(route, "rt")]
+    assert _pins(g.url("/"), f"rt={route}") == []
+    assert _pins(g.url("/"), f"gx_route={route}") == [_pin(route, "rt")]
+
+
+def test_an_app_with_its_own_route_cookie_is_pinned_once(
+        gunicorn_factory: Callable[..., Gunicorn], tmp_path: Path) -> None:
+    base = free_port_pair()
+    _serve(gunicorn_factory, tmp_path, "own_cookie_app:app", f"worker_ports_base={base}")
+    wait_for(lambda: serves(base, "/"), 15, what="the worker port")
+    url = f"http://127.0.0.1:{base}/"
+    assert _pins(url) == [_pin("mine")]  # the app's, not also the worker port's
+    assert _pins(url, "gx_route=mine") == []
+
+
+def test_a_bad_sticky_setting_stops_gunicorn_at_startup(tmp_path: Path) -> None:
+    (tmp_path / "plain_app.py").write_text(PLAIN_APP)
+    conf = tmp_path / "bad_conf.py"
+    conf.write_text("import gunicorn_ext\nbind = '127.0.0.1:0'\n"
+                    "gunicorn_ext.enable(globals(), sticky_cookie='gx-route')\n")
+    r = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(conf), "--chdir",
+                        str(tmp_path), "plain_app:app"], capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    assert "sticky_cookie must be 1-64 characters of [A-Za-z0-9_]" in r.stderr, r.stderr[-2000:]
+
+
+def test_rendered_nginx_reads_the_renamed_cookie() -> None:
+    from gunicorn_ext.nginx import render
+
+    conf = render(["127.0.0.1:9000", "127.0.0.1:9001"], 8080, "example.com", cookie="route")
+    assert "map $cookie_route $gx_backend {" in conf and "gx_route" not in conf
+    assert "map $cookie_gx_route $gx_backend {" in render(["127.0.0.1:9000"], 8080, "example.com")
+    for bad in ("gx-route", "", "a b", "x;", "x" * 65):
+        with pytest.raises(ValueError, match="cookie"):
+            render(["127.0.0.1:9000"], 8080, "example.com", cookie=bad)
+
+
+def test_pin_worker_wraps_the_wsgi_app_and_says_so_for_other_workers() -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from gunicorn_ext.sticky import pin_worker
+
+    log = logging.getLogger("test.sticky")
+    worker = SimpleNamespace(wsgi=_echo_app(), log=log, ext_slot=0)
+    assert pin_worker(worker, "a") is True
+    assert isinstance(worker.wsgi, RouteCookie) and worker.wsgi.route == "a"
+    assert _call(worker.wsgi) == [("Content-Type", "text/plain"), ("Set-Cookie", PIN_A)]
+    asgi = SimpleNamespace(asgi=object(), log=log)  # Gunicorn's ASGI worker: no .wsgi
+    assert pin_worker(asgi, "a") is False and not hasattr(asgi, "wsgi")
+
+
+def test_nginx_render_cli_takes_the_cookie_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from gunicorn_ext.cli import main
+
+    base = ["nginx", "render", "--backend", "127.0.0.1:9000", "--listen", "8080",
+            "--server-name", "example.com"]
+    assert main([*base, "--cookie", "route"]) == 0
+    assert "map $cookie_route $gx_backend {" in capsys.readouterr().out
+    assert main([*base, "--cookie", "gx-route"]) == 2
+    assert "cookie 'gx-route': expected 1-64 characters of [A-Za-z0-9_]" in capsys.readouterr().err

@@ -1,5 +1,9 @@
 """The example's real-time part: a WebSocket chat at ``/ws`` and a Socket.IO namespace ``/chat``.
 
+``GET /chat`` is a chat page for browsers (``templates/chat.html``, ``static/chat.js``),
+on the namespace ``/chat`` with the Socket.IO JavaScript client served from ``static/``
+(vendored, no build step, no CDN).
+
 Each worker holds only the clients connected to it, so a message a client sends must
 be fanned out to every worker (and every instance) before each worker hands it to its
 own clients. Which road it takes depends on the shared state (``CHAT_URL``, else
@@ -75,7 +79,7 @@ from urllib.parse import urlsplit
 import redis
 import simple_websocket
 import socketio
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, render_template, request
 from flask_socketio import SocketIO, emit
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -437,6 +441,7 @@ class Chat:
         # plain rule answers anything else with a JSON 400.
         app.add_url_rule("/ws", "chat_ws", self.websocket, websocket=True)
         app.add_url_rule("/ws", "chat_ws_http", self.websocket)
+        app.add_url_rule("/chat", "chat_page", self.page)
         app.extensions["gunicorn_ext_chat"] = self
         self._close_on_stop()
 
@@ -527,6 +532,10 @@ class Chat:
         payload = self.message(text)
         emit("said", payload, broadcast=True, namespace=NAMESPACE)
         return {"id": payload["id"]}
+
+    def page(self) -> str:
+        """``GET /chat``: the chat page, a Socket.IO client of this namespace."""
+        return render_template("chat.html")
 
     # -- the raw WebSocket ----------------------------------------------------------
 

@@ -36,7 +36,10 @@ if not os.environ.get("SECRET_KEY"):
     logging.getLogger("gunicorn.error").warning(
         "SECRET_KEY is not set: using a development key; set it in production")
 
-# WORKER_PORTS_BASE=9000: slot N also listens on 9000+N (nginx can pin a client to a worker).
+# WORKER_PORTS_BASE=9000: slot N also listens on 9000+N, and every response pins its client
+# to the worker that answered with the route cookie gx_route=<host>_<port> (gunicorn-ext's
+# `sticky` setting, on with per-worker ports), so nginx rendered with the worker ports as
+# backends keeps a Socket.IO long-polling session on one worker. The app has no sticky code.
 # REQUEST_TIMEOUT: a request running longer has its stack logged, gets 503, and its worker
 # is recycled (Socket.IO's long-polling holds a request up to 25 s; WebSockets are exempt).
 # ADMIN_BIND=127.0.0.1:9191: the primary itself serves /metrics /status /livez /readyz there.
