@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import subprocess
 import threading
@@ -17,11 +16,21 @@ import pytest
 import redis
 import redis.connection
 from harness import RedisServer, find_binary, free_port, wait_for
+from redis.backoff import ConstantBackoff
 from redis.cluster import RedisCluster
+from redis.credentials import CredentialProvider
+from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedSSLConnection
+from store_contract import ALL_CHECKS
 
 from gunicorn_ext.state.redis import RedisStore, redact_url
-from gunicorn_ext.state.store import LockTimeout, StoreError, StoreUnavailable, open_store
+from gunicorn_ext.state.store import (
+    LockTimeout,
+    StoreError,
+    StoreUnavailable,
+    WrongType,
+    open_store,
+)
 
 PASSWORD = "s3cr3t-pw"
 
@@ -52,7 +61,8 @@ def test_strings_and_ttl(store: RedisStore) -> None:
     store.set("a", b"x", ttl=0.001)  # 1 ms: rounded up, never "no TTL"
     time.sleep(0.02)
     assert store.get("a") is None
-    store.set("b", b"y", ttl=0)  # already expired
+    with pytest.raises(ValueError):
+        store.set("b", b"y", ttl=0)  # one semantics on every backend (store_contract.py)
     assert store.get("b") is None
     assert store.ttl("missing") is None
 
@@ -184,8 +194,7 @@ def _server_reads(client: redis.Redis) -> int:
 def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     observer = redis_server.client()
-    store.batch().get("x").execute()  # connect first: the batches' connection
-    store.ping()  # and one for plain commands
+    store.ping()  # connected
     before = _server_reads(observer)
     store.get("x")
     assert _server_reads(observer) - before - 1 == 1
@@ -193,8 +202,8 @@ def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     out = store.batch().hgetall("s").hset("s", {"a": b"1"}).expire("s", 60).get("t").execute()
     assert out == [{}, None, True, None]
     assert _server_reads(observer) - before - 1 == 1
-    # an error reply in the middle: every reply is still read, the error is raised,
-    # and the connection (dropped, since replies were mixed) works again next time
+    # an error reply in the middle: every command ran, the error is raised, and the
+    # connection (every reply read) works next time
     store.set("str", b"v")
     with pytest.raises(StoreError, match="WRONGTYPE"):
         store.batch().incr("n").hgetall("str").incr("n").execute()
@@ -203,87 +212,165 @@ def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     store.close()
 
 
-def test_batch_reconnects_a_connection_the_server_closed(tmp_path: Path) -> None:
-    # The server drops clients idle for 1 s (as after a restart, or behind a proxy): the
-    # next batch finds its idle connection closed before sending, and reconnects.
-    with RedisServer(tmp_path, extra_args=["--timeout", "1"]) as server:
-        store = RedisStore(server.url)
-        assert store.batch().set("k", b"v").get("k").execute() == [None, b"v"]
-        idle = store._conns._idle[0].sock
-        time.sleep(2.5)
-        assert store.batch().get("k").incr("n").execute() == [b"v", 1]
-        assert store._conns._idle[0].sock is not idle  # a new socket
-        store.close()
-
-
-def test_batch_connections_stay_within_the_pool(redis_server: RedisServer) -> None:
-    # Batch connections come from the pool (which counts them) and at most half its
-    # max_connections wait in the store: plain commands still get one.
-    store = RedisStore(redis_server.url, max_connections=2)
-    barrier = threading.Barrier(3)
-    errors: list[BaseException] = []
-
-    def batches() -> None:
-        try:
-            barrier.wait(5)
-            for _ in range(50):
-                store.batch().incr("n").execute()
-        except BaseException as exc:  # MaxConnectionsError when both are busy: fine
-            errors.append(exc)
-
-    threads = [threading.Thread(target=batches) for _ in range(2)]
-    for t in threads:
-        t.start()
-    barrier.wait(5)
-    for t in threads:
-        t.join(10)
-    assert len(store._conns._idle) <= 1
-    assert store.get("n") is not None  # a plain command finds a connection
-    assert store.batch().get("n").execute()[0] is not None
+def test_batches_and_locks_use_the_public_client(redis_server: RedisServer) -> None:
+    # A batch is a redis-py pipeline (transaction=False: no MULTI/EXEC sent), a lock
+    # redis-py's Lock (its token under lock:<name>, freed by its compare-and-delete script).
+    store = RedisStore(redis_server.url)
+    observer = redis_server.client()
+    observer.config_resetstat()
+    store.batch().set("k", b"v").get("k").execute()
+    token = store.acquire("job", timeout=5)
+    assert token and observer.get("lock:job") == token.encode()
+    assert 0 < observer.pttl("lock:job") <= 5000
+    assert store.release("job", token) is True and observer.get("lock:job") is None
+    calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in observer.info("commandstats").items()}
+    assert "multi" not in calls and "exec" not in calls
+    assert calls.get("evalsha", 0) + calls.get("eval", 0) >= 1
     store.close()
 
 
-def test_batches_on_resp3(redis_server: RedisServer) -> None:
-    # The batch reader parses RESP3 replies too (maps, booleans), shaped as on RESP2.
+def test_a_connection_the_server_closed_is_replaced(tmp_path: Path) -> None:
+    # The server drops clients idle for 1 s (as after a restart, or behind a proxy): the
+    # pool finds its idle connection closed before sending, and reconnects.
+    with RedisServer(tmp_path, extra_args=["--timeout", "1"]) as server:
+        store = RedisStore(server.url)
+        observer = server.client()
+        assert store.batch().set("k", b"v").get("k").execute() == [None, b"v"]
+        connections = int(observer.info("stats")["total_connections_received"])
+        observer.close()
+        time.sleep(2.5)
+        assert store.batch().get("k").incr("n").execute() == [b"v", 1]
+        assert store.get("k") == b"v"
+        observer = server.client()
+        assert int(observer.info("stats")["total_connections_received"]) > connections + 1
+        store.close()
+
+
+def test_connections_stay_within_the_pool(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, max_connections=3)
+    observer = redis_server.client()
+    barrier = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            barrier.wait(5)
+            for _ in range(50):
+                store.batch().incr("n").hgetall("h").execute()
+                store.incr("m")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors
+    assert store.get("n") == b"150" and store.get("m") == b"150"
+    assert int(observer.info("clients")["connected_clients"]) - 1 <= 3
+    store.close()
+
+
+def test_resp3(redis_server: RedisServer) -> None:
+    # Through redis-py, RESP3 replies (maps, booleans) come out as on RESP2.
     store = RedisStore(redis_server.url, protocol=3)
     out = store.batch().hset("h", {"a": b"1"}).hgetall("h").expire("h", 10).incr("n").ttl("h").execute()
     assert out[:4] == [None, {"a": b"1"}, True, 1] and 0 < out[4] <= 10
     assert store.batch().hgetall("missing").execute() == [{}]
+    assert store.hgetall("h") == {"a": b"1"} and store.expire("h", 5) is True
+    token = store.acquire("l", timeout=5)
+    assert token and store.release("l", token) is True
+    with pytest.raises(WrongType):
+        store.get("h")
+    assert redis_server.client().client_list()[0]  # the server is fine
+    assert any(c.get("resp") == "3" for c in redis_server.client().client_list())
+    store.close()
+
+
+def test_retry_option_rides_out_a_restart(redis_server_factory: Callable[..., RedisServer]) -> None:
+    # By default an outage is StoreUnavailable at once; with redis-py's retry= the same
+    # call waits out a short restart (connect retried with backoff).
+    server = redis_server_factory()
+    fast = RedisStore(server.url)
+    patient = RedisStore(server.url, retry=Retry(ConstantBackoff(0.1), 40))
+    fast.set("k", b"v")
+    patient.ping()
+    server.kill()
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        fast.get("k")
+    assert time.monotonic() - t0 < 3.0
+    restart = threading.Timer(0.5, server.start)
+    restart.start()
+    try:
+        assert patient.get("k") is None  # restarted empty (no persistence), but answered
+        assert patient.batch().set("k", b"w").get("k").execute() == [None, b"w"]
+    finally:
+        restart.join(20)
+    assert fast.get("k") == b"w"
+    fast.close()
+    patient.close()
+
+
+class _RotatingCredentials(CredentialProvider):
+    """Reads the password anew for every connection (as a secrets manager would)."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password
+        self.calls = 0
+
+    def get_credentials(self) -> tuple[str, str]:
+        self.calls += 1
+        return ("default", self.password)
+
+
+def test_credential_provider_and_rotation(redis_server_factory: Callable[..., RedisServer]) -> None:
+    server = redis_server_factory()
+    admin = server.client()
+    admin.config_set("requirepass", PASSWORD)
+    admin = server.client(password=PASSWORD)
+    creds = _RotatingCredentials(PASSWORD)
+    store = RedisStore(f"redis://127.0.0.1:{server.port}/0", credential_provider=creds)
+    store.set("k", b"v")
+    assert store.batch().get("k").execute() == [b"v"]
+    assert creds.calls >= 1
+    # The password is rotated; pooled connections are cut; new ones use the new one.
+    admin.config_set("requirepass", "rotated-pw")
+    creds.password = "rotated-pw"
+    calls = creds.calls
+    server.client(password="rotated-pw").client_kill_filter(_type="normal", skipme=True)
+    assert store.batch().get("k").incr("n").execute() == [b"v", 1]
+    assert creds.calls > calls
+    # A wrong password is the backend being unavailable, said without the password.
+    creds.password = "wrong"
+    server.client(password="rotated-pw").client_kill_filter(_type="normal", skipme=True)
+    with pytest.raises(StoreUnavailable) as info:
+        store.get("k")
+    assert "wrong" not in str(info.value)
     store.close()
 
 
 def test_fork_child_uses_own_connection(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
-    store.batch().set("b", b"parent").execute()  # the parent holds a batch connection
-    batch_conn = store._conns._idle[0]
-    store.set("k", b"parent")  # and a pooled one
-    parent_conn = store.client.connection_pool._available_connections[0]
+    store.set("k", b"parent")
+    parent_id = store.client.client_id()  # the parent's pooled connection
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
-            # the batch connection is dropped by pid even without after_fork()
-            if store.batch().get("b").execute() == [b"parent"] and store._conns._idle[0] is not batch_conn:
+            if store.batch().get("k").execute() == [b"parent"]:  # redis-py's pid check
                 store.after_fork()
-                if store.get("k") == b"parent":
+                if store.get("k") == b"parent" and store.client.client_id() != parent_id:
                     store.set("child", b"ok")
                     code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert store.get("child") == b"ok"  # the parent's connections were left intact
-    assert store.client.connection_pool._available_connections[0] is parent_conn
+    assert store.get("child") == b"ok"
+    assert store.client.client_id() == parent_id  # the child left the parent's socket alone
     assert store.batch().get("child").execute() == [b"ok"]
-    assert store._conns._idle == [batch_conn]
-    store.close()
-
-
-def test_real_lua_release_used(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url)
-    token = store.acquire("l", timeout=5)
-    assert token and store.release("l", token)
-    assert store._lua_ok  # the compare-and-delete script ran on the real server
     store.close()
 
 
@@ -418,34 +505,14 @@ def test_unreachable_urls_fast() -> None:
         assert PASSWORD not in str(info.value) and "***" in str(info.value)
 
 
-# -- shared contract (when tests/store_contract.py exists) ---------------------------
-
-_CONTRACT = Path(__file__).with_name("store_contract.py")
-
-
-def _contract_checks() -> list[Any]:
-    if not _CONTRACT.exists():
-        return []
-    spec = importlib.util.spec_from_file_location("store_contract", _CONTRACT)
-    if spec is None or spec.loader is None:
-        return []
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except Exception:  # still being written by someone else
-        return []
-    return list(getattr(module, "ALL_CHECKS", []))
+# -- the shared contract (tests/store_contract.py), on fakeredis and a real server ----
+# Imported like any module: an error in it fails the whole file at collection.
 
 
-_CHECKS = _contract_checks()
-
-
-@pytest.mark.parametrize("check", _CHECKS or [None],
-                         ids=[getattr(c, "__name__", str(c)) for c in _CHECKS] or ["absent"])
+@pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("flavour", ["real", "fake"])
-def test_store_contract(check: Any, flavour: str, request: pytest.FixtureRequest) -> None:
-    if check is None:
-        pytest.skip("tests/store_contract.py (ALL_CHECKS) not available yet")
+def test_store_contract(check: Callable[[RedisStore], None], flavour: str,
+                        request: pytest.FixtureRequest) -> None:
     if flavour == "real":
         server: RedisServer = request.getfixturevalue("redis_server")
         store = RedisStore(server.url)
