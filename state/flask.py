@@ -38,19 +38,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import msgspec
 from flask import Flask, Request, Response, jsonify
-from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SessionInterface, SessionMixin
 from itsdangerous import Signer
 
+from . import codec
 from .store import Store, StoreUnavailable, open_store
 
 __all__ = ["Session", "ServerSession", "SessionTooLarge", "StoreSessionInterface",
@@ -68,9 +66,6 @@ VERIFIED_CACHE = 4096  # signed cookie values remembered as verified, per proces
 _PERMANENT = "_permanent"
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{20,512}")
 
-serializer = TaggedJSONSerializer()
-_json_encode = msgspec.json.Encoder().encode
-_json_decode = msgspec.json.Decoder().decode
 
 
 class SessionTooLarge(Exception):
@@ -81,38 +76,6 @@ class SessionTooLarge(Exception):
                          f"SESSION_MAX_SIZE is {limit}; it was not saved")
         self.size = size
         self.limit = limit
-
-
-_TAGGED = b"\x01"  # marks a value stored in Flask's tagged JSON (never starts plain JSON)
-_SCALARS = (str, int, bool, type(None))
-
-
-def _plain(value: Any) -> bool:
-    """True when JSON keeps ``value`` exactly (no tuple, bytes, datetime, Markup, UUID...)."""
-    t = type(value)
-    if t in _SCALARS:
-        return t is not int or -(2**63) <= value < 2**64
-    if t is float:
-        return math.isfinite(value)
-    if t is list:
-        return all(_plain(v) for v in value)
-    if t is dict:
-        return all(type(k) is str and _plain(v) for k, v in value.items())
-    return False
-
-
-def _dumps(value: Any) -> bytes:
-    """One session value as stored: plain JSON when that round-trips exactly (fast,
-    msgspec), else Flask's tagged JSON behind a marker byte. Never pickle."""
-    if _plain(value):
-        return _json_encode(value)
-    return _TAGGED + serializer.dumps(value).encode("utf-8")
-
-
-def _loads(raw: bytes) -> Any:
-    if raw[:1] == _TAGGED:
-        return serializer.loads(raw[1:].decode("utf-8"))
-    return _json_decode(raw)
 
 
 def store_unavailable_response() -> Response:
@@ -154,7 +117,7 @@ class ServerSession(SessionMixin):
         self._raw = dict(raw)
         for field, value in raw.items():
             try:
-                data[field] = _loads(value)
+                data[field] = codec.loads(value)
             except Exception:  # a corrupt field is dropped (and deleted at save), not fatal
                 log.warning("session field %r could not be decoded; dropped", field)
         if raw:
@@ -204,7 +167,7 @@ class ServerSession(SessionMixin):
             raise TypeError(f"session keys must be str, not {type(key).__name__}")
         data = self._load()
         limit = self._interface.max_size
-        size = len(key.encode()) + len(_dumps(value))
+        size = len(key.encode()) + len(codec.dumps(value))
         total = size + sum(n for k, n in self._sizes.items() if k != key)
         if total > limit:  # early, in the view, where an errorhandler can catch it
             log.error("session too large: setting %r makes it %d bytes serialized, "
@@ -347,7 +310,7 @@ class StoreSessionInterface(SessionInterface):
             return  # never touched: no store access, no cookie, no Vary
         response.vary.add("Cookie")
         s = session
-        current = {k: _dumps(v) for k, v in s._data.items()}
+        current = {k: codec.dumps(v) for k, v in s._data.items()}
         size = sum(len(k.encode()) + len(v) for k, v in current.items())
         if size > self.max_size:
             log.error("session too large: %d bytes serialized, SESSION_MAX_SIZE is %d; "

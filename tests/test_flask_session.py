@@ -594,30 +594,3 @@ def test_arbitrary_stored_bytes_never_raise(app: Flask, store: RecordingStore, r
     stored = store.inner.hgetall("session:" + sid)
     assert stored["a"] == b'"1"' and stored["b"] == b'"2"'
     assert set(stored) <= {"a", "b", "junk", "_permanent"}
-
-
-_json_leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
-_tagged_leaves = st.one_of(
-    _json_leaves, st.binary(max_size=20), st.uuids(),
-    # Flask's tag keeps whole seconds, in HTTP date form (years before 1000 come back
-    # wrong, as in Flask's own cookie session).
-    st.datetimes(min_value=datetime(1000, 1, 1), timezones=st.just(timezone.utc)).map(
-        lambda d: d.replace(microsecond=0)),
-    st.text(max_size=20).map(Markup))
-_values = st.recursive(
-    _tagged_leaves,
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.tuples(inner, inner),
-                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=12)
-
-
-@settings(max_examples=300, deadline=None)
-@given(_values)
-def test_values_round_trip_through_storage(value: Any) -> None:
-    from gunicorn_ext.state.flask import _dumps, _loads
-
-    raw = _dumps(value)
-    assert isinstance(raw, bytes)
-    back = _loads(raw)
-    assert back == value and type(back) is type(value)
