@@ -8,7 +8,8 @@ URL forms:
 * ``redis+sentinel://[[user]:password@]host1:port1,host2:port2/service_name[/db]``
   (``rediss+sentinel`` for TLS): ``Sentinel([...]).master_for(service_name, db=db)``.
   The password is the master's; pass ``sentinel_password=`` (or ``sentinel_kwargs=``)
-  if the sentinels themselves need one;
+  if the sentinels themselves need one. Query options are read as ``from_url`` reads
+  them (``?ssl_ca_certs=/path/ca.pem``) and apply to the sentinels too (timeouts, TLS);
 * ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster``):
   :class:`redis.cluster.RedisCluster` with those startup nodes, created on first use
   (it connects when created).
@@ -46,6 +47,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import redis
 import redis.exceptions as rexc
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.lock import Lock
 from redis.retry import Retry
 
@@ -173,6 +175,11 @@ class RedisStore(Store):
 
         opts = dict(DEFAULT_OPTIONS)
         opts["retry"] = Retry(NoBackoff(), 0)
+        if self.kind != "redis" and parts.query:
+            # Query options (``?ssl_ca_certs=...&protocol=3``) read as from_url reads them.
+            for name, value in parse_url(f"redis://localhost/?{parts.query}").items():
+                if name not in ("host", "port", "db"):
+                    opts[name] = value
         opts.update(options)
         opts["decode_responses"] = False
         userinfo, _, hostpart = parts.netloc.rpartition("@")
@@ -212,7 +219,8 @@ class RedisStore(Store):
             self.db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinel_kwargs = dict(opts.pop("sentinel_kwargs", None) or {})
             sentinel_password = opts.pop("sentinel_password", None)
-            for key in ("socket_timeout", "socket_connect_timeout", "retry", "ssl"):
+            for key in ("socket_timeout", "socket_connect_timeout", "retry", "ssl", "ssl_ca_certs",
+                        "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"):
                 if key in opts:
                     sentinel_kwargs.setdefault(key, opts[key])
             if sentinel_password:
