@@ -40,7 +40,7 @@ import contextlib
 import math
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -89,6 +89,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rexc.SlotNotCoveredError,
     OSError,
 )
+# What redis-py raises (RedisClusterException is not a RedisError), mapped by RedisStore._mapped.
+_REDIS_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
 
 
 def redact_url(url: str) -> str:
@@ -248,10 +250,13 @@ class RedisStore(Store):
     def client(self) -> Any:
         """The redis-py client (for a cluster URL, created, i.e. connected, on first use)."""
         if self._client is None:
-            with self._client_lock, self._errors():
+            with self._client_lock:
                 if self._client is None:
                     assert self._factory is not None
-                    self._client = self._factory()
+                    try:
+                        self._client = self._factory()
+                    except _REDIS_ERRORS as exc:
+                        raise self._mapped(exc) from exc
         return self._client
 
     def _redact(self, text: str) -> str:
@@ -263,81 +268,97 @@ class RedisStore(Store):
             text = text[:297] + "..."
         return f"redis store {self.safe_url} unavailable ({text})"
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except StoreError:
-            raise
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(self._message(exc)) from exc
-        except rexc.ResponseError as exc:
+    def _mapped(self, exc: BaseException) -> BaseException:
+        """The store error to raise for redis-py's ``exc`` (a plain try/except at each
+        call site: a context manager would cost more than a loopback round trip's CPU)."""
+        if isinstance(exc, StoreError):
+            return exc
+        if isinstance(exc, _UNAVAILABLE):
+            return StoreUnavailable(self._message(exc))
+        if isinstance(exc, rexc.ResponseError):
             text = self._redact(str(exc))
             if "WRONGTYPE" in text:
-                raise WrongType(f"redis store {self.safe_url}: {text}") from exc
+                return WrongType(f"redis store {self.safe_url}: {text}")
             if "not an integer" in text or "would overflow" in text:
-                raise NotAnInteger(f"redis store {self.safe_url}: {text}") from exc
-            raise StoreError(f"redis store {self.safe_url}: {text}") from exc
-        except rexc.RedisClusterException as exc:
+                return NotAnInteger(f"redis store {self.safe_url}: {text}")
+            return StoreError(f"redis store {self.safe_url}: {text}")
+        if isinstance(exc, rexc.RedisClusterException):
             if "cannot be connected" in str(exc) or "reachable" in str(exc):
-                raise StoreUnavailable(self._message(exc)) from exc
-            raise StoreError(f"redis store {self.safe_url}: {exc}") from exc
-        except rexc.RedisError as exc:
-            text = self._redact(str(exc))
-            raise StoreError(f"redis store {self.safe_url}: {type(exc).__name__}: {text}") from exc
+                return StoreUnavailable(self._message(exc))
+            return StoreError(f"redis store {self.safe_url}: {exc}")
+        text = self._redact(str(exc))
+        return StoreError(f"redis store {self.safe_url}: {type(exc).__name__}: {text}")
 
     # -- strings --------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        with self._errors():
+        try:
             value: bytes | None = self.client.get(key)
-            return value
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
+        return value
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         check_value(value)
         px = None if ttl is None else _ms(check_ttl(ttl))
-        with self._errors():
+        try:
             self.client.set(key, value, px=px)
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def delete(self, *keys: str) -> int:
         if not keys:
             return 0
-        with self._errors():
+        try:
             return int(self.client.delete(*keys))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def incr(self, key: str, amount: int = 1) -> int:
         check_amount(amount)
-        with self._errors():
+        try:
             return int(self.client.incrby(key, amount))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def expire(self, key: str, ttl: float) -> bool:
         ms = _ms(check_ttl(ttl, allow_zero=True))
-        with self._errors():
+        try:
             return bool(self.client.pexpire(key, ms))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def ttl(self, key: str) -> float | None:
-        with self._errors():
+        try:
             return _ttl_result(self.client.pttl(key))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     # -- hashes ---------------------------------------------------------------------
 
     def hgetall(self, key: str) -> dict[str, bytes]:
-        with self._errors():
+        try:
             return _decode_hash(self.client.hgetall(key))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> None:
         for value in mapping.values():
             check_value(value)
         if not mapping:
             return
-        with self._errors():
+        try:
             self.client.hset(key, mapping=mapping)
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def hdel(self, key: str, *fields: str) -> int:
         if not fields:
             return 0
-        with self._errors():
+        try:
             return int(self.client.hdel(key, *fields))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     # -- batch ----------------------------------------------------------------------
 
@@ -354,24 +375,29 @@ class RedisStore(Store):
         check_lock_timeout(timeout)
         token = secrets.token_hex(16)
         wait = None if blocking_timeout is None else max(0.0, blocking_timeout)
-        with self._errors():
+        try:
             got = self._lock(name, timeout).acquire(
                 token=token, blocking=wait != 0, blocking_timeout=wait)
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
         return token if got else None
 
     def release(self, name: str, token: str) -> bool:
-        with self._errors():
-            try:
-                self._lock(name, 1.0).do_release(token)
-            except rexc.LockNotOwnedError:
-                return False
+        try:
+            self._lock(name, 1.0).do_release(token)
+        except rexc.LockNotOwnedError:
+            return False
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
         return True
 
     # -- lifecycle ------------------------------------------------------------------
 
     def ping(self) -> None:
-        with self._errors():
+        try:
             self.client.ping()
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def after_fork(self) -> None:
         """Forget inherited connections without touching their sockets (the parent owns them).
@@ -442,7 +468,8 @@ def _zero(_: list[Any]) -> int:
 
 class RedisBatch(Batch):
     """A redis-py pipeline with ``transaction=False``: one round trip, commands in order,
-    results converted like the plain methods.
+    results converted like the plain methods. A batch of one command is sent as that
+    plain command (the same round trip, without the pipeline's own cost).
 
     Not MULTI/EXEC: a batch is not isolated from other clients' commands (each command
     is atomic on its own), which is what the session's load and save need. Every
@@ -451,80 +478,85 @@ class RedisBatch(Batch):
     ``delete`` is queued as one DEL per key.
     """
 
+    __slots__ = ("_store", "_cmds", "_ops")
+
     def __init__(self, store: RedisStore) -> None:
         self._store = store
-        self._pipe: Any = None
-        # per queued method: how many pipeline commands it queued, and its converter
+        # redis-py command calls: (method name, positional args, keyword args)
+        self._cmds: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        # per queued method: how many commands it queued, and its converter
         self._ops: list[tuple[int, Callable[[list[Any]], Any]]] = []
 
-    @property
-    def _p(self) -> Any:
-        if self._pipe is None:
-            self._pipe = self._store.client.pipeline(transaction=False)
-        return self._pipe
+    def _add(self, convert: Callable[[list[Any]], Any], name: str, *args: Any,
+             **kwargs: Any) -> RedisBatch:
+        self._cmds.append((name, args, kwargs))
+        self._ops.append((1, convert))
+        return self
 
-    def _add(self, count: int, convert: Callable[[list[Any]], Any]) -> RedisBatch:
-        self._ops.append((count, convert))
+    def _const(self, convert: Callable[[list[Any]], Any]) -> RedisBatch:
+        self._ops.append((0, convert))
         return self
 
     def get(self, key: str) -> RedisBatch:
-        self._p.get(key)
-        return self._add(1, _first)
+        return self._add(_first, "get", key)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> RedisBatch:
         check_value(value)
-        self._p.set(key, value, px=None if ttl is None else _ms(check_ttl(ttl)))
-        return self._add(1, _none)
+        return self._add(_none, "set", key, value, px=None if ttl is None else _ms(check_ttl(ttl)))
 
     def delete(self, *keys: str) -> RedisBatch:
         if not keys:
-            return self._add(0, _zero)
-        if self._store.kind == "cluster":
+            return self._const(_zero)
+        if self._store.kind == "cluster" and len(keys) > 1:
             for key in keys:
-                self._p.delete(key)
-            return self._add(len(keys), _sum)
-        self._p.delete(*keys)
-        return self._add(1, _int)
+                self._cmds.append(("delete", (key,), {}))
+            self._ops.append((len(keys), _sum))
+            return self
+        return self._add(_int, "delete", *keys)
 
     def incr(self, key: str, amount: int = 1) -> RedisBatch:
-        check_amount(amount)
-        self._p.incrby(key, amount)
-        return self._add(1, _int)
+        return self._add(_int, "incrby", key, check_amount(amount))
 
     def expire(self, key: str, ttl: float) -> RedisBatch:
-        self._p.pexpire(key, _ms(check_ttl(ttl, allow_zero=True)))
-        return self._add(1, _bool)
+        return self._add(_bool, "pexpire", key, _ms(check_ttl(ttl, allow_zero=True)))
 
     def ttl(self, key: str) -> RedisBatch:
         """Not in the :class:`Batch` interface, but handy: PTTL as seconds or None."""
-        self._p.pttl(key)
-        return self._add(1, _pttl)
+        return self._add(_pttl, "pttl", key)
 
     def hgetall(self, key: str) -> RedisBatch:
-        self._p.hgetall(key)
-        return self._add(1, _hash)
+        return self._add(_hash, "hgetall", key)
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> RedisBatch:
         for value in mapping.values():
             check_value(value)
         if not mapping:
-            return self._add(0, _none)
-        self._p.hset(key, mapping=mapping)
-        return self._add(1, _none)
+            return self._const(_none)
+        return self._add(_none, "hset", key, mapping=mapping)
 
     def hdel(self, key: str, *fields: str) -> RedisBatch:
         if not fields:
-            return self._add(0, _zero)
-        self._p.hdel(key, *fields)
-        return self._add(1, _int)
+            return self._const(_zero)
+        return self._add(_int, "hdel", key, *fields)
 
     def execute(self) -> list[Any]:
+        cmds, self._cmds = self._cmds, []
         ops, self._ops = self._ops, []
-        pipe, self._pipe = self._pipe, None
-        raw: list[Any] = []
-        if pipe is not None:
-            with self._store._errors():
+        store = self._store
+        raw: list[Any]
+        try:
+            if not cmds:
+                raw = []
+            elif len(cmds) == 1:
+                name, args, kwargs = cmds[0]
+                raw = [getattr(store.client, name)(*args, **kwargs)]
+            else:
+                pipe = store.client.pipeline(transaction=False)
+                for name, args, kwargs in cmds:
+                    getattr(pipe, name)(*args, **kwargs)
                 raw = pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise store._mapped(exc) from exc
         results: list[Any] = []
         pos = 0
         for count, convert in ops:
