@@ -277,6 +277,8 @@ class RedisStore(Store):
             return StoreUnavailable(self._message(exc))
         if isinstance(exc, rexc.ResponseError):
             text = self._redact(str(exc))
+            if "NOREPLICAS" in text:  # min-replicas-to-write refused it: not written
+                return StoreUnavailable(self._message(exc))
             if "WRONGTYPE" in text:
                 return WrongType(f"redis store {self.safe_url}: {text}")
             if "not an integer" in text or "would overflow" in text:

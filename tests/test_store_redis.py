@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -749,6 +750,50 @@ def test_cluster_live(redis_server_factory: Callable[..., RedisServer]) -> None:
     store.after_fork()
     assert store.incr("counter") == 4
     store.close()
+
+
+def test_min_replicas_refusal_is_unavailable(redis_server_factory: Callable[..., RedisServer]) -> None:
+    # A master told to refuse writes without a replica in sync (how to keep a failover
+    # from losing acknowledged writes) answers NOREPLICAS: for the app, the store is
+    # unavailable (503), the write was not made, reads go on.
+    server = redis_server_factory(extra_args=["--min-replicas-to-write", "1"])
+    store = RedisStore(server.url)
+    for write in (lambda: store.set("k", b"v"), lambda: store.incr("n"),
+                  lambda: store.batch().hset("h", {"a": b"1"}).expire("h", 5).execute()):
+        with pytest.raises(StoreUnavailable, match="NOREPLICAS"):
+            write()
+    assert store.get("k") is None and store.hgetall("h") == {}
+    store.close()
+
+
+def test_unreplicated_acknowledged_write_is_lost_on_promotion(
+        redis_server_factory: Callable[..., RedisServer]) -> None:
+    # What a failover can lose, made deterministic: replication is asynchronous, so a
+    # write the master acknowledged but had not yet streamed to its replica is gone once
+    # that replica is promoted. (The stopped replica's kernel buffers hold a few MB; the
+    # 32 MB value backs the rest of the stream up in the master, which then dies.)
+    master = redis_server_factory()
+    replica = redis_server_factory(extra_args=["--replicaof", "127.0.0.1", str(master.port)])
+    wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up",
+             15, what="replica in sync")
+    store = RedisStore(master.url, socket_timeout=10)
+    store.set("before", b"1")
+    wait_for(lambda: replica.client().get("before") == b"1", 10, what="replicated")
+    assert replica.proc is not None
+    os.kill(replica.proc.pid, signal.SIGSTOP)
+    try:
+        store.set("big", b"x" * (32 << 20))
+        store.set("after", b"2")  # acknowledged: set() returned
+        assert store.get("after") == b"2"
+        master.kill()
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    replica.client().replicaof("NO", "ONE")  # the promotion a sentinel would make
+    promoted = RedisStore(replica.url)
+    assert promoted.get("before") == b"1"
+    assert promoted.get("after") is None  # acknowledged by the old master, never replicated
+    store.close()
+    promoted.close()
 
 
 # -- Sentinel failover under load: a master, a replica, three sentinels -------------
