@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # Debian puts nginx (and sometimes redis-server) in /usr/sbin, often off a user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: help install system-deps lint test run bench bench-deps clean
+.PHONY: help install system-deps lint test run bench bench-deps dist docs clean
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
@@ -22,6 +22,8 @@ help:
 	@echo "make run          the example cluster (examples/flask_app)"
 	@echo "make bench        every bench/*.py; results in bench/results/<name>.json"
 	@echo "make bench-deps   apt-get install wrk if missing (root; optional)"
+	@echo "make docs         build the docs site into docs/_build/html (warnings are errors)"
+	@echo "make dist         build the sdist and wheel into dist/, check them, run the example from the wheel"
 	@echo "make clean        remove caches and build artefacts (keeps $(VENV))"
 
 install: $(STAMP)
@@ -72,6 +74,7 @@ lint: install
 
 test: install system-deps
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory docs
 	$(BIN)/pytest -q
 
 run: install
@@ -108,6 +111,19 @@ bench-deps:
 	if ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk </dev/null; }; then \
 	  echo "bench-deps: apt-get install wrk failed; benchmarks use a Python load generator"; \
 	fi
+
+# Sphinx, warnings as errors; the settings reference is generated from gunicorn_ext/settings.py.
+docs: install
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
+# The sdist and wheel in dist/, checked by tests/test_dist.py (twine check, the wheel's
+# files, a fresh venv outside the tree running the example). `make test` runs the same
+# checks on a copy it builds itself.
+dist: install system-deps
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	GX_DIST_DIR=dist $(BIN)/pytest -q -p no:cacheprovider tests/test_dist.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(STAMP)

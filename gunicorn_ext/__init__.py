@@ -18,6 +18,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+#: The package version, in this one place (pyproject.toml reads it; CHANGES.md records it).
+__version__ = "0.2.0.dev0"
+
 if TYPE_CHECKING:
     from .hooks import enable
     from .ipc import (
@@ -50,7 +53,7 @@ _WHERE = {
 }
 
 __all__ = [
-    "ALL", "PRIMARY", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub", "IPCError",
+    "__version__", "ALL", "PRIMARY", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub", "IPCError",
     "Message", "NoHandler", "RequestTimeout", "Settings", "SettingsError", "WorkerGone",
     "enable", "primary", "worker",
 ]

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from . import __version__
 from .control import ControlError, call, find_socket
 
 #: Seconds between status polls while following a rolling reload.
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gunicorn-ext",
         description="Inspect and control running gunicorn-ext instances.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     instance = argparse.ArgumentParser(add_help=False)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .dispatch import DispatchedListener, Dispatcher, dispatched
 from .ipc.bus import worker as worker_bus
 from .ipc.hub import primary
 from .reporter import Reporter
@@ -26,6 +27,10 @@ _MARK = "_gunicorn_ext_hook"
 supervisor = Supervisor(primary)
 #: This worker's reporter (None in the primary).
 reporter: Reporter | None = None
+#: The primary's connection dispatcher (even spread over workers).
+dispatcher = Dispatcher(primary)
+#: This worker's end of it (None in the primary, or when even_spread is off).
+dispatched_listener: DispatchedListener | None = None
 
 
 def _slot_of(w: Any) -> int | None:
@@ -38,6 +43,8 @@ def _slot_of(w: Any) -> int | None:
 def on_starting(server: Any) -> None:
     primary.start(server.log)
     supervisor.install(server)
+    if supervisor.settings.even_spread and dispatched(server.worker_class.__name__):
+        dispatcher.install(server, server.log)
 
 
 def on_exit(server: Any) -> None:
@@ -49,11 +56,13 @@ def pre_fork(server: Any, worker: Any) -> None:
     """Give the new worker its slot (a replacement takes the dead one's) and its bus."""
     slot = supervisor.assign_slot(server, worker)
     primary.prepare_fork(slot, worker)
+    dispatcher.prepare_fork(server, worker)
 
 
 def child_exit(server: Any, worker: Any) -> None:
     supervisor.worker_exited(server, worker)
     primary.worker_exited(worker)
+    dispatcher.worker_exited(worker)
 
 
 def on_reload(server: Any) -> None:
@@ -88,7 +97,10 @@ def nworkers_changed(server: Any, new: int, old: int | None) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    global reporter
+    global reporter, dispatched_listener
+    dispatched_listener = dispatcher.child_listener(worker)
+    if dispatched_listener is not None:
+        _stop_dispatch_on_exit_signal(worker, dispatched_listener)
     end = primary.child_end
     primary.child_end = None
     if end is not None:
@@ -106,21 +118,44 @@ def post_fork(server: Any, worker: Any) -> None:
             os.environ["GX_ROUTE"] = route_name(f"{host}:{port}")
 
 
+def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
+    """TERM (graceful stop) tells the primary at once to send this worker nothing more.
+
+    Gunicorn binds ``worker.handle_exit`` as the SIGTERM handler in ``init_signals``,
+    after ``post_fork``; no hook runs on the signal, so the bound method is wrapped here.
+    """
+    handle_exit = worker.handle_exit
+
+    def on_exit_signal(sig: Any, frame: Any) -> None:
+        dl.stop_soon()
+        handle_exit(sig, frame)
+
+    worker.handle_exit = on_exit_signal
+
+
 def post_worker_init(worker: Any) -> None:
     worker_bus.start()
     if reporter is not None:
         reporter.start()
+    if dispatched_listener is not None:
+        dispatched_listener.ready()
 
 
 def pre_request(worker: Any, req: Any) -> None:
     if reporter is not None:
         reporter.pre_request()
+    if dispatched_listener is not None:
+        dispatched_listener.started()
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     worker_bus.flush()  # one-way messages batched during the request leave with it
     if reporter is not None:
         reporter.post_request()
+    if dispatched_listener is not None:
+        if not worker.alive:  # max_requests, memory recycling: stopping after this request
+            dispatched_listener.stop_soon()
+        dispatched_listener.finished()
 
 
 def worker_abort(worker: Any) -> None:
@@ -134,6 +169,8 @@ def worker_abort(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
+    if dispatched_listener is not None:
+        dispatched_listener.close()  # hands back connections it never accepted
     if reporter is not None:
         reporter.worker_exit(worker)
 

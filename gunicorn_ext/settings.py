@@ -100,6 +100,12 @@ class Settings:
     #: Host of the per-worker ports; default: the host of Gunicorn's first bind.
     worker_ports_host: str = ""
 
+    # -- accepting
+    #: The primary accepts connections and hands each to the worker with the most
+    #: free threads (sync and gthread workers), instead of whichever worker the
+    #: kernel wakes. False: Gunicorn's own accept in every worker.
+    even_spread: bool = True
+
     # -- status and metrics
     #: How often each worker reports its counters to the primary (seconds).
     stats_interval: float = 1.0

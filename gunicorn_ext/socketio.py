@@ -38,7 +38,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import socketio
+from .extras import missing_extra
+
+try:
+    import socketio
+except ImportError as exc:
+    raise missing_extra(exc, "socketio", __name__) from exc
 
 from .ipc import IPCError, Message
 from .ipc.bus import worker

@@ -17,7 +17,13 @@ import math
 from typing import Any
 
 import msgspec
-from flask.json.tag import TaggedJSONSerializer
+
+from gunicorn_ext.extras import missing_extra
+
+try:
+    from flask.json.tag import TaggedJSONSerializer
+except ImportError as exc:
+    raise missing_extra(exc, "flask", __name__) from exc
 
 __all__ = ["TAGGED", "dumps", "loads"]
 

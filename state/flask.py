@@ -1,37 +1,66 @@
 """Flask server-side sessions on the store interface: ``Session(app)``.
 
-A drop-in for Flask-Session's common configuration keys, with none of its pickle:
+A drop-in for Flask-Session (change the import) that behaves like Flask's own cookie
+session wherever an app can tell, with none of Flask-Session's pickle:
 
-* ``SESSION_TYPE`` (``"redis"``, ``"sqlite"``, ``"memory"``), ``SESSION_REDIS`` (a redis-py
-  client, used when ``SESSION_TYPE="redis"``), ``SESSION_URL`` (any store URL, e.g.
-  ``"sqlite:///var/app/sessions.db"``; wins over ``SESSION_TYPE``), ``SESSION_KEY_PREFIX``
-  (default ``"session:"``), ``SESSION_PERMANENT`` (default True), ``SESSION_ID_LENGTH``
-  (bytes of randomness, default 32, minimum 16), ``SESSION_MAX_SIZE`` (serialized bytes,
-  default 64 KiB), ``PERMANENT_SESSION_LIFETIME``, ``SESSION_REFRESH_EACH_REQUEST`` and
-  Flask's ``SESSION_COOKIE_*`` keys. ``Session(app, store=...)`` takes a ready store.
+* Configuration: ``SESSION_TYPE`` (``"redis"``, ``"sqlite"``, ``"memory"``),
+  ``SESSION_REDIS`` (a redis-py client, with ``SESSION_TYPE="redis"``), ``SESSION_URL``
+  (any store URL, e.g. ``"sqlite:///var/app/sessions.db"``; wins over ``SESSION_TYPE``),
+  ``SESSION_KEY_PREFIX`` (default ``"session:"``), ``SESSION_PERMANENT`` (default True),
+  ``SESSION_ID_LENGTH`` (bytes of randomness, default 32, minimum 16),
+  ``SESSION_MAX_SIZE`` (serialized bytes, default 64 KiB), ``SESSION_REFRESH_INTERVAL``
+  (seconds, see below), and Flask's own ``PERMANENT_SESSION_LIFETIME``,
+  ``SESSION_REFRESH_EACH_REQUEST``, ``SECRET_KEY_FALLBACKS`` and ``SESSION_COOKIE_*``.
+  ``Session(app, store=...)`` takes a ready store. Flask-Session keys that have no
+  meaning here get one warning naming what to do instead; an unsupported
+  ``SESSION_TYPE`` is an error naming the store URL to use.
+* Flask's behaviour: ``session.modified`` is set by assigning or deleting a key (as on
+  Flask's ``SecureCookieSession``), ``session.accessed`` by Flask whenever the
+  ``session`` proxy is touched, and ``Vary: Cookie`` follows it. The cookie's attributes
+  come from the interface's hooks (``get_cookie_name``/``domain``/``path``/``secure``/
+  ``httponly``/``samesite``/``partitioned``, ``get_expiration_time``,
+  ``should_set_cookie``), so a subclass overriding one is obeyed. A session modified to
+  empty deletes its cookie; a cookie that can't be verified (another key, tampered,
+  garbage) is an empty session and is left alone, so a key rotation with
+  ``SECRET_KEY_FALLBACKS`` never logs anyone out. ``Session(app)`` sets
+  ``SESSION_COOKIE_SAMESITE="Lax"`` when it is Flask's default None (secure by default);
+  otherwise Flask's value is used (None sends no SameSite attribute, an invalid value is
+  a ValueError).
 
 A session is one hash in the store, ``SESSION_KEY_PREFIX + id``, one field per top-level
-key, each value in Flask's tagged JSON (Markup, datetime, bytes, tuple, UUID round-trip).
-The session loads lazily, on first access, in one batch (``HGETALL`` + ``EXPIRE``: the
-sliding expiry touches the TTL, it never rewrites). At the end of the request only the
-fields whose serialized value changed are written, in one batch (``HSET`` changed fields,
-``HDEL`` removed ones, ``EXPIRE``), so nested mutations are saved without
-``session.modified``, and two concurrent requests changing different keys both survive.
-An empty session stores nothing and sets no cookie; one that becomes empty is deleted,
-with its cookie.
+key, each value in :mod:`gunicorn_ext.state.codec` (plain JSON, or Flask's tagged JSON
+for Markup, datetime, bytes, tuple, UUID). It loads lazily, on first access, in one
+round trip (``HGETALL``). At the end of the request only the fields whose serialized
+value changed are written, in one round trip (``HSET`` changed fields, ``HDEL`` removed
+ones, ``EXPIRE``), so nested mutations are saved without ``session.modified``, and two
+concurrent requests changing different keys both survive. An empty session stores
+nothing and sets no cookie.
 
-The cookie carries the id signed with the app's secret key (itsdangerous, salt
-``"gunicorn-ext-session"``), HttpOnly and SameSite=Lax by default; a tampered, garbage or
-unsigned cookie is simply a new empty session, without a store lookup.
+Expiry follows Flask: the store keeps a session ``PERMANENT_SESSION_LIFETIME`` after it
+was last written and, for a permanent session with ``SESSION_REFRESH_EACH_REQUEST``
+(Flask's default), after it was last used, by any request carrying its cookie, also one
+that never touches ``session``; the cookie of such a session is re-sent on every
+request, as Flask does. The TTL is refreshed at most once per ``SESSION_REFRESH_INTERVAL``
+(default 60 s, or a tenth of the lifetime if shorter; 0: every request): the cookie
+carries, signed, when it last was, so a refresh costs nothing in a request that loads
+the session (``EXPIRE`` rides with ``HGETALL``), one ``EXPIRE`` round trip per interval
+in requests that don't, and no store access at all in between.
 
-``session.regenerate()`` moves the data to a new id and deletes the old one (call it at
-login, against fixation); ``session.destroy()`` deletes the session and its cookie.
+The cookie is ``id.flag.timestamp.signature`` (itsdangerous ``TimestampSigner`` with the
+app's secret key, salt ``"gunicorn-ext-session"``; the flag says whether the session is
+permanent), HttpOnly and SameSite=Lax by default. A tampered, garbage or unsigned
+cookie is an empty session, without a store lookup.
+
+``session.regenerate()`` (or ``app.session_interface.regenerate(session)``, as in
+Flask-Session) moves the data to a new id and deletes the old one: call it at login,
+against fixation. ``session.destroy()`` deletes the session and its cookie.
 
 When the store is unavailable, requests that touch the session (or raise
-:class:`~gunicorn_ext.state.store.StoreUnavailable` from app code) get ``503`` with ``Retry-After: 5``
-and ``{"error": "session store unavailable"}``; requests that don't touch it are
-unaffected. A session larger than ``SESSION_MAX_SIZE`` raises :class:`SessionTooLarge`
-(a 500 unless the app handles it) and nothing of it is written.
+:class:`~gunicorn_ext.state.store.StoreUnavailable` from app code) get ``503`` with
+``Retry-After: 5`` and ``{"error": "session store unavailable"}``, keeping the headers
+other extensions set (CORS, HSTS, CSP); requests that don't touch it are unaffected
+(their expiry refresh is skipped). A session larger than ``SESSION_MAX_SIZE`` raises
+:class:`SessionTooLarge` (a 500 unless the app handles it) and nothing of it is written.
 """
 
 from __future__ import annotations
@@ -40,13 +69,19 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import Iterator
-from datetime import timedelta
-from typing import Any
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
-from flask import Flask, Request, Response, jsonify
-from flask.sessions import SessionInterface, SessionMixin
-from itsdangerous import Signer
+from gunicorn_ext.extras import missing_extra
+
+try:
+    from flask import Flask, Request, Response, jsonify
+    from flask.sessions import SessionInterface, SessionMixin
+    from itsdangerous import BadSignature, TimestampSigner
+except ImportError as exc:
+    raise missing_extra(exc, "flask", __name__) from exc
 
 from . import codec
 from .store import Store, StoreUnavailable, open_store
@@ -61,11 +96,17 @@ DEFAULT_PREFIX = "session:"
 DEFAULT_ID_LENGTH = 32
 MIN_ID_LENGTH = 16
 DEFAULT_MAX_SIZE = 64 * 1024
+DEFAULT_REFRESH_INTERVAL = 60.0
 RETRY_AFTER = 5
 VERIFIED_CACHE = 4096  # signed cookie values remembered as verified, per process
+GONE_CACHE = 4096      # ids known to have no session (expired, deleted), per process
 _PERMANENT = "_permanent"
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{20,512}")
-
+_FLAGS = {"p": True, "s": False}
+# What describes the view's body, replaced by the 503's; other headers are kept.
+_BODY_HEADERS = ("Content-Type", "Content-Length", "Content-Encoding", "Content-Range",
+                 "Content-Language", "Content-Disposition", "Content-Location", "ETag",
+                 "Last-Modified", "Location", "Expires", "Cache-Control", "Retry-After")
 
 
 class SessionTooLarge(Exception):
@@ -83,36 +124,69 @@ def store_unavailable_response() -> Response:
     response = jsonify(error="session store unavailable")
     response.status_code = 503
     response.headers["Retry-After"] = str(RETRY_AFTER)
+    response.headers["Cache-Control"] = "no-store"
     return response
 
 
-class ServerSession(SessionMixin):
-    """A session loaded from the store on first access (not at all if never touched)."""
+class _Cookie(NamedTuple):
+    """A verified session cookie."""
 
-    def __init__(self, interface: StoreSessionInterface, sid: str | None,
-                 had_cookie: bool, cookie: str | None = None) -> None:
+    sid: str
+    permanent: bool  # the session's permanence when the cookie was signed
+    stamp: float     # when it was signed, which is when the store's TTL was last set
+    current: bool    # signed with the current key (else a fallback key: re-sign it)
+    value: str
+
+
+class ServerSession(SessionMixin):
+    """A session loaded from the store on first access (not at all if never touched).
+
+    ``modified`` is set when a key is assigned or deleted (``clear``, ``pop``,
+    ``setdefault`` of a missing key, ``update``...), exactly as on Flask's cookie
+    session; ``accessed`` is set by Flask when the ``session`` proxy is touched.
+    """
+
+    def __init__(self, interface: StoreSessionInterface, cookie: _Cookie | None,
+                 ttl: float, refresh_due: bool, refresh_each_request: bool) -> None:
         self._interface = interface
-        self._sid = sid            # the id the cookie carried (verified), or None
-        self._had_cookie = had_cookie
-        self._cookie = cookie      # that cookie's value, when signed with the current key
+        self._cookie = cookie      # the client's verified cookie, or None
+        self._sid = cookie.sid if cookie is not None else None
+        self._ttl = ttl
+        self._refresh_due = refresh_due  # the TTL is due for a refresh (interval passed)
+        self._refresh_each = refresh_each_request
+        self._refreshed = False    # this request refreshed the TTL
         self._data: dict[str, Any] = {}
         self._raw: dict[str, bytes] = {}   # field -> serialized value as stored
         self._loaded = False
+        self._failed = False               # the load raised StoreUnavailable
         self._discard: str | None = None   # an old id to delete at save (regenerate)
         self._sizes: dict[str, int] = {}   # field -> serialized size, for the early check
         self.new = True
         self.modified = False
+        self.accessed = False
 
     # -- loading
     def _load(self) -> dict[str, Any]:
         if self._loaded:
             return self._data
+        iface = self._interface
         sid = self._sid
         raw: dict[str, bytes] = {}
         if sid is not None:
-            iface = self._interface
             key = iface.key_prefix + sid
-            raw = iface.store.batch().hgetall(key).expire(key, iface.ttl).execute()[0] or {}
+            cookie = self._cookie
+            # A permanent session due for a refresh has it in the same round trip.
+            refresh = (self._refresh_due and self._refresh_each and cookie is not None
+                       and cookie.permanent)
+            batch = iface.store.batch().hgetall(key)
+            if refresh:
+                batch.expire(key, self._ttl)
+            try:
+                raw = batch.execute()[0] or {}
+            except StoreUnavailable:
+                self._failed = True
+                raise
+            self._refreshed = refresh and bool(raw)
         data: dict[str, Any] = {}
         self._raw = dict(raw)
         for field, value in raw.items():
@@ -123,22 +197,15 @@ class ServerSession(SessionMixin):
         if raw:
             self.new = False
         else:  # no cookie, or an unknown or expired id: never reuse an id the client brought
-            self._sid = self._interface.generate_sid()
-            self._cookie = None
+            if sid is not None:
+                iface._forget(sid)
+            self._sid = iface.generate_sid()
             self.new = True
         self._sizes = {k: len(k.encode()) + len(self._raw[k]) for k in data}
         self._data = data
         self._loaded = True
+        self.accessed = True  # Flask 3.1.3 sets it on the proxy; before, the session did
         return data
-
-    @property
-    def accessed(self) -> bool:  # type: ignore[override]
-        """True once the data was loaded (merely touching the ``session`` proxy isn't)."""
-        return self._loaded
-
-    @accessed.setter
-    def accessed(self, value: bool) -> None:
-        pass  # Flask sets it whenever the proxy is touched; only a real load counts
 
     @property
     def sid(self) -> str:
@@ -149,16 +216,17 @@ class ServerSession(SessionMixin):
 
     @property
     def permanent(self) -> bool:
+        """The ``_permanent`` key, else ``SESSION_PERMANENT``. Before the session is
+        loaded, what its cookie says (so an untouched request needn't load it)."""
+        if not self._loaded and self._cookie is not None:
+            return self._cookie.permanent
         return bool(self._load().get(_PERMANENT, self._interface.permanent))
 
     @permanent.setter
     def permanent(self, value: bool) -> None:
-        data = self._load()
-        if bool(value) == self._interface.permanent and _PERMANENT not in data:
-            return
-        data[_PERMANENT] = bool(value)
+        self[_PERMANENT] = bool(value)
 
-    # -- mapping
+    # -- mapping (the mutators set ``modified`` as Flask's CallbackDict does)
     def __getitem__(self, key: str) -> Any:
         return self._load()[key]
 
@@ -175,13 +243,18 @@ class ServerSession(SessionMixin):
             raise SessionTooLarge(total, limit)
         data[key] = value
         self._sizes[key] = size
+        self.modified = True
 
     def __delitem__(self, key: str) -> None:
         del self._load()[key]
         self._sizes.pop(key, None)
+        self.modified = True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._load())
+
+    def __reversed__(self) -> Iterator[str]:
+        return reversed(self._load())
 
     def __len__(self) -> int:
         return len(self._load())
@@ -192,6 +265,25 @@ class ServerSession(SessionMixin):
     def clear(self) -> None:
         self._load().clear()
         self._sizes.clear()
+        self.modified = True
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        super().update(other, **kwargs)
+        self.modified = True  # even when empty, as on Flask's session
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict of the data (as ``dict.copy`` on Flask's session)."""
+        return dict(self._load())
+
+    def __or__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return self.copy() | dict(other)
+
+    def __ror__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(other) | self.copy()
+
+    def __ior__(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ServerSession:
+        self.update(other)
+        return self
 
     def __repr__(self) -> str:
         if not self._loaded:
@@ -205,9 +297,9 @@ class ServerSession(SessionMixin):
         if not self.new and self._discard is None:
             self._discard = self._sid
         self._sid = self._interface.generate_sid()
-        self._cookie = None
         self._raw = {}  # everything is written under the new id
         self.new = True
+        self.modified = True
 
     def destroy(self) -> None:
         """Delete the session from the store and its cookie (data set afterwards goes
@@ -217,30 +309,45 @@ class ServerSession(SessionMixin):
 
 
 class StoreSessionInterface(SessionInterface):
-    """Flask's session interface over a :class:`~gunicorn_ext.state.store.Store`."""
+    """Flask's session interface over a :class:`~gunicorn_ext.state.store.Store`.
+
+    ``refresh_interval``: seconds between TTL refreshes of a session (None: 60, or a
+    tenth of the lifetime if shorter; 0: every request).
+    """
 
     def __init__(self, store: Store, *, key_prefix: str = DEFAULT_PREFIX,
                  permanent: bool = True, id_length: int = DEFAULT_ID_LENGTH,
                  max_size: int = DEFAULT_MAX_SIZE,
-                 lifetime: timedelta | float = timedelta(days=31)) -> None:
+                 refresh_interval: float | None = None) -> None:
         if id_length < MIN_ID_LENGTH:
             raise ValueError(f"SESSION_ID_LENGTH must be at least {MIN_ID_LENGTH} bytes, "
                              f"got {id_length}")
+        if refresh_interval is not None and not refresh_interval >= 0:
+            raise ValueError(f"SESSION_REFRESH_INTERVAL must be seconds >= 0, "
+                             f"got {refresh_interval!r}")
         self.store = store
         self.key_prefix = key_prefix
         self.permanent = permanent
         self.id_length = id_length
         self.max_size = max_size
-        seconds = lifetime.total_seconds() if isinstance(lifetime, timedelta) else lifetime
-        self.ttl = max(1.0, float(seconds))
-        # (keys, current signer, fallbacks' signer, cookie value -> (sid, signed by current))
-        self._signer_cache: tuple[tuple[Any, tuple[Any, ...]], Signer, Signer | None,
-                                  dict[str, tuple[str, bool]]] | None = None
+        self.refresh_interval = refresh_interval
+        # (keys, current signer, fallbacks' signer, cookie value -> verified cookie)
+        self._signer_cache: tuple[tuple[Any, tuple[Any, ...]], TimestampSigner,
+                                  TimestampSigner | None, dict[str, _Cookie]] | None = None
+        self._gone: dict[str, None] = {}
 
     def generate_sid(self) -> str:
         return secrets.token_urlsafe(self.id_length)
 
-    def _signers(self, app: Flask) -> tuple[Signer, Signer | None, dict[str, tuple[str, bool]]]:
+    def regenerate(self, session: SessionMixin) -> None:
+        """Flask-Session's spelling of ``session.regenerate()``."""
+        if not isinstance(session, ServerSession):
+            raise TypeError(f"not a session of this interface: {type(session).__name__}")
+        session.regenerate()
+
+    # -- the signed cookie
+    def _signers(self, app: Flask) -> tuple[TimestampSigner, TimestampSigner | None,
+                                            dict[str, _Cookie]]:
         """Signers for the current secret key and for its fallbacks (None without any),
         and the cookie values verified with them.
 
@@ -253,15 +360,19 @@ class StoreSessionInterface(SessionInterface):
         cached = self._signer_cache
         if cached is not None and cached[0] == (current, fallbacks):
             return cached[1], cached[2], cached[3]
-        signer = Signer(current, salt=SALT)  # type: ignore[arg-type]
-        old = Signer(list(fallbacks), salt=SALT) if fallbacks else None
-        verified: dict[str, tuple[str, bool]] = {}
+        signer = TimestampSigner(current, salt=SALT)  # type: ignore[arg-type]
+        old = TimestampSigner(list(fallbacks), salt=SALT) if fallbacks else None
+        verified: dict[str, _Cookie] = {}
         self._signer_cache = ((current, fallbacks), signer, old, verified)
         return signer, old, verified
 
-    def _unsign(self, app: Flask, value: str | None) -> tuple[str | None, bool]:
-        """The id in a signed cookie value (None for anything not signed by us), and
-        whether the current key signed it (else a fallback did, and it is re-signed).
+    def _sign(self, app: Flask, sid: str, permanent: bool) -> _Cookie:
+        signer = self._signers(app)[0]
+        value = signer.sign(f"{sid}.{'p' if permanent else 's'}").decode("ascii")
+        return _Cookie(sid, permanent, time.time(), True, value)
+
+    def _unsign(self, app: Flask, value: str | None) -> _Cookie | None:
+        """The cookie ``value`` verified, or None for anything not signed by us.
 
         Values that verified are remembered (per process, up to ``VERIFIED_CACHE``,
         forgotten when the keys change): a client sends the same cookie on every
@@ -269,7 +380,7 @@ class StoreSessionInterface(SessionInterface):
         Only what verified is remembered, so a forged value is checked every time.
         """
         if not value or len(value) > 1024:
-            return None, False
+            return None
         signer, old, verified = self._signers(app)
         hit = verified.get(value)
         if hit is not None:
@@ -278,38 +389,84 @@ class StoreSessionInterface(SessionInterface):
             if s is None:
                 continue
             try:
-                sid = s.unsign(value).decode("ascii")
-            except Exception:  # BadSignature, or bytes that aren't even text
+                payload, signed_at = s.unsign(value, return_timestamp=True)
+                sid, flag = payload.decode("ascii").rsplit(".", 1)
+            except (BadSignature, UnicodeDecodeError, ValueError):
                 continue
-            if not _SID_RE.fullmatch(sid):
-                return None, False
+            if not _SID_RE.fullmatch(sid) or flag not in _FLAGS:
+                return None
+            cookie = _Cookie(sid, _FLAGS[flag], signed_at.timestamp(), current, value)
             if len(verified) >= VERIFIED_CACHE:
                 with contextlib.suppress(StopIteration, KeyError, RuntimeError):
                     del verified[next(iter(verified))]  # the oldest
-            verified[value] = (sid, current)
-            return sid, current
-        return None, False
+            verified[value] = cookie
+            return cookie
+        return None
 
     def sid_from_cookie(self, app: Flask, value: str | None) -> str | None:
         """The id in a signed cookie value; None for anything not signed by us."""
-        return self._unsign(app, value)[0]
+        cookie = self._unsign(app, value)
+        return None if cookie is None else cookie.sid
 
-    def get_cookie_samesite(self, app: Flask) -> str | None:
-        return app.config.get("SESSION_COOKIE_SAMESITE") or "Lax"
+    def _forget(self, sid: str) -> None:
+        """Remember that ``sid`` has no session (ids are never reused), so its cookie
+        costs no more lookups or refreshes in this process."""
+        gone = self._gone
+        if len(gone) >= GONE_CACHE:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                del gone[next(iter(gone))]
+        gone[sid] = None
 
+    def _cookie_params(self, app: Flask) -> dict[str, Any]:
+        params = dict(domain=self.get_cookie_domain(app), path=self.get_cookie_path(app),
+                      secure=self.get_cookie_secure(app),
+                      samesite=self.get_cookie_samesite(app),
+                      httponly=self.get_cookie_httponly(app))
+        partitioned = getattr(self, "get_cookie_partitioned", None)  # Flask 3.1+
+        if partitioned is not None:
+            params["partitioned"] = partitioned(app)
+        return params
+
+    def _set_cookie(self, app: Flask, session: ServerSession, response: Response,
+                    value: str) -> None:
+        response.set_cookie(self.get_cookie_name(app), value,
+                            expires=self.get_expiration_time(app, session),
+                            **self._cookie_params(app))
+        response.vary.add("Cookie")
+
+    # -- Flask's interface
     def open_session(self, app: Flask, request: Request) -> ServerSession | None:
         if not app.secret_key:
             return None  # Flask's NullSession explains that a secret key is needed
-        name = self.get_cookie_name(app)
-        value = request.cookies.get(name)
-        sid, current = self._unsign(app, value)
-        return ServerSession(self, sid, value is not None, value if current else None)
+        cookie = self._unsign(app, request.cookies.get(self.get_cookie_name(app)))
+        if cookie is not None and cookie.sid in self._gone:
+            cookie = None
+        ttl = max(1.0, app.permanent_session_lifetime.total_seconds())
+        interval = self.refresh_interval
+        if interval is None:
+            interval = min(DEFAULT_REFRESH_INTERVAL, ttl / 10)
+        due = cookie is not None and (not cookie.current
+                                      or time.time() - cookie.stamp >= interval)
+        return ServerSession(self, cookie, ttl, due,
+                             bool(app.config["SESSION_REFRESH_EACH_REQUEST"]))
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
-        if not isinstance(session, ServerSession) or not session._loaded:
-            return  # never touched: no store access, no cookie, no Vary
-        response.vary.add("Cookie")
+        if not isinstance(session, ServerSession):
+            return
         s = session
+        if s.accessed:
+            response.vary.add("Cookie")
+        if s._failed:
+            return  # its load failed: the request got its 503 (or the app handled that)
+        if not s._loaded:
+            if not s.modified:
+                self._refresh_untouched(app, s, response)
+                return
+            try:  # ``session.modified = True`` without a read: save what is there
+                s._load()
+            except StoreUnavailable as exc:
+                _answer_unavailable(response, exc)
+                return
         current = {k: codec.dumps(v) for k, v in s._data.items()}
         size = sum(len(k.encode()) + len(v) for k, v in current.items())
         if size > self.max_size:
@@ -318,18 +475,18 @@ class StoreSessionInterface(SessionInterface):
             raise SessionTooLarge(size, self.max_size)
         assert s._sid is not None
         key = self.key_prefix + s._sid
-        empty = not any(k != _PERMANENT for k in current)
+        empty = not current
         batch = self.store.batch()
         ops = 0
         if s._discard is not None:
             batch.delete(self.key_prefix + s._discard)
             ops += 1
-        changed: dict[str, bytes] = {}
-        removed: list[str] = []
+        deleted = touched = False
         if empty:
             if not s.new:
                 batch.delete(key)
                 ops += 1
+                deleted = True
         else:
             changed = {k: v for k, v in current.items() if s._raw.get(k) != v}
             removed = [k for k in s._raw if k not in current]
@@ -337,56 +494,100 @@ class StoreSessionInterface(SessionInterface):
                 batch.hset(key, changed)
             if removed:
                 batch.hdel(key, *removed)
+            due = s._refresh_due and not s._refreshed
             if changed or removed:
-                batch.expire(key, self.ttl)
+                touched = True
+            elif s.modified:  # Flask restarts the lifetime on a modification; a sliding
+                touched = due or not (s.permanent and s._refresh_each)  # TTL is fresh
+            else:
+                touched = due and self.should_set_cookie(app, s)
+            if touched:
+                batch.expire(key, s._ttl)
                 ops += 1
         if ops:
             try:
                 batch.execute()
             except StoreUnavailable as exc:
-                log.error("session store unavailable while saving the session (%s): "
-                          "answering 503", exc)
-                _become(response, store_unavailable_response())
+                _answer_unavailable(response, exc)
                 return
+        if s._discard is not None:
+            self._forget(s._discard)
+            s._discard = None
+        if deleted:
+            self._forget(s._sid)
         s._raw = current
-        s._discard = None
-        cookie_args: dict[str, Any] = dict(
-            domain=self.get_cookie_domain(app), path=self.get_cookie_path(app),
-            secure=self.get_cookie_secure(app), httponly=self.get_cookie_httponly(app),
-            samesite=self.get_cookie_samesite(app))
-        if app.config.get("SESSION_COOKIE_PARTITIONED"):
-            cookie_args["partitioned"] = True
-        name = self.get_cookie_name(app)
-        if empty:
-            if s._had_cookie:
-                response.delete_cookie(name, **cookie_args)
-                s._had_cookie = False
+        s.new = empty
+        s._refreshed = s._refreshed or touched
+        if empty:  # Flask: a session modified to empty deletes its cookie
+            if s.modified or deleted:
+                response.delete_cookie(self.get_cookie_name(app), **self._cookie_params(app))
+                response.vary.add("Cookie")
             return
-        was_new = s.new
-        s.new = False
-        if was_new or changed or removed or (
-                s.permanent and app.config.get("SESSION_REFRESH_EACH_REQUEST", True)):
-            signed = s._cookie if s._cookie is not None and not was_new else None
-            if signed is None:  # a new id, or one signed with a fallback key
-                signed = self._signers(app)[0].sign(s._sid).decode("ascii")
-                s._cookie = signed
-            response.set_cookie(name, signed, expires=self.get_expiration_time(app, s),
-                                **cookie_args)
-            s._had_cookie = True
+        cookie = s._cookie
+        # A new or regenerated id, or one signed with a fallback key, always gets its
+        # cookie; otherwise Flask's hook decides (modified, or permanent and refreshed).
+        if cookie is None or cookie.sid != s._sid or not cookie.current:
+            cookie = None
+        elif not self.should_set_cookie(app, s):
+            return
+        permanent = s.permanent
+        if cookie is None or touched or cookie.permanent != permanent:
+            cookie = s._cookie = self._sign(app, s._sid, permanent)
+        self._set_cookie(app, s, response, cookie.value)
+
+    def _refresh_untouched(self, app: Flask, s: ServerSession, response: Response) -> None:
+        """A request that never touched ``session``: refresh a permanent session's
+        cookie as Flask does (``should_set_cookie``), and its TTL once per interval."""
+        cookie = s._cookie
+        if cookie is None or not self.should_set_cookie(app, s):
+            return  # no session, or nothing to refresh; a cookie we can't verify stays
+        if s._refresh_due:
+            try:
+                alive = self.store.expire(self.key_prefix + cookie.sid, s._ttl)
+            except StoreUnavailable as exc:
+                log.warning("session store unavailable: session expiry not refreshed (%s)",
+                            exc)
+                return
+            if not alive:  # expired or deleted meanwhile: its cookie is left as it is
+                self._forget(cookie.sid)
+                return
+            cookie = s._cookie = self._sign(app, cookie.sid, cookie.permanent)
+        self._set_cookie(app, s, response, cookie.value)
 
 
-def _become(response: Response, other: Response) -> None:
-    """Turn ``response`` (already built by the view) into ``other``."""
+def _answer_unavailable(response: Response, exc: StoreUnavailable) -> None:
+    """Turn ``response`` (already built by the view and the after-request functions)
+    into the 503, keeping the headers that don't describe the view's body (CORS, HSTS,
+    CSP, other cookies...)."""
+    log.error("session store unavailable while saving the session (%s): answering 503", exc)
+    other = store_unavailable_response()
+    for name in _BODY_HEADERS:
+        del response.headers[name]
     response.status_code = other.status_code
     response.set_data(other.get_data())
-    response.headers.clear()
-    response.headers.extend(other.headers)
+    for name in ("Content-Type", "Retry-After", "Cache-Control"):
+        response.headers[name] = other.headers[name]
     response.vary.add("Cookie")
 
 
 def _on_store_unavailable(exc: StoreUnavailable) -> Response:
     log.error("session store unavailable (%s): answering 503", exc)
     return store_unavailable_response()
+
+
+# Flask-Session 0.8 keys with no meaning here -> what to do instead.
+_FLASK_SESSION_KEYS = {
+    "SESSION_USE_SIGNER": "the session id is always signed with SECRET_KEY "
+                          "(and SECRET_KEY_FALLBACKS); remove it",
+    "SESSION_SERIALIZATION_FORMAT": "values are stored as JSON (Flask's tagged JSON for "
+                                    "other types), never msgpack or pickle; remove it",
+    "SESSION_CLEANUP_N_REQUESTS": "the store expires sessions by itself; remove it",
+}
+_BACKEND_PREFIXES = ("SESSION_MEMCACHED", "SESSION_CACHELIB", "SESSION_FILE_",
+                     "SESSION_MONGODB", "SESSION_SQLALCHEMY", "SESSION_DYNAMODB")
+_USE_INSTEAD = ('SESSION_URL="redis://host:6379/0" (several machines; or SESSION_TYPE='
+                '"redis" with SESSION_REDIS) or SESSION_URL="sqlite:////path/sessions.db" '
+                "(one machine)")
 
 
 class Session:
@@ -404,6 +605,18 @@ class Session:
 
     def init_app(self, app: Flask) -> StoreSessionInterface:
         config = app.config
+        _check_flask_session_keys(config)
+        samesite = config.get("SESSION_COOKIE_SAMESITE")
+        if samesite is None:
+            config["SESSION_COOKIE_SAMESITE"] = "Lax"
+        elif not isinstance(samesite, str) or samesite.title() not in ("Strict", "Lax", "None"):
+            raise ValueError("SESSION_COOKIE_SAMESITE must be 'Strict', 'Lax', 'None' or "
+                             f"None, got {samesite!r}")
+        interval = config.get("SESSION_REFRESH_INTERVAL")
+        try:
+            interval = None if interval is None else float(interval)
+        except (TypeError, ValueError):
+            raise ValueError(f"SESSION_REFRESH_INTERVAL must be seconds >= 0, got {interval!r}")
         store = self._store or config.get("SESSION_STORE") or _store_from_config(config)
         interface = StoreSessionInterface(
             store,
@@ -411,7 +624,7 @@ class Session:
             permanent=bool(config.get("SESSION_PERMANENT", True)),
             id_length=int(config.get("SESSION_ID_LENGTH", DEFAULT_ID_LENGTH)),
             max_size=int(config.get("SESSION_MAX_SIZE", DEFAULT_MAX_SIZE)),
-            lifetime=app.permanent_session_lifetime)
+            refresh_interval=interval)
         app.session_interface = interface
         app.register_error_handler(StoreUnavailable, _on_store_unavailable)
         app.extensions["gunicorn_ext.session"] = interface
@@ -420,11 +633,25 @@ class Session:
         return interface
 
 
+def _check_flask_session_keys(config: Mapping[str, Any]) -> None:
+    """One warning for the Flask-Session keys set that mean nothing here."""
+    notes = [f"{k} ({why})" for k, why in _FLASK_SESSION_KEYS.items() if k in config]
+    backend = sorted(k for k in config if k.startswith(_BACKEND_PREFIXES))
+    if backend:
+        notes.append(f"{', '.join(backend)} (that Flask-Session backend is not supported; "
+                     f"use {_USE_INSTEAD})")
+    if config.get("SESSION_URL") and config.get("SESSION_REDIS") is not None:
+        notes.append("SESSION_REDIS (SESSION_URL is set and wins)")
+    if notes:
+        warnings.warn("gunicorn_ext.state.flask ignores these Flask-Session settings: "
+                      + "; ".join(notes), UserWarning, stacklevel=4)
+
+
 def _store_from_config(config: Any) -> Store:
     url = config.get("SESSION_URL")
     if url:
         return open_store(url)
-    kind = (config.get("SESSION_TYPE") or "").lower()
+    kind = str(config.get("SESSION_TYPE") or "").lower()
     if kind == "redis":
         from .redis import RedisStore
 
@@ -435,6 +662,9 @@ def _store_from_config(config: Any) -> Store:
     if kind == "memory":
         return open_store("memory://")
     if kind == "sqlite":
-        raise ValueError('SESSION_TYPE="sqlite" needs SESSION_URL="sqlite:///path/to/file.db"')
-    raise ValueError(f"unsupported SESSION_TYPE {kind!r}: set SESSION_URL (redis://..., "
-                     "sqlite:///path, memory://) or SESSION_TYPE=\"redis\" with SESSION_REDIS")
+        raise ValueError('SESSION_TYPE="sqlite" needs SESSION_URL="sqlite:////path/sessions.db"')
+    if kind in ("filesystem", "cachelib", "memcached", "mongodb", "sqlalchemy", "dynamodb"):
+        raise ValueError(f"SESSION_TYPE={kind!r} (a Flask-Session backend) is not "
+                         f"supported by gunicorn_ext.state.flask: use {_USE_INSTEAD}")
+    raise ValueError(f"no session store configured (SESSION_TYPE={kind or None!r}): set "
+                     f'{_USE_INSTEAD}, or SESSION_URL="memory://" for development')

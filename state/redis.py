@@ -44,12 +44,17 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import redis
-import redis.exceptions as rexc
-from redis.backoff import NoBackoff
-from redis.connection import parse_url
-from redis.lock import Lock
-from redis.retry import Retry
+from gunicorn_ext.extras import missing_extra
+
+try:
+    import redis
+    import redis.exceptions as rexc
+    from redis.backoff import NoBackoff
+    from redis.connection import parse_url
+    from redis.lock import Lock
+    from redis.retry import Retry
+except ImportError as exc:
+    raise missing_extra(exc, "redis", __name__) from exc
 
 from .store import (
     Batch,

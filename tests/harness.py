@@ -216,8 +216,10 @@ class Gunicorn:
         log_dir: str | os.PathLike[str] | None = None,
         health_path: str | None = "/healthz",
         name: str = "gunicorn",
+        python: str = sys.executable,
     ) -> None:
         self.app = app
+        self.python = python
         self.config = str(config) if config is not None else None
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         self.workers = workers
@@ -250,7 +252,7 @@ class Gunicorn:
     @property
     def command(self) -> list[str]:
         """The argv used to start Gunicorn."""
-        cmd = [sys.executable, "-m", "gunicorn"]
+        cmd = [self.python, "-m", "gunicorn"]
         if self.config is not None:
             cmd += ["-c", self.config]
         else:

@@ -13,6 +13,7 @@ import pytest
 from flask import Flask, Response, jsonify, session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from itsdangerous import TimestampSigner
 from markupsafe import Markup
 
 from gunicorn_ext.state.flask import (
@@ -195,6 +196,11 @@ def cookie_of(client: Any) -> str | None:
     return None if c is None else c.value  # type: ignore[no-any-return]
 
 
+def sign(sid: str, key: str = "test-secret", permanent: bool = True) -> str:
+    """A cookie value as the interface signs it (id.flag.timestamp.signature)."""
+    return TimestampSigner(key, salt=SALT).sign(f"{sid}.{'p' if permanent else 's'}").decode()
+
+
 def sid_of(app: Flask, client: Any) -> str:
     iface = app.session_interface
     assert isinstance(iface, StoreSessionInterface)
@@ -279,13 +285,13 @@ def test_one_batch_to_load_one_to_save_only_changed_keys(app: Flask,
     store.calls.clear()
     client.get("/set/b/3")
     ttl = app.permanent_session_lifetime.total_seconds()
-    assert store.calls == [
-        ("batch", [("hgetall", key), ("expire", key, ttl)]),
+    assert store.calls == [  # the cookie is fresh: no TTL refresh due
+        ("batch", [("hgetall", key)]),
         ("batch", [("hset", key, {"b": b'"3"'}), ("expire", key, ttl)]),
     ]
     store.calls.clear()
-    client.get("/set/b/3")  # same value: nothing to write
-    assert store.calls == [("batch", [("hgetall", key), ("expire", key, ttl)])]
+    client.get("/set/b/3")  # same value: nothing to write (the sliding TTL is fresh)
+    assert store.calls == [("batch", [("hgetall", key)])]
     store.calls.clear()
     client.get("/del/a")
     assert store.calls[1] == ("batch", [("hdel", key, "a"), ("expire", key, ttl)])
@@ -345,14 +351,13 @@ def test_tampered_and_unsigned_cookies(app: Flask, store: RecordingStore) -> Non
         assert other.get("/get/a").json == {"value": None}
     assert store.calls == []
     # signed with another key: also rejected
-    from itsdangerous import Signer
-    forged = Signer("other-key", salt=SALT).sign(sid).decode()
+    forged = sign(sid.split(".")[0], key="other-key")
     other = app.test_client()
     other.set_cookie("session", forged)
     r = other.get("/get/a")
     assert r.json == {"value": None}
     assert store.calls == []
-    assert "session=;" in r.headers["Set-Cookie"]  # a bad cookie on an empty session goes
+    assert "Set-Cookie" not in r.headers  # a cookie we can't verify is left alone, as Flask does
 
 
 def test_secret_key_rotation(app: Flask, store: RecordingStore) -> None:
@@ -368,7 +373,7 @@ def test_secret_key_rotation(app: Flask, store: RecordingStore) -> None:
     assert r.json == {"value": "1"}
     new_cookie = cookie_of(client)
     assert new_cookie != old_cookie
-    assert new_cookie is not None and new_cookie.rsplit(".", 1)[0] == old_cookie.rsplit(".", 1)[0]
+    assert new_cookie is not None and new_cookie.split(".")[0] == old_cookie.split(".")[0]
     assert client.get("/get/a").json == {"value": "1"}
     # Drop the old key: a cookie signed with it no longer opens the session, even though
     # this process verified that very value before.
@@ -392,8 +397,7 @@ def test_regenerate(app: Flask, store: RecordingStore) -> None:
     assert client.get("/get/a").json == {"value": "1"}
     # the old cookie no longer opens anything
     stale = app.test_client()
-    from itsdangerous import Signer
-    stale.set_cookie("session", Signer("test-secret", salt=SALT).sign(old).decode())
+    stale.set_cookie("session", sign(old))
     assert stale.get("/get/a").json == {"value": None}
 
 
@@ -559,8 +563,9 @@ def test_lazy_session_repr_and_sid(app: Flask) -> None:
     with app.test_request_context("/"):
         s = session._get_current_object()  # type: ignore[attr-defined]
         assert isinstance(s, ServerSession)
-        assert "not loaded" in repr(s) and not s.accessed
-        assert s.sid and s.new and s.accessed
+        assert s.accessed  # Flask sets it when the proxy is touched; loading is separate
+        assert "not loaded" in repr(s) and not s._loaded
+        assert s.sid and s.new and s._loaded and not s.modified
 
 
 @settings(max_examples=200, deadline=None,
@@ -594,3 +599,372 @@ def test_arbitrary_stored_bytes_never_raise(app: Flask, store: RecordingStore, r
     stored = store.inner.hgetall("session:" + sid)
     assert stored["a"] == b'"1"' and stored["b"] == b'"2"'
     assert set(stored) <= {"a", "b", "junk", "_permanent"}
+
+
+# -- Flask's behaviour ------------------------------------------------------------------------
+
+
+class Clock:
+    """``time.time`` moved forward on demand (the signer's timestamps and ours)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import time
+
+        self.offset = 0.0
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + self.offset)
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+_OPS: dict[str, Any] = {
+    "get": lambda s: s.get("a"),
+    "getitem": lambda s: s["a"],
+    "contains": lambda s: "a" in s,
+    "iterate": lambda s: list(s),
+    "len": len,
+    "copy": lambda s: s.copy(),
+    "or": lambda s: s | {"b": 2},
+    "set same value": lambda s: s.__setitem__("a", "1"),
+    "set": lambda s: s.__setitem__("b", 2),
+    "setdefault existing": lambda s: s.setdefault("a", "x"),
+    "setdefault missing": lambda s: s.setdefault("z", "x"),
+    "pop existing": lambda s: s.pop("a"),
+    "pop missing": lambda s: s.pop("nope", None),
+    "popitem": lambda s: s.popitem(),
+    "del": lambda s: s.__delitem__("a"),
+    "clear": lambda s: s.clear(),
+    "update": lambda s: s.update(b=2),
+    "update nothing": lambda s: s.update(),
+    "ior": lambda s: s.__ior__({"b": 2}),
+    "permanent = True": lambda s: setattr(s, "permanent", True),
+    "read permanent": lambda s: s.permanent,
+}
+
+
+@pytest.mark.parametrize("op", sorted(_OPS))
+def test_modified_follows_flasks_cookie_session(app: Flask, op: str) -> None:
+    """Each operation sets ``modified`` exactly when it does on Flask's own session
+    (and returns the same thing)."""
+    from flask.sessions import SecureCookieSession
+
+    client = app.test_client()
+    client.get("/set/a/1")
+    reference = SecureCookieSession({"a": "1"})
+    expected = _OPS[op](reference)
+    with app.test_request_context("/", headers={"Cookie": f"session={cookie_of(client)}"}):
+        ours = app.session_interface.open_session(app, flask_request())
+        assert isinstance(ours, ServerSession) and not ours.modified
+        got = _OPS[op](ours)
+        assert ours.modified is reference.modified
+        if op == "ior":
+            assert got is ours
+        elif op != "read permanent":  # SESSION_PERMANENT defaults to True here
+            assert got == expected and type(got) is type(expected)
+        assert dict(ours) == dict(reference)
+
+
+def flask_request() -> Any:
+    from flask import request
+
+    return request._get_current_object()  # type: ignore[attr-defined]
+
+
+def test_accessed_and_vary_follow_flask(store: RecordingStore) -> None:
+    from flask.globals import request_ctx
+
+    app = make_app(store, SESSION_PERMANENT=False)  # (a permanent one is re-sent: below)
+    client = app.test_client()
+    client.get("/set/a/1")
+    with client:
+        r = client.get("/plain")
+        assert "Cookie" not in r.vary and not request_ctx._session.accessed
+    with client:
+        r = client.get("/get/a")
+        assert "Cookie" in r.vary and request_ctx._session.accessed
+        assert not request_ctx._session.modified
+
+
+def test_unverifiable_cookie_is_left_alone_through_a_rotation(app: Flask,
+                                                              store: RecordingStore) -> None:
+    """Flask's test_session_secret_key_fallbacks, on the store: one request on a host
+    with the wrong key must not cost the user their session."""
+    client = app.test_client()
+    client.get("/set/a/1")
+    store.calls.clear()
+    app.secret_key = "wrong-key"
+    for path in ("/get/a", "/plain", "/del/a"):
+        r = client.get(path)
+        assert "Set-Cookie" not in r.headers, path
+    assert client.get("/get/a").json == {"value": None}
+    assert store.calls == []  # never looked up, never deleted
+    app.secret_key = "newest-key"
+    app.config["SECRET_KEY_FALLBACKS"] = ["test-secret"]
+    assert client.get("/get/a").json == {"value": "1"}
+
+
+def test_samesite(store: RecordingStore) -> None:
+    app = make_app(store)
+    assert app.config["SESSION_COOKIE_SAMESITE"] == "Lax"  # Flask's None, made secure
+    client = app.test_client()
+    assert "SameSite=Lax" in client.get("/set/a/1").headers["Set-Cookie"]
+    app.config["SESSION_COOKIE_SAMESITE"] = None  # as in Flask: no attribute
+    assert "samesite" not in client.get("/set/a/2").headers["Set-Cookie"].lower()
+    app.config["SESSION_COOKIE_SAMESITE"] = "None"
+    assert "SameSite=None" in client.get("/set/a/3").headers["Set-Cookie"]
+    app.config["SESSION_COOKIE_SAMESITE"] = "invalid"
+    with pytest.raises(ValueError):  # Flask (Werkzeug) rejects it when setting the cookie
+        client.get("/set/a/4")
+    assert "SameSite=Strict" in make_app(store, SESSION_COOKIE_SAMESITE="Strict").test_client(
+        ).get("/set/a/1").headers["Set-Cookie"]
+    with pytest.raises(ValueError, match="SESSION_COOKIE_SAMESITE"):
+        make_app(store, SESSION_COOKIE_SAMESITE="sometimes")
+
+
+def test_subclass_hooks_are_obeyed(store: RecordingStore) -> None:
+    """save_session asks the interface's hooks (Flask's), so overriding one works."""
+    fixed = datetime(2031, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+    class Custom(StoreSessionInterface):
+        def get_cookie_name(self, app: Flask) -> str:
+            return "custom"
+
+        def get_cookie_partitioned(self, app: Flask) -> bool:
+            return True
+
+        def get_cookie_samesite(self, app: Flask) -> str | None:
+            return "Strict"
+
+        def get_expiration_time(self, app: Flask, session: Any) -> datetime | None:
+            return fixed
+
+        def should_set_cookie(self, app: Flask, session: Any) -> bool:
+            return bool(session.get("send", True))
+
+    app = make_app(store)
+    app.session_interface = iface = Custom(store)
+
+    @app.get("/quiet")
+    def quiet() -> str:
+        session["send"] = False
+        return "ok"
+
+    client = app.test_client()
+    r = client.get("/set/a/1")
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith("custom=")
+    for part in ("Partitioned", "Secure", "SameSite=Strict",
+                 "Expires=Thu, 02 Jan 2031 03:04:05 GMT"):
+        assert part in cookie, part
+    client.get("/quiet")
+    r = client.get("/set/b/2")
+    assert "Set-Cookie" not in r.headers  # saved, but the hook said no cookie
+    sid = iface.sid_from_cookie(app, client.get_cookie("custom").value)  # type: ignore[union-attr]
+    assert sid is not None and store.inner.hgetall("session:" + sid)["b"] == b'"2"'
+
+
+def test_outage_503_keeps_other_extensions_headers(store: RecordingStore) -> None:
+    app = make_app(store)
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:  # what CORS/Talisman-style code does
+        response.headers["Access-Control-Allow-Origin"] = "https://app.example"
+        response.headers["Strict-Transport-Security"] = "max-age=63072000"
+        response.headers["Content-Security-Policy"] = "default-src 'self'"
+        response.set_cookie("csrf", "token")
+        return response
+
+    @app.get("/cached")
+    def cached() -> Response:
+        session["b"] = 2
+        store.down = True  # loaded fine, the save fails
+        r = Response("<p>hi</p>", mimetype="text/html")
+        r.headers["Cache-Control"] = "public, max-age=600"
+        r.headers["ETag"] = '"abc"'
+        return r
+
+    client = app.test_client()
+    client.get("/set/a/1")
+    for path in ("/cached", "/get/a"):  # failing at save, and at load (in the view)
+        store.down = path == "/get/a"
+        r = client.get(path)
+        store.down = False
+        assert r.status_code == 503 and r.json == {"error": "session store unavailable"}
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert r.headers["Strict-Transport-Security"] == "max-age=63072000"
+        assert r.headers["Content-Security-Policy"] == "default-src 'self'"
+        assert any(c.startswith("csrf=token") for c in r.headers.getlist("Set-Cookie"))
+        assert r.headers["Cache-Control"] == "no-store" and "ETag" not in r.headers
+        assert r.headers["Content-Type"] == "application/json"
+        assert r.headers["Retry-After"] == "5" and "Cookie" in r.vary
+        assert int(r.headers["Content-Length"]) == len(r.data)
+
+
+# -- sliding expiry ---------------------------------------------------------------------------
+
+
+def test_untouched_requests_refresh_cookie_and_ttl_once_per_interval(
+        app: Flask, store: RecordingStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(monkeypatch)
+    client = app.test_client()
+    client.get("/set/a/1")
+    key = "session:" + sid_of(app, client)
+    ttl = app.permanent_session_lifetime.total_seconds()
+    first = cookie_of(client)
+    store.calls.clear()
+    for _ in range(5):  # within the interval (60 s): the cookie is re-sent, no store access
+        r = client.get("/plain")
+        assert "Expires=" in r.headers["Set-Cookie"] and "Cookie" in r.vary
+        assert cookie_of(client) == first
+    assert store.calls == []
+    clock.advance(61)
+    client.get("/plain")  # due: one EXPIRE, and the cookie says when
+    assert store.calls == [("expire", key, ttl)]
+    second = cookie_of(client)
+    assert second != first and sid_of(app, client) == key.split(":", 1)[1]
+    store.calls.clear()
+    client.get("/plain")
+    assert store.calls == [] and cookie_of(client) == second
+    clock.advance(61)
+    assert client.get("/get/a").json == {"value": "1"}  # due while loading: same round trip
+    assert store.calls == [("batch", [("hgetall", key), ("expire", key, ttl)])]
+    left = store.inner.ttl(key)
+    assert left is not None and left > ttl - 30
+
+
+@pytest.mark.parametrize("config", [{"SESSION_PERMANENT": False},
+                                    {"SESSION_REFRESH_EACH_REQUEST": False}])
+def test_no_refresh_where_flask_does_none(store: RecordingStore, monkeypatch: pytest.MonkeyPatch,
+                                         config: dict[str, Any]) -> None:
+    """A non-permanent session, or SESSION_REFRESH_EACH_REQUEST=False: as in Flask, the
+    lifetime runs from the last modification; untouched requests send nothing."""
+    clock = Clock(monkeypatch)
+    app = make_app(store, **config)
+    client = app.test_client()
+    client.get("/set/a/1")
+    store.calls.clear()
+    clock.advance(3600)
+    assert "Set-Cookie" not in client.get("/plain").headers
+    assert client.get("/get/a").json == {"value": "1"}
+    assert store.calls == [("batch", [("hgetall", "session:" + sid_of(app, client))])]
+
+
+def test_refresh_interval_zero_is_every_request(store: RecordingStore) -> None:
+    app = make_app(store, SESSION_REFRESH_INTERVAL=0)
+    client = app.test_client()
+    client.get("/set/a/1")
+    store.calls.clear()
+    for _ in range(3):
+        client.get("/plain")
+    assert [c[0] for c in store.calls] == ["expire"] * 3
+    for bad in (-1, "soon", float("nan")):
+        with pytest.raises(ValueError, match="SESSION_REFRESH_INTERVAL"):
+            make_app(store, SESSION_REFRESH_INTERVAL=bad)
+
+
+def test_refresh_of_an_untouched_request_never_fails_it(
+        app: Flask, store: RecordingStore, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(monkeypatch)
+    client = app.test_client()
+    client.get("/set/a/1")
+    before = cookie_of(client)
+    clock.advance(61)
+    store.down = True
+    r = client.get("/plain")
+    assert r.status_code == 200 and "Set-Cookie" not in r.headers
+    assert "expiry not refreshed" in caplog.text
+    store.down = False
+    store.calls.clear()
+    client.get("/plain")
+    assert [c[0] for c in store.calls] == ["expire"] and cookie_of(client) != before
+
+
+def test_a_gone_session_costs_no_more_lookups(app: Flask, store: RecordingStore,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(monkeypatch)
+    client = app.test_client()
+    client.get("/set/a/1")
+    cookie = cookie_of(client)
+    store.inner.delete("session:" + sid_of(app, client))  # expired, or deleted elsewhere
+    clock.advance(61)
+    store.calls.clear()
+    r = client.get("/plain")
+    assert [c[0] for c in store.calls] == ["expire"]  # found out once...
+    assert "Set-Cookie" not in r.headers and cookie_of(client) == cookie  # ...cookie left
+    store.calls.clear()
+    clock.advance(61)
+    client.get("/plain")
+    assert client.get("/get/a").json == {"value": None}
+    assert store.calls == []  # ...and remembered
+    client.get("/set/a/2")
+    assert sid_of(app, client) != app.session_interface.sid_from_cookie(app, cookie)  # type: ignore[attr-defined]
+
+
+# -- switching from Flask-Session -------------------------------------------------------------
+
+
+def test_interface_regenerate_like_flask_session(app: Flask, store: RecordingStore) -> None:
+    @app.get("/login")
+    def login() -> str:
+        app.session_interface.regenerate(session)  # type: ignore[attr-defined]
+        session["user"] = "ann"
+        return "ok"
+
+    client = app.test_client()
+    client.get("/set/a/1")
+    old = sid_of(app, client)
+    client.get("/login")
+    new = sid_of(app, client)
+    assert new != old and store.inner.hgetall("session:" + old) == {}
+    assert store.inner.hgetall("session:" + new) == {"a": b'"1"', "user": b'"ann"'}
+
+
+@pytest.mark.parametrize("kind", ["filesystem", "cachelib", "memcached", "mongodb",
+                                  "sqlalchemy", "dynamodb", "null"])
+def test_unsupported_session_type_says_what_to_use(kind: str) -> None:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k", SESSION_TYPE=kind)
+    with pytest.raises(ValueError, match='SESSION_URL="sqlite:////') as info:
+        Session(app)
+    assert 'SESSION_URL="redis://' in str(info.value)
+
+
+def test_flask_session_keys_without_meaning_get_one_warning() -> None:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k", SESSION_TYPE="memory", SESSION_USE_SIGNER=True,
+                      SESSION_SERIALIZATION_FORMAT="json", SESSION_FILE_DIR="/tmp/x",
+                      SESSION_CLEANUP_N_REQUESTS=100, SESSION_PROTECTION="strong")
+    with pytest.warns(UserWarning) as seen:
+        Session(app)
+    assert len(seen) == 1
+    text = str(seen[0].message)
+    for key in ("SESSION_USE_SIGNER", "SESSION_SERIALIZATION_FORMAT", "SESSION_FILE_DIR",
+                "SESSION_CLEANUP_N_REQUESTS"):
+        assert key in text
+    assert "SESSION_PROTECTION" not in text  # Flask-Login's, not ours to judge
+    import warnings
+
+    clean = Flask(__name__)
+    clean.config.update(SECRET_KEY="k", SESSION_TYPE="memory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Session(clean)
+
+
+def test_cookie_of_the_previous_format_is_a_new_session_left_alone(
+        app: Flask, store: RecordingStore) -> None:
+    """Cookies from before the timestamped format (id.signature) verify no more: the
+    user gets a new session (signs in again once); the old cookie is not deleted."""
+    from itsdangerous import Signer
+
+    client = app.test_client()
+    client.get("/set/a/1")
+    old = Signer("test-secret", salt=SALT).sign(sid_of(app, client)).decode()
+    other = app.test_client()
+    other.set_cookie("session", old)
+    store.calls.clear()
+    r = other.get("/get/a")
+    assert r.json == {"value": None} and "Set-Cookie" not in r.headers
+    assert store.calls == []

@@ -1,10 +1,13 @@
-"""Two overlapping requests change different session keys: Flask-Session 0.8 loses one
-(it rewrites the whole blob, its #71); gunicorn_ext.state.flask keeps both (per-key writes).
-Real Gunicorn (gthread), real redis-server and SQLite, real HTTP."""
+"""Sessions across real Gunicorn workers (gthread), real redis-server and SQLite, real HTTP.
+
+Two overlapping requests change different session keys: Flask-Session 0.8 loses one (it
+rewrites the whole blob, its #71); gunicorn_ext.state.flask keeps both (per-key writes).
+Sliding expiry: what it costs in Redis commands, beside Flask-Session's in the same run."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,8 @@ def _overlapping_writes(g: Any) -> dict[str, str]:
     return requests.get(g.url("/get"), cookies=cookies, timeout=10).json()  # type: ignore[no-any-return]
 
 
-def _start(factory: Any, impl: str, url: str, root: Path) -> Any:
-    env = {"SESSION_IMPL": impl, "STATE_URL": url, "PYTHONPATH": str(root)}
+def _start(factory: Any, impl: str, url: str, root: Path, **extra: str) -> Any:
+    env = {"SESSION_IMPL": impl, "STATE_URL": url, "PYTHONPATH": str(root), **extra}
     return factory("session_app:app", cwd=APPS, workers=2, env=env,
                    args=["--worker-class", "gthread", "--threads", "4"])
 
@@ -110,3 +113,114 @@ def test_redis_killed_under_load(gunicorn_factory: Any, redis_server: Any, repo_
     assert set(seen["session"]) <= {200, 503} and seen["session"].get(503, 0) > 0
     r = requests.get(g.url("/set/after"), timeout=10)
     assert r.status_code == 200
+
+
+def _redis_commands(client: Any) -> dict[str, int]:
+    """Commands Redis ran since the last CONFIG RESETSTAT, PEXPIRE counted as EXPIRE,
+    without our own probes and the clients' connection health checks (PING)."""
+    stats = client.info("commandstats")
+    got: dict[str, int] = {}
+    for name, v in stats.items():
+        name = name.removeprefix("cmdstat_")
+        if name in ("info", "config|resetstat", "config", "ping"):
+            continue
+        name = "expire" if name == "pexpire" else name
+        got[name] = got.get(name, 0) + int(v["calls"])
+    return got
+
+
+N_UNTOUCHED = 40
+
+
+@pytest.mark.parametrize("interval", ["3600", "0"])
+def test_sliding_expiry_costs_for_requests_that_never_touch_the_session(
+        gunicorn_factory: Any, redis_server: Any, repo_root: Path, interval: str) -> None:
+    """Untouched requests carrying a permanent session's cookie: the cookie is re-sent on
+    each (as Flask does); within SESSION_REFRESH_INTERVAL Redis sees nothing, and with
+    interval 0 one EXPIRE each, which really extends the TTL. Flask-Session, in the same
+    run, loads and rewrites the whole session on every one of them."""
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    ours = _start(gunicorn_factory, "ours", redis_server.url, repo_root,
+                  SESSION_REFRESH_INTERVAL=interval, SESSION_LIFETIME="600")
+    theirs = _start(gunicorn_factory, "flask_session", redis_server.url, repo_root,
+                    SESSION_LIFETIME="600")
+    counts: dict[str, dict[str, int]] = {}
+    for name, g in (("ours", ours), ("theirs", theirs)):
+        s = requests.Session()
+        s.get(g.url("/set/x"), timeout=10).raise_for_status()
+        keys = r.keys("session:*")
+        r.config_resetstat()
+        for _ in range(N_UNTOUCHED):
+            resp = s.get(g.url("/nosession"), timeout=10)
+            assert resp.status_code == 200
+            if name == "ours":
+                assert "session=" in resp.headers.get("Set-Cookie", "")  # Flask re-sends it
+                assert "Cookie" in resp.headers.get("Vary", "")
+        counts[name] = _redis_commands(r)
+        for key in keys:
+            r.delete(key)
+    expected = {} if interval == "3600" else {"expire": N_UNTOUCHED}
+    assert counts["ours"] == expected, counts
+    assert sum(counts["theirs"].values()) >= 2 * N_UNTOUCHED, counts  # GET + SET each
+    print(f"Redis commands for {N_UNTOUCHED} untouched requests, interval {interval}s: "
+          f"ours {counts['ours']}, Flask-Session {counts['theirs']}")
+
+    if interval == "0":  # the EXPIRE really slides the TTL
+        s = requests.Session()
+        s.get(ours.url("/set/y"), timeout=10).raise_for_status()
+        (key,) = r.keys("session:*")
+        time.sleep(1.5)
+        before = r.pttl(key)
+        s.get(ours.url("/nosession"), timeout=10).raise_for_status()
+        assert r.pttl(key) > before
+
+
+def test_a_read_refreshes_in_its_own_round_trip(gunicorn_factory: Any, redis_server: Any,
+                                                 repo_root: Path) -> None:
+    """A request that loads a permanent session due for a refresh sends HGETALL and
+    EXPIRE together (one pipeline); within the interval, HGETALL alone."""
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    for interval, expire in (("3600", 0), ("0", 5)):
+        g = _start(gunicorn_factory, "ours", redis_server.url, repo_root,
+                   SESSION_REFRESH_INTERVAL=interval)
+        s = requests.Session()
+        s.get(g.url("/set/x"), timeout=10).raise_for_status()
+        r.config_resetstat()
+        for _ in range(5):
+            assert s.get(g.url("/get"), timeout=10).json() == {"x": "1"}
+        got = _redis_commands(r)
+        assert got.get("hgetall") == 5 and got.get("expire", 0) == expire, got
+        assert set(got) <= {"hgetall", "expire"}, got
+        g.stop()
+
+
+def test_untouched_requests_with_a_session_ride_out_an_outage(
+        gunicorn_factory: Any, redis_server: Any, repo_root: Path) -> None:
+    """With a refresh due on every request (interval 0), requests that never touch the
+    session still answer 200 while redis-server is down (their refresh is skipped, one
+    log line each), and the refresh works again once it is back."""
+    import redis
+
+    g = _start(gunicorn_factory, "ours", redis_server.url, repo_root,
+               SESSION_REFRESH_INTERVAL="0")
+    s = requests.Session()
+    s.get(g.url("/set/x"), timeout=10).raise_for_status()
+    redis_server.kill()
+    for _ in range(5):
+        r = s.get(g.url("/nosession"), timeout=10)
+        assert r.status_code == 200 and r.text == "no session needed"
+        assert "Set-Cookie" not in r.headers  # not refreshed, not deleted
+    assert s.get(g.url("/get"), timeout=10).status_code == 503  # one that needs it
+    assert "session expiry not refreshed" in g.log_text()
+    redis_server.start()  # empty: the old session is gone with it
+    s.get(g.url("/set/y"), timeout=10).raise_for_status()
+    client = redis.Redis.from_url(redis_server.url)
+    (key,) = client.keys("session:*")
+    client.config_resetstat()
+    assert s.get(g.url("/nosession"), timeout=10).status_code == 200
+    assert _redis_commands(client) == {"expire": 1}
+    assert client.exists(key)

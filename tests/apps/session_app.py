@@ -13,11 +13,15 @@ STATE_URL = os.environ["STATE_URL"]
 
 app = Flask(__name__)
 app.secret_key = "test-secret-key"
+if os.environ.get("SESSION_LIFETIME"):
+    app.config["PERMANENT_SESSION_LIFETIME"] = int(os.environ["SESSION_LIFETIME"])
 
 if IMPL == "ours":
     from gunicorn_ext.state.flask import Session
 
     app.config["SESSION_URL"] = STATE_URL
+    if os.environ.get("SESSION_REFRESH_INTERVAL"):
+        app.config["SESSION_REFRESH_INTERVAL"] = float(os.environ["SESSION_REFRESH_INTERVAL"])
     Session(app)
 else:
     from flask_session import Session as FlaskSession

@@ -1,0 +1,122 @@
+"""Even spread (gunicorn_ext/dispatch.py): the primary accepts and hands each connection
+to the worker with the most free threads. Real Gunicorn, real HTTP clients."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from harness import Gunicorn, wait_for
+
+TESTS = Path(__file__).resolve().parent
+EXAMPLE = TESTS.parent / "examples" / "flask_app"
+APPS = TESTS / "apps"
+
+
+def fresh(g: Gunicorn, path: str, timeout: float = 10) -> requests.Response:
+    return requests.get(g.url(path), headers={"Connection": "close"}, timeout=timeout)
+
+
+def ready_slots(g: Gunicorn) -> list[int]:
+    c = fresh(g, "/cluster").json()
+    return sorted(w["slot"] for w in c["workers"] if w["ready"])
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "sync"])
+def test_example_spreads_requests_evenly(gunicorn_factory: Any, worker_class: str) -> None:
+    """Sequential requests on fresh connections rotate over every worker of the example
+    (the kernel alone sends most of them to one or two)."""
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=4,
+                         env={"WORKER_CLASS": worker_class})
+    wait_for(lambda: ready_slots(g) == [0, 1, 2, 3], 30, what="four workers ready")
+    time.sleep(0.3)  # every worker's first report reaches the primary
+    slots = collections.Counter(fresh(g, "/whoami").json()["slot"] for _ in range(40))
+    assert set(slots) == {0, 1, 2, 3}, slots
+    assert max(slots.values()) <= 13 and min(slots.values()) >= 7, slots
+
+
+def _spread_app(gunicorn_factory: Any, **env: str) -> Gunicorn:
+    env.setdefault("WORKERS", "2")
+    g = gunicorn_factory("spread_app:app", config=APPS / "spread_conf.py", cwd=APPS,
+                         workers=int(env["WORKERS"]), env=env, health_path="/pid")
+    g.wait_workers()
+    pids = set(g.worker_pids())
+    wait_for(lambda: {fresh(g, "/pid").text for _ in range(8)} == {str(p) for p in pids}, 30,
+             what="every worker serving")
+    return g
+
+
+def test_busy_gthread_worker_gets_no_new_connection(gunicorn_factory: Any) -> None:
+    """A gthread worker whose only thread is busy would accept and queue a connection
+    behind it (Gunicorn #3433); dispatched, every new request goes to the free worker
+    and is answered while the busy one still holds its thread."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="1")
+    assert "even spread on" in g.log_path.read_text()
+    held: dict[str, str] = {}
+    holder = threading.Thread(target=lambda: held.update(pid=fresh(g, "/hold?s=4", 20).text))
+    holder.start()
+    time.sleep(0.5)
+    try:
+        pids = [fresh(g, "/pid", 3).text for _ in range(10)]
+        still_holding = holder.is_alive()
+    finally:
+        holder.join(timeout=20)
+    assert still_holding, "the held request ended before the others were answered"
+    assert held["pid"] not in pids and len(set(pids)) == 1, (held, pids)
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "sync"])
+def test_killed_and_stopped_workers_lose_nothing_else(gunicorn_factory: Any,
+                                                       worker_class: str) -> None:
+    """A worker SIGKILLed while idle, then each worker stopped gracefully (TERM) while
+    a client keeps sending: every request is answered, and the replacements serve."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS=worker_class, THREADS="2", WORKERS="3")
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        deadline = time.monotonic() + 25
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                r = fresh(g, "/pid", 5)
+                if r.status_code != 200:
+                    failures.append(f"HTTP {r.status_code}")
+                answered[0] += 1
+            except requests.RequestException as exc:
+                failures.append(type(exc).__name__)
+
+    victim = g.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in g.worker_pids() and len(g.worker_pids()) == 3, 20,
+             what="the killed worker replaced")
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for pid in list(g.worker_pids()):
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda pid=pid: pid not in g.worker_pids() and len(g.worker_pids()) == 3, 20,
+                     what=f"worker {pid} replaced")
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert answered[0] > 20
+    assert failures == [], f"{len(failures)} of {answered[0]} failed: {failures[:5]}"
+    served = {fresh(g, "/pid").text for _ in range(12)}
+    assert served == {str(p) for p in g.worker_pids()}
+
+
+def test_even_spread_off_uses_the_kernels_accept(gunicorn_factory: Any) -> None:
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", EVEN_SPREAD="0")
+    assert "even spread on" not in g.log_path.read_text()
+    assert fresh(g, "/pid").status_code == 200
