@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +49,17 @@ def test_contract(store: Store, check: Callable[[Store], None]) -> None:
 
 
 # -- open_store and URLs
+
+def test_store_interface_imports_no_backend() -> None:
+    # state/store.py is the interface: importing it (and the package) loads no backend;
+    # open_store imports the one a URL names, when it is asked for.
+    code = ("import sys; import gunicorn_ext.state, gunicorn_ext.state.store as s; "
+            "bad = [m for m in ('redis', 'sqlite3', 'gunicorn_ext.state.redis', "
+            "'gunicorn_ext.state.sqlite', 'gunicorn_ext.state.memory', 'flask') if m in sys.modules]; "
+            "assert not bad, bad; s.open_store('memory://'); "
+            "assert 'gunicorn_ext.state.memory' in sys.modules and 'redis' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
 
 def test_open_store_dispatch(tmp_path: Path) -> None:
     m = open_store("memory://")
