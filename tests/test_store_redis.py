@@ -592,6 +592,12 @@ def test_parse_sentinel() -> None:
     assert pool.connection_kwargs["db"] == 4 and pool.connection_kwargs["password"] == "pw"
     tls = RedisStore("rediss+sentinel://h.invalid:26379/svc")
     assert tls.client.connection_pool.connection_class is SentinelManagedSSLConnection
+    # Query options are read as from_url reads them, for the master and the sentinels.
+    q = RedisStore("rediss+sentinel://h.invalid:26379/svc?socket_timeout=5&ssl_ca_certs=/ca.pem")
+    assert q.client.connection_pool.connection_kwargs["socket_timeout"] == 5.0
+    assert q.client.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    sentinel_kw = q._sentinel.sentinels[0].connection_pool.connection_kwargs
+    assert sentinel_kw["socket_timeout"] == 5.0 and sentinel_kw["ssl_ca_certs"] == "/ca.pem"
     with pytest.raises(ValueError):
         RedisStore("redis+sentinel://h.invalid:26379")
 
