@@ -48,7 +48,7 @@ def _slot_of(w: Any) -> int | None:
 def on_starting(server: Any) -> None:
     primary.start(server.log)
     supervisor.install(server)
-    if supervisor.settings.even_spread and dispatched(server.worker_class.__name__):
+    if dispatched(server.worker_class.__name__, supervisor.settings.even_spread):
         dispatcher.install(server, server.log)
     _start_admin(server)
 

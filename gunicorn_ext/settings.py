@@ -150,9 +150,9 @@ class Settings:
 
     # -- accepting
     #: The primary accepts connections and hands each to the worker with the most
-    #: free threads (sync and gthread workers), instead of whichever worker the
-    #: kernel wakes. False: Gunicorn's own accept in every worker.
-    even_spread: bool = True
+    #: free threads, instead of whichever worker the kernel wakes. None (default): for
+    #: gthread workers; True: sync workers too; False: Gunicorn's own accept everywhere.
+    even_spread: bool | None = None
 
     # -- sticky routing (nginx pins a client to the backend its route cookie names)
     #: Set the route cookie on the responses of any WSGI app Gunicorn serves (a
@@ -240,6 +240,8 @@ class Settings:
             if not self.admin_allow_remote and not is_loopback(host):
                 raise bad("admin_bind", "must be a loopback address (127.0.0.1, [::1], localhost) "
                                         "unless admin_allow_remote=True")
+        if not (self.even_spread is None or isinstance(self.even_spread, bool)):
+            raise bad("even_spread", "must be True, False or None (gthread workers only)")
         if not (self.sticky is None or isinstance(self.sticky, bool)):
             raise bad("sticky", "must be True, False or None (on with per-worker ports)")
         if not isinstance(self.sticky_cookie, str) or not COOKIE_NAME_RE.match(self.sticky_cookie):
