@@ -53,6 +53,15 @@ _BOOT_ERROR_CODES = {3: "worker failed to boot", 4: "app failed to load"}
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
 
 
+def _reaped(pid: int) -> bool:
+    """Whether our child ``pid`` has been reaped already (waited for by Gunicorn)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
+
+
 def _signame(sig: int) -> str:
     try:
         return signal.Signals(sig).name
@@ -283,17 +292,23 @@ class Supervisor:
             except HaltServer as exc:
                 if self.settings.halt_on_boot_error and not self.rollout.running:
                     raise
-                # Gunicorn popped the worker and would shut down: keep going instead.
+                # Gunicorn reaped the worker and would shut down: keep going instead.
                 for pid, worker in before.items():
-                    if pid not in server.WORKERS and not getattr(worker, "ext_reaped", False):
-                        server.log.error("gunicorn-ext: %s (pid %s); not shutting down (%s)",
-                                         exc.reason, pid, "rolling reload in progress"
-                                         if self.rollout.running else "halt_on_boot_error=False")
-                        try:
-                            worker.tmp.close()
-                        except OSError:
-                            pass
-                        server.cfg.child_exit(server, worker)
+                    if getattr(worker, "ext_reaped", False):
+                        continue
+                    if pid in server.WORKERS:
+                        # Gunicorn < 27 raises before it pops the worker it reaped.
+                        if not _reaped(pid):
+                            continue
+                        server.WORKERS.pop(pid, None)
+                    server.log.error("gunicorn-ext: %s (pid %s); not shutting down (%s)",
+                                     exc.reason, pid, "rolling reload in progress"
+                                     if self.rollout.running else "halt_on_boot_error=False")
+                    try:
+                        worker.tmp.close()
+                    except OSError:
+                        pass
+                    server.cfg.child_exit(server, worker)
 
     def _manage_workers(self, orig: Callable[[], None]) -> None:
         from gunicorn.errors import HaltServer
