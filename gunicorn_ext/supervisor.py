@@ -41,6 +41,7 @@ from .restart.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from .restart.gate import Gate
 from .restart.rolling import Rollout
 from .settings import Settings
+from .versions import check_gunicorn
 
 #: Request name: the instance's Prometheus text, rendered by the primary.
 METRICS = "gunicorn_ext.metrics"
@@ -147,6 +148,7 @@ class Supervisor:
         """Wrap the arbiter's methods and register the primary's handlers (on_starting)."""
         if self.server is server:
             return
+        check_gunicorn(server.log)
         self.server = server
         self.instance = self.instance or os.environ.get("INSTANCE") or f"{os.uname().nodename}:{os.getpid()}"
         orig_spawn, orig_reap, orig_manage = server.spawn_worker, server.reap_workers, server.manage_workers
