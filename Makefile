@@ -12,10 +12,20 @@ STAMP  := $(VENV)/.installed
 # Debian puts nginx (and sometimes redis-server) in /usr/sbin, often off a user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
+# The oldest Gunicorn pyproject.toml allows ("gunicorn>=25,<28" -> 25), in its own venv:
+# `make test-oldest` runs the tests that drive a real Gunicorn on it (`make test` runs
+# everything on the newest, which is what `make install` resolves).
+OLDEST_VENV := .venv-gunicorn-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+GUNICORN_OLDEST = $(shell sed -n 's/^ *"gunicorn>=\([0-9.]*\)[,"].*/\1/p' pyproject.toml)
+OLDEST_TESTS := tests/test_versions.py tests/test_lifecycle.py tests/test_ipc.py \
+  tests/test_dispatch.py tests/test_deadlines.py tests/test_worker_ports.py \
+  tests/test_sticky.py tests/test_example.py
+
 JS     := tests/js
 JS_STAMP := $(JS)/node_modules/.installed
 
-.PHONY: help install system-deps js-deps lint test run bench bench-deps dist docs clean
+.PHONY: help install system-deps js-deps lint test test-oldest settings-table run bench bench-deps dist docs clean
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
@@ -23,7 +33,9 @@ help:
 	@echo "make browser-deps apt-get install chromium if missing (root; the browser test)"
 	@echo "make js-deps      apt-get install nodejs and npm if missing (root); npm ci in $(JS)"
 	@echo "make lint         ruff check + mypy"
-	@echo "make test         install, system-deps, lint, then the whole pytest suite"
+	@echo "make test         install, system-deps, lint, the whole pytest suite, then test-oldest"
+	@echo "make test-oldest  the real-Gunicorn tests on the oldest Gunicorn pyproject.toml allows"
+	@echo "make settings-table  rewrite the README's settings table from gunicorn_ext/settings.py"
 	@echo "make run          the example cluster (examples/flask_app)"
 	@echo "make bench        every bench/*.py; results in bench/results/<name>.json"
 	@echo "make bench-deps   apt-get install wrk if missing (root; optional)"
@@ -116,6 +128,22 @@ test: install system-deps js-deps browser-deps
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-oldest
+
+# Re-installs only when pyproject.toml changes; gunicorn_ext itself is the same editable tree.
+$(OLDEST_STAMP): pyproject.toml | $(BIN)/python
+	@test -n "$(GUNICORN_OLDEST)" || { echo "error: no gunicorn>=X bound in pyproject.toml" >&2; exit 1; }
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]' \
+	  'gunicorn==$(GUNICORN_OLDEST)'
+	@touch $@
+
+test-oldest: $(OLDEST_STAMP) system-deps
+	GX_GUNICORN_EXPECT=$(GUNICORN_OLDEST) $(OLDEST_VENV)/bin/pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
+# The README's settings table is checked by tests/test_settings.py; this rewrites it.
+settings-table: install
+	GX_WRITE_README=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_settings.py -k readme
 
 run: install
 	cd examples/flask_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app

@@ -41,6 +41,7 @@ from .restart.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from .restart.gate import Gate
 from .restart.rolling import Rollout
 from .settings import Settings
+from .versions import check_gunicorn
 
 #: Request name: the instance's Prometheus text, rendered by the primary.
 METRICS = "gunicorn_ext.metrics"
@@ -51,6 +52,15 @@ _BOOT_ERROR_CODES = {3: "worker failed to boot", 4: "app failed to load"}
 #: A worker killed by one of these was told to stop (by the arbiter, the
 #: operator or a rollout): an exit, not a crash.
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+
+
+def _reaped(pid: int) -> bool:
+    """Whether our child ``pid`` has been reaped already (waited for by Gunicorn)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
 
 
 def _signame(sig: int) -> str:
@@ -139,6 +149,7 @@ class Supervisor:
         """Wrap the arbiter's methods and register the primary's handlers (on_starting)."""
         if self.server is server:
             return
+        check_gunicorn(server.log)
         self.server = server
         self.instance = self.instance or os.environ.get("INSTANCE") or f"{os.uname().nodename}:{os.getpid()}"
         orig_spawn, orig_reap, orig_manage = server.spawn_worker, server.reap_workers, server.manage_workers
@@ -286,17 +297,23 @@ class Supervisor:
             except HaltServer as exc:
                 if self.settings.halt_on_boot_error and not self.rollout.running:
                     raise
-                # Gunicorn popped the worker and would shut down: keep going instead.
+                # Gunicorn reaped the worker and would shut down: keep going instead.
                 for pid, worker in before.items():
-                    if pid not in server.WORKERS and not getattr(worker, "ext_reaped", False):
-                        server.log.error("gunicorn-ext: %s (pid %s); not shutting down (%s)",
-                                         exc.reason, pid, "rolling reload in progress"
-                                         if self.rollout.running else "halt_on_boot_error=False")
-                        try:
-                            worker.tmp.close()
-                        except OSError:
-                            pass
-                        server.cfg.child_exit(server, worker)
+                    if getattr(worker, "ext_reaped", False):
+                        continue
+                    if pid in server.WORKERS:
+                        # Gunicorn < 27 raises before it pops the worker it reaped.
+                        if not _reaped(pid):
+                            continue
+                        server.WORKERS.pop(pid, None)
+                    server.log.error("gunicorn-ext: %s (pid %s); not shutting down (%s)",
+                                     exc.reason, pid, "rolling reload in progress"
+                                     if self.rollout.running else "halt_on_boot_error=False")
+                    try:
+                        worker.tmp.close()
+                    except OSError:
+                        pass
+                    server.cfg.child_exit(server, worker)
 
     def _manage_workers(self, orig: Callable[[], None]) -> None:
         from gunicorn.errors import HaltServer

@@ -175,11 +175,12 @@ def test_example_readiness_status_and_metrics(gunicorn_factory: Callable[..., Gu
         return r.status_code == 200
 
     wait_for(ready, 30, interval=0.01, what="readyz 200")
-    # The workers import the app after the primary listens: not ready first, with the reason.
+    # The workers import the app after the primary listens: not ready first, with the reason
+    # (on a loaded machine the first answer may already be the ready one; the failed-rollout
+    # test below checks a 503 deterministically).
     not_ready = [text for code, text in seen if code == 503]
-    assert not_ready, seen
     assert all(t.startswith("not ready\n- slot ") and "has no ready worker: " in t for t in not_ready)
-    assert any("its worker is booting" in t for t in not_ready), not_ready
+    assert not not_ready or any("its worker is booting" in t for t in not_ready), not_ready
     assert seen[-1][1] == "ready: 2 slot(s) served\n"
     assert get(port, "/livez").text == f"ok: primary pid {g.master_pid}\n"
     g.wait_ready()

@@ -482,7 +482,8 @@ def test_store_from_config(tmp_path: Path) -> None:
 
 
 def test_redis_client_config() -> None:
-    fakeredis = pytest.importorskip("fakeredis")
+    import fakeredis
+
     app = Flask(__name__)
     app.config.update(SECRET_KEY="k", SESSION_TYPE="redis",
                       SESSION_REDIS=fakeredis.FakeRedis())

@@ -1,6 +1,6 @@
 """A Sphinx directive that renders gunicorn-ext's settings reference from the
-declarations themselves (``gunicorn_ext.settings.Settings``): name, type, default and
-the ``#:`` doc comment above each field, so the docs can't drift from the code."""
+declarations themselves (``gunicorn_ext.settings.Settings``): name, type, default,
+validator and the doc line of each field, so the docs can't drift from the code."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ from typing import Any
 from docutils import nodes
 from docutils.parsers.rst import Directive
 from sphinx.application import Sphinx
-from sphinx.pycode import ModuleAnalyzer
-
-
-def _doc_comments() -> dict[str, str]:
-    analyzer = ModuleAnalyzer.for_module("gunicorn_ext.settings")
-    return {name: " ".join(lines).strip()
-            for (cls, name), lines in analyzer.find_attr_docs().items() if cls == "Settings"}
 
 
 def _row(*cells: str, code: int = 3) -> nodes.row:
@@ -37,19 +30,20 @@ class SettingsTable(Directive):
     def run(self) -> list[nodes.Node]:
         from gunicorn_ext.settings import Settings
 
-        docs = _doc_comments()
         table = nodes.table()
-        group = nodes.tgroup(cols=4)
+        group = nodes.tgroup(cols=5)
         table += group
-        for width in (22, 8, 12, 58):
+        for width in (20, 8, 10, 16, 46):
             group += nodes.colspec(colwidth=width)
         head = nodes.thead()
-        head += _row("setting", "type", "default", "what it does", code=0)
+        head += _row("setting", "type", "default", "validator", "what it does", code=0)
         group += head
         body = nodes.tbody()
         for f in dataclasses.fields(Settings):
             default: Any = f.default
-            body += _row(f.name, str(f.type), repr(default), docs.get(f.name, ""))
+            validate = f.metadata.get("validate")
+            body += _row(f.name, str(f.type), repr(default), getattr(validate, "__name__", ""),
+                         f.metadata.get("doc", ""), code=4)
         group += body
         return [table]
 

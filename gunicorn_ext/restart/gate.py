@@ -31,8 +31,6 @@ import os
 import socket
 from typing import Any
 
-from gunicorn import sock as gsock
-
 _SUFFIX = ".gunicorn-ext-paused"
 
 
@@ -105,7 +103,7 @@ class Gate:
                 self._warn_once(lnr, "bound to port 0")
                 return False
             sock.shutdown(socket.SHUT_RD)
-            if gsock.BaseSocket._is_listening(sock):  # not Linux: shutdown did not stop it
+            if _listening(sock):  # not Linux: shutdown did not stop it
                 self._warn_once(lnr, "this kernel keeps it listening after shutdown()")
                 return False
             self._shut.add(id(lnr))
@@ -144,6 +142,14 @@ class Gate:
         if not self._warned:
             self._warned = True
             lnr.log.warning("gunicorn-ext: %s stays open while no worker runs (%s)", lnr, why)
+
+
+def _listening(sock: socket.socket) -> bool:
+    """Whether ``sock`` listens (SO_ACCEPTCONN; False where the kernel can't say)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except (AttributeError, OSError):
+        return False
 
 
 def _port(lnr: Any) -> int | None:
