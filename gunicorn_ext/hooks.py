@@ -9,6 +9,7 @@ check passes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -45,9 +46,18 @@ def _slot_of(w: Any) -> int | None:
 
 def on_starting(server: Any) -> None:
     primary.start(server.log)
+    s = supervisor.settings
+    if s.bus_bridge_url:
+        primary.start_bridge(s.bus_bridge_url, s.bus_bridge_name or _bridge_name(server))
     supervisor.install(server)
     if supervisor.settings.even_spread and dispatched(server.worker_class.__name__):
         dispatcher.install(server, server.log)
+
+
+def _bridge_name(server: Any) -> str:
+    """Gunicorn's proc_name (default: the app, ``app:app``) as a bridge name."""
+    name = re.sub(r"[^A-Za-z0-9_.:-]", "_", str(server.cfg.proc_name or "gunicorn"))
+    return name[:100]
 
 
 def on_exit(server: Any) -> None:

@@ -14,10 +14,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from .sticky import COOKIE_NAME_RE
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+#: URL schemes the bus bridge accepts (the Redis store's).
+BRIDGE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel",
+                  "redis+cluster", "rediss+cluster")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -50,6 +55,12 @@ class Settings:
     #: Bytes the primary may queue for a worker that is not reading its bus
     #: before it gives up on that worker's connection.
     ipc_max_backlog: int = 64 * 1024 * 1024
+    #: Store URL of a Redis (redis://, rediss://, unix://, redis[s]+sentinel://,
+    #: redis[s]+cluster://) through which publications reach the subscribers of every
+    #: instance of the same ``bus_bridge_name``: one connection per primary. "": off.
+    bus_bridge_url: str = ""
+    #: The cluster's name on the bridge; default: Gunicorn's ``proc_name``.
+    bus_bridge_name: str = ""
 
     # -- restart policy (PM2's exponential backoff, plus a breaker)
     #: Delay before respawning a slot whose worker crashed twice in a row
@@ -167,6 +178,17 @@ class Settings:
             raise bad("ipc_max_frame", "must be between 1024 and 2**30 bytes")
         if self.ipc_max_backlog < self.ipc_max_frame:
             raise bad("ipc_max_backlog", f"must be at least ipc_max_frame ({self.ipc_max_frame})")
+        if not isinstance(self.bus_bridge_url, str) or (
+                self.bus_bridge_url and urlsplit(self.bus_bridge_url).scheme.lower()
+                not in BRIDGE_SCHEMES):
+            raise SettingsError(
+                "gunicorn-ext setting bus_bridge_url must be a Redis store URL ("
+                + ", ".join(f"{s}://" for s in BRIDGE_SCHEMES) + ") or '', got "
+                + (f"scheme {urlsplit(self.bus_bridge_url).scheme!r}"  # never echo a password
+                   if isinstance(self.bus_bridge_url, str) else repr(self.bus_bridge_url)))
+        if not isinstance(self.bus_bridge_name, str) or (
+                self.bus_bridge_name and not _BRIDGE_NAME.match(self.bus_bridge_name)):
+            raise bad("bus_bridge_name", "must be 1-100 characters of [A-Za-z0-9_.:-] or ''")
         if self.restart_backoff_factor < 1:
             raise bad("restart_backoff_factor", "must be at least 1")
         if self.restart_max_delay < self.restart_delay:
