@@ -13,6 +13,7 @@ loss and one at recovery, and heals by itself.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -197,6 +198,55 @@ def test_garbage_from_redis_is_dropped_with_a_log_line(
     assert a.hub.bridge.up and a.hub.bridge.dropped == len(garbage)
     a.hub.publish("news", "still fine")
     wait_for(lambda: a.got == ["fine", "still fine"], TIMEOUT, what="the hub to go on")
+
+
+@pytest.mark.redis
+def test_forks_while_the_bridge_is_busy_leave_it_alone(
+        redis_server: RedisServer, primaries: Callable[..., Primary]) -> None:
+    """Forking (as the arbiter does for every worker) parks the bridge thread; the child
+    closes the connection's socket without shutting the parent's session down."""
+    a, b = primaries(), primaries()
+    a.wait_up()
+    b.wait_up()
+    fd = a.hub.bridge._conn._sock.fileno()
+    count = 2000
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(count):
+            a.hub.publish("news", i)
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    for _ in range(20):
+        pid = os.fork()
+        if pid == 0:  # the child: no bridge, its socket closed; exit at once
+            code = 0
+            try:
+                if a.hub.bridge is not None:
+                    code = 2
+                else:
+                    try:
+                        os.fstat(fd)
+                        code = 3
+                    except OSError:
+                        pass
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # bounded: a child stuck on a lock would fail here
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            assert time.monotonic() < deadline, "a forked child hung"
+            time.sleep(0.01)
+    assert done.wait(TIMEOUT)
+    wait_for(lambda: len(b.got) >= count, TIMEOUT, what="every publication on b")
+    time.sleep(0.3)
+    assert sorted(b.got) == list(range(count))
+    assert a.hub.bridge.up and a.log.count("is down") == 0, a.log.lines
+    assert len(_bridge_clients(redis_server)) == 2
 
 
 # ----------------------------------------------------------------------------- the example

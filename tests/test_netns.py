@@ -35,8 +35,10 @@ from typing import Any
 
 import pytest
 import requests
-from harness import Gunicorn, RedisServer, find_binary, serves, wait_for
+from harness import Gunicorn, RedisServer, find_binary, free_port, serves, wait_for
 from test_chat import SioClient, _assert_each_gets_it_once, _warm_up
+
+from gunicorn_ext.nginx import render
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -257,6 +259,38 @@ def test_broadcast_hits_and_socketio_cross_hosts(cluster: Cluster) -> None:
             for c in clients:
                 with contextlib.suppress(Exception):
                     c.close()
+
+
+@pytest.mark.nginx
+def test_sessions_and_sticky_routing_through_nginx_across_hosts(
+        cluster: Cluster, nginx_site: Any) -> None:
+    """nginx on the clients' host, in front of the four worker ports of the two instance
+    hosts: a client stays on its worker; without its route cookie it lands anywhere,
+    and its session (in Redis, on its own host) goes on counting."""
+    with inside(cluster.net.ns["client"]):
+        listen = free_port()  # in the client host's namespace
+        backends = [f"{h}:{p}" for h, p in cluster.worker_ports()]
+        conf = render(backends=backends, listen=listen, server_name="127.0.0.1",
+                      default_server=False)
+        with nginx_site(conf, listen):
+            url = f"http://127.0.0.1:{listen}"
+            client = requests.Session()
+            seen = set()
+            for n in range(1, 6):
+                r = client.get(f"{url}/counter", timeout=10)
+                assert r.status_code == 200 and r.json()["count"] == n, r.text
+                seen.add(r.json()["pid"])
+            assert len(seen) == 1  # pinned by the route cookie
+            route = client.cookies.get("gx_route")
+            assert route is not None
+            landed = set()
+            for n in range(6, 20):
+                client.cookies.set("gx_route", None)  # dropped: nginx picks any backend
+                r = client.get(f"{url}/counter", timeout=10)
+                assert r.status_code == 200 and r.json()["count"] == n, r.text
+                who = client.get(f"{url}/whoami", timeout=10).json()
+                landed.add(who["instance"])
+            assert landed == {"east", "west"}  # the session crossed hosts
 
 
 def test_redis_killed_on_its_host_then_back(cluster: Cluster) -> None:
