@@ -25,8 +25,9 @@ from typing import Any
 import msgspec
 import pytest
 import requests
-from harness import Gunicorn, RedisServer, _free_ports, serves, wait_for
+from harness import Gunicorn, RedisServer, _free_ports, find_binary, free_port, serves, wait_for
 from test_chat import SioClient, _assert_each_gets_it_once, _warm_up
+from test_store_redis import PASSWORD, _answers, _process
 
 import gunicorn_ext
 from gunicorn_ext.ipc.bridge import CHANNEL_PREFIX, Envelope
@@ -111,8 +112,8 @@ class Primary:
 def primaries(redis_server: RedisServer) -> Iterator[Callable[..., Primary]]:
     made: list[Primary] = []
 
-    def make(**kw: Any) -> Primary:
-        p = Primary(redis_server.url, **kw)
+    def make(url: str | None = None, **kw: Any) -> Primary:
+        p = Primary(url or redis_server.url, **kw)
         made.append(p)
         return p
 
@@ -121,8 +122,8 @@ def primaries(redis_server: RedisServer) -> Iterator[Callable[..., Primary]]:
         p.stop()
 
 
-def _bridge_clients(redis_server: RedisServer) -> list[dict[str, Any]]:
-    return [c for c in redis_server.client().client_list()
+def _bridge_clients(redis_server: RedisServer, **kw: Any) -> list[dict[str, Any]]:
+    return [c for c in redis_server.client(**kw).client_list()
             if c.get("name", "").startswith("gunicorn-ext-bridge")]
 
 
@@ -198,6 +199,31 @@ def test_garbage_from_redis_is_dropped_with_a_log_line(
     assert a.hub.bridge.up and a.hub.bridge.dropped == len(garbage)
     a.hub.publish("news", "still fine")
     wait_for(lambda: a.got == ["fine", "still fine"], TIMEOUT, what="the hub to go on")
+
+
+@pytest.mark.redis
+def test_the_bridge_over_sentinel_with_a_password(
+        redis_server: RedisServer, primaries: Callable[..., Primary], tmp_path: Path) -> None:
+    binary = find_binary("redis-server")
+    assert binary is not None
+    redis_server.client().config_set("requirepass", PASSWORD)
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {redis_server.port} 1\n"
+        f"sentinel auth-pass mymaster {PASSWORD}\n")
+    with _process([binary, str(conf), "--sentinel"], tmp_path / "sentinel.log") as proc:
+        wait_for(lambda: proc.poll() is None and _answers(port), 10, what="sentinel")
+        url = f"redis+sentinel://:{PASSWORD}@127.0.0.1:{port}/mymaster/0"
+        a, b = primaries(url=url), primaries(url=url)
+        a.wait_up()
+        b.wait_up()
+        a.hub.publish("news", "via sentinel")
+        wait_for(lambda: b.got == ["via sentinel"], TIMEOUT, what="the publication on b")
+        assert a.got == ["via sentinel"]
+        assert len(_bridge_clients(redis_server, password=PASSWORD)) == 2
+        assert all(PASSWORD not in text for _, text in a.log.lines)
 
 
 @pytest.mark.redis
