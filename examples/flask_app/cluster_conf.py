@@ -3,8 +3,9 @@
 Every gunicorn-ext feature is on; settings come from the environment:
 BIND (default 127.0.0.1:8000), WORKERS (default: the CPUs this process may
 use), THREADS (default 32), STATE_URL (default an SQLite file beside this
-config), SECRET_KEY, INSTANCE (default host:port of BIND), BUS_BRIDGE_URL (default
-STATE_URL when it is a Redis URL; "off": no bridge).
+config), SECRET_KEY, INSTANCE (default host:port of BIND), ADMIN_BIND (the primary's own
+/metrics /status /livez /readyz, e.g. 127.0.0.1:9191; default off), BUS_BRIDGE_URL
+(default STATE_URL when it is a Redis URL; "off": no bridge).
 """
 
 import logging
@@ -54,6 +55,7 @@ if _bridge == "off":
     _bridge = ""
 os.environ["BUS_BRIDGE_URL"] = _bridge
 
+# ADMIN_BIND=127.0.0.1:9191: the primary itself serves /metrics /status /livez /readyz there.
 gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
                     request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")),
-                    bus_bridge_url=_bridge)
+                    admin_bind=os.environ.get("ADMIN_BIND", ""), bus_bridge_url=_bridge)
