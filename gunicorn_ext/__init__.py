@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .ipc import (
         ALL,
         PRIMARY,
+        BridgeDown,
         BusClosed,
         FrameError,
         HandlerError,
@@ -49,13 +50,13 @@ _WHERE = {
     "primary": ".ipc.hub",
     "Settings": ".settings",
     "SettingsError": ".settings",
-    **{name: ".ipc" for name in ("ALL", "PRIMARY", "BusClosed", "FrameError", "HandlerError",
+    **{name: ".ipc" for name in ("ALL", "PRIMARY", "BridgeDown", "BusClosed", "FrameError", "HandlerError",
                                  "IPCError", "Message", "MessageTooLarge", "NoHandler",
                                  "RequestTimeout", "UnencodableMessage", "WorkerGone")},
 }
 
 __all__ = [
-    "__version__", "ALL", "PRIMARY", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub",
+    "__version__", "ALL", "PRIMARY", "BridgeDown", "Bus", "BusClosed", "FrameError", "HandlerError", "Hub",
     "IPCError", "Message", "MessageTooLarge", "NoHandler", "RequestTimeout", "Settings",
     "SettingsError", "UnencodableMessage", "WorkerGone",
     "enable", "primary", "worker",

@@ -9,6 +9,7 @@ check passes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,9 @@ def _slot_of(w: Any) -> int | None:
 
 def on_starting(server: Any) -> None:
     primary.start(server.log)
+    s = supervisor.settings
+    if s.bus_bridge_url:
+        primary.start_bridge(s.bus_bridge_url, s.bus_bridge_name or _bridge_name(server))
     supervisor.install(server)
     if dispatched(server.worker_class.__name__, supervisor.settings.even_spread):
         dispatcher.install(server, server.log)
@@ -74,6 +78,12 @@ def _start_admin(server: Any) -> None:
     if admin.listening:
         server.log.info("gunicorn-ext: admin endpoint on http://%s:%s (%s)",
                         f"[{h}]" if ":" in h else h, p, " ".join(ENDPOINTS))
+
+
+def _bridge_name(server: Any) -> str:
+    """Gunicorn's proc_name (default: the app, ``app:app``) as a bridge name."""
+    name = re.sub(r"[^A-Za-z0-9_.:-]", "_", str(server.cfg.proc_name or "gunicorn"))
+    return name[:100]
 
 
 def on_exit(server: Any) -> None:

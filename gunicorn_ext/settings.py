@@ -29,10 +29,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from .sticky import COOKIE_NAME_RE
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+#: URL schemes the bus bridge accepts (the Redis store's).
+BRIDGE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel",
+                  "redis+cluster", "rediss+cluster")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*$")
 
@@ -226,6 +231,25 @@ def validate_int(name: str, value: Any) -> int:
     return _integer(name, value)
 
 
+def validate_bridge_url(name: str, value: Any) -> str:
+    """'' (off) or a Redis store URL; the error never echoes the URL (it may hold a password)."""
+    if not isinstance(value, str):
+        raise _bad(name, "must be a string (a Redis store URL) or ''", value)
+    if value and urlsplit(value).scheme.lower() not in BRIDGE_SCHEMES:
+        raise SettingsError(
+            f"gunicorn-ext setting {name} must be a Redis store URL ("
+            + ", ".join(f"{s}://" for s in BRIDGE_SCHEMES) + f") or '', got scheme "
+            f"{urlsplit(value).scheme!r}")
+    return value
+
+
+def validate_bridge_name(name: str, value: Any) -> str:
+    """'' (Gunicorn's proc_name) or 1-100 characters of ``[A-Za-z0-9_.:-]``."""
+    if not isinstance(value, str) or (value and not _BRIDGE_NAME.match(value)):
+        raise _bad(name, "must be 1-100 characters of [A-Za-z0-9_.:-] or ''", value)
+    return value
+
+
 def validate_admin_bind(name: str, value: Any) -> str:
     """Empty (off) or ``"host:port"`` (see :func:`parse_address`)."""
     if value == "":
@@ -262,6 +286,12 @@ class Settings:
     ipc_max_backlog: int = setting(64 * 1024 * 1024, validate_size, """
         Bytes the primary may queue for a worker that is not reading its bus before it
         gives up on that worker's connection.""")
+    bus_bridge_url: str = setting("", validate_bridge_url, """
+        Store URL of a Redis (redis://, rediss://, unix://, redis[s]+sentinel://,
+        redis[s]+cluster://) through which publications reach the subscribers of every
+        instance of the same ``bus_bridge_name``: one connection per primary. "": off.""")
+    bus_bridge_name: str = setting("", validate_bridge_name, """
+        The cluster's name on the bridge; default: Gunicorn's ``proc_name``.""")
 
     # -- restart policy (PM2's exponential backoff, plus a breaker)
     restart_delay: float = setting(0.1, validate_non_negative, """

@@ -16,10 +16,14 @@ their clients with no Redis (or other broker) at all::
 
 Limits, honestly:
 
-* The bus only spans one Gunicorn instance (one arbiter and its workers). Across
-  instances (several hosts, or several masters) use python-socketio's own
-  ``socketio.RedisManager`` (``SocketIO(app, message_queue="redis://...")``), which
-  costs one Redis connection per worker; this manager does not bridge instances.
+* The bus spans one Gunicorn instance (one arbiter and its workers), and every
+  instance of the cluster when the bus bridge is on (``bus_bridge_url``): each
+  primary then holds one Redis connection, however many workers, and an emit
+  reaches the other workers of its own instance without touching Redis. Each
+  client gets each message once (python-socketio skips its own publications by
+  ``host_id``). While the bridge is down, emits reach this instance only, and each
+  worker's bus logs the refusal. (python-socketio's ``socketio.RedisManager`` also
+  spans instances, at one Redis connection per worker, and sends every emit through Redis.)
 * It works in gunicorn-ext workers only; a ``write_only`` manager in an outside
   process has no bus (publishing logs an error, as RedisManager does when Redis is down).
 * Socket.IO's long-polling transport needs every request of a session to reach the
@@ -52,7 +56,8 @@ __all__ = ["BusManager"]
 
 
 class BusManager(socketio.PubSubManager):
-    """Share Socket.IO clients between the workers of one instance through the bus.
+    """Share Socket.IO clients between the workers of one instance (of every instance,
+    with the bus bridge) through the bus.
 
     :param channel: the bus topic the workers publish on and subscribe to
         (default ``"socketio"``); use a distinct one per Socket.IO server in the app.

@@ -38,9 +38,12 @@ socketio = chat.init_app(app, instance=INSTANCE, state_url=app.config["SESSION_U
 # Messages this worker received by broadcast, newest last (bounded).
 _inbox: collections.deque[object] = collections.deque(maxlen=1000)
 _inbox_lock = threading.Lock()
+#: POST /broadcast publishes on this bus topic, to which every worker subscribes: a
+#: publication crosses instances over the bus bridge (a worker.broadcast would not).
+BROADCAST_TOPIC = "example:broadcast"
 
 
-@worker.handler("broadcast")
+@worker.subscribe(BROADCAST_TOPIC)
 def _on_broadcast(msg: gunicorn_ext.Message) -> None:
     with _inbox_lock:
         _inbox.append(msg.payload)
@@ -125,14 +128,20 @@ def broadcast():  # type: ignore[no-untyped-def]
     if not isinstance(body, dict) or "message" not in body:
         return jsonify(error='expected a JSON object {"message": ...}'), 400
     try:
-        worker.broadcast("broadcast", body["message"])
+        worker.publish(BROADCAST_TOPIC, body["message"])
+        # Asked after the publication (the bus keeps their order): did it leave the instance?
+        bridge = worker.request("gunicorn_ext.bridge", timeout=2.0)
     except gunicorn_ext.MessageTooLarge as exc:  # refused before sending: the bus is fine
         return jsonify(error=str(exc), slot=worker.slot), 413
     except gunicorn_ext.UnencodableMessage as exc:  # an int beyond 64 bits, ...
         return jsonify(error=str(exc), slot=worker.slot), 400
     except gunicorn_ext.IPCError as exc:
         return jsonify(error=str(exc), slot=worker.slot), 503
-    return jsonify(sent=True, slot=worker.slot), 202
+    if bridge["on"] and not bridge["up"]:
+        return jsonify(error=f"the bus bridge is down ({bridge['down_reason']}): delivered "
+                       "on this instance only", delivered="instance", slot=worker.slot), 503
+    return jsonify(sent=True, slot=worker.slot,
+                   delivered="cluster" if bridge["on"] else "instance"), 202
 
 
 @app.get("/inbox")

@@ -12,9 +12,14 @@ own clients. Which road it takes depends on the shared state (``CHAT_URL``, else
 * a Redis URL (``redis://``, ``rediss://``, ``unix://``): Redis pub/sub carries every
   message, within an instance and across instances. The raw chat publishes with
   redis-py and reads with one subscriber thread per worker (started by the worker's
-  first chat client, reconnecting with a log line when Redis goes away); Socket.IO uses
-  python-socketio's own :class:`socketio.RedisManager`. Pub/sub keeps nothing: a
-  message published while a worker is cut off from Redis does not reach its clients;
+  first chat client, reconnecting with a log line when Redis goes away). Socket.IO uses
+  :class:`gunicorn_ext.socketio.BusManager` over the gunicorn-ext bus bridge
+  (``BUS_BRIDGE_URL``, which ``cluster_conf.py`` sets to a Redis ``STATE_URL``): one
+  Redis connection per instance, none per worker, and same-instance emits never
+  touch Redis; without the bridge (``BUS_BRIDGE_URL=off``), python-socketio's own
+  :class:`socketio.RedisManager`. Pub/sub keeps nothing: a message published while
+  a worker (or, with the bridge, its instance) is cut off from Redis does not reach
+  its clients;
 * anything else (the SQLite default, ``memory://``, or ``CHAT_URL=bus``): the
   gunicorn-ext bus, which spans the workers of one instance and needs no server. The
   raw chat publishes on a bus topic; Socket.IO uses
@@ -411,6 +416,8 @@ class Chat:
     def __init__(self, app: Flask, *, instance: str, state_url: str) -> None:
         self.instance = instance
         self.url = chat_url(state_url)
+        #: The gunicorn-ext bus bridges instances (cluster_conf.py exports BUS_BRIDGE_URL).
+        self.bridged = bool(os.environ.get("BUS_BRIDGE_URL", "").strip())
         self.max_clients = int(os.environ.get("CHAT_MAX_CLIENTS")
                                or max(1, int(os.environ.get("THREADS", "32")) // 2))
         self.allowed_origins = [o.strip() for o in
@@ -427,8 +434,11 @@ class Chat:
             manager = BusManager(channel=SOCKETIO_CHANNEL)
         else:
             self.fanout = RedisFanout(self.url, self.deliver)
-            manager = socketio.RedisManager(self.url, channel=SOCKETIO_CHANNEL,
-                                            redis_options={"socket_connect_timeout": 2.0})
+            if self.bridged:  # the bus spans the instances: one Redis connection per primary
+                manager = BusManager(channel=SOCKETIO_CHANNEL)
+            else:
+                manager = socketio.RedisManager(self.url, channel=SOCKETIO_CHANNEL,
+                                                redis_options={"socket_connect_timeout": 2.0})
         # manage_session=False: Flask sessions are server-side already (gunicorn_ext.state.flask), and
         # a Socket.IO event should not load one it never reads.
         self.socketio = SocketIO(app, async_mode="threading", client_manager=manager,

@@ -4,15 +4,18 @@ Every gunicorn-ext feature is on; settings come from the environment:
 BIND (default 127.0.0.1:8000), WORKERS (default: the CPUs this process may
 use), THREADS (default 32), STATE_URL (default an SQLite file beside this
 config), SECRET_KEY, INSTANCE (default host:port of BIND), ADMIN_BIND (the primary's own
-/metrics /status /livez /readyz, e.g. 127.0.0.1:9191; default off).
+/metrics /status /livez /readyz, e.g. 127.0.0.1:9191; default off), BUS_BRIDGE_URL
+(default STATE_URL when it is a Redis URL; "off": no bridge).
 """
 
 import logging
 import os
 import socket
+from urllib.parse import urlsplit
 
 import gunicorn_ext
 from gunicorn_ext.cpus import usable_cpus
+from gunicorn_ext.settings import BRIDGE_SCHEMES
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 _cpus = usable_cpus()
@@ -42,7 +45,17 @@ if not os.environ.get("SECRET_KEY"):
 # backends keeps a Socket.IO long-polling session on one worker. The app has no sticky code.
 # REQUEST_TIMEOUT: a request running longer has its stack logged, gets 503, and its worker
 # is recycled (Socket.IO's long-polling holds a request up to 25 s; WebSockets are exempt).
+# The bus bridge: with STATE_URL a Redis URL (or BUS_BRIDGE_URL set; BUS_BRIDGE_URL=off: none),
+# publications (POST /broadcast, the Socket.IO chat) reach every instance of this app through
+# one Redis connection per primary. Exported so the app (chat.py) knows the bus spans instances.
+_bridge = os.environ.get("BUS_BRIDGE_URL", "").strip()
+if not _bridge and urlsplit(os.environ["STATE_URL"]).scheme.lower() in BRIDGE_SCHEMES:
+    _bridge = os.environ["STATE_URL"]
+if _bridge == "off":
+    _bridge = ""
+os.environ["BUS_BRIDGE_URL"] = _bridge
+
 # ADMIN_BIND=127.0.0.1:9191: the primary itself serves /metrics /status /livez /readyz there.
 gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
                     request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")),
-                    admin_bind=os.environ.get("ADMIN_BIND", ""))
+                    admin_bind=os.environ.get("ADMIN_BIND", ""), bus_bridge_url=_bridge)

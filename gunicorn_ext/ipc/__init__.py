@@ -1,6 +1,7 @@
 """Primary <-> worker messaging: the hub runs in the arbiter, the bus in each worker."""
 
 from .errors import (
+    BridgeDown,
     BusClosed,
     FrameError,
     HandlerError,
@@ -17,6 +18,7 @@ from .message import Message
 __all__ = [
     "ALL",
     "PRIMARY",
+    "BridgeDown",
     "BusClosed",
     "FrameError",
     "HandlerError",

@@ -66,10 +66,17 @@ class UnencodableMessage(IPCError):
     code = "unencodable"
 
 
+class BridgeDown(IPCError):
+    """A publication reached this instance only: the bus bridge to the other
+    instances (``bus_bridge_url``) is down, or its send backlog is full."""
+
+    code = "bridge_down"
+
+
 _BY_CODE: dict[str, type[IPCError]] = {
     cls.code: cls
     for cls in (IPCError, NoHandler, HandlerError, RequestTimeout, WorkerGone, BusClosed, FrameError,
-                MessageTooLarge, UnencodableMessage)
+                MessageTooLarge, UnencodableMessage, BridgeDown)
 }
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from . import frames
 from .errors import (
+    BridgeDown,
     BusClosed,
     IPCError,
     RequestTimeout,
@@ -47,6 +48,10 @@ _WRITE = select.EPOLLOUT
 _RECV_SIZE = 64 * 1024  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
 #: Built-in request: the primary's pid and its workers (``/cluster`` uses it).
 CLUSTER = "gunicorn_ext.cluster"
+#: Built-in request: the bus bridge's state (``{"on": False}`` without one). Asked right
+#: after a publish, it tells the publisher whether that publication left the instance
+#: (a worker's frames reach the primary in order).
+BRIDGE = "gunicorn_ext.bridge"
 #: How long a relayed request's routing entry is kept when no reply comes.
 _RELAY_HORIZON = 600.0
 
@@ -166,10 +171,18 @@ class Hub:
         self._forking: tuple[int, list[socket.socket], list[socket.socket], Any] | None = None
         #: In a freshly forked worker: its own call and push sockets, and its slot.
         self.child_end: tuple[socket.socket, socket.socket, int] | None = None
+        #: The bus bridge to the other instances (``bus_bridge_url``), if any.
+        self.bridge: Any = None
         self._handlers[CLUSTER] = self._cluster
+        self._handlers[BRIDGE] = self._bridge_status
 
     def _cluster(self, msg: Message) -> dict[str, Any]:
         return {"primary_pid": os.getpid(), "workers": self.workers()}
+
+    def _bridge_status(self, msg: Message) -> dict[str, Any]:
+        if self.bridge is None:
+            return {"on": False, "up": False}
+        return {"on": True, **self.bridge.status()}
 
     # ------------------------------------------------------------------ setup
 
@@ -230,8 +243,27 @@ class Hub:
                                 after_in_child=self._after_fork_child)
         self._spawn_thread()
 
+    def start_bridge(self, url: str, name: str) -> None:
+        """Bridge publications to the other instances named ``name`` through the
+        store at ``url`` (``on_starting``, after :meth:`start`; see ``ipc/bridge.py``)."""
+        if self.bridge is not None or not self._running:
+            return
+        from .bridge import Bridge
+
+        self.bridge = Bridge(
+            url, name,
+            deliver=lambda topic, src, payload: self._call(
+                lambda: self._route_pub(Pub(topic, src, payload), remote=True)),
+            refused=lambda src, topic, reason: self._call(
+                lambda: self._bridge_refused(src, topic, reason)),
+            log=self.log, max_frame=self.max_frame, max_backlog=self.max_backlog)
+        self.bridge.start()
+
     def stop(self) -> None:
         """Stop the thread and close every connection (from ``on_exit``)."""
+        if self.bridge is not None:
+            self.bridge.stop()
+            self.bridge = None
         if not self._running:
             return
         self._running = False
@@ -337,12 +369,20 @@ class Hub:
         self._call(lambda: self._route_msg(None, frame))
 
     def publish(self, topic: str, payload: Any = None) -> None:
-        """Publish on ``topic`` to every subscribed worker (and primary subscriber)."""
+        """Publish on ``topic`` to every subscribed worker (and primary subscriber),
+        and through the bus bridge, when there is one, to those of the other instances.
+
+        Raises :class:`BridgeDown` when the bridge is down: the publication was
+        delivered on this instance only.
+        """
         frames.check_address(topic, what="a topic")
         self._check_primary()
         frame = Pub(topic, PRIMARY, payload)
         frames.encode(frame, self.max_frame)
         self._call(lambda: self._route_pub(frame))
+        bridge = self.bridge
+        if bridge is not None and not bridge.up:
+            raise BridgeDown(bridge.down_text(topic))
 
     def request(self, slot: int, name: str, payload: Any = None, timeout: float = 5.0) -> Any:
         """Ask the worker in ``slot`` and wait for its reply.
@@ -566,6 +606,7 @@ class Hub:
         self._pending.clear()
         self._dirty.clear()
         self._calls.clear()
+        self.bridge = None  # its own fork handler closed its descriptors
         self._fds.clear()
         self._timers.clear()
         self._watched.clear()
@@ -862,7 +903,21 @@ class Hub:
             else:
                 self._queue(target, frame)
 
-    def _route_pub(self, frame: Pub) -> None:
+    def _bridge_refused(self, src: int, topic: str, reason: str) -> None:
+        """A publication did not leave the instance: tell its sender."""
+        if src == PRIMARY:
+            self._report(topic, BridgeDown(reason))
+            return
+        origin = self._slots.get(src)
+        if origin is not None:
+            self._queue(origin, Err(0, BridgeDown.code, reason, src, True, topic))
+
+    def _route_pub(self, frame: Pub, remote: bool = False) -> None:
+        if not remote and self.bridge is not None:
+            reason = self.bridge.forward(frame.topic, frame.src, frame.payload)
+            # publish() itself raises BridgeDown for the primary's own, when the bridge is down.
+            if reason is not None and (frame.src != PRIMARY or self.bridge.up):
+                self._bridge_refused(frame.src, frame.topic, reason)
         subs = self._subs.get(frame.topic)
         if subs:
             data = frames.encode(frame, self.max_frame + frames.ROUTING_SLACK)
