@@ -48,6 +48,7 @@ def on_starting(server: Any) -> None:
     supervisor.install(server)
     if supervisor.settings.even_spread and dispatched(server.worker_class.__name__):
         dispatcher.install(server, server.log)
+        supervisor.dispatcher = dispatcher  # drained on a graceful stop
 
 
 def on_exit(server: Any) -> None:
@@ -69,7 +70,11 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_reload(server: Any) -> None:
-    """HUP: every running worker is about to be replaced; free their slots."""
+    """HUP: every running worker is about to be replaced; free their slots.
+
+    A rolling HUP (``hup="rolling"``) replaces them one batch at a time instead."""
+    if supervisor.hup_rolling:
+        return
     old = list(server.WORKERS.values())
     for w in old:
         w.ext_retired = True

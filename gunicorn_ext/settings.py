@@ -111,6 +111,12 @@ class Settings:
     reload_batch: int = 1
     #: How long a new worker may take to report ready before the rollout stops.
     reload_ready_timeout: float = 60.0
+    #: What SIGHUP (``systemctl reload``) does. "gunicorn": Gunicorn's own reload (re-read
+    #: the config, start every new worker, stop every old one at once). "rolling": re-read
+    #: the config, then replace workers ``reload_batch`` at a time, each old one stopped
+    #: only when its replacement is ready; a config that changes a setting needing a
+    #: restart (bind, worker_class, even_spread, ...) is refused and nothing changes.
+    hup: str = "gunicorn"
 
     # -- per-worker ports (for nginx to pin a client to one worker)
     #: When set, slot N also listens on port ``worker_ports_base + N`` (0: off).
@@ -192,6 +198,8 @@ class Settings:
             raise bad("reload_batch", "must be at least 1")
         if self.reload_ready_timeout <= 0:
             raise bad("reload_ready_timeout", "must be positive")
+        if self.hup not in ("gunicorn", "rolling"):
+            raise bad("hup", "must be 'gunicorn' or 'rolling'")
         if self.worker_ports_base and not 1 <= self.worker_ports_base <= 65535:
             raise bad("worker_ports_base", "must be 0 (off) or a port number")
         if self.stats_interval <= 0:

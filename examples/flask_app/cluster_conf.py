@@ -41,5 +41,8 @@ if not os.environ.get("SECRET_KEY"):
 # backends keeps a Socket.IO long-polling session on one worker. The app has no sticky code.
 # REQUEST_TIMEOUT: a request running longer has its stack logged, gets 503, and its worker
 # is recycled (Socket.IO's long-polling holds a request up to 25 s; WebSockets are exempt).
+# hup="rolling": `kill -HUP` (systemctl reload) re-reads this file and replaces the workers
+# one at a time, each old one stopped only when its replacement is ready.
 gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
-                    request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")))
+                    request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")),
+                    hup="rolling")
