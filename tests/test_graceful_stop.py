@@ -25,13 +25,14 @@ CLI = str(Path(sys.executable).parent / "gunicorn-ext")
 class MixedLoad:
     """GET and POST requests from a few threads until stopped (bounded in count and time).
 
+    Every third request is a POST of a JSON message to *post* (None: GETs only).
     Each thread uses its own keep-alive session; a request counts as failed on any
     connection error, timeout or status other than the one expected for it.
     """
 
     def __init__(self, base: str, host: str | None = None, threads: int = 4,
                  limit: int = 20000, seconds: float = 40,
-                 get: str = "/whoami", post: str = "/broadcast") -> None:
+                 get: str = "/whoami", post: str | None = "/broadcast") -> None:
         self.base, self.limit, self.seconds = base, limit, seconds
         self.headers = {"Host": host} if host else {}
         self.get_path, self.post_path = get, post
@@ -49,10 +50,10 @@ class MixedLoad:
         n = 0
         while not self._stop.is_set() and time.monotonic() < end and self.ok < self.limit:
             n += 1
-            post = (n + i) % 3 == 0
+            post = self.post_path is not None and (n + i) % 3 == 0
             try:
                 if post:
-                    r = s.post(self.base + self.post_path, json={"message": f"m{i}-{n}"},
+                    r = s.post(f"{self.base}{self.post_path}", json={"message": f"m{i}-{n}"},
                                headers=self.headers, timeout=15)
                     good = r.status_code == 202
                 else:
