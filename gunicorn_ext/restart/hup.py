@@ -29,6 +29,8 @@ EXT_RESTART_ONLY = {
     "ipc_max_frame": "the bus is set up once",
     "ipc_max_backlog": "the bus is set up once",
     "memory_check_interval": "the sampling timer is set up once",
+    "admin_bind": "the admin endpoint is opened once",
+    "admin_allow_remote": "the admin endpoint is opened once",
 }
 
 
