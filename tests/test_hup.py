@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from harness import Gunicorn, free_port, wait_for
 from test_graceful_stop import MixedLoad
+
+from gunicorn_ext.settings import Settings, SettingsError
 
 APPS = Path(__file__).parent / "apps"
 EXAMPLE = Path(__file__).parent.parent / "examples/flask_app"
@@ -159,3 +162,9 @@ def test_rolling_hup_of_a_broken_deploy_stops_and_old_workers_keep_serving(
     assert g.alive()
     wait_for(lambda: ready_pids(g) == before, 10, what="old workers back in their slots")
     assert status(g)["rollout"]["state"] == "failed"
+
+
+def test_the_hup_setting_is_validated() -> None:
+    assert Settings().hup == "gunicorn" and Settings(hup="rolling").hup == "rolling"
+    with pytest.raises(SettingsError, match="hup must be 'gunicorn' or 'rolling'"):
+        Settings(hup="roll")
