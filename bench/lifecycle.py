@@ -9,12 +9,14 @@ default settings): gthread workers, 4 threads each, keepalive 2 s.
 1. Reload under load. 4 workers whose app takes APP_IMPORT_DELAY=0.5 s to import; a
    bounded load generator (4 client threads, keep-alive connections, 127.0.0.1 only,
    RELOAD_SECONDS long, at most MAX_REQUESTS requests) runs against one instance at a
-   time. At t=4 s: ``gunicorn-ext reload --rolling --batch 1`` on ours, ``kill -HUP`` on
-   plain Gunicorn. Recorded: requests completed per 100 ms, failed requests (non-200,
+   time. At t=4 s: ``gunicorn-ext reload --rolling --batch 1`` on ours (BENCH_RELOAD_BATCH
+   changes the batch), ``kill -HUP`` on ours with ``hup="rolling"`` (re-reads the config,
+   then the same rollout), ``kill -HUP`` on plain Gunicorn. Recorded: requests completed per 100 ms, failed requests (non-200,
    connection error or timeout; no retries), the throughput dip (lowest 500 ms-window
    req/s during the reload, as % of the steady pre-reload mean) and the reload duration
    (trigger until every new worker has loaded the app and every old worker has exited).
-   Alternating rounds (ours, plain, ours, ...).
+   Alternating rounds (ours, ours HUP, plain, plain, ours HUP, ours, ...). Target for
+   both of ours: the lowest 500 ms window at least 90% of steady state.
 2. SIGKILL -> replacement serving. A 1-worker instance (no import delay); SIGKILL the
    worker, then time until a request is answered by a new pid; N rounds each side.
    Ours runs with restart_stable_after=1 s and each kill comes after >= 1.5 s of uptime,
@@ -24,6 +26,13 @@ default settings): gthread workers, 4 threads each, keepalive 2 s.
 3. Crash loop. 2 workers that os._exit(1) 50 ms after import (APP_MODE=exit_after_boot);
    "Booting worker" lines counted over CRASH_SECONDS; gunicorn-ext on its defaults
    (backoff x1.5 from 0.1 s up to 15 s, breaker at 10 crashes in 60 s, action hold).
+
+4. SIGTERM under load. 2 workers x 4 threads, 16 clients each opening a new connection
+   per request (50 ms in the app), so every thread is busy and connections queue in the
+   listen backlog; SIGTERM at t=2 s. Each request is "ok", "refused" (connect() refused:
+   nginx moves to the next server) or "lost" (connected, then reset or timed out: a
+   failed request, and one nginx would not retry for a POST). Ours (even spread on, the
+   default), ours with even_spread=False, and plain Gunicorn; STOP_ROUNDS rounds each.
 
 The load generator is Python (per-request timestamps are the point; wrk gives totals
 only). Writes bench/results/lifecycle.json, bench/results/lifecycle_reload.svg (req/s
@@ -86,6 +95,17 @@ CRASH_SECONDS = float(os.environ.get("BENCH_CRASH_SECONDS", "15"))
 CRASH_WORKERS = 2
 
 TARGET_RELOAD_FAILED = 0
+TARGET_RELOAD_DIP_PCT = 90.0  # lowest 500 ms of throughput during a reload, % of steady
+RELOAD_BATCH = os.environ.get("BENCH_RELOAD_BATCH", "")  # "" -> the default (1)
+RELOAD_LABELS = {"ext": "gunicorn-ext rolling", "hup": "gunicorn-ext HUP", "plain": "plain HUP"}
+
+STOP_ROUNDS = int(os.environ.get("BENCH_STOP_ROUNDS", "3"))
+STOP_WORKERS = 2
+STOP_CLIENTS = 16  # one-shot connections; 2 workers x 4 threads busy, the rest queued
+STOP_SLEEP = 0.05  # seconds in the app per request
+STOP_AT = 2.0
+STOP_SECONDS = 5.0
+TARGET_STOP_LOST = 0
 TARGET_KILL_P90_S = 0.5  # "well under Gunicorn's ~1 s loop"
 
 PLAIN_CONF = BENCH / "lifecycle_plain_conf.py"
@@ -131,7 +151,7 @@ def cli_path() -> str:
 def server(kind: str, log_dir: Path, workers: int, env: dict[str, str],
            wait: bool = True) -> Iterator[Gunicorn]:
     """A plain or gunicorn-ext Gunicorn running bench/slowboot_app.py; always stopped."""
-    conf = EXT_CONF if kind == "ext" else PLAIN_CONF
+    conf = PLAIN_CONF if kind == "plain" else EXT_CONF
     g = Gunicorn(APP, config=conf, cwd=BENCH, env=env, workers=workers, log_dir=log_dir,
                  name=f"lifecycle-{kind}", health_path="/")
     try:
@@ -306,6 +326,10 @@ class PidWatch:
 def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
     ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=log_dir))
     env = {"APP_IMPORT_DELAY": str(IMPORT_DELAY), "APP_READY_DIR": str(ready_dir)}
+    if kind == "hup":
+        env["HUP"] = "rolling"
+    if kind != "plain" and RELOAD_BATCH:
+        env["RELOAD_BATCH"] = RELOAD_BATCH
     with server(kind, log_dir, RELOAD_WORKERS, env) as g:
         old = set(g.worker_pids())
         watch = PidWatch(g).start()
@@ -319,7 +343,8 @@ def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
             # RUSAGE_CHILDREN grows when a child is reaped: the CLI is the only one
             # reaped between here and the end of follow().
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            proc = subprocess.Popen([cli_path(), "reload", "--rolling", "--batch", "1"],
+            proc = subprocess.Popen([cli_path(), "reload", "--rolling", "--batch",
+                                     RELOAD_BATCH or "1"],
                                     env=g.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
 
@@ -337,6 +362,7 @@ def reload_run(kind: str, log_dir: Path) -> dict[str, Any]:
         results = load.join()
         if kind == "ext":
             follower.join(30)
+        if kind != "plain":
             st = gunicorn_ext_cli(g, "status", "--json")
             status = json.loads(st.stdout) if st.returncode == 0 else {"error": st.stderr}
         else:
@@ -421,12 +447,12 @@ def _slim_status(status: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def bench_reload(log_dir: Path) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {"ext": [], "plain": []}
+    runs: dict[str, list[dict[str, Any]]] = {"ext": [], "hup": [], "plain": []}
     for i in range(RELOAD_ROUNDS):
-        for kind in ("ext", "plain") if i % 2 == 0 else ("plain", "ext"):
+        for kind in ("ext", "hup", "plain") if i % 2 == 0 else ("plain", "hup", "ext"):
             r = reload_run(kind, log_dir)
             runs[kind].append(r)
-            log(f"  round {i + 1} {'gunicorn-ext rolling' if kind == 'ext' else 'plain HUP':20s} "
+            log(f"  round {i + 1} {RELOAD_LABELS[kind]:20s} "
                 f"requests {r['requests']:6d}  failed {r['failed']:4d}  steady "
                 f"{r['steady_rps']:7.0f} req/s  dip {_pct(r['dip_pct_of_steady'])}  duration "
                 f"{_s(r['reload_duration_s'])}  max latency {_ms(r['latency_during_reload_max_ms'])}"
@@ -455,7 +481,8 @@ def bench_reload(log_dir: Path) -> dict[str, Any]:
                 r["new_spawned_after_trigger_s"][0] for r in rs if r["new_spawned_after_trigger_s"]),
         }
 
-    return {"ext": summary(runs["ext"]), "plain": summary(runs["plain"]), "runs": runs}
+    return {"ext": summary(runs["ext"]), "hup": summary(runs["hup"]),
+            "plain": summary(runs["plain"]), "runs": runs}
 
 
 def _pct(v: float | None) -> str:
@@ -468,6 +495,110 @@ def _s(v: float | None) -> str:
 
 def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f} ms"
+
+
+# ---------------------------------------------------------------- 4. SIGTERM under load
+
+
+STOP_LABELS = {"ext": "gunicorn-ext", "ext-noes": "gunicorn-ext, even_spread=False",
+               "plain": "plain Gunicorn"}
+
+
+def _stop_client(port: int, end: float, out: list[tuple[float, str]], t0: float) -> None:
+    """One-shot connections, back to back: (completion time, outcome) per request.
+
+    Outcomes: "ok"; "refused" (connect() refused: a balancer moves on, nothing lost);
+    "lost" (connected, then reset, closed or timed out: what a client or nginx sees as
+    a failed request; nginx does not retry a POST it has sent).
+    """
+    while time.monotonic() < end:
+        sock = socket.socket()
+        sock.settimeout(REQUEST_TIMEOUT)
+        try:
+            try:
+                sock.connect(("127.0.0.1", port))
+            except ConnectionRefusedError:
+                out.append((time.monotonic() - t0, "refused"))
+                time.sleep(0.01)
+                continue
+            except OSError:
+                out.append((time.monotonic() - t0, "lost"))
+                continue
+            try:
+                sock.sendall(f"GET /?sleep={STOP_SLEEP} HTTP/1.1\r\nHost: bench\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                data = b""
+                while True:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                ok = data.startswith(b"HTTP/1.1 200")
+            except OSError:
+                ok = False
+            out.append((time.monotonic() - t0, "ok" if ok else "lost"))
+        finally:
+            sock.close()
+
+
+def stop_run(kind: str, log_dir: Path) -> dict[str, Any]:
+    env = {"APP_IMPORT_DELAY": "0"}
+    if kind == "ext-noes":
+        env["EVEN_SPREAD"] = "0"
+    with server("plain" if kind == "plain" else "ext", log_dir, STOP_WORKERS, env) as g:
+        time.sleep(0.5)  # every worker has reported its free threads
+        results: list[list[tuple[float, str]]] = [[] for _ in range(STOP_CLIENTS)]
+        t0 = time.monotonic()
+        end = t0 + STOP_SECONDS
+        threads = [threading.Thread(target=_stop_client, args=(g.port, end, results[i], t0),
+                                    daemon=True) for i in range(STOP_CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(max(0.0, t0 + STOP_AT - time.monotonic()))
+        g.signal(signal.SIGTERM)
+        term = time.monotonic()
+        assert g.proc is not None
+        try:
+            code = g.proc.wait(30)
+            exited = time.monotonic() - term
+        except subprocess.TimeoutExpired:
+            code, exited = None, None
+        for t in threads:
+            t.join(STOP_SECONDS + REQUEST_TIMEOUT + 5)
+        drained = "graceful stop: not listening any more" in g.log_text()
+    flat = sorted(r for rs in results for r in rs)
+    after = [o for t, o in flat if t >= STOP_AT]
+    return {
+        "kind": kind,
+        "requests": len(flat),
+        "ok": sum(1 for _, o in flat if o == "ok"),
+        "ok_after_term": sum(1 for o in after if o == "ok"),
+        "lost": sum(1 for _, o in flat if o == "lost"),
+        "refused": sum(1 for _, o in flat if o == "refused"),
+        "lost_at_s": [round(t, 3) for t, o in flat if o == "lost"],
+        "exit_code": code,
+        "exit_after_term_s": None if exited is None else round(exited, 3),
+        "backlog_drained_logged": drained,
+    }
+
+
+def bench_sigterm(log_dir: Path) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in STOP_LABELS}
+    for i in range(STOP_ROUNDS):
+        for kind in STOP_LABELS if i % 2 == 0 else reversed(list(STOP_LABELS)):
+            r = stop_run(kind, log_dir)
+            runs[kind].append(r)
+            log(f"  round {i + 1} {STOP_LABELS[kind]:32s} requests {r['requests']:5d}  lost "
+                f"{r['lost']:3d}  refused {r['refused']:5d}  served after TERM "
+                f"{r['ok_after_term']:4d}  exit {_s(r['exit_after_term_s'])} (code {r['exit_code']})")
+    summary = {kind: {"lost_total": sum(r["lost"] for r in rs),
+                      "requests_total": sum(r["requests"] for r in rs),
+                      "served_after_term_median": statistics.median(r["ok_after_term"] for r in rs),
+                      "exit_after_term_s_median": statistics.median(
+                          r["exit_after_term_s"] for r in rs if r["exit_after_term_s"] is not None)
+                      if any(r["exit_after_term_s"] is not None for r in rs) else None}
+               for kind, rs in runs.items()}
+    return {**summary, "runs": runs}
 
 
 # ---------------------------------------------------------------- 2. SIGKILL -> serving
@@ -616,10 +747,11 @@ def bench_crashloop(log_dir: Path) -> dict[str, Any]:
 
 def plot_reload(reload: dict[str, Any], path: Path) -> None:
     ext = reload["runs"]["ext"][0]
+    hup = reload["runs"]["hup"][0]
     plain = reload["runs"]["plain"][0]
     xs = [round((i + 1) * BUCKET, 3) for i in range(len(ext["rps_per_100ms"]))]
     spans, markers = [], [Marker(ext["trigger_s"], "reload / HUP at t=4 s")]
-    for r, label in ((ext, "gunicorn-ext"), (plain, "plain Gunicorn")):
+    for r, label in ((ext, "gunicorn-ext"), (hup, "gunicorn-ext HUP"), (plain, "plain Gunicorn")):
         if r["reload_duration_s"] is not None:
             spans.append(Span(r["trigger_s"], r["trigger_s"] + r["reload_duration_s"], label,
                               f"{label}: reload took {r['reload_duration_s']:.2f} s"))
@@ -627,6 +759,8 @@ def plot_reload(reload: dict[str, Any], path: Path) -> None:
         path, "Requests/s during a reload under load (4 gthread workers, 0.5 s app import)", [
             Series("gunicorn-ext reload --rolling --batch 1", xs, ext["rps_per_100ms"], ours=True,
                    events=ext["failed_at_s"], events_label="failed", step=True),
+            Series("gunicorn-ext kill -HUP (hup='rolling')", xs, hup["rps_per_100ms"], ours=True,
+                   events=hup["failed_at_s"], events_label="failed", step=True),
             Series("plain Gunicorn kill -HUP", xs, plain["rps_per_100ms"],
                    events=plain["failed_at_s"], events_label="failed", step=True),
         ],
@@ -686,20 +820,30 @@ def main() -> int:
         log(f"3. crash loop: {CRASH_WORKERS} workers exiting 50 ms after import, "
             f"{CRASH_SECONDS:g} s each")
         crash = out["crashloop"] = bench_crashloop(log_dir)
+        log(f"4. SIGTERM under load: {STOP_WORKERS} gthread workers, {STOP_CLIENTS} clients on "
+            f"one-shot connections ({STOP_SLEEP * 1000:.0f} ms in the app), SIGTERM at "
+            f"t={STOP_AT:g} s, {STOP_ROUNDS} round(s) each")
+        stop = out["sigterm"] = bench_sigterm(log_dir)
     except Exception:
         traceback.print_exc()
         log(f"logs kept in {log_dir}")
         return 1
 
-    e, p = reload["ext"], reload["plain"]
+    e, h, p = reload["ext"], reload["hup"], reload["plain"]
     ke, kp = kill["ext"], kill["plain"]
     ce, cp = crash["ext"], crash["plain"]
-    reload_ok = e["failed_total"] <= TARGET_RELOAD_FAILED and e["reload_unfinished_rounds"] == 0
+    reload_ok = all(x["failed_total"] <= TARGET_RELOAD_FAILED and x["reload_unfinished_rounds"] == 0
+                    for x in (e, h))
+    dip_ok = all(x["dip_pct_worst"] is not None and x["dip_pct_worst"] >= TARGET_RELOAD_DIP_PCT
+                 for x in (e, h))
+    stop_ok = stop["ext"]["lost_total"] <= TARGET_STOP_LOST
     kill_ok = (ke["p90_ms"] is not None and ke["unanswered"] == 0
                and ke["p90_ms"] <= 1000 * TARGET_KILL_P90_S)
     crash_ok = bool(ce["breaker_opened_s"]) and ce["boots"] < cp["boots"]
     out["targets"] = {
-        "rolling_reload_0_failed": reload_ok,
+        "rolling_reload_and_rolling_hup_0_failed": reload_ok,
+        f"reload_dip_at_least_{TARGET_RELOAD_DIP_PCT:g}pct_of_steady": dip_ok,
+        "sigterm_0_lost": stop_ok,
         f"sigkill_to_serving_p90_under_{TARGET_KILL_P90_S:g}s": kill_ok,
         "crash_loop_breaker_opened_and_fewer_boots": crash_ok,
     }
@@ -709,40 +853,61 @@ def main() -> int:
     plot_crash(crash, RESULTS / "lifecycle_crashloop.svg")
 
     log()
-    log(f"{'figure':44s} {'gunicorn-ext':>16s} {'plain Gunicorn':>16s}")
+    log(f"{'figure':44s} {'ours: --rolling':>16s} {'ours: HUP':>16s} {'plain Gunicorn':>16s}")
     rows = [
         ("reload: failed requests (all rounds)", f"{e['failed_total']} / {e['requests_total']}",
+         f"{h['failed_total']} / {h['requests_total']}",
          f"{p['failed_total']} / {p['requests_total']}"),
         ("reload: min 500ms req/s, % of steady (worst)", _pct(e["dip_pct_worst"]),
-         _pct(p["dip_pct_worst"])),
+         _pct(h["dip_pct_worst"]), _pct(p["dip_pct_worst"])),
+        ("reload: same, median over rounds", _pct(e["dip_pct_median"]), _pct(h["dip_pct_median"]),
+         _pct(p["dip_pct_median"])),
         ("reload: noise floor, min 500ms before reload", _pct(e["steady_min_window_pct_worst"]),
-         _pct(p["steady_min_window_pct_worst"])),
+         _pct(h["steady_min_window_pct_worst"]), _pct(p["steady_min_window_pct_worst"])),
         ("reload: duration (median)", _s(e["reload_duration_s_median"]),
-         _s(p["reload_duration_s_median"])),
+         _s(h["reload_duration_s_median"]), _s(p["reload_duration_s_median"])),
         ("reload: trigger -> first new worker (median)",
          _s(e["first_new_worker_after_trigger_s_median"]),
+         _s(h["first_new_worker_after_trigger_s_median"]),
          _s(p["first_new_worker_after_trigger_s_median"])),
         ("reload: CPU used by the trigger (median)",
          "n/a" if e["cli_cpu_s_median"] is None else f"{e['cli_cpu_s_median']:.2f} s (CLI)",
-         "0 (a signal)"),
+         "0 (a signal)", "0 (a signal)"),
         ("reload: max latency during reload (worst)",
-         _ms(e["max_latency_during_reload_ms_worst"]), _ms(p["max_latency_during_reload_ms_worst"])),
+         _ms(e["max_latency_during_reload_ms_worst"]), _ms(h["max_latency_during_reload_ms_worst"]),
+         _ms(p["max_latency_during_reload_ms_worst"])),
         ("reload: steady req/s (median)", f"{e['steady_rps_median']:.0f}",
-         f"{p['steady_rps_median']:.0f}"),
-        ("SIGKILL -> serving: median", _ms(ke["median_ms"]), _ms(kp["median_ms"])),
-        ("SIGKILL -> serving: p90", _ms(ke["p90_ms"]), _ms(kp["p90_ms"])),
-        ("crash loop: worker boots per minute", f"{ce['boots_per_min']:.0f}",
+         f"{h['steady_rps_median']:.0f}", f"{p['steady_rps_median']:.0f}"),
+        ("SIGKILL -> serving: median", _ms(ke["median_ms"]), "", _ms(kp["median_ms"])),
+        ("SIGKILL -> serving: p90", _ms(ke["p90_ms"]), "", _ms(kp["p90_ms"])),
+        ("crash loop: worker boots per minute", f"{ce['boots_per_min']:.0f}", "",
          f"{cp['boots_per_min']:.0f}"),
         ("crash loop: breaker opened (s after start)",
          ", ".join(f"slot {k} {v:.1f}s" for k, v in ce["breaker_opened_s"].items()) or "never",
-         "n/a (no breaker)"),
+         "", "n/a (no breaker)"),
+        ("SIGTERM: lost requests (all rounds)",
+         f"{stop['ext']['lost_total']} / {stop['ext']['requests_total']}",
+         f"{stop['ext-noes']['lost_total']} (no spread)",
+         f"{stop['plain']['lost_total']} / {stop['plain']['requests_total']}"),
+        ("SIGTERM: served after the TERM (median)", f"{stop['ext']['served_after_term_median']:g}",
+         f"{stop['ext-noes']['served_after_term_median']:g} (no spread)",
+         f"{stop['plain']['served_after_term_median']:g}"),
+        ("SIGTERM: TERM -> exit (median)", _s(stop["ext"]["exit_after_term_s_median"]),
+         _s(stop["ext-noes"]["exit_after_term_s_median"]) + " (no spread)",
+         _s(stop["plain"]["exit_after_term_s_median"])),
     ]
-    for name, a, b in rows:
-        log(f"{name:44s} {a:>16s} {b:>16s}")
+    for name, a, m, b in rows:
+        log(f"{name:44s} {a:>16s} {m:>16s} {b:>16s}")
     log()
-    log(f"{verdict(reload_ok)}  rolling reload under load: {e['failed_total']} failed requests "
-        f"(target 0; plain HUP: {p['failed_total']}), dip to {_pct(e['dip_pct_worst']).strip()} "
-        f"of steady (HUP: {_pct(p['dip_pct_worst']).strip()})")
+    log(f"{verdict(reload_ok)}  rolling reload / rolling HUP under load: {e['failed_total']} / "
+        f"{h['failed_total']} failed requests (target 0; plain HUP: {p['failed_total']})")
+    log(f"{verdict(dip_ok)}  lowest 500 ms during a reload: {_pct(e['dip_pct_worst']).strip()} / "
+        f"{_pct(h['dip_pct_worst']).strip()} of steady (target >= {TARGET_RELOAD_DIP_PCT:g}%; "
+        f"plain HUP: {_pct(p['dip_pct_worst']).strip()}; noise floor with no reload: "
+        f"{_pct(min(e['steady_min_window_pct_worst'], h['steady_min_window_pct_worst'])).strip()})")
+    log(f"{verdict(stop_ok)}  SIGTERM under load: {stop['ext']['lost_total']} lost requests "
+        f"(target 0; even_spread=False: {stop['ext-noes']['lost_total']}; plain Gunicorn: "
+        f"{stop['plain']['lost_total']})")
     log(f"{verdict(kill_ok)}  SIGKILL -> replacement serving: p90 {_ms(ke['p90_ms'])} (target "
         f"well under ~1 s, here <= {TARGET_KILL_P90_S * 1000:.0f} ms; plain: p90 {_ms(kp['p90_ms'])})")
     log(f"{verdict(crash_ok)}  crash loop: {ce['boots_per_min']:.0f} boots/min vs "

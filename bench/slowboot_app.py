@@ -12,6 +12,9 @@ Environment:
   50 ms after the import. Exit code 1 is not one of Gunicorn's boot-error codes
   (3, 4), so plain Gunicorn respawns it at once, forever: a fork storm.
 
+``GET /?sleep=S`` takes S seconds in the app (the SIGTERM rounds keep every thread
+busy so that connections queue in the listen backlog).
+
 Every response is JSON ``{"pid": ...}`` so the load generator can tell which
 worker (old or new generation) answered. Works with and without gunicorn-ext
 (it does not import it).
@@ -45,6 +48,9 @@ _HEADERS_BASE = [("Content-Type", "application/json")]
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    query = environ.get("QUERY_STRING", "")
+    if query.startswith("sleep="):
+        time.sleep(min(5.0, float(query[6:] or 0)))
     body = b'{"pid": %d}' % os.getpid()
     start_response("200 OK", [*_HEADERS_BASE, ("Content-Length", str(len(body)))])
     return [body]

@@ -30,6 +30,12 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   outright loses the connections queued to it (at most its room at the time), which
   the kernel would also have reset on its in-flight requests.
 
+* On a graceful stop (SIGTERM) the supervisor calls :meth:`Dispatcher.drain` before
+  Gunicorn closes the listeners: the primary accepts every connection queued in the
+  backlog and stops listening (new connections are refused, so a balancer moves on),
+  then hands the held ones to workers as they have room; only then are workers told
+  to stop, so none of them is reset (Gunicorn #3397).
+
 Only gthread workers are dispatched by default (``even_spread=None``): a sync worker
 accepts only when it is idle, so the kernel's backlog is already one queue that the
 first free worker takes from, and the extra hop through the primary would only cost
@@ -214,7 +220,76 @@ class Dispatcher:
         if self.enabled:
             self.hub.call_later(0, lambda: self._drop_worker(worker))
 
+    # -- graceful stop, from the arbiter's main thread
+
+    def drain(self, listeners: list[Any], timeout: float) -> int:
+        """Take every connection queued on *listeners* (Gunicorn's listener objects) and
+        stop listening on them; the held connections then go to workers as they have
+        room (see :meth:`drained`). Returns how many were queued."""
+        done = threading.Event()
+        held = [0]
+
+        def run() -> None:
+            try:
+                held[0] = self._drain([lnr.sock for lnr in listeners])
+            finally:
+                done.set()
+
+        self.hub.call_later(0, run)
+        done.wait(timeout)
+        return held[0]
+
+    def drained(self) -> bool:
+        """True when every held or handed-out connection has been accepted by a worker."""
+        return self.undelivered() == 0
+
+    def undelivered(self) -> int:
+        """Connections held by the primary or sent to a worker that has not accepted them."""
+        board = self.board
+        if board is None:
+            return len(self._returned)
+        return len(self._returned) + sum(
+            max(0, w.sent - _CELL.unpack_from(board, _offset(w.cell))[2])
+            for w in list(self._workers.values()))
+
     # -- the hub thread
+
+    def _drain(self, listeners: list[socket.socket]) -> int:
+        self._unwatch()
+        self._listeners = []  # never watched again
+        held = 0
+        for index, sock in enumerate(listeners):
+            try:
+                sock.setblocking(False)
+                if sock.family == socket.AF_UNIX:
+                    # A shut-down unix listener refuses connect() but keeps its queue.
+                    sock.shutdown(socket.SHUT_RD)
+                    held += self._take_queued(sock, index)
+                else:
+                    # TCP's shutdown() resets the queue: take it first. A connection that
+                    # completes its handshake in the microseconds between is reset.
+                    held += self._take_queued(sock, index)
+                    sock.shutdown(socket.SHUT_RD)
+            except OSError as exc:
+                self.log.warning("gunicorn-ext: graceful stop: could not drain %s: %s",
+                                 sock, exc)
+        self._update()
+        return held
+
+    def _take_queued(self, sock: socket.socket, index: int) -> int:
+        n = 0
+        while n < 100000:  # bounded by the backlog in practice
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                break
+            self._returned.append((conn.detach(), index))
+            n += 1
+        return n
 
     def _set_listeners(self, listeners: list[socket.socket]) -> None:
         self._unwatch()
@@ -290,7 +365,9 @@ class Dispatcher:
                 break
             fd, index = self._returned.pop(0)
             self._give(w, fd, index)
-        if self._pick() is not None or not self._listeners:
+        if self._returned:  # held connections (given back, or drained at stop) wait for room
+            self._set_waiting(True)
+        elif self._pick() is not None or not self._listeners:
             self._set_waiting(False)
         watch = bool(self._listeners) and not self._waiting
         if watch and not self._watching:

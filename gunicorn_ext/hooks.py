@@ -54,6 +54,7 @@ def on_starting(server: Any) -> None:
     supervisor.install(server)
     if dispatched(server.worker_class.__name__, supervisor.settings.even_spread):
         dispatcher.install(server, server.log)
+        supervisor.dispatcher = dispatcher  # drained on a graceful stop
     _start_admin(server)
 
 
@@ -109,7 +110,11 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_reload(server: Any) -> None:
-    """HUP: every running worker is about to be replaced; free their slots."""
+    """HUP: every running worker is about to be replaced; free their slots.
+
+    A rolling HUP (``hup="rolling"``) replaces them one batch at a time instead."""
+    if supervisor.hup_rolling:
+        return
     old = list(server.WORKERS.values())
     for w in old:
         w.ext_retired = True

@@ -250,6 +250,13 @@ def validate_bridge_name(name: str, value: Any) -> str:
     return value
 
 
+def validate_hup(name: str, value: Any) -> str:
+    """``"gunicorn"`` or ``"rolling"``."""
+    if value not in ("gunicorn", "rolling"):
+        raise _bad(name, "must be 'gunicorn' or 'rolling'", value)
+    return str(value)
+
+
 def validate_admin_bind(name: str, value: Any) -> str:
     """Empty (off) or ``"host:port"`` (see :func:`parse_address`)."""
     if value == "":
@@ -359,6 +366,12 @@ class Settings:
         Workers replaced at a time by ``gunicorn-ext reload --rolling``.""")
     reload_ready_timeout: float = setting(60.0, validate_positive, """
         How long a new worker may take to report ready before the rollout stops.""")
+    hup: str = setting("gunicorn", validate_hup, """
+        What SIGHUP (``systemctl reload``) does. "gunicorn": Gunicorn's own reload (re-read
+        the config, start every new worker, stop every old one at once). "rolling": re-read
+        the config, then replace workers ``reload_batch`` at a time, each old one stopped
+        only when its replacement is ready; a config that changes a setting needing a
+        restart (bind, worker_class, even_spread, ...) is refused and nothing changes.""")
 
     # -- per-worker ports (for nginx to pin a client to one worker)
     worker_ports_base: int = setting(0, validate_port_or_off, """

@@ -18,7 +18,14 @@ of the running arbiter instance (not the class), each calling the original:
   and none may start now, so clients are refused instead of kept waiting;
 * ``stop``: notes that the arbiter is shutting down (so its workers' exits are
   not crashes) and puts a renamed unix socket back first, so Gunicorn closes
-  and unlinks exactly what it opened.
+  and unlinks exactly what it opened; on a graceful stop with even spread, it
+  first has the dispatcher take every connection queued in the listen backlog
+  and stop the listeners, and waits (up to ``graceful_timeout``) until workers
+  have accepted them, so Gunicorn's TERM loses none (Gunicorn #3397);
+* ``handle_hup`` (with ``hup="rolling"``): re-reads the config with Gunicorn's
+  own ``app.reload()`` and ``setup()`` (its ``reload()`` minus the spawn-all/
+  kill-all part), refuses a config that changes a restart-only setting
+  (restart/hup.py), then starts a rolling reload.
 
 Everything else is plain hooks and the bus.
 """
@@ -38,7 +45,8 @@ from .metrics import ClusterMetrics
 from .reporter import EXITING, STATS
 from .restart.backoff import SlotPolicy
 from .restart.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
-from .restart.gate import Gate
+from .restart.gate import Gate, refuse_new
+from .restart.hup import restart_only_changes
 from .restart.rolling import Rollout
 from .settings import Settings
 from .versions import check_gunicorn
@@ -48,6 +56,9 @@ METRICS = "gunicorn_ext.metrics"
 #: Request name: the same document as ``gunicorn-ext status --json``.
 STATUS = "gunicorn_ext.status"
 
+#: Graceful stop without even spread: how long TERMed workers get to stop accepting
+#: before the listeners refuse new connections.
+_STOP_ACCEPT_PAUSE = 0.1
 _BOOT_ERROR_CODES = {3: "worker failed to boot", 4: "app failed to load"}
 #: A worker killed by one of these was told to stop (by the arbiter, the
 #: operator or a rollout): an exit, not a crash.
@@ -102,11 +113,18 @@ class Supervisor:
         self._started = time.time()
         self.instance = os.environ.get("INSTANCE", "")
         self.control: Any = None
+        #: The dispatcher (even spread), drained on a graceful stop; None when off.
+        self.dispatcher: Any = None
+        #: True while a rolling HUP runs the config's on_reload hook (hooks.py's own
+        #: on_reload, which retires every worker for Gunicorn's HUP, then does nothing).
+        self.hup_rolling = False
+        self._configured = 0
 
     # ------------------------------------------------------------------ setup
 
     def configure(self, settings: Settings) -> None:
         self.settings = settings
+        self._configured += 1
         self.metrics.set_memory_limits(settings.memory_soft_limit, settings.memory_hard_limit)
         for policy in self.policies.values():
             self._apply(policy)
@@ -153,11 +171,12 @@ class Supervisor:
         self.server = server
         self.instance = self.instance or os.environ.get("INSTANCE") or f"{os.uname().nodename}:{os.getpid()}"
         orig_spawn, orig_reap, orig_manage = server.spawn_worker, server.reap_workers, server.manage_workers
-        orig_stop = server.stop
+        orig_stop, orig_hup = server.stop, server.handle_hup
         server.spawn_worker = lambda: self._spawn_worker(orig_spawn)
         server.reap_workers = lambda: self._reap_workers(orig_reap)
         server.manage_workers = lambda: self._manage_workers(orig_manage)
         server.stop = lambda graceful=True: self._stop(orig_stop, graceful)
+        server.handle_hup = lambda: self._handle_hup(orig_hup)
         hub = self.hub
         hub.handler(STATS)(self._on_stats)
         hub.handler(EXITING)(self._on_exiting)
@@ -254,9 +273,119 @@ class Supervisor:
         return pid
 
     def _stop(self, orig: Callable[[bool], None], graceful: bool) -> None:
+        server = self.server
         self._stopping = True  # exits from here on are the shutdown's, not crashes
-        self.gate.release(self.server.log)
+        self.gate.release(server.log)
+        if graceful and server.LISTENERS and server.WORKERS:
+            if self.dispatcher is not None:
+                self._drain_backlog(server)
+            else:
+                # The workers accept themselves: TERM them first (Gunicorn's TERM below is
+                # then a no-op for them), give them a moment to stop accepting (gthread
+                # stops at once), then refuse new clients instead of leaving them queued.
+                server.kill_workers(signal.SIGTERM)
+                time.sleep(_STOP_ACCEPT_PAUSE)
+                refuse_new(server.LISTENERS, server.log)
         orig(graceful)
+
+    def _drain_backlog(self, server: Any) -> None:
+        """Before Gunicorn closes the listeners and TERMs the workers: the dispatcher
+        takes what is queued and stops listening (new clients are refused), then hands
+        the held connections out; wait until workers have them all, or graceful_timeout."""
+        deadline = time.monotonic() + server.cfg.graceful_timeout
+        held = self.dispatcher.drain(server.LISTENERS, timeout=max(1.0, deadline - time.monotonic()))
+        while not self.dispatcher.drained() and time.monotonic() < deadline and server.WORKERS:
+            server.reap_workers()
+            time.sleep(0.01)
+        left = self.dispatcher.undelivered()
+        if left:
+            server.log.warning("gunicorn-ext: graceful stop: %s queued connection(s) not handed to "
+                               "a worker within graceful_timeout (%ss)", left,
+                               server.cfg.graceful_timeout)
+        else:
+            server.log.info("gunicorn-ext: graceful stop: not listening any more; the %s "
+                            "connection(s) queued in the backlog went to workers", held)
+
+    # ------------------------------------------------------------ rolling HUP
+
+    def _handle_hup(self, orig: Callable[[], None]) -> None:
+        if self.settings.hup != "rolling":
+            orig()
+            return
+        server = self.server
+        server.log.info("gunicorn-ext: SIGHUP: re-reading the config, then a rolling reload "
+                        "(hup='rolling')")
+        if self.rollout.running:
+            server.log.error("gunicorn-ext: SIGHUP refused: a rolling reload is already running "
+                             "(%s); send it again when that one is done", self.rollout.message)
+            return
+        if self._halt or self._stopping:
+            return
+        why = self._reread_config(server)
+        if why:
+            server.log.error("gunicorn-ext: SIGHUP refused: %s; the config in use is unchanged "
+                             "and the old workers keep serving", why)
+            return
+        dirty = getattr(server, "dirty_arbiter_pid", 0)  # Gunicorn >= 26
+        if dirty:
+            server.kill_dirty_arbiter(signal.SIGHUP)
+        self._reset_restarts()
+        self._start_rollout(self.settings.reload_batch)
+
+    def _reread_config(self, server: Any) -> str | None:
+        """Gunicorn's Arbiter.reload() up to the spawning: the new config, or why not.
+
+        Uses the arbiter's ``app.reload()`` (which runs the config file again, so its
+        ``gunicorn_ext.enable()`` reconfigures this supervisor) and ``setup()``. On a
+        refusal everything is put back as it was.
+        """
+        old_cfg, old_settings, old_env = server.cfg, self.settings, dict(os.environ)
+        old_frame = (self.hub.max_frame, self.hub.max_backlog)
+        configured = self._configured
+        for k in old_cfg.env:  # as Gunicorn's reload(): the environment from before raw_env
+            if k in old_cfg.env_orig:
+                os.environ[k] = old_cfg.env_orig[k]
+            else:
+                os.environ.pop(k, None)
+        why = None
+        try:
+            server.app.reload()
+        except SystemExit:  # Gunicorn exits on a config it can't read (it printed why)
+            why = "the config could not be read (see the error above)"
+        except Exception as exc:
+            why = f"the config could not be read: {exc}"
+        new_cfg = server.app.cfg
+        if why is None and self._configured == configured:
+            why = "the re-read config does not call gunicorn_ext.enable()"
+        if why is None:
+            changes = restart_only_changes(old_cfg, new_cfg, old_settings, self.settings)
+            if changes:
+                why = "these settings need a restart: " + "; ".join(changes)
+        if why is not None:
+            server.app.cfg = old_cfg
+            os.environ.clear()
+            os.environ.update(old_env)
+            if self.settings is not old_settings:
+                self.configure(old_settings)
+            self.hub.max_frame, self.hub.max_backlog = old_frame
+            return why
+        server.setup(server.app)  # Gunicorn's: logger, num_workers, timeout, env, proc_name
+        server.log.reopen_files()
+        self.hup_rolling = True
+        try:
+            server.cfg.on_reload(server)
+        finally:
+            self.hup_rolling = False
+        if server.pidfile is not None:
+            server.pidfile.unlink()
+        if server.cfg.pidfile is not None:
+            from gunicorn.pidfile import Pidfile
+
+            server.pidfile = Pidfile(server.cfg.pidfile)
+            server.pidfile.create(server.pid)
+        server.log.info("gunicorn-ext: SIGHUP: config re-read (%s workers, reload_batch %s)",
+                        server.num_workers, self.settings.reload_batch)
+        return None
 
     def assign_slot(self, server: Any, worker: Any) -> int:
         """Called from pre_fork: the slot chosen by the wrapped spawn_worker."""

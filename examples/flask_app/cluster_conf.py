@@ -56,6 +56,9 @@ if _bridge == "off":
 os.environ["BUS_BRIDGE_URL"] = _bridge
 
 # ADMIN_BIND=127.0.0.1:9191: the primary itself serves /metrics /status /livez /readyz there.
+# hup="rolling": `kill -HUP` (systemctl reload) re-reads this file and replaces the workers
+# one at a time, each old one stopped only when its replacement is ready.
 gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
                     request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")),
-                    admin_bind=os.environ.get("ADMIN_BIND", ""), bus_bridge_url=_bridge)
+                    admin_bind=os.environ.get("ADMIN_BIND", ""), bus_bridge_url=_bridge,
+                    hup="rolling")

@@ -152,6 +152,25 @@ def _listening(sock: socket.socket) -> bool:
         return False
 
 
+def refuse_new(listeners: list[Any], log: Any) -> None:
+    """Graceful stop without even spread: make the listeners refuse new connections.
+
+    Workers accept from the kernel themselves and keep their copy of each listener
+    until they exit, so closing the arbiter's copy (all Gunicorn does) leaves new
+    clients waiting in the backlog until the last worker exits and resets them. A
+    shut-down listener refuses them at once, so a balancer moves on. Call it after
+    the workers stopped accepting (a worker polling a shut-down listener fails).
+    """
+    for lnr in listeners:
+        sock = getattr(lnr, "sock", None)
+        if sock is None or sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+            continue
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError as exc:
+            log.warning("gunicorn-ext: graceful stop: could not stop listening on %s: %s", lnr, exc)
+
+
 def _port(lnr: Any) -> int | None:
     addr = getattr(lnr, "cfg_addr", None)
     return addr[1] if isinstance(addr, tuple) and len(addr) >= 2 else None

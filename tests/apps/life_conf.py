@@ -33,4 +33,6 @@ gunicorn_ext.enable(
     reload_ready_timeout=float(env("READY_TIMEOUT", "20")),
     stats_interval=0.2,
     worker_ports_base=int(env("WORKER_PORTS_BASE", "0")),
+    hup=env("HUP", "gunicorn"),
+    even_spread=env("EVEN_SPREAD", "1") == "1",
 )
