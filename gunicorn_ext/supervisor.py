@@ -276,7 +276,10 @@ class Supervisor:
         server = self.server
         self._stopping = True  # exits from here on are the shutdown's, not crashes
         self.gate.release(server.log)
-        if graceful and server.LISTENERS and server.WORKERS:
+        # After USR2 the other master holds the same listening sockets: shutting them down
+        # would stop it listening too, so the old generation only closes its copies.
+        shared = bool(getattr(server, "reexec_pid", 0) or getattr(server, "master_pid", 0))
+        if graceful and server.LISTENERS and server.WORKERS and not shared:
             if self.dispatcher is not None:
                 self._drain_backlog(server)
             else:
