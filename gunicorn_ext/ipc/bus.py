@@ -63,6 +63,8 @@ _BURST_GAP = 100e-6
 _BURST_BYTES = 64 * 1024
 #: ...and for at most this long (seconds) before the flusher writes them.
 _FLUSH_DELAY = 0.5e-3  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
+#: Async handler runs kept for a loop not bound yet (see Bus._early); more are refused.
+_MAX_EARLY = 10_000
 
 
 class _Pending:
@@ -133,6 +135,10 @@ class Bus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_tid = 0
         self._async_names: set[str] = set()
+        #: Async handler runs that arrived before a loop was bound (the uvicorn worker
+        #: makes its loop in run(), after the bus started), started by bind_loop().
+        self._early: list[Any] = []
+        self._early_lock = threading.Lock()
         self._green = False
 
     # ------------------------------------------------------------ registration
@@ -262,9 +268,13 @@ class Bus:
             loop.call_later(0.005, self.bind_loop, loop)
             return
         # The loop keeps the reader role for good: threads in request() wait on their event.
-        self._loop = loop
         self._loop_tid = threading.get_ident()
+        with self._early_lock:
+            self._loop = loop
+            early, self._early = self._early, []
         loop.add_reader(sock.fileno(), self._on_call_readable, sock)
+        for coro in early:
+            loop.create_task(coro)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -722,9 +732,16 @@ class Bus:
     def _on_loop(self, coro: Any, frame: Msg | Req | None) -> None:
         """Run an async handler's coroutine on the bound loop (from the listener thread)."""
         loop = self._loop
+        if loop is None and len(self._early) < _MAX_EARLY:
+            with self._early_lock:
+                if self._loop is None:
+                    self._early.append(coro)
+                    return
+            loop = self._loop
         if loop is None or loop.is_closed():
             coro.close()
-            text = "an async handler needs the worker's event loop, and this worker has none"
+            text = ("an async handler needs the worker's event loop, and this worker has none "
+                    "(or too many runs wait for it)")
             self._log("error", "gunicorn-ext: %s (%s)", text,
                       frame.name if frame is not None else "a subscriber")
             if frame is not None:
