@@ -15,7 +15,7 @@ export PATH := $(PATH):/usr/sbin:/sbin
 JS     := tests/js
 JS_STAMP := $(JS)/node_modules/.installed
 
-.PHONY: help install system-deps js-deps lint test run bench bench-deps dist docs clean
+.PHONY: help install system-deps js-deps lint test run run-asgi bench bench-deps dist docs clean
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
@@ -25,6 +25,7 @@ help:
 	@echo "make lint         ruff check + mypy"
 	@echo "make test         install, system-deps, lint, then the whole pytest suite"
 	@echo "make run          the example cluster (examples/flask_app)"
+	@echo "make run-asgi     the ASGI example cluster (examples/asgi_app; WORKER_CLASS=asgi by default)"
 	@echo "make bench        every bench/*.py; results in bench/results/<name>.json"
 	@echo "make bench-deps   apt-get install wrk if missing (root; optional)"
 	@echo "make docs         build the docs site into docs/_build/html (warnings are errors)"
@@ -118,6 +119,9 @@ test: install system-deps js-deps browser-deps
 
 run: install
 	cd examples/flask_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
+
+run-asgi: install
+	cd examples/asgi_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
 
 # Benchmarks are the bench/*.py scripts; helpers beside them are skipped:
 # *_app.py (WSGI apps), *_conf.py (Gunicorn configs), plot*.py (plot helpers) and _*.py.
