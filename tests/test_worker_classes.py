@@ -181,6 +181,27 @@ def test_a_blocked_event_loop_has_its_stack_logged_before_the_kill(
     wait_ready_slots(g, 1, exclude=frozenset(first.values()))
 
 
+@pytest.mark.parametrize("worker_class", WSGI_CLASSES)
+def test_request_deadline_answers_503_and_recycles(gunicorn_factory: Any,
+                                                   worker_class: str) -> None:
+    g = life(gunicorn_factory, worker_class, REQUEST_TIMEOUT="1")
+    first = wait_ready_slots(g, 1)
+    r = requests.get(g.url("/hang?s=30"), timeout=20)
+    assert r.status_code == 503 and "deadline" in r.text
+    g.wait_log("request deadline: GET /hang?s=30 ran")
+    assert "in hang_here" in g.log_text()  # the request's own stack (a greenlet's, under gevent)
+    wait_ready_slots(g, 1, exclude=frozenset(first.values()))
+    assert "request deadline" in status(g)["workers"][0]["last_exit"]
+
+
+@pytest.mark.parametrize("worker_class", ASGI_CLASSES)
+def test_request_timeout_is_said_to_be_off_under_asyncio(gunicorn_factory: Any,
+                                                         worker_class: str) -> None:
+    g = life(gunicorn_factory, worker_class, REQUEST_TIMEOUT="1")
+    g.wait_log("request_timeout is not enforced under")
+    assert get(g, "/slow?s=1.5")["version"] == "1"  # the app's own time, not cut
+
+
 # -- the async bus API (asyncio workers) ---------------------------------------------------
 
 

@@ -33,4 +33,5 @@ gunicorn_ext.enable(
     reload_ready_timeout=float(env("READY_TIMEOUT", "20")),
     stats_interval=0.2,
     worker_ports_base=int(env("WORKER_PORTS_BASE", "0")),
+    request_timeout=float(env("REQUEST_TIMEOUT", "0")),
 )
