@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# policy-rc.d (exit 101) keeps apt from starting the distro's nginx/redis services;
+# policy-rc.d (exit 101) keeps apt from starting the distro's nginx/redis/prometheus services;
 # tests start their own instances on free ports.
 # Debian puts nginx (and sometimes redis-server) in /usr/sbin, often off a user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
@@ -19,7 +19,7 @@ JS_STAMP := $(JS)/node_modules/.installed
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
-	@echo "make system-deps  apt-get install redis-server and nginx if missing (root)"
+	@echo "make system-deps  apt-get install redis-server, nginx and prometheus if missing (root)"
 	@echo "make browser-deps apt-get install chromium if missing (root; the browser test)"
 	@echo "make js-deps      apt-get install nodejs and npm if missing (root); npm ci in $(JS)"
 	@echo "make lint         ruff check + mypy"
@@ -55,24 +55,25 @@ system-deps:
 	@have() { command -v "$$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$$1" ] || [ -x "/usr/bin/$$1" ]; }; \
 	missing=(); \
 	for b in redis-server nginx; do have "$$b" || missing+=("$$b"); done; \
-	if [ "$${#missing[@]}" -eq 0 ]; then echo "system-deps: redis-server and nginx present"; exit 0; fi; \
+	have prometheus && have promtool || missing+=(prometheus); \
+	if [ "$${#missing[@]}" -eq 0 ]; then echo "system-deps: redis-server, nginx and prometheus present"; exit 0; fi; \
 	echo "system-deps: missing: $${missing[*]}"; \
 	if [ "$$(id -u)" -ne 0 ]; then \
 	  echo "error: $${missing[*]} not installed and not root; run as root:" >&2; \
-	  echo "  sudo apt-get update && sudo apt-get install -y redis-server nginx" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y $${missing[*]}" >&2; \
 	  exit 1; \
 	fi; \
 	if ! command -v apt-get >/dev/null; then \
-	  echo "error: no apt-get; install redis-server and nginx with your package manager" >&2; exit 1; \
+	  echo "error: no apt-get; install $${missing[*]} with your package manager" >&2; exit 1; \
 	fi; \
 	if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
 	  trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
 	fi; \
 	apt-get update; \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server nginx </dev/null; \
-	for b in redis-server nginx; do have "$$b" || { echo "error: $$b still missing after apt-get" >&2; exit 1; }; done; \
-	echo "system-deps: installed redis-server and nginx (tests start their own instances on free ports)"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$${missing[@]}" </dev/null; \
+	for b in redis-server nginx prometheus promtool; do have "$$b" || { echo "error: $$b still missing after apt-get" >&2; exit 1; }; done; \
+	echo "system-deps: installed $${missing[*]} (tests start their own instances on free ports)"
 
 .PHONY: browser-deps
 # Headless Chromium for tests/test_browser_chat.py (Debian's package, driven over the

@@ -1,4 +1,5 @@
-"""Flask app for bench/sessions.py: the same two endpoints on three session backends.
+"""Flask app for bench/sessions.py: the same endpoints on three session backends:
+``/write`` (read-modify-write), ``/read`` (read only), ``/set`` (a write that doesn't read).
 
 SESSION_IMPL picks the backend: "ours" (gunicorn_ext.state.flask on REDIS_URL), "flask_session"
 (Flask-Session 0.8, SESSION_TYPE=redis on the same Redis) or "cookie" (Flask's
@@ -7,6 +8,7 @@ signed-cookie session).
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import redis
@@ -46,3 +48,13 @@ def write() -> str:
 @app.get("/read")
 def read() -> str:
     return str(session.get("n"))
+
+
+_ticks = itertools.count()
+
+
+@app.get("/set")
+def set_only() -> str:
+    """A write that doesn't read the session first (a new value every time)."""
+    session["tick"] = next(_ticks)
+    return "ok"

@@ -2,41 +2,47 @@
 
 Gunicorn leaves the choice of worker to whichever process the kernel wakes for
 ``accept()``, which favours the most recently idle one, and a gthread worker accepts
-while all its threads are busy: a busy worker queues requests while a sibling idles.
-Node.js made its ``cluster`` module round-robin for this reason. Here the primary
-does the accepting, like Node's primary, and is told by each worker how many
-requests it can start now:
+while all its threads are busy (Gunicorn #3433): a busy worker queues requests while a
+sibling idles. Node.js made its ``cluster`` module round-robin for this reason. Here the
+primary does the accepting, like Node's primary, and knows how busy each worker is:
 
-* Each sync/gthread worker gets a ``SOCK_SEQPACKET`` socketpair with the primary
-  (made before its fork, like the bus). In the worker, the shared listeners in
-  ``worker.sockets`` are replaced by one :class:`DispatchedListener` on its end: an
-  object with the socket methods Gunicorn's workers call (``fileno``, ``accept``,
-  ``getsockname``, ``setblocking``, ``close``), whose ``accept()`` receives a
-  connection's file descriptor from the primary (``SCM_RIGHTS``). Per-worker ports
-  (``worker_ports_base``) stay the worker's own listeners.
-* The worker reports ``free`` (requests it can start: its threads, or 1 for sync,
-  minus those running) and how many connections it has received, after it boots and
-  after each request. The primary keeps ``free - (sent - received)`` per worker.
+* Each worker gets a ``SOCK_SEQPACKET`` socketpair with the primary (made before its
+  fork, like the bus). In the worker, the shared listeners in ``worker.sockets`` are
+  replaced by one :class:`DispatchedListener` on its end: an object with the socket
+  methods Gunicorn's workers call (``fileno``, ``accept``, ``getsockname``,
+  ``setblocking``, ``close``), whose ``accept()`` receives a connection's file
+  descriptor from the primary (``SCM_RIGHTS``). Per-worker ports (``worker_ports_base``)
+  stay the worker's own listeners.
+* Each worker keeps three numbers on a shared-memory board (an anonymous shared mmap
+  made by the primary before any fork): its capacity (threads, or 1 for sync), the
+  requests it is running, and the connections it has received. Writing them costs no
+  system call, so a request costs nothing extra. The primary's view of a worker's room
+  is ``capacity - running - (sent - received)``.
 * The primary (on the bus hub's thread, so it parks for forks with it) watches the
-  listeners only while some worker can take a connection; then it accepts one and
-  sends it to the worker with the most room, the longest-waiting one on a tie.
-  While every worker is busy, connections wait in the kernel's listen backlog, as
-  without gunicorn-ext.
+  listeners, accepts, and sends each connection to the worker with the most room, the
+  longest-waiting one on a tie. When a connection arrives and no worker has room, it
+  leaves it in the kernel's listen backlog (as without gunicorn-ext), raises a flag on
+  the board and stops watching; a worker that frees a thread while the flag is up wakes
+  it with one message. So messages flow only while connections wait for a thread.
 * A worker that stops gracefully (TERM, max_requests, recycling) says so, the primary
   acknowledges and sends it nothing more, and the worker hands back any connection it
   had not accepted yet; the primary gives those to another worker. A worker killed
-  outright loses the connections queued to it (at most its ``free`` at the time),
-  which the kernel would also have reset on its in-flight requests.
+  outright loses the connections queued to it (at most its room at the time), which
+  the kernel would also have reset on its in-flight requests.
 
-Only the ``sync`` and ``gthread`` worker classes are dispatched this way; other
-classes (gevent, asgi, uvicorn) keep accepting from the kernel. ``even_spread=False``
-turns it off.
+Only gthread workers are dispatched by default (``even_spread=None``): a sync worker
+accepts only when it is idle, so the kernel's backlog is already one queue that the
+first free worker takes from, and the extra hop through the primary would only cost
+throughput. ``even_spread=True`` dispatches sync workers too (an even share of requests);
+``False`` turns it off. Other classes (gevent, asgi, uvicorn) always keep the kernel's
+accept.
 """
 
 from __future__ import annotations
 
 import array
 import errno
+import mmap
 import os
 import socket
 import struct
@@ -46,17 +52,29 @@ from typing import Any
 
 #: Worker classes whose accept loop calls ``listener.accept()`` on ``worker.sockets``.
 DISPATCHED_CLASSES = ("SyncWorker", "ThreadWorker")
+#: Dispatched when ``even_spread`` is None (the default); see the module docstring.
+DEFAULT_CLASSES = ("ThreadWorker",)
 
-_REPORT = struct.Struct("!cII")  # b"F", free, received
 _FD_SIZE = array.array("i").itemsize
 _CMSG = socket.CMSG_SPACE(_FD_SIZE)
 #: How long a stopping worker waits for the primary's acknowledgement.
 STOP_ACK_TIMEOUT = 1.0
+#: While no worker has room, the primary also looks at the board this often (a missed
+#: wake-up costs at most this long).
+WAIT_POLL = 0.02
+
+# The board: a header (the primary's "waiting for room" flag), then one cell per worker:
+# capacity (0 until the worker is ready), running requests, connections received.
+_HEADER = struct.Struct("=I")
+_CELL = struct.Struct("=iiI")
+CELLS = 4096
 
 
-def dispatched(worker_class_name: str) -> bool:
-    """True when workers of this class can take connections from the primary."""
-    return worker_class_name in DISPATCHED_CLASSES
+def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
+    """Whether workers of this class take their connections from the primary."""
+    if even_spread is None:
+        return worker_class_name in DEFAULT_CLASSES
+    return bool(even_spread) and worker_class_name in DISPATCHED_CLASSES
 
 
 def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
@@ -77,27 +95,25 @@ def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
     return data, fd
 
 
+def _offset(cell: int) -> int:
+    return _HEADER.size + cell * _CELL.size
+
+
 # ----------------------------------------------------------------- in the primary
 
 
 class _Worker:
-    """The primary's view of one worker's capacity."""
+    """The primary's view of one worker."""
 
-    __slots__ = ("sock", "worker", "free", "sent", "received", "stopping", "since", "ready")
+    __slots__ = ("sock", "worker", "cell", "sent", "stopping", "since")
 
-    def __init__(self, sock: socket.socket, worker: Any) -> None:
+    def __init__(self, sock: socket.socket, worker: Any, cell: int) -> None:
         self.sock = sock
         self.worker = worker
-        self.free = 0
+        self.cell = cell
         self.sent = 0
-        self.received = 0
         self.stopping = False
-        self.ready = False
         self.since = time.monotonic()  # when it last got a connection (ties: longest-waiting)
-
-    @property
-    def room(self) -> int:
-        return self.free - (self.sent - self.received)
 
 
 class Dispatcher:
@@ -110,15 +126,19 @@ class Dispatcher:
         self.hub = hub
         self.enabled = False
         self.log: Any = None
+        self.board: mmap.mmap | None = None
+        self._free_cells: list[int] = []
         self._listeners: list[socket.socket] = []
         self._watching = False
+        self._waiting = False
+        self._poll_armed = False
         self._workers: dict[int, _Worker] = {}  # fd of the primary's end -> worker
         self._returned: list[tuple[int, int]] = []  # (fd, listener index) given back by workers
-        self._forking: tuple[socket.socket, socket.socket, Any] | None = None
-        self._child_end: socket.socket | None = None
+        self._forking: tuple[socket.socket, socket.socket, Any, int] | None = None
+        self._child: tuple[socket.socket, int] | None = None
         self._child_listeners: list[Any] = []
         self._fork_handlers = False
-        self._lock = threading.Lock()  # guards _forking between the main thread and fork handlers
+        self._lock = threading.Lock()  # _forking and _free_cells: main thread vs hub thread
 
     # -- setup, in the arbiter's main thread
 
@@ -126,6 +146,9 @@ class Dispatcher:
         """Turn dispatching on for *server* (from ``on_starting``, after the hub started)."""
         self.log = log
         self.enabled = True
+        if self.board is None:
+            self.board = mmap.mmap(-1, _offset(CELLS))  # anonymous and shared across fork
+            self._free_cells = list(range(CELLS - 1, -1, -1))
         log.info("gunicorn-ext: even spread on: the primary accepts connections and hands each "
                  "to the worker with the most free threads (even_spread=False turns it off)")
         if not self._fork_handlers:
@@ -134,16 +157,23 @@ class Dispatcher:
                                 after_in_child=self._after_fork_child)
 
     def prepare_fork(self, server: Any, worker: Any) -> None:
-        """Make the socketpair for the worker about to be forked (``pre_fork``)."""
-        if not self.enabled:
+        """Make the socketpair and board cell of the worker about to be forked (``pre_fork``)."""
+        if not self.enabled or self.board is None:
             return
         listeners = [lst.sock for lst in server.LISTENERS]
         if [id(s) for s in listeners] != [id(s) for s in self._listeners]:
             self.hub.call_later(0, lambda: self._set_listeners(listeners))
+        with self._lock:
+            if not self._free_cells:
+                self.log.error("gunicorn-ext: more than %s workers; this one accepts from the "
+                               "kernel", CELLS)
+                return
+            cell = self._free_cells.pop()
+        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setblocking(False)
         with self._lock:
-            self._forking = (parent, child, worker)
+            self._forking = (parent, child, worker, cell)
         self._child_listeners = list(server.LISTENERS)
 
     def _after_fork_parent(self) -> None:
@@ -151,9 +181,9 @@ class Dispatcher:
             forking, self._forking = self._forking, None
         if forking is None:
             return
-        parent, child, worker = forking
+        parent, child, worker, cell = forking
         child.close()
-        self.hub.call_later(0, lambda: self._add(parent, worker))
+        self.hub.call_later(0, lambda: self._add(parent, worker, cell))
 
     def _after_fork_child(self) -> None:
         with self._lock:
@@ -167,17 +197,17 @@ class Dispatcher:
         self._listeners = []
         self.enabled = False
         if forking is not None:
-            parent, child, _ = forking
+            parent, child, _, cell = forking
             parent.close()
-            self._child_end = child
+            self._child = (child, cell)
 
     def child_listener(self, worker: Any) -> DispatchedListener | None:
         """In a new worker (``post_fork``): its :class:`DispatchedListener`, installed in
         ``worker.sockets``; None when dispatching is off."""
-        end, self._child_end = self._child_end, None
-        if end is None:
+        child, self._child = self._child, None
+        if child is None or self.board is None:
             return None
-        return attach(worker, end, self._child_listeners)
+        return attach(worker, child[0], self._child_listeners, self.board, child[1])
 
     def worker_exited(self, worker: Any) -> None:
         """``child_exit``: forget the worker (its queued connections died with it)."""
@@ -195,10 +225,11 @@ class Dispatcher:
         self._listeners = listeners
         self._update()
 
-    def _add(self, sock: socket.socket, worker: Any) -> None:
-        w = _Worker(sock, worker)
+    def _add(self, sock: socket.socket, worker: Any, cell: int) -> None:
+        w = _Worker(sock, worker, cell)
         self._workers[sock.fileno()] = w
         self.hub.watch(sock.fileno(), lambda: self._on_worker(w))
+        self._update()
 
     def _drop_worker(self, worker: Any) -> None:
         for w in list(self._workers.values()):
@@ -209,9 +240,19 @@ class Dispatcher:
         if self._workers.pop(w.sock.fileno(), None) is None:
             return
         self.hub.unwatch(w.sock.fileno())
-        # Connections it had given back but not yet re-sent stay in _returned.
         w.sock.close()
+        assert self.board is not None
+        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0)
+        with self._lock:
+            self._free_cells.append(w.cell)
         self._update()
+
+    def _room(self, w: _Worker) -> int:
+        assert self.board is not None
+        capacity, running, received = _CELL.unpack_from(self.board, _offset(w.cell))
+        if capacity <= 0:
+            return 0  # not ready yet
+        return capacity - max(0, running) - (w.sent - received)
 
     def _on_worker(self, w: _Worker) -> None:
         while True:
@@ -226,10 +267,7 @@ class Dispatcher:
                 self._drop(w)
                 return
             kind = data[:1]
-            if kind == b"F" and len(data) == _REPORT.size:
-                _, free, received = _REPORT.unpack(data)
-                w.free, w.received, w.ready = free, received, True
-            elif kind == b"S":
+            if kind == b"S":
                 w.stopping = True
                 try:
                     w.sock.send(b"A")
@@ -240,23 +278,46 @@ class Dispatcher:
                 self._returned.append((fd, data[1]))
             elif fd is not None:
                 os.close(fd)
+            # b"W" (room freed while we waited) needs nothing but the update below.
         self._update()
 
     def _update(self) -> None:
-        """Hand out given-back connections, then watch the listeners iff a worker has room."""
+        """Hand out given-back connections; watch the listeners unless a connection is
+        waiting for room (then the board's flag asks workers to wake us)."""
         while self._returned:
             w = self._pick()
             if w is None:
                 break
             fd, index = self._returned.pop(0)
             self._give(w, fd, index)
-        want = bool(self._listeners) and self._pick() is not None
-        if want and not self._watching:
+        if self._pick() is not None or not self._listeners:
+            self._set_waiting(False)
+        watch = bool(self._listeners) and not self._waiting
+        if watch and not self._watching:
             for i, lst in enumerate(self._listeners):
                 self.hub.watch(lst.fileno(), lambda i=i: self._on_listener(i))
             self._watching = True
-        elif not want and self._watching:
+        elif not watch and self._watching:
             self._unwatch()
+
+    def _set_waiting(self, waiting: bool) -> None:
+        if self.board is None:
+            return
+        if waiting != self._waiting:
+            self._waiting = waiting
+            _HEADER.pack_into(self.board, 0, 1 if waiting else 0)
+        if waiting and not self._poll_armed:
+            # A worker may free room between our look and the flag: look again soon, and
+            # keep looking while waiting, so a missed wake-up costs WAIT_POLL at most.
+            self._poll_armed = True
+            self.hub.call_later(WAIT_POLL, self._poll_waiting)
+
+    def _poll_waiting(self) -> None:
+        self._poll_armed = False
+        if self._waiting:
+            self._update()
+        if self._waiting:
+            self._set_waiting(True)  # still no room: keep looking
 
     def _unwatch(self) -> None:
         if self._watching:
@@ -266,20 +327,27 @@ class Dispatcher:
 
     def _pick(self) -> _Worker | None:
         best: _Worker | None = None
+        best_room = 0
         for w in self._workers.values():
-            if not w.ready or w.stopping or w.room <= 0:
+            if w.stopping:
                 continue
-            if best is None or w.room > best.room or (w.room == best.room and w.since < best.since):
-                best = w
+            room = self._room(w)
+            if room <= 0:
+                continue
+            if best is None or room > best_room or (room == best_room and w.since < best.since):
+                best, best_room = w, room
         return best
 
     def _on_listener(self, index: int) -> None:
+        """A connection is queued: hand it out, or wait for room (connections wait in the
+        kernel's backlog, and workers are asked to wake us as they free a thread)."""
         if index >= len(self._listeners):
             return
         listener = self._listeners[index]
         for _ in range(64):  # bounded: other fds get their turn
             w = self._pick()
             if w is None:
+                self._set_waiting(True)
                 break
             try:
                 conn, _addr = listener.accept()
@@ -321,20 +389,21 @@ class Dispatcher:
 class DispatchedListener:
     """What a worker accepts from instead of the shared listeners: its end of the
     primary's socketpair, with the socket methods Gunicorn's sync and gthread
-    workers call on a listener.
+    workers call on a listener, and its cell on the primary's board.
 
-    A sync worker (*threaded* False) holds one connection at a time: it is free
-    again whenever it comes back to ``accept()``, so it reports there. A gthread
-    worker reports its free threads around each request (``started``/``finished``)
-    and after each connection it receives.
+    A sync worker (*threaded* False) holds one connection at a time: it is busy from
+    the connection it receives until it comes back to ``accept()``. A gthread worker
+    counts its running requests around each request (``started``/``finished``).
     """
 
     def __init__(self, sock: socket.socket, listeners: list[Any], capacity: int,
-                 threaded: bool) -> None:
+                 threaded: bool, board: mmap.mmap, cell: int) -> None:
         self.sock = sock
         self.listeners = listeners  # Gunicorn's listener objects, by index
         self.capacity = capacity
         self.threaded = threaded
+        self.board = board
+        self.offset = _offset(cell)
         self.received = 0
         self.running = 0
         self._lock = threading.Lock()
@@ -363,18 +432,15 @@ class DispatchedListener:
             try:
                 data, fd = _recv(self.sock)
             except BlockingIOError:
-                if not self.threaded:
-                    self.running = 0
-                    self._report()  # back in accept(): a sync worker is free again
+                if not self.threaded and self.running:
+                    self._publish(running=0)  # back in accept(): a sync worker is free again
                 raise
             if fd is None:
                 if not data:
                     raise BlockingIOError(errno.EAGAIN, "the primary closed the dispatch socket")
                 continue  # an acknowledgement: nothing to accept
-            self.received += 1
             self._last = data[1] if len(data) == 2 and data[1] < len(self.listeners) else 0
-            if self.threaded:
-                self._report()
+            self._publish(received=1, running=None if self.threaded else 1)
             client = socket.socket(fileno=fd)
             try:
                 addr = client.getpeername()
@@ -407,11 +473,11 @@ class DispatchedListener:
         finally:
             sock.close()
 
-    # -- reports to the primary
+    # -- the board
 
     def ready(self) -> None:
         """The worker booted: it can take *capacity* requests."""
-        self._report()
+        self._publish(ready=True)
 
     def stop_soon(self) -> None:
         """The worker will stop (TERM, max_requests, recycling): send it nothing more."""
@@ -425,32 +491,35 @@ class DispatchedListener:
 
     def started(self) -> None:
         if self.threaded:
-            with self._lock:
-                self.running += 1
-            self._report()
+            self._publish(delta=1)
 
     def finished(self) -> None:
         if self.threaded:
-            with self._lock:
-                self.running = max(0, self.running - 1)
-            self._report()
+            self._publish(delta=-1)
 
-    def _report(self) -> None:
-        if self._closed or self._stopping:
-            return
+    def _publish(self, received: int = 0, running: int | None = None, delta: int = 0,
+                 ready: bool = False) -> None:
+        """Update this worker's cell; wake the primary if it waits for room."""
         with self._lock:
-            msg = _REPORT.pack(b"F", max(0, self.capacity - self.running), self.received)
-        try:
-            self.sock.send(msg, socket.MSG_DONTWAIT)
-        except OSError:
-            pass  # buffer full or the primary gone; the next report corrects it
+            self.received += received
+            if running is not None:
+                self.running = running
+            self.running = max(0, self.running + delta)
+            _CELL.pack_into(self.board, self.offset, self.capacity, self.running, self.received)
+        if (ready or delta < 0 or running == 0 or received) and not self._stopping \
+                and not self._closed and _HEADER.unpack_from(self.board, 0)[0]:
+            try:
+                self.sock.send(b"W", socket.MSG_DONTWAIT)
+            except OSError:
+                pass  # buffer full (wake-ups pending anyway) or the primary gone
 
 
-def attach(worker: Any, sock: socket.socket, listeners: list[Any]) -> DispatchedListener:
+def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.mmap,
+           cell: int) -> DispatchedListener:
     """In the worker (``post_fork``): accept from *sock* instead of the shared listeners."""
     threaded = type(worker).__name__ == "ThreadWorker"
     capacity = max(1, int(getattr(worker.cfg, "threads", 1) or 1)) if threaded else 1
-    dl = DispatchedListener(sock, listeners, capacity, threaded)
+    dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell)
     shared = {id(lst) for lst in listeners}
     worker.sockets = [dl] + [s for s in worker.sockets if id(s) not in shared]
     return dl

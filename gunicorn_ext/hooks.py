@@ -35,6 +35,8 @@ dispatcher = Dispatcher(primary)
 dispatched_listener: DispatchedListener | None = None
 #: This worker's request deadlines (None in the primary, or when request_timeout is 0).
 deadlines: Deadlines | None = None
+#: The primary's admin HTTP endpoint (None unless ``admin_bind`` is set).
+admin: Any = None
 
 
 def _slot_of(w: Any) -> int | None:
@@ -47,11 +49,39 @@ def _slot_of(w: Any) -> int | None:
 def on_starting(server: Any) -> None:
     primary.start(server.log)
     supervisor.install(server)
-    if supervisor.settings.even_spread and dispatched(server.worker_class.__name__):
+    if dispatched(server.worker_class.__name__, supervisor.settings.even_spread):
         dispatcher.install(server, server.log)
+    _start_admin(server)
+
+
+def _start_admin(server: Any) -> None:
+    """Serve ``admin_bind`` from the arbiter; exit at once (status 1) if it can't listen."""
+    global admin
+    s = supervisor.settings
+    if not s.admin_bind or admin is not None:
+        return
+    from .admin import ENDPOINTS, AdminError, AdminServer
+    from .settings import parse_address
+
+    host, port = parse_address("admin_bind", s.admin_bind)
+    endpoint = AdminServer(host, port, supervisor, server.log, allow_remote=s.admin_allow_remote)
+    try:
+        endpoint.start(take_over=getattr(server, "master_pid", 0))
+    except AdminError as exc:
+        server.log.error("gunicorn-ext: %s; shutting down", exc)
+        server.halt(exit_status=1)  # Gunicorn's own exit: pidfile removed, on_exit run
+    admin = endpoint
+    h, p = admin.address
+    if admin.listening:
+        server.log.info("gunicorn-ext: admin endpoint on http://%s:%s (%s)",
+                        f"[{h}]" if ":" in h else h, p, " ".join(ENDPOINTS))
 
 
 def on_exit(server: Any) -> None:
+    global admin
+    if admin is not None:
+        admin.close()
+        admin = None
     supervisor.stop()
     primary.stop()
 

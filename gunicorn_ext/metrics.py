@@ -61,6 +61,7 @@ _RESTARTS = PREFIX + "worker_restarts"  # a counter: its sample is ..._total
 _BACKOFF = PREFIX + "worker_backoff_seconds"
 _BREAKER = PREFIX + "worker_breaker_open"
 _WORKERS = PREFIX + "workers"
+_MEMORY_LIMIT = PREFIX + "memory_limit_bytes"
 
 #: (type, help) of the built-in families, in output order.
 _BUILTIN: dict[str, tuple[str, str]] = {
@@ -74,6 +75,8 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     _BREAKER: ("gauge", "1 while the slot's restart circuit breaker is open, 0.5 while it is "
                         "half-open (trying one worker), else 0."),
     _WORKERS: ("gauge", "Number of workers: kind=target (configured) or kind=live."),
+    _MEMORY_LIMIT: ("gauge", "A worker's RSS limit in bytes: kind=soft (recycle) or kind=hard "
+                             "(killed); absent when off."),
 }
 #: Exited pids remembered per slot, to drop their late snapshots.
 _EXITED_MEMORY = 16
@@ -356,6 +359,7 @@ class ClusterMetrics(Collector):
         self._lock = threading.Lock()
         self._slots: dict[int, _Slot] = {}
         self._workers: tuple[int, int] | None = None
+        self._memory_limits: dict[str, float] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -419,6 +423,11 @@ class ClusterMetrics(Collector):
     def set_workers(self, target: int, live: int) -> None:
         with self._lock:
             self._workers = (int(target), int(live))
+
+    def set_memory_limits(self, soft: int, hard: int) -> None:
+        """The RSS limits (0: off, not exported), for alerts on RSS near a limit."""
+        with self._lock:
+            self._memory_limits = {k: float(v) for k, v in (("soft", soft), ("hard", hard)) if v > 0}
 
     def _slot(self, slot: int) -> _Slot:
         s = self._slots.get(slot)
@@ -490,6 +499,8 @@ class ClusterMetrics(Collector):
             target, live = self._workers
             out[_WORKERS].add_sample(_WORKERS, {"kind": "target"}, float(target))
             out[_WORKERS].add_sample(_WORKERS, {"kind": "live"}, float(live))
+        for kind, limit in self._memory_limits.items():
+            out[_MEMORY_LIMIT].add_sample(_MEMORY_LIMIT, {"kind": kind}, limit)
         builtin = [out.pop(n) for n in _BUILTIN]
         return builtin + [out[n] for n in sorted(out)]
 

@@ -4,8 +4,9 @@
 the same blocks as the templates in the repository's ``nginx/`` directory
 (:func:`templates` renders those with example values; a test keeps them in sync):
 
-* ``upstream gunicorn_pool``: every backend, passive health checks
-  (``max_fails``/``fail_timeout``) and ``keepalive``;
+* ``upstream gunicorn_pool``: every backend and ``keepalive``; no passive ejection
+  (``max_fails=0``): a failed attempt is retried on another backend, the backend
+  stays in rotation (see :data:`MAX_FAILS` for why);
 * one named upstream ``gx_<route>`` per backend, its other backends as ``backup``
   servers: a client pinned to a backend that is down falls back to the others;
 * ``map $cookie_gx_route $gx_backend``: the sticky whitelist. A backend that answers
@@ -49,8 +50,21 @@ __all__ = [
 
 COOKIE = "gx_route"
 POOL = "gunicorn_pool"
-#: Upstream cookie and keepalive tuning used by every config.
-MAX_FAILS, FAIL_TIMEOUT, KEEPALIVE = 2, "10s", 32
+#: ``max_fails`` of every upstream server: 0, nginx never takes a backend out.
+#:
+#: nginx's passive check counts failed attempts per ``HOST:PORT``, and a Gunicorn
+#: instance is one ``HOST:PORT`` for all its workers: a SIGKILLed worker resets the
+#: requests it had in flight, and those failures took the whole instance (its healthy
+#: workers too) out for ``fail_timeout``. The counter only resets after a quiet
+#: ``fail_timeout``, so any finite threshold trips under repeated worker deaths; with
+#: two instances both go and nginx answers 502 "no live upstreams" (bench/chaos.py
+#: measures it). Without ejection, a failed attempt (connection refused, reset,
+#: timeout) is still retried on the next backend for idempotent requests, and an
+#: instance with no live worker refuses connections, which costs the retry a
+#: loopback/LAN round trip; a host that drops packets costs ``proxy_connect_timeout``.
+MAX_FAILS = 0
+#: Idle keepalive connections per nginx worker and upstream.
+KEEPALIVE = 32
 
 
 class _T(Template):
@@ -83,8 +97,12 @@ HEADER = """\
 """
 
 UPSTREAM_POOL = _T("""\
-# Every backend. Passive health checks: after @@{max_fails} failed attempts within
-# @@{fail_timeout} a server is skipped for @@{fail_timeout}. keepalive: idle connections
+# Every backend. max_fails=0: a failed attempt never takes a backend out of rotation.
+# A Gunicorn instance is one server here for all its workers, and one killed worker
+# resets its in-flight requests: counted as failures (max_fails=N), they would take
+# the healthy workers out too, and repeated worker deaths keep the counter from ever
+# resetting. The failed attempt is retried on the next server instead (below), and an
+# instance with no live worker refuses connections at once. keepalive: idle connections
 # kept open per worker (needs proxy_http_version 1.1 and an empty Connection header).
 upstream @@{pool} {
 @@{servers}
@@ -157,13 +175,18 @@ SERVER_BODY = _T("""\
     # A conservative Content-Security-Policy, to adapt to the app before turning it on:
     #add_header Content-Security-Policy "default-src 'self'; object-src 'none'; frame-ancestors 'self'; base-uri 'self'" always;
 
-    proxy_connect_timeout 5s;
+    # A backend that is down refuses at once; one that drops packets costs this much
+    # per attempt before the retry (no server is ever taken out, see the upstreams).
+    proxy_connect_timeout 2s;
     proxy_read_timeout 60s;
     proxy_send_timeout 60s;
-    # Retry on another server only on connection errors/timeouts/502/503. nginx >= 1.9.13
-    # never retries a non-idempotent request (POST, LOCK, PATCH) once it was sent to a
-    # backend: `non_idempotent` is deliberately NOT in this list -- keep it off.
-    proxy_next_upstream error timeout http_502 http_503;
+    # Retry on another server only when the attempt failed (connection refused or reset,
+    # e.g. a killed worker, or a timeout). A status from the app is its answer, passed
+    # on and never retried: a 503 (a store down, with Retry-After) would be the same on
+    # every instance. nginx >= 1.9.13 never retries a non-idempotent request (POST, LOCK,
+    # PATCH) once it was sent to a backend: `non_idempotent` is deliberately NOT in this
+    # list -- keep it off.
+    proxy_next_upstream error timeout;
     proxy_next_upstream_tries 3;
     proxy_next_upstream_timeout 10s;
 
@@ -323,13 +346,15 @@ def _servers(lines: list[str]) -> str:
 
 
 def _upstreams(backends: list[str], routes: list[str]) -> str:
-    health = f"max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT}"
+    # Explicit on every line: nginx's default is max_fails=1.
+    health = f"max_fails={MAX_FAILS}"
     out = [UPSTREAM_POOL.substitute(
-        pool=POOL, max_fails=MAX_FAILS, fail_timeout=FAIL_TIMEOUT, keepalive=KEEPALIVE,
+        pool=POOL, keepalive=KEEPALIVE,
         servers=_servers([f"{b} {health}" for b in backends]))]
-    out.append("# One upstream per route: the pinned backend, the others as fallback (backup).")
+    out.append("# One upstream per route: the pinned backend, the others as fallback (backup;\n"
+               "# max_fails=0 on each, since nginx's default max_fails=1 would eject on one reset).")
     for backend, route in zip(backends, routes, strict=True):
-        lines = [f"{backend} {health}"] + [f"{b} backup" for b in backends if b != backend]
+        lines = [f"{backend} {health}"] + [f"{b} backup {health}" for b in backends if b != backend]
         out.append(UPSTREAM_NAMED.substitute(route=route, servers=_servers(lines),
                                              keepalive=KEEPALIVE))
     return "\n".join(out)

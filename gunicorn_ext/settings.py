@@ -11,6 +11,7 @@ workers, ``workers`` is the slot count.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -39,6 +40,35 @@ def parse_size(name: str, value: Any) -> int:
     if size < 0:
         raise SettingsError(f"gunicorn-ext setting {name} must not be negative, got {value!r}")
     return size
+
+
+def parse_address(name: str, value: Any) -> tuple[str, int]:
+    """``(host, port)`` from ``"host:port"`` or ``"[v6]:port"``; a clear error otherwise."""
+    def bad(why: str) -> SettingsError:
+        return SettingsError(f"gunicorn-ext setting {name} {why}, got {value!r}")
+
+    if not isinstance(value, str):
+        raise bad("must be a string like '127.0.0.1:9191'")
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise bad("must be 'host:port', such as '127.0.0.1:9191'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise bad("must put an IPv6 address in brackets, such as '[::1]:9191'")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise bad("must end in a port number from 1 to 65535")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (no name is resolved)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -120,9 +150,9 @@ class Settings:
 
     # -- accepting
     #: The primary accepts connections and hands each to the worker with the most
-    #: free threads (sync and gthread workers), instead of whichever worker the
-    #: kernel wakes. False: Gunicorn's own accept in every worker.
-    even_spread: bool = True
+    #: free threads, instead of whichever worker the kernel wakes. None (default): for
+    #: gthread workers; True: sync workers too; False: Gunicorn's own accept everywhere.
+    even_spread: bool | None = None
 
     # -- sticky routing (nginx pins a client to the backend its route cookie names)
     #: Set the route cookie on the responses of any WSGI app Gunicorn serves (a
@@ -141,6 +171,15 @@ class Settings:
     #: Serve ``gunicorn-ext status``/``reload``/``scale`` on a 0600 unix socket
     #: in a private directory ($XDG_RUNTIME_DIR/gunicorn-ext or /tmp/gunicorn-ext-UID).
     control_socket: bool = True
+
+    # -- admin endpoint (served by the primary itself, see gunicorn_ext/admin.py)
+    #: ``"host:port"`` where the primary serves ``GET /metrics``, ``/status``,
+    #: ``/livez`` and ``/readyz`` over HTTP, answering even while every worker is
+    #: busy. Empty: off. Loopback only unless ``admin_allow_remote`` is True.
+    admin_bind: str = ""
+    #: Let ``admin_bind`` be a non-loopback address. The endpoint has no
+    #: authentication: firewall it so only Prometheus and the probes reach it.
+    admin_allow_remote: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -196,6 +235,13 @@ class Settings:
             raise bad("worker_ports_base", "must be 0 (off) or a port number")
         if self.stats_interval <= 0:
             raise bad("stats_interval", "must be positive")
+        if self.admin_bind != "":
+            host, _ = parse_address("admin_bind", self.admin_bind)
+            if not self.admin_allow_remote and not is_loopback(host):
+                raise bad("admin_bind", "must be a loopback address (127.0.0.1, [::1], localhost) "
+                                        "unless admin_allow_remote=True")
+        if not (self.even_spread is None or isinstance(self.even_spread, bool)):
+            raise bad("even_spread", "must be True, False or None (gthread workers only)")
         if not (self.sticky is None or isinstance(self.sticky, bool)):
             raise bad("sticky", "must be True, False or None (on with per-worker ports)")
         if not isinstance(self.sticky_cookie, str) or not COOKIE_NAME_RE.match(self.sticky_cookie):

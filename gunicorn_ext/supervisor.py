@@ -97,6 +97,7 @@ class Supervisor:
 
     def configure(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics.set_memory_limits(settings.memory_soft_limit, settings.memory_hard_limit)
         for policy in self.policies.values():
             self._apply(policy)
         for b in [self.instance_breaker, *self.breakers.values()]:
@@ -253,6 +254,8 @@ class Supervisor:
             used = {getattr(w, "ext_slot", None) for w in server.WORKERS.values()
                     if not getattr(w, "ext_retired", False)}
             slot = next(i for i in range(len(used) + 1) if i not in used)
+        # Export the slot's restart counter from 0, so increase() sees its first restart.
+        self.metrics.set_restarts(slot, self.policy(slot).restarts)
         worker.ext_slot = slot
         worker.ext_retired = False
         worker.ext_rolling_old = False
@@ -599,7 +602,7 @@ class Supervisor:
                          "breaker_retry_in": round(breaker.retry_in(now), 3)})
         rows.sort(key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["state"] == "draining"))
         totals = {k: sum(int(r[k] or 0) for r in rows) for k in ("requests", "inflight", "rss")}
-        totals["restarts"] = sum(p.restarts for p in self.policies.values())
+        totals["restarts"] = sum(p.restarts for p in list(self.policies.values()))
         return {
             "instance": self.instance,
             "primary_pid": os.getpid(),

@@ -5,38 +5,34 @@ and locks are *not* shared between workers. Use it for development and tests; us
 ``sqlite:///path`` (one machine) or Redis (many machines) in production.
 
 Thread-safe (one :class:`threading.Lock` around everything), so gthread workers and
-threaded dev servers are fine. Semantics follow Redis, like the other backends:
-
-* ``set`` replaces a key of any type and clears its TTL; ``incr`` and ``hset`` keep it;
-* ``expire``/``ttl``/``delete`` work the same for strings and hashes (a hash's TTL
-  covers the whole hash); removing a hash's last field removes the key;
-* using a string as a hash (or the reverse) raises :class:`TypeError` (Redis WRONGTYPE);
-* ``incr`` of a value that is not a decimal integer raises :class:`ValueError`;
-* locks live in their own namespace, apart from keys.
+threaded dev servers are fine. Semantics are those of every backend (see
+:mod:`gunicorn_ext.state.store`); a batch runs under the lock, so no other thread sees
+it half done.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 import time
 from typing import Any
 
-from .store import Batch, Store
+from .store import (
+    Batch,
+    Store,
+    StoreError,
+    WrongType,
+    add_counter,
+    check_amount,
+    check_lock_timeout,
+    check_ttl,
+    check_value,
+    parse_counter,
+)
 
-_INT = re.compile(rb"-?[0-9]+")
 
-
-def _wrongtype(key: str) -> TypeError:
-    return TypeError(f"WRONGTYPE: key {key!r} holds a value of another type")
-
-
-def parse_counter(key: str, value: bytes) -> int:
-    """The integer a counter string holds (shared with the SQLite backend)."""
-    if not _INT.fullmatch(value):
-        raise ValueError(f"value of key {key!r} is not an integer")
-    return int(value)
+def _wrongtype(key: str) -> WrongType:
+    return WrongType(f"WRONGTYPE: key {key!r} holds a value of another type")
 
 
 class _Entry:
@@ -49,7 +45,7 @@ class _Entry:
 
 class MemoryBatch(Batch):
     """Queued commands run in order under the store's lock (no other thread sees a
-    partial batch). A failing command raises; the commands before it stay applied."""
+    partial batch). Every command runs; the first error is raised after."""
 
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
@@ -63,21 +59,24 @@ class MemoryBatch(Batch):
         return self._add("get", key)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> MemoryBatch:
-        return self._add("set", key, value, ttl)
+        check_value(value)
+        return self._add("set", key, value, None if ttl is None else check_ttl(ttl))
 
     def delete(self, *keys: str) -> MemoryBatch:
         return self._add("delete", *keys)
 
     def incr(self, key: str, amount: int = 1) -> MemoryBatch:
-        return self._add("incr", key, amount)
+        return self._add("incr", key, check_amount(amount))
 
     def expire(self, key: str, ttl: float) -> MemoryBatch:
-        return self._add("expire", key, ttl)
+        return self._add("expire", key, check_ttl(ttl, allow_zero=True))
 
     def hgetall(self, key: str) -> MemoryBatch:
         return self._add("hgetall", key)
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> MemoryBatch:
+        for value in mapping.values():
+            check_value(value)
         return self._add("hset", key, dict(mapping))
 
     def hdel(self, key: str, *fields: str) -> MemoryBatch:
@@ -86,9 +85,19 @@ class MemoryBatch(Batch):
     def execute(self) -> list[Any]:
         ops, self._ops = self._ops, []
         store = self._store
+        results: list[Any] = []
+        error: StoreError | None = None
         with store._cond:
             now = time.monotonic()
-            return [getattr(store, "_" + name)(now, *args) for name, args in ops]
+            for name, args in ops:
+                try:
+                    results.append(getattr(store, "_" + name)(now, *args))
+                except StoreError as exc:
+                    error = error or exc
+                    results.append(exc)
+        if error is not None:
+            raise error
+        return results
 
 
 class MemoryStore(Store):
@@ -133,8 +142,6 @@ class MemoryStore(Store):
         return None if entry is None else entry.value  # type: ignore[return-value]
 
     def _set(self, now: float, key: str, value: bytes, ttl: float | None) -> None:
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be positive, got {ttl!r}")
         self._data[key] = _Entry(bytes(value), None if ttl is None else now + ttl)
 
     def _delete(self, now: float, *keys: str) -> int:
@@ -151,7 +158,7 @@ class MemoryStore(Store):
             self._data[key] = _Entry(str(amount).encode())
             return amount
         assert isinstance(entry.value, bytes)
-        new = parse_counter(key, entry.value) + amount
+        new = add_counter(key, parse_counter(key, entry.value), amount)
         entry.value = str(new).encode()
         return new
 
@@ -205,16 +212,17 @@ class MemoryStore(Store):
         return self._call("get", key)  # type: ignore[no-any-return]
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        self._call("set", key, value, ttl)
+        check_value(value)
+        self._call("set", key, value, None if ttl is None else check_ttl(ttl))
 
     def delete(self, *keys: str) -> int:
         return self._call("delete", *keys)  # type: ignore[no-any-return]
 
     def incr(self, key: str, amount: int = 1) -> int:
-        return self._call("incr", key, amount)  # type: ignore[no-any-return]
+        return self._call("incr", key, check_amount(amount))  # type: ignore[no-any-return]
 
     def expire(self, key: str, ttl: float) -> bool:
-        return self._call("expire", key, ttl)  # type: ignore[no-any-return]
+        return self._call("expire", key, check_ttl(ttl, allow_zero=True))  # type: ignore[no-any-return]
 
     def ttl(self, key: str) -> float | None:
         return self._call("ttl", key)  # type: ignore[no-any-return]
@@ -224,6 +232,8 @@ class MemoryStore(Store):
         return self._call("hgetall", key)  # type: ignore[no-any-return]
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+        for value in mapping.values():
+            check_value(value)
         self._call("hset", key, dict(mapping))
 
     def hdel(self, key: str, *fields: str) -> int:
@@ -234,8 +244,7 @@ class MemoryStore(Store):
 
     # -- locks
     def acquire(self, name: str, timeout: float, blocking_timeout: float | None = None) -> str | None:
-        if timeout <= 0:
-            raise ValueError(f"lock timeout must be positive, got {timeout!r}")
+        check_lock_timeout(timeout)
         token = secrets.token_hex(16)
         deadline = None if blocking_timeout is None else time.monotonic() + blocking_timeout
         with self._cond:

@@ -7,8 +7,9 @@
       hits.get()         # -> current value (0 when never incremented)
       hits.reset()
 
-* :class:`TTLCache` -- a cache whose entries expire; values in Flask's tagged JSON (so
-  dict, list, tuple, bytes, datetime, UUID, Markup round-trip; never pickle)::
+* :class:`TTLCache` -- a cache whose entries expire; values in the store's one codec
+  (:mod:`gunicorn_ext.state.codec`, as sessions store them: JSON, or Flask's tagged JSON
+  so tuple, bytes, datetime, UUID, Markup round-trip; never pickle)::
 
       cache = TTLCache(store, "cache:", ttl=60)
       cache.set("k", {"a": 1}); cache.get("k"); cache.delete("k")
@@ -35,31 +36,14 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar, overload
 
-from gunicorn_ext.extras import missing_extra
-
-try:
-    from flask.json.tag import TaggedJSONSerializer
-except ImportError as exc:
-    raise missing_extra(exc, "flask", __name__) from exc
-
+from .codec import dumps, loads
 from .store import LockTimeout, Store, StoreUnavailable
 
 __all__ = ["Counter", "TTLCache", "lock", "LockTimeout", "StoreUnavailable"]
 
 log = logging.getLogger(__name__)
 
-_serializer = TaggedJSONSerializer()
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def dumps(value: Any) -> bytes:
-    """``value`` in Flask's tagged JSON, as bytes."""
-    return _serializer.dumps(value).encode("utf-8")
-
-
-def loads(raw: bytes) -> Any:
-    """The inverse of :func:`dumps`."""
-    return _serializer.loads(raw.decode("utf-8"))
 
 
 class Counter:

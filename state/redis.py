@@ -1,39 +1,46 @@
-"""Redis backend of the store interface, on redis-py's own clients.
+"""Redis backend of the store interface, on redis-py's own clients and public API only.
 
 URL forms:
 
 * ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS), ``unix:///path?db=0``:
-  :meth:`redis.Redis.from_url` (query options such as ``?ssl_cert_reqs=none`` work as there);
+  :meth:`redis.Redis.from_url` (query options such as ``?ssl_ca_certs=/path/ca.pem`` or
+  ``?ssl_cert_reqs=none`` work as there);
 * ``redis+sentinel://[[user]:password@]host1:port1,host2:port2/service_name[/db]``
   (``rediss+sentinel`` for TLS): ``Sentinel([...]).master_for(service_name, db=db)``.
   The password is the master's; pass ``sentinel_password=`` (or ``sentinel_kwargs=``)
-  if the sentinels themselves need one;
+  if the sentinels themselves need one. Query options are read as ``from_url`` reads
+  them (``?ssl_ca_certs=/path/ca.pem``) and apply to the sentinels too (timeouts, TLS);
 * ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster``):
   :class:`redis.cluster.RedisCluster` with those startup nodes, created on first use
   (it connects when created).
 
+Every command goes through redis-py: plain commands through the client, batches
+through a non-transactional :meth:`~redis.Redis.pipeline` (one round trip), locks
+through :class:`redis.lock.Lock`. So everything redis-py does for a connection holds:
+the pool, TLS, AUTH with a ``credential_provider=``, RESP3 (``protocol=3``),
+re-finding the master through Sentinel, its ``retry=`` policy.
+
 Defaults: 2 s socket and connect timeouts, a health check of idle connections after
 30 s, RESP2, and no automatic retries, so an outage shows in milliseconds (as
-:class:`~gunicorn_ext.state.store.StoreUnavailable`) rather than after redis-py's retry loop. Keyword
-options override them and are passed to the client.
+:class:`~gunicorn_ext.state.store.StoreUnavailable`, which the Flask session turns into
+a 503) rather than after a retry loop, and a batch holding an ``INCR`` is never sent
+twice. Keyword options override them and are passed to the client, e.g.
+``retry=Retry(ExponentialBackoff(cap=0.5), 2)`` to ride out a failover in-process.
 
 Every redis-py error is mapped: unreachable/timeouts/loading/failover errors to
-:class:`StoreUnavailable` (naming the URL without its password), anything else (e.g.
-WRONGTYPE) to :class:`StoreError`.
+:class:`StoreUnavailable` (naming the URL without its password), WRONGTYPE to
+:class:`~gunicorn_ext.state.store.WrongType`, a non-integer counter to
+:class:`~gunicorn_ext.state.store.NotAnInteger`, anything else to
+:class:`~gunicorn_ext.state.store.StoreError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import secrets
-import select
-import socket
-import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -42,22 +49,25 @@ from gunicorn_ext.extras import missing_extra
 try:
     import redis
     import redis.exceptions as rexc
-    from redis._parsers import BaseParser
     from redis.backoff import NoBackoff
+    from redis.connection import parse_url
+    from redis.lock import Lock
     from redis.retry import Retry
 except ImportError as exc:
     raise missing_extra(exc, "redis", __name__) from exc
 
-from .store import Batch, Store, StoreError, StoreUnavailable
-
-try:
-    import hiredis  # redis[hiredis], a dependency: the fast reply parser
-
-    _hiredis_ok = True
-except ImportError:  # pragma: no cover - redis-py's own reads then
-    _hiredis_ok = False
-
-_parse_error = BaseParser.parse_error
+from .store import (
+    Batch,
+    NotAnInteger,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    WrongType,
+    check_amount,
+    check_lock_timeout,
+    check_ttl,
+    check_value,
+)
 
 __all__ = ["RedisStore", "redact_url"]
 
@@ -65,11 +75,13 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2.0,
     "socket_connect_timeout": 2.0,
     "health_check_interval": 30,
-    # RESP2 (redis-py 8 defaults to RESP3): no out-of-band pushes can come between a
-    # batch's replies, so batches read their replies themselves (see _Connections).
-    # protocol=3 works too, through redis-py's own reads.
+    # RESP2: redis-py 8 defaults to RESP3, which also turns on maintenance-notification
+    # handling per connection. ``protocol=3`` works the same (tests/test_store_redis.py).
     "protocol": 2,
 }
+
+# How often a blocked lock taker tries again (redis-py's Lock polls; 0.1 s by default).
+LOCK_POLL = 0.01
 
 # Errors meaning "the backend can't be reached right now" (ConnectionError covers
 # BusyLoadingError, AuthenticationError, MasterNotFoundError, MaxConnectionsError).
@@ -82,13 +94,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rexc.SlotNotCoveredError,
     OSError,
 )
-
-_RELEASE_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
+# What redis-py raises (RedisClusterException is not a RedisError), mapped by RedisStore._mapped.
+_REDIS_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
 
 
 def redact_url(url: str) -> str:
@@ -135,12 +142,15 @@ def _ttl_result(ms: Any) -> float | None:
     return None if ms < 0 else ms / 1000.0
 
 
-def _none(_: Any) -> None:
-    return None
+def _is_cluster(client: Any) -> bool:
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
 
 
 class RedisStore(Store):
-    """A :class:`~gunicorn_ext.state.store.Store` on Redis (plain, TLS, unix socket, Sentinel, Cluster).
+    """A :class:`~gunicorn_ext.state.store.Store` on Redis (plain, TLS, unix socket,
+    Sentinel, Cluster).
 
     ``client=`` uses a ready redis-py compatible client instead (e.g. fakeredis); it
     must be created with ``decode_responses=False``.
@@ -157,9 +167,6 @@ class RedisStore(Store):
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._factory: Callable[[], Any] | None = None
-        self._release_script: Any = None
-        self._lua_ok = True
-        self._conns = _Connections()
         self.hosts: list[tuple[str, int]] = []
         self.service_name: str | None = None
         self.db = 0
@@ -175,6 +182,11 @@ class RedisStore(Store):
 
         opts = dict(DEFAULT_OPTIONS)
         opts["retry"] = Retry(NoBackoff(), 0)
+        if self.kind != "redis" and parts.query:
+            # Query options (``?ssl_ca_certs=...&protocol=3``) read as from_url reads them.
+            for name, value in parse_url(f"redis://localhost/?{parts.query}").items():
+                if name not in ("host", "port", "db"):
+                    opts[name] = value
         opts.update(options)
         opts["decode_responses"] = False
         userinfo, _, hostpart = parts.netloc.rpartition("@")
@@ -214,7 +226,8 @@ class RedisStore(Store):
             self.db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinel_kwargs = dict(opts.pop("sentinel_kwargs", None) or {})
             sentinel_password = opts.pop("sentinel_password", None)
-            for key in ("socket_timeout", "socket_connect_timeout", "retry", "ssl"):
+            for key in ("socket_timeout", "socket_connect_timeout", "retry", "ssl", "ssl_ca_certs",
+                        "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"):
                 if key in opts:
                     sentinel_kwargs.setdefault(key, opts[key])
             if sentinel_password:
@@ -242,153 +255,164 @@ class RedisStore(Store):
     def client(self) -> Any:
         """The redis-py client (for a cluster URL, created, i.e. connected, on first use)."""
         if self._client is None:
-            with self._client_lock, self._errors():
+            with self._client_lock:
                 if self._client is None:
                     assert self._factory is not None
-                    self._client = self._factory()
+                    try:
+                        self._client = self._factory()
+                    except _REDIS_ERRORS as exc:
+                        raise self._mapped(exc) from exc
         return self._client
 
+    def _redact(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
     def _message(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}"
-        if self._password:
-            text = text.replace(self._password, "***")
+        text = self._redact(f"{type(exc).__name__}: {exc}")
         if len(text) > 300:  # MasterNotFoundError lists every sentinel client's repr
             text = text[:297] + "..."
         return f"redis store {self.safe_url} unavailable ({text})"
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except StoreError:
-            raise
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(self._message(exc)) from exc
-        except rexc.RedisClusterException as exc:
+    def _mapped(self, exc: BaseException) -> BaseException:
+        """The store error to raise for redis-py's ``exc`` (a plain try/except at each
+        call site: a context manager would cost more than a loopback round trip's CPU)."""
+        if isinstance(exc, StoreError):
+            return exc
+        if isinstance(exc, _UNAVAILABLE):
+            return StoreUnavailable(self._message(exc))
+        if isinstance(exc, rexc.ResponseError):
+            text = self._redact(str(exc))
+            if "NOREPLICAS" in text:  # min-replicas-to-write refused it: not written
+                return StoreUnavailable(self._message(exc))
+            if "WRONGTYPE" in text:
+                return WrongType(f"redis store {self.safe_url}: {text}")
+            if "not an integer" in text or "would overflow" in text:
+                return NotAnInteger(f"redis store {self.safe_url}: {text}")
+            return StoreError(f"redis store {self.safe_url}: {text}")
+        if isinstance(exc, rexc.RedisClusterException):
             if "cannot be connected" in str(exc) or "reachable" in str(exc):
-                raise StoreUnavailable(self._message(exc)) from exc
-            raise StoreError(f"redis store {self.safe_url}: {exc}") from exc
-        except rexc.RedisError as exc:
-            text = str(exc).replace(self._password, "***") if self._password else str(exc)
-            raise StoreError(f"redis store {self.safe_url}: {type(exc).__name__}: {text}") from exc
+                return StoreUnavailable(self._message(exc))
+            return StoreError(f"redis store {self.safe_url}: {exc}")
+        text = self._redact(str(exc))
+        return StoreError(f"redis store {self.safe_url}: {type(exc).__name__}: {text}")
 
     # -- strings --------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        with self._errors():
+        try:
             value: bytes | None = self.client.get(key)
-            return value
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
+        return value
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        with self._errors():
-            if ttl is None:
-                self.client.set(key, value)
-            elif ttl <= 0:
-                self.client.delete(key)  # already expired
-            else:
-                self.client.set(key, value, px=_ms(ttl))
+        check_value(value)
+        px = None if ttl is None else _ms(check_ttl(ttl))
+        try:
+            self.client.set(key, value, px=px)
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def delete(self, *keys: str) -> int:
         if not keys:
             return 0
-        with self._errors():
+        try:
             return int(self.client.delete(*keys))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def incr(self, key: str, amount: int = 1) -> int:
-        with self._errors():
+        check_amount(amount)
+        try:
             return int(self.client.incrby(key, amount))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def expire(self, key: str, ttl: float) -> bool:
-        with self._errors():
-            return bool(self.client.pexpire(key, _ms(ttl)))
+        ms = _ms(check_ttl(ttl, allow_zero=True))
+        try:
+            return bool(self.client.pexpire(key, ms))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def ttl(self, key: str) -> float | None:
-        with self._errors():
+        try:
             return _ttl_result(self.client.pttl(key))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     # -- hashes ---------------------------------------------------------------------
 
     def hgetall(self, key: str) -> dict[str, bytes]:
-        with self._errors():
+        try:
             return _decode_hash(self.client.hgetall(key))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+        for value in mapping.values():
+            check_value(value)
         if not mapping:
             return
-        with self._errors():
+        try:
             self.client.hset(key, mapping=mapping)
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def hdel(self, key: str, *fields: str) -> int:
         if not fields:
             return 0
-        with self._errors():
+        try:
             return int(self.client.hdel(key, *fields))
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     # -- batch ----------------------------------------------------------------------
 
     def batch(self) -> RedisBatch:
         return RedisBatch(self)
 
-    # -- locks ----------------------------------------------------------------------
+    # -- locks: redis-py's Lock (SET NX PX to take, a compare-and-delete script to free)
+
+    def _lock(self, name: str, timeout: float) -> Lock:
+        return Lock(self.client, self.lock_prefix + name, timeout=_ms(timeout) / 1000,
+                    sleep=LOCK_POLL, thread_local=False)
 
     def acquire(self, name: str, timeout: float, blocking_timeout: float | None = None) -> str | None:
-        key = self.lock_prefix + name
+        check_lock_timeout(timeout)
         token = secrets.token_hex(16)
-        ms = _ms(timeout) or 1
-        deadline = None if blocking_timeout is None else time.monotonic() + max(0.0, blocking_timeout)
-        delay = 0.005
-        while True:
-            with self._errors():
-                if self.client.set(key, token, nx=True, px=ms):
-                    return token
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return None
-            sleep = delay if deadline is None else min(delay, deadline - now)
-            time.sleep(max(0.0, sleep))
-            delay = min(delay * 2, 0.05)
+        wait = None if blocking_timeout is None else max(0.0, blocking_timeout)
+        try:
+            got = self._lock(name, timeout).acquire(
+                token=token, blocking=wait != 0, blocking_timeout=wait)
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
+        return token if got else None
 
     def release(self, name: str, token: str) -> bool:
-        key = self.lock_prefix + name
-        with self._errors():
-            if self._lua_ok:
-                if self._release_script is None:
-                    self._release_script = self.client.register_script(_RELEASE_LUA)
-                try:
-                    return bool(self._release_script(keys=[key], args=[token]))
-                except rexc.ResponseError as exc:
-                    # fakeredis without the lupa extra has no Lua
-                    if "unknown command" not in str(exc).lower():
-                        raise
-                    self._lua_ok = False
-            return self._release_watch(key, token)
-
-    def _release_watch(self, key: str, token: str) -> bool:
-        want = token.encode()
-        while True:
-            with self.client.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(key)
-                    if pipe.get(key) != want:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.execute()
-                    return True
-                except rexc.WatchError:
-                    continue
+        try:
+            self._lock(name, 1.0).do_release(token)
+        except rexc.LockNotOwnedError:
+            return False
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
+        return True
 
     # -- lifecycle ------------------------------------------------------------------
 
     def ping(self) -> None:
-        with self._errors():
+        try:
             self.client.ping()
+        except _REDIS_ERRORS as exc:
+            raise self._mapped(exc) from exc
 
     def after_fork(self) -> None:
-        """Forget inherited connections without touching their sockets (the parent owns them)."""
-        self._client_lock = threading.Lock()  # another thread may have held it at fork
-        self._conns.forget()
+        """Forget inherited connections without touching their sockets (the parent owns them).
+
+        redis-py's pools notice a fork by themselves (the pid check on checkout); this
+        drops the inherited ones at once, and a lock another thread may have held.
+        """
+        self._client_lock = threading.Lock()
         pools = []
         if self._client is not None:
             if _is_cluster(self._client):
@@ -404,7 +428,6 @@ class RedisStore(Store):
                 pool.reset()
 
     def close(self) -> None:
-        self._conns.close()
         clients = [self._client] if self._client is not None else []
         if self._sentinel is not None:
             clients.extend(self._sentinel.sentinels)
@@ -418,272 +441,132 @@ class RedisStore(Store):
         return f"<RedisStore {self.kind} {self.safe_url}>"
 
 
-def _is_cluster(client: Any) -> bool:
-    from redis.cluster import RedisCluster
+def _first(r: list[Any]) -> Any:
+    return r[0]
 
-    return isinstance(client, RedisCluster)
+
+def _none(_: list[Any]) -> None:
+    return None
+
+
+def _int(r: list[Any]) -> int:
+    return int(r[0])
+
+
+def _bool(r: list[Any]) -> bool:
+    return bool(r[0])
+
+
+def _hash(r: list[Any]) -> dict[str, bytes]:
+    return _decode_hash(r[0])
+
+
+def _pttl(r: list[Any]) -> float | None:
+    return _ttl_result(r[0])
+
+
+def _sum(r: list[Any]) -> int:
+    return sum(int(x) for x in r)
+
+
+def _zero(_: list[Any]) -> int:
+    return 0
 
 
 class RedisBatch(Batch):
-    """A non-transactional pipeline: one round trip; results converted like the plain methods.
+    """A redis-py pipeline with ``transaction=False``: one round trip, commands in order,
+    results converted like the plain methods. A batch of one command is sent as that
+    plain command (the same round trip, without the pipeline's own cost).
 
-    In cluster mode every command is per key, so a batch touching one session key
-    stays in one slot; multi-key ``delete`` is queued as one DEL per key.
+    Not MULTI/EXEC: a batch is not isolated from other clients' commands (each command
+    is atomic on its own), which is what the session's load and save need. Every
+    command runs; if some fail, the first error is raised after all replies are read.
+    In cluster mode a batch touching one session key stays in one slot; a multi-key
+    ``delete`` is queued as one DEL per key.
     """
+
+    __slots__ = ("_store", "_cmds", "_ops")
 
     def __init__(self, store: RedisStore) -> None:
         self._store = store
-        self._ops: list[tuple[list[tuple[Any, ...]], Callable[[list[Any]], Any]]] = []
+        # redis-py command calls: (method name, positional args, keyword args)
+        self._cmds: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        # per queued method: how many commands it queued, and its converter
+        self._ops: list[tuple[int, Callable[[list[Any]], Any]]] = []
 
-    def _add(self, cmds: list[tuple[Any, ...]], convert: Callable[[list[Any]], Any]) -> RedisBatch:
-        self._ops.append((cmds, convert))
+    def _add(self, convert: Callable[[list[Any]], Any], name: str, *args: Any,
+             **kwargs: Any) -> RedisBatch:
+        self._cmds.append((name, args, kwargs))
+        self._ops.append((1, convert))
+        return self
+
+    def _const(self, convert: Callable[[list[Any]], Any]) -> RedisBatch:
+        self._ops.append((0, convert))
         return self
 
     def get(self, key: str) -> RedisBatch:
-        return self._add([("GET", key)], lambda r: r[0])
+        return self._add(_first, "get", key)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> RedisBatch:
-        if ttl is None:
-            return self._add([("SET", key, value)], _none)
-        if ttl <= 0:
-            return self._add([("DEL", key)], _none)
-        return self._add([("SET", key, value, "PX", _ms(ttl))], _none)
+        check_value(value)
+        return self._add(_none, "set", key, value, px=None if ttl is None else _ms(check_ttl(ttl)))
 
     def delete(self, *keys: str) -> RedisBatch:
         if not keys:
-            return self._add([], lambda r: 0)
-        if self._store.kind == "cluster":
-            return self._add([("DEL", k) for k in keys], lambda r: sum(int(x) for x in r))
-        return self._add([("DEL", *keys)], lambda r: int(r[0]))
+            return self._const(_zero)
+        if self._store.kind == "cluster" and len(keys) > 1:
+            for key in keys:
+                self._cmds.append(("delete", (key,), {}))
+            self._ops.append((len(keys), _sum))
+            return self
+        return self._add(_int, "delete", *keys)
 
     def incr(self, key: str, amount: int = 1) -> RedisBatch:
-        return self._add([("INCRBY", key, amount)], lambda r: int(r[0]))
+        return self._add(_int, "incrby", key, check_amount(amount))
 
     def expire(self, key: str, ttl: float) -> RedisBatch:
-        return self._add([("PEXPIRE", key, _ms(ttl))], lambda r: bool(r[0]))
+        return self._add(_bool, "pexpire", key, _ms(check_ttl(ttl, allow_zero=True)))
 
     def ttl(self, key: str) -> RedisBatch:
         """Not in the :class:`Batch` interface, but handy: PTTL as seconds or None."""
-        return self._add([("PTTL", key)], lambda r: _ttl_result(r[0]))
+        return self._add(_pttl, "pttl", key)
 
     def hgetall(self, key: str) -> RedisBatch:
-        return self._add([("HGETALL", key)], lambda r: _decode_hash(r[0]))
+        return self._add(_hash, "hgetall", key)
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> RedisBatch:
+        for value in mapping.values():
+            check_value(value)
         if not mapping:
-            return self._add([], _none)
-        args: list[Any] = ["HSET", key]
-        for field, value in mapping.items():
-            args += (field, value)
-        return self._add([tuple(args)], _none)
+            return self._const(_none)
+        return self._add(_none, "hset", key, mapping=mapping)
 
     def hdel(self, key: str, *fields: str) -> RedisBatch:
         if not fields:
-            return self._add([], lambda r: 0)
-        return self._add([("HDEL", key, *fields)], lambda r: int(r[0]))
+            return self._const(_zero)
+        return self._add(_int, "hdel", key, *fields)
 
     def execute(self) -> list[Any]:
+        cmds, self._cmds = self._cmds, []
         ops, self._ops = self._ops, []
-        if not ops:
-            return []
         store = self._store
-        cmds = [cmd for op_cmds, _ in ops for cmd in op_cmds]
-        with store._errors():
+        raw: list[Any]
+        try:
             if not cmds:
-                raw: list[Any] = []
-            elif store.kind == "cluster":
-                pipe = store.client.pipeline(transaction=False)
-                for cmd in cmds:
-                    pipe.execute_command(*cmd)
-                raw = pipe.execute()
-                pipe.reset()
+                raw = []
+            elif len(cmds) == 1:
+                name, args, kwargs = cmds[0]
+                raw = [getattr(store.client, name)(*args, **kwargs)]
             else:
-                raw = _send_all(store.client.connection_pool, store._conns, cmds)
+                pipe = store.client.pipeline(transaction=False)
+                for name, args, kwargs in cmds:
+                    getattr(pipe, name)(*args, **kwargs)
+                raw = pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise store._mapped(exc) from exc
         results: list[Any] = []
         pos = 0
-        for op_cmds, convert in ops:
-            count = len(op_cmds)
+        for count, convert in ops:
             results.append(convert(raw[pos:pos + count]))
             pos += count
         return results
-
-
-def _pack(cmds: list[tuple[Any, ...]]) -> bytes:
-    """RESP-encode ``cmds`` (arguments are str, bytes or int: all a batch queues).
-
-    A few microseconds where redis-py's general ``pack_commands`` takes tens.
-    """
-    out: list[bytes] = []
-    for cmd in cmds:
-        out.append(b"*%d\r\n" % len(cmd))
-        for arg in cmd:
-            if type(arg) is str:
-                arg = arg.encode()
-            elif type(arg) is int:
-                arg = b"%d" % arg
-            elif not isinstance(arg, bytes):
-                raise TypeError(f"cannot send {type(arg).__name__} to redis")
-            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
-
-
-class _Connections:
-    """Idle connections of the batches, taken from a redis-py pool and held by the store.
-
-    redis-py 8 spends more on each pool checkout (locks, a readiness poll, metrics
-    bookkeeping) and on each reply than a loopback round trip costs, and a session
-    request makes two batches. So a batch takes a connection from this LIFO (from the
-    pool, which counts it, only when the LIFO is empty), writes its commands on the
-    connection's socket at once and parses the replies with a hiredis reader of its
-    own, then puts the connection back once every reply is read: it is always clean.
-    redis-py still does everything else: connecting, AUTH, SELECT, TLS, finding the
-    master through Sentinel, the idle health check. Before each use a zero-timeout
-    poll finds a connection the server closed while it sat here (a restart, the
-    server's ``timeout``), which is reconnected before anything is sent. Any error
-    disconnects the connection (it reconnects on next use). At most half the pool's
-    ``max_connections`` wait here; more go back to the pool.
-
-    The LIFO belongs to one process: after a fork it starts empty, and the inherited
-    connections are dropped without touching their sockets.
-    """
-
-    def __init__(self) -> None:
-        self._idle: list[_Wire] = []
-        self._pid = os.getpid()
-
-    def take(self, pool: Any) -> _Wire:
-        if self._pid != os.getpid():
-            self.forget()
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return _Wire(pool.get_connection())
-
-    def give(self, wire: _Wire, pool: Any) -> None:
-        conn = wire.conn
-        if getattr(conn, "pid", None) not in (None, os.getpid()):
-            return
-        if len(self._idle) < max(1, int(getattr(pool, "max_connections", 100)) // 2):
-            self._idle.append(wire)
-        else:
-            with contextlib.suppress(Exception):
-                pool.release(conn)
-
-    def forget(self) -> None:
-        self._idle = []
-        self._pid = os.getpid()
-
-    def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for wire in idle:
-            with contextlib.suppress(Exception):
-                wire.conn.disconnect()
-
-
-_POLL_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(
-    select, "POLLRDHUP", 0)
-
-
-class _Wire:
-    """One batch connection, and how a batch drives its current socket.
-
-    Whether the socket can be driven directly (a plain socket speaking RESP2, with
-    hiredis at hand) is decided once per socket, when it is new; then it gets its
-    own reader and a poller for the staleness check.
-    """
-
-    __slots__ = ("conn", "sock", "reader", "poller")
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.sock: Any = None
-        self.reader: Any = None   # a hiredis.Reader when the socket is driven directly
-        self.poller: Any = None
-
-    def ready(self) -> bool:
-        """Connect if needed, clean; True when the batch may drive the socket itself."""
-        conn = self.conn
-        sock = getattr(conn, "_sock", None)
-        if sock is not None and sock is self.sock and self.poller is not None and (
-                self.poller.poll(0) or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)):
-            conn.disconnect()  # closed by the server (or bytes nobody asked for): afresh
-            sock = None
-        if sock is None:
-            conn.connect()  # the class's own connect (Sentinel: find the master first)
-        conn.check_health()  # a PING if the connection sat idle past the interval
-        sock = getattr(conn, "_sock", None)
-        if sock is not self.sock:
-            self.sock = sock
-            self.reader = self.poller = None
-            if (_hiredis_ok and isinstance(sock, socket.socket)
-                    and str(getattr(conn, "protocol", 2) or 2) == "2"):
-                self.reader = hiredis.Reader()
-                self.poller = select.poll()
-                self.poller.register(sock, _POLL_EVENTS)
-        return self.reader is not None
-
-    def read_replies(self, count: int) -> list[Any]:
-        """``count`` replies from the socket, error replies as redis-py exceptions."""
-        conn, sock, reader = self.conn, self.sock, self.reader
-        out: list[Any] = []
-        while len(out) < count:
-            reply = reader.gets()
-            if reply is False:
-                data = sock.recv(65536)
-                if not data:
-                    raise rexc.ConnectionError("redis closed the connection")
-                reader.feed(data)
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                reply = _parse_error(str(reply))
-            out.append(reply)
-        if reader.has_data():  # more than was asked for: never reuse this connection
-            conn.disconnect()
-        if conn.health_check_interval:  # as redis-py does after each reply it reads
-            conn.next_health_check = time.monotonic() + conn.health_check_interval
-        return out
-
-
-def _send_all(pool: Any, conns: _Connections, cmds: list[tuple[Any, ...]]) -> list[Any]:
-    """Write every command at once on one connection and read the replies.
-
-    The round trip of a pipeline without redis-py's Pipeline object, which
-    costs more than the round trip itself on loopback. Replies are shaped as
-    the pipeline's callbacks would shape them, so the converters are shared.
-    """
-    wire = conns.take(pool)
-    conn = wire.conn
-    try:
-        if wire.ready():
-            wire.sock.sendall(_pack(cmds))
-            raw = wire.read_replies(len(cmds))
-        else:  # not a plain RESP2 socket (fakeredis, RESP3, client-side caching): redis-py
-            conn.send_packed_command([_pack(cmds)])
-            raw = []
-            for _ in cmds:
-                try:
-                    raw.append(conn.read_response())
-                except rexc.ResponseError as exc:  # keep reading: stay in sync
-                    raw.append(exc)
-        error = next((r for r in raw if isinstance(r, Exception)), None)
-        if error is not None:  # e.g. READONLY from a demoted master: reconnect next time
-            conn.disconnect()
-    except BaseException:
-        conn.disconnect()  # replies may be left unread: never reuse this connection
-        raise
-    finally:
-        conns.give(wire, pool)
-    if error is not None:
-        raise error
-    out: list[Any] = []
-    for cmd, reply in zip(cmds, raw, strict=True):
-        name = cmd[0]
-        if name == "HGETALL" and isinstance(reply, list):
-            it = iter(reply)
-            reply = dict(zip(it, it, strict=True))
-        elif name == "PEXPIRE":
-            reply = bool(reply)
-        elif name == "SET":
-            reply = reply in (b"OK", "OK", True)
-        out.append(reply)
-    return out

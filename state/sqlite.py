@@ -24,8 +24,8 @@ Expired rows are invisible to reads, replaced by writes and swept every
 Every write (and every batch) is one ``BEGIN IMMEDIATE`` transaction, so ``incr``,
 ``hset`` and batches are atomic across processes. SQLite errors (locked too long, disk
 I/O, can't open, not a database) become :class:`StoreUnavailable` naming the file.
-Using a string as a hash or the reverse raises :class:`TypeError` (Redis WRONGTYPE);
-``incr`` of a non-integer raises :class:`ValueError`.
+Semantics are those of every backend (see :mod:`gunicorn_ext.state.store`): e.g. a
+batch in which one command fails still commits the others, as on Redis.
 """
 
 from __future__ import annotations
@@ -38,8 +38,19 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .memory import parse_counter
-from .store import Batch, Store, StoreUnavailable
+from .store import (
+    Batch,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    WrongType,
+    add_counter,
+    check_amount,
+    check_lock_timeout,
+    check_ttl,
+    check_value,
+    parse_counter,
+)
 
 T = TypeVar("T")
 
@@ -56,8 +67,8 @@ CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, token TEXT NOT NULL,
 """
 
 
-def _wrongtype(key: str) -> TypeError:
-    return TypeError(f"WRONGTYPE: key {key!r} holds a value of another type")
+def _wrongtype(key: str) -> WrongType:
+    return WrongType(f"WRONGTYPE: key {key!r} holds a value of another type")
 
 
 def sqlite_path(url: str) -> str:
@@ -76,8 +87,9 @@ Op = Callable[[sqlite3.Connection, float], T]
 
 
 class SQLiteBatch(Batch):
-    """Queued commands run in one ``BEGIN IMMEDIATE`` transaction, results in order;
-    if one fails the whole batch is rolled back and the error raised."""
+    """Queued commands run in one ``BEGIN IMMEDIATE`` transaction, results in order.
+    Every command runs; if some fail (:class:`WrongType`, ``NotAnInteger``) the others
+    are committed and the first error is raised, as on Redis."""
 
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
@@ -91,21 +103,24 @@ class SQLiteBatch(Batch):
         return self._add("get", key)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> SQLiteBatch:
-        return self._add("set", key, value, ttl)
+        check_value(value)
+        return self._add("set", key, value, None if ttl is None else check_ttl(ttl))
 
     def delete(self, *keys: str) -> SQLiteBatch:
         return self._add("delete", *keys)
 
     def incr(self, key: str, amount: int = 1) -> SQLiteBatch:
-        return self._add("incr", key, amount)
+        return self._add("incr", key, check_amount(amount))
 
     def expire(self, key: str, ttl: float) -> SQLiteBatch:
-        return self._add("expire", key, ttl)
+        return self._add("expire", key, check_ttl(ttl, allow_zero=True))
 
     def hgetall(self, key: str) -> SQLiteBatch:
         return self._add("hgetall", key)
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> SQLiteBatch:
+        for value in mapping.values():
+            check_value(value)
         return self._add("hset", key, dict(mapping))
 
     def hdel(self, key: str, *fields: str) -> SQLiteBatch:
@@ -117,10 +132,22 @@ class SQLiteBatch(Batch):
             return []
         store = self._store
 
-        def run(conn: sqlite3.Connection, now: float) -> list[Any]:
-            return [getattr(store, "_" + name)(conn, now, *args) for name, args in ops]
+        errors: list[StoreError] = []
 
-        return store._write(run)
+        def run(conn: sqlite3.Connection, now: float) -> list[Any]:
+            results: list[Any] = []
+            for name, args in ops:
+                try:  # each op checks types before it writes: a failed one wrote nothing
+                    results.append(getattr(store, "_" + name)(conn, now, *args))
+                except StoreError as exc:
+                    errors.append(exc)
+                    results.append(exc)
+            return results
+
+        results = store._write(run)
+        if errors:
+            raise errors[0]
+        return results
 
 
 class SQLiteStore(Store):
@@ -286,8 +313,6 @@ class SQLiteStore(Store):
 
     def _set(self, conn: sqlite3.Connection, now: float, key: str, value: bytes,
              ttl: float | None) -> None:
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be positive, got {ttl!r}")
         conn.execute("DELETE FROM hash WHERE key = ?", (key,))
         conn.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                      (key, bytes(value), None if ttl is None else now + ttl))
@@ -308,7 +333,7 @@ class SQLiteStore(Store):
             return amount
         if row[0] is None:
             raise _wrongtype(key)
-        new = parse_counter(key, bytes(row[0])) + int(amount)
+        new = add_counter(key, parse_counter(key, bytes(row[0])), int(amount))
         conn.execute("UPDATE kv SET value = ? WHERE key = ?", (str(new).encode(), key))
         return new
 
@@ -368,6 +393,9 @@ class SQLiteStore(Store):
         return self._read(lambda c, now: self._get(c, now, key))
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        check_value(value)
+        if ttl is not None:
+            check_ttl(ttl)
         self._write(lambda c, now: self._set(c, now, key, value, ttl))
 
     def delete(self, *keys: str) -> int:
@@ -376,9 +404,11 @@ class SQLiteStore(Store):
         return self._write(lambda c, now: self._delete(c, now, *keys))
 
     def incr(self, key: str, amount: int = 1) -> int:
+        check_amount(amount)
         return self._write(lambda c, now: self._incr(c, now, key, amount))
 
     def expire(self, key: str, ttl: float) -> bool:
+        check_ttl(ttl, allow_zero=True)
         return self._write(lambda c, now: self._expire(c, now, key, ttl))
 
     def ttl(self, key: str) -> float | None:
@@ -389,6 +419,8 @@ class SQLiteStore(Store):
         return self._read(lambda c, now: self._hgetall(c, now, key))
 
     def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+        for value in mapping.values():
+            check_value(value)
         if mapping:
             self._write(lambda c, now: self._hset(c, now, key, dict(mapping)))
 
@@ -413,8 +445,7 @@ class SQLiteStore(Store):
         return self._write(op)
 
     def acquire(self, name: str, timeout: float, blocking_timeout: float | None = None) -> str | None:
-        if timeout <= 0:
-            raise ValueError(f"lock timeout must be positive, got {timeout!r}")
+        check_lock_timeout(timeout)
         token = secrets.token_hex(16)
         deadline = None if blocking_timeout is None else time.monotonic() + blocking_timeout
         pause = 0.005

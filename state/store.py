@@ -12,15 +12,34 @@ Redis (many machines) and SQLite (one machine, the embedded default):
 Values are bytes, keys are str. Every backend raises :class:`StoreUnavailable`
 (and nothing backend-specific) when it can't be reached, so callers can answer
 503 without knowing which backend runs.
+
+One semantics on every backend (Redis's, pinned by ``tests/store_contract.py``):
+
+* ``set`` replaces a key of any type and clears its TTL; ``incr`` and ``hset`` keep it;
+  a TTL covers a whole hash; removing a hash's last field removes the key;
+* a TTL given to ``set`` (and a lock's ``timeout``) must be a finite number > 0, else
+  :class:`ValueError` before anything is sent; ``expire(key, 0)`` (or less) deletes;
+* a value that is not ``bytes`` raises :class:`TypeError` before anything is sent;
+* using a string as a hash or the reverse raises :class:`WrongType`;
+* ``incr`` of a value that is not a canonical decimal integer, or past the signed
+  64-bit range, raises :class:`NotAnInteger`;
+* a batch runs every command in order; if some fail, the first error is raised after
+  all have run (the others stay applied). Argument errors are raised while queuing;
+* lock names live apart from keys.
+
+This module imports no backend: :func:`open_store` imports the one a URL names.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class StoreError(Exception):
@@ -35,11 +54,83 @@ class LockTimeout(StoreError):
     """A lock could not be acquired within its blocking timeout."""
 
 
+class WrongType(StoreError, TypeError):
+    """The key holds a value of another type: a string used as a hash or the reverse
+    (Redis's WRONGTYPE)."""
+
+
+class NotAnInteger(StoreError, ValueError):
+    """``incr`` of a value that is not a decimal integer, or a result (or amount)
+    outside the signed 64-bit range."""
+
+
+def check_ttl(ttl: float, allow_zero: bool = False) -> float:
+    """``ttl`` if it is a finite number > 0 (>= any number with ``allow_zero``, for
+    ``expire``, where <= 0 deletes), else :class:`ValueError`. Shared by every backend."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+        raise ValueError(f"ttl must be a finite number of seconds, got {ttl!r}")
+    if ttl <= 0 and not allow_zero:
+        raise ValueError(f"ttl must be positive, got {ttl!r}")
+    return ttl
+
+
+def check_lock_timeout(timeout: float) -> float:
+    """A lock's ``timeout`` if it is a finite number > 0, else :class:`ValueError`."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"lock timeout must be a positive number of seconds, got {timeout!r}")
+    return timeout
+
+
+def check_value(value: bytes) -> bytes:
+    """``value`` if it is ``bytes``, else :class:`TypeError` (values are bytes everywhere)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"store values are bytes, not {type(value).__name__}")
+    return value
+
+
+_DIGITS = frozenset(b"0123456789")
+
+
+def parse_counter(key: str, value: bytes) -> int:
+    """The integer a counter string holds, as Redis reads it: canonical decimal (no
+    sign but ``-``, no leading zeros, no spaces) in the signed 64-bit range."""
+    digits = value[1:] if value[:1] == b"-" else value
+    if (not digits or not _DIGITS.issuperset(digits) or (digits[:1] == b"0" and value != b"0")
+            or len(digits) > 19):
+        raise NotAnInteger(f"value of key {key!r} is not an integer")
+    n = int(value)
+    if not INT64_MIN <= n <= INT64_MAX:
+        raise NotAnInteger(f"value of key {key!r} is not an integer in the 64-bit range")
+    return n
+
+
+def add_counter(key: str, current: int, amount: int) -> int:
+    """``current + amount``, or :class:`NotAnInteger` if it leaves the 64-bit range."""
+    new = current + amount
+    if not INT64_MIN <= new <= INT64_MAX:
+        raise NotAnInteger(f"incr of key {key!r} would overflow")
+    return new
+
+
+def check_amount(amount: int) -> int:
+    """An ``incr`` amount: an int (:class:`TypeError`) in the signed 64-bit range
+    (:class:`NotAnInteger`)."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(f"incr amount must be an int, not {type(amount).__name__}")
+    if not INT64_MIN <= amount <= INT64_MAX:
+        raise NotAnInteger(f"incr amount {amount} is outside the signed 64-bit range")
+    return amount
+
+
 class Batch(abc.ABC):
     """Commands queued to run together, in order, in one round trip.
 
     Methods return the batch so calls chain; :meth:`execute` returns one
-    result per command, as the plain methods would.
+    result per command, as the plain methods would. Every command runs; if some
+    fail (:class:`WrongType`, :class:`NotAnInteger`) the others stay applied and the
+    first error is raised. A batch is not isolated from other clients on Redis (a
+    pipeline, not MULTI/EXEC); on SQLite and memory it happens to be.
     """
 
     @abc.abstractmethod
@@ -116,9 +207,10 @@ class Store(abc.ABC):
     # -- locks
     @abc.abstractmethod
     def acquire(self, name: str, timeout: float, blocking_timeout: float | None = None) -> str | None:
-        """Take lock ``name`` for at most ``timeout`` seconds (it frees itself after).
+        """Take lock ``name`` for at most ``timeout`` seconds (it frees itself after;
+        a finite number > 0, else :class:`ValueError`).
 
-        Wait up to ``blocking_timeout`` seconds (None: forever, 0: don't wait).
+        Wait up to ``blocking_timeout`` seconds (None: forever, 0 or less: don't wait).
         Return a token for :meth:`release`, or None if not acquired in time.
         """
 

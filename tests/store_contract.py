@@ -12,13 +12,20 @@ whole list takes about 2 s per backend.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
-from gunicorn_ext.state.store import LockTimeout, Store
+from gunicorn_ext.state.store import (
+    LockTimeout,
+    NotAnInteger,
+    Store,
+    StoreError,
+    WrongType,
+)
 
 SHORT = 0.3  # seconds: a TTL that expires within the test
 WAIT = SHORT + 0.15  # how long to sleep to be past it
@@ -280,6 +287,143 @@ def check_lock_context(store: Store) -> None:
     assert store.acquire("contract:lc:b", timeout=1, blocking_timeout=0) is not None
 
 
+def check_ttl_must_be_positive(store: Store) -> None:
+    """``set`` with a TTL that is not a finite number > 0 is refused before anything is
+    written (a computed TTL that reached 0 is a bug to see, not a silent delete);
+    ``expire`` with 0 or less deletes, as Redis's EXPIRE does."""
+    store.set("contract:tv:a", b"keep")
+    for bad in (0, 0.0, -1, -0.5, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            store.set("contract:tv:a", b"new", ttl=bad)
+        with pytest.raises(ValueError):
+            store.batch().set("contract:tv:b", b"queued", ttl=bad)
+    assert store.get("contract:tv:a") == b"keep"
+    assert store.ttl("contract:tv:a") is None
+    # A batch refusing a command while queuing sent nothing.
+    batch = store.batch().set("contract:tv:c", b"first")
+    with pytest.raises(ValueError):
+        batch.set("contract:tv:c", b"second", ttl=0)
+    assert store.get("contract:tv:c") is None
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError):
+            store.expire("contract:tv:a", bad)
+    assert store.get("contract:tv:a") == b"keep"
+    assert store.expire("contract:tv:a", 0) is True
+    assert store.get("contract:tv:a") is None
+    assert store.expire("contract:tv:a", 0) is False
+    store.hset("contract:tv:h", {"f": b"v"})
+    assert store.batch().expire("contract:tv:h", -1).hgetall("contract:tv:h").execute() == [
+        True, {}]
+    # The smallest positive TTL is still a TTL, never "forever".
+    store.set("contract:tv:tiny", b"x", ttl=0.0001)
+    time.sleep(0.05)
+    assert store.get("contract:tv:tiny") is None
+
+
+def check_values_are_bytes(store: Store) -> None:
+    for bad in ("text", 1, 1.5, None, bytearray(b"x"), memoryview(b"x")):
+        with pytest.raises(TypeError):
+            store.set("contract:vb:a", bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            store.hset("contract:vb:h", {"f": bad})  # type: ignore[dict-item]
+        with pytest.raises(TypeError):
+            store.batch().set("contract:vb:a", bad)  # type: ignore[arg-type]
+    assert store.get("contract:vb:a") is None
+    assert store.hgetall("contract:vb:h") == {}
+
+
+def check_wrong_type(store: Store) -> None:
+    """A string used as a hash or the reverse: :class:`WrongType` (a StoreError and a
+    TypeError) on every backend, and the data stays as it was."""
+    store.set("contract:wt:s", b"abc")
+    store.hset("contract:wt:h", {"f": b"v"})
+    calls: list[Callable[[], object]] = [
+        lambda: store.hgetall("contract:wt:s"),
+        lambda: store.hset("contract:wt:s", {"f": b"v"}),
+        lambda: store.hdel("contract:wt:s", "f"),
+        lambda: store.get("contract:wt:h"),
+        lambda: store.incr("contract:wt:h"),
+    ]
+    for call in calls:
+        with pytest.raises(WrongType) as info:
+            call()
+        assert isinstance(info.value, StoreError) and isinstance(info.value, TypeError)
+    assert store.get("contract:wt:s") == b"abc"
+    assert store.hgetall("contract:wt:h") == {"f": b"v"}
+    # Type-blind commands work on both kinds.
+    assert store.expire("contract:wt:s", 100) is True
+    assert store.expire("contract:wt:h", 100) is True
+    assert store.ttl("contract:wt:h") is not None
+    assert store.delete("contract:wt:s", "contract:wt:h") == 2
+
+
+def check_not_an_integer(store: Store) -> None:
+    """``incr`` reads a counter as Redis does: canonical decimal, signed 64-bit."""
+    for i, raw in enumerate((b"abc", b"1.5", b"01", b"-0", b" 1", b"1 ", b"+1", b"",
+                             b"9223372036854775808", b"-9223372036854775809")):
+        key = f"contract:ni:{i}"
+        store.set(key, raw)
+        with pytest.raises(NotAnInteger) as info:
+            store.incr(key)
+        assert isinstance(info.value, StoreError) and isinstance(info.value, ValueError)
+        assert store.get(key) == raw
+    store.set("contract:ni:max", b"9223372036854775807")
+    with pytest.raises(NotAnInteger):
+        store.incr("contract:ni:max")
+    assert store.get("contract:ni:max") == b"9223372036854775807"
+    assert store.incr("contract:ni:max", -1) == 2**63 - 2
+    store.set("contract:ni:min", b"-9223372036854775808")
+    with pytest.raises(NotAnInteger):
+        store.incr("contract:ni:min", -1)
+    assert store.incr("contract:ni:zero", -(2**63)) == -(2**63)
+    with pytest.raises(NotAnInteger):
+        store.incr("contract:ni:big", 2**63)
+    with pytest.raises(TypeError):
+        store.incr("contract:ni:big", "1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        store.batch().incr("contract:ni:big", 1.0)  # type: ignore[arg-type]
+    assert store.get("contract:ni:big") is None
+    store.set("contract:ni:ok", b"-12")
+    assert store.incr("contract:ni:ok") == -11
+
+
+def check_batch_errors(store: Store) -> None:
+    """Every command of a batch runs; the first error is raised after, the rest applied."""
+    store.set("contract:be:s", b"text")
+    store.hset("contract:be:h", {"f": b"v"})
+    with pytest.raises(NotAnInteger):
+        (store.batch().set("contract:be:a", b"1").incr("contract:be:s")
+         .hgetall("contract:be:s").set("contract:be:b", b"2").execute())
+    assert store.get("contract:be:a") == b"1"
+    assert store.get("contract:be:b") == b"2"
+    with pytest.raises(WrongType):
+        (store.batch().get("contract:be:h").incr("contract:be:n").execute())
+    assert store.get("contract:be:n") == b"1"
+    assert store.get("contract:be:s") == b"text"
+    # The store is usable right after a failed batch.
+    assert store.batch().incr("contract:be:n").get("contract:be:s").execute() == [2, b"text"]
+
+
+def check_lock_arguments(store: Store) -> None:
+    """A lock's timeout must be a finite number > 0; a negative blocking timeout is
+    "don't wait", like 0."""
+    for bad in (0, -1, 0.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            store.acquire("contract:la:a", timeout=bad, blocking_timeout=0)
+        with pytest.raises(ValueError):
+            with store.lock("contract:la:a", timeout=bad):
+                pass  # pragma: no cover
+    token = store.acquire("contract:la:a", timeout=10, blocking_timeout=-1)
+    assert token is not None
+    start = time.monotonic()
+    assert store.acquire("contract:la:a", timeout=10, blocking_timeout=-1) is None
+    assert time.monotonic() - start < 1.0
+    assert store.release("contract:la:a", token) is True
+    # A tiny timeout is still a lock that expires (never one that is held forever).
+    assert store.acquire("contract:la:tiny", timeout=0.0001, blocking_timeout=0) is not None
+    assert store.acquire("contract:la:tiny", timeout=10, blocking_timeout=2) is not None
+
+
 def check_ping(store: Store) -> None:
     store.ping()
 
@@ -297,5 +441,11 @@ ALL_CHECKS: list[Callable[[Store], None]] = [
     check_lock_expiry,
     check_lock_wakes_on_release,
     check_lock_context,
+    check_ttl_must_be_positive,
+    check_values_are_bytes,
+    check_wrong_type,
+    check_not_an_integer,
+    check_batch_errors,
+    check_lock_arguments,
     check_ping,
 ]

@@ -29,17 +29,22 @@ def ready_slots(g: Gunicorn) -> list[int]:
     return sorted(w["slot"] for w in c["workers"] if w["ready"])
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "sync"])
-def test_example_spreads_requests_evenly(gunicorn_factory: Any, worker_class: str) -> None:
-    """Sequential requests on fresh connections rotate over every worker of the example
-    (the kernel alone sends most of them to one or two)."""
-    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=4,
-                         env={"WORKER_CLASS": worker_class})
+def test_example_spreads_requests_evenly(gunicorn_factory: Any) -> None:
+    """Sequential requests on fresh connections rotate over every gthread worker of the
+    example (the kernel alone sends most of them to one or two)."""
+    g = gunicorn_factory("app:app", config=EXAMPLE / "cluster_conf.py", cwd=EXAMPLE, workers=4)
     wait_for(lambda: ready_slots(g) == [0, 1, 2, 3], 30, what="four workers ready")
-    time.sleep(0.3)  # every worker's first report reaches the primary
+    time.sleep(0.3)  # every worker has published its capacity
     slots = collections.Counter(fresh(g, "/whoami").json()["slot"] for _ in range(40))
     assert set(slots) == {0, 1, 2, 3}, slots
     assert max(slots.values()) <= 13 and min(slots.values()) >= 7, slots
+
+
+def test_sync_workers_spread_when_asked(gunicorn_factory: Any) -> None:
+    """even_spread=True dispatches sync workers too; the default leaves them to the kernel."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="sync", WORKERS="3")
+    pids = collections.Counter(fresh(g, "/pid").text for _ in range(30))
+    assert len(pids) == 3 and max(pids.values()) <= 13 and min(pids.values()) >= 7, pids
 
 
 def _spread_app(gunicorn_factory: Any, **env: str) -> Gunicorn:
@@ -116,7 +121,9 @@ def test_killed_and_stopped_workers_lose_nothing_else(gunicorn_factory: Any,
     assert served == {str(p) for p in g.worker_pids()}
 
 
-def test_even_spread_off_uses_the_kernels_accept(gunicorn_factory: Any) -> None:
-    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", EVEN_SPREAD="0")
+@pytest.mark.parametrize("worker_class,even_spread", [("gthread", "0"), ("sync", "default")])
+def test_kernels_accept_when_off(gunicorn_factory: Any, worker_class: str,
+                                 even_spread: str) -> None:
+    g = _spread_app(gunicorn_factory, WORKER_CLASS=worker_class, EVEN_SPREAD=even_spread)
     assert "even spread on" not in g.log_path.read_text()
     assert fresh(g, "/pid").status_code == 200

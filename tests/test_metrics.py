@@ -230,6 +230,7 @@ def test_render_parses_with_every_metric() -> None:
     cm.set_restarts(0, 2)
     cm.set_restart_state(0, 1.5, True)
     cm.set_workers(4, 3)
+    cm.set_memory_limits(0, 1 << 30)  # 0: off, not exported
     fams = families(cm)
     assert {n: f.type for n, f in fams.items()} == {
         "gunicorn_ext_requests": "counter",
@@ -241,6 +242,7 @@ def test_render_parses_with_every_metric() -> None:
         "gunicorn_ext_worker_backoff_seconds": "gauge",
         "gunicorn_ext_worker_breaker_open": "gauge",
         "gunicorn_ext_workers": "gauge",
+        "gunicorn_ext_memory_limit_bytes": "gauge",
         "app_hits": "counter", "app_calls": "counter", "app_temperature": "gauge",
         "app_size": "histogram", "app_took_seconds": "summary",
     }
@@ -255,6 +257,8 @@ def test_render_parses_with_every_metric() -> None:
     assert got[("gunicorn_ext_worker_breaker_open", frozenset({("slot", "0")}))] == 1
     assert got[("gunicorn_ext_workers", frozenset({("kind", "target")}))] == 4
     assert got[("gunicorn_ext_workers", frozenset({("kind", "live")}))] == 3
+    assert got[("gunicorn_ext_memory_limit_bytes", frozenset({("kind", "hard")}))] == 1 << 30
+    assert ("gunicorn_ext_memory_limit_bytes", frozenset({("kind", "soft")})) not in got
     assert got[("app_calls_total", frozenset({("slot", "0"), ("route", "/r0")}))] == 2
     assert got[("app_calls_total", frozenset({("slot", "0"), ("route", "/x")}))] == 0
     assert got[("app_size_bucket", frozenset({("slot", "0"), ("le", "10.0")}))] == 4

@@ -111,7 +111,11 @@ def test_templates_content() -> None:
     assert "upstream gunicorn_pool" in text and "max_fails=" in text and "keepalive" in text
     assert "map $http_upgrade $connection_upgrade" in text
     assert "map $cookie_gx_route $gx_backend" in text and "default gunicorn_pool;" in text
-    assert "proxy_next_upstream error timeout http_502 http_503;" in text
+    # Retry only failed attempts, never on an app's status; never eject a backend.
+    assert "proxy_next_upstream error timeout;" in text
+    assert not re.search(r"^\s*proxy_next_upstream\s[^\n]*http_", text, re.M)
+    servers = re.findall(r"^\s*server (\S+:\d+)([^;]*);", text, re.M)
+    assert servers and all("max_fails=0" in opts for _, opts in servers), servers
     assert not re.search(r"^\s*proxy_next_upstream[^\n]*non_idempotent", text, re.M)
     assert "sticky learn" in text and "1.29.6" in text
     assert "#proxy_cache_path" in text and "#proxy_cache gx_cache;" in text
@@ -133,8 +137,8 @@ def test_render_default_routes_and_check(tmp_path: Path, nginx_bin: str) -> None
     text = gx.render(["127.0.0.1:8000", "localhost:8001"], 8080, SERVER_NAME)
     assert '"127_0_0_1_8000" gx_127_0_0_1_8000;' in text
     assert '"localhost_8001" gx_localhost_8001;' in text
-    assert "server 127.0.0.1:8001 backup;" not in text  # only listed backends
-    assert "server localhost:8001 backup;" in text
+    assert "server 127.0.0.1:8001 backup" not in text  # only listed backends
+    assert "server localhost:8001 backup max_fails=0;" in text
     conf = tmp_path / "r.conf"
     conf.write_text(text)
     assert gx.check(str(conf)) == []
@@ -346,3 +350,92 @@ def test_real_nginx_route_cookie_whitelist_and_fallback(gunicorn_factory: Any,
     # The pinned backend is down: its named upstream falls back to the other one.
     b.stop()
     assert {served_by(gx.route_name(b.bind)) for _ in range(4)} == {a.bind}
+
+
+# ------------------------------------------------------- faults through nginx
+
+FAULT_APP = '''
+import json, os, signal, sys
+
+def app(environ, start_response):
+    method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+    print(f"seen {method} {path}", file=sys.stderr, flush=True)
+    faulty = os.environ.get("FAULTY") == "1"
+    if faulty and path == "/die":
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker dies with this request in flight
+    status, extra = "200 OK", []
+    if faulty and path == "/dep":  # a dependency of this backend is down: an answer
+        status, extra = "503 Service Unavailable", [("Retry-After", "5")]
+    body = json.dumps({"bind": os.environ["BIND"], "pid": os.getpid()}).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))] + extra)
+    return [body]
+'''
+
+
+@pytest.fixture
+def faulty_pair(gunicorn_factory: Any, nginx_factory: Any,
+                tmp_path: Path) -> tuple[Any, Any, int, dict[str, str]]:
+    """Backend A (3 sync workers, FAULTY: /die kills its worker, /dep answers 503) and a
+    healthy B behind the rendered nginx; returns (a, b, nginx port, A's cookie header)."""
+    d = tmp_path / "fault"
+    d.mkdir()
+    (d / "fault_app.py").write_text(FAULT_APP)
+    a = gunicorn_factory("fault_app:app", cwd=d, workers=3, env={"FAULTY": "1"}, name="a")
+    b = gunicorn_factory("fault_app:app", cwd=d, workers=1, name="b")
+    a.wait_workers(3)
+    _, port = nginx_factory([a.bind, b.bind])
+    # The route cookie sends every request to A first, B only as its fallback.
+    return a, b, port, {"Cookie": f"gx_route={gx.route_name(a.bind)}"}
+
+
+def _request(port: int, method: str, path: str,
+             headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=b"x" if method == "POST" else None,
+                     headers={"Host": SERVER_NAME, **headers})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _served_by(port: int, headers: dict[str, str]) -> str:
+    status, _, body = _request(port, "GET", "/ok", headers)
+    assert status == 200, body
+    return str(json.loads(body)["bind"])
+
+
+def test_a_killed_worker_is_retried_elsewhere_and_its_instance_stays(faulty_pair: Any) -> None:
+    """Each GET that kills its worker in flight is answered by the other backend, and
+    the killed workers' instance stays in rotation (nginx's max_fails would eject it
+    after 2 such resets, healthy workers and all, for fail_timeout)."""
+    a, b, port, to_a = faulty_pair
+    for _ in range(5):
+        status, _, body = _request(port, "GET", "/die", to_a)
+        assert status == 200 and json.loads(body)["bind"] == b.bind, (status, body)
+    a.wait_workers(3)  # Gunicorn replaced the 5 dead workers
+    assert a.log_text().count("seen GET /die") == 5
+    assert {_served_by(port, to_a) for _ in range(6)} == {a.bind}
+
+
+def test_an_app_503_is_an_answer_not_retried_and_not_a_failure(faulty_pair: Any) -> None:
+    a, b, port, to_a = faulty_pair
+    for _ in range(5):
+        status, headers, body = _request(port, "GET", "/dep", to_a)
+        assert status == 503 and json.loads(body)["bind"] == a.bind, (status, body)
+        assert headers.get("retry-after") == "5"
+    assert "/dep" not in b.log_text()  # never retried on the other instance
+    assert {_served_by(port, to_a) for _ in range(6)} == {a.bind}  # and A was not ejected
+
+
+def test_a_sent_post_is_never_retried(faulty_pair: Any) -> None:
+    a, b, port, to_a = faulty_pair
+    status, _, _ = _request(port, "POST", "/die", to_a)
+    assert status == 502  # the worker died with it: nginx does not replay it elsewhere
+    assert "seen POST /die" in a.log_text() and "POST" not in b.log_text()
+    # A POST that never reached a backend (connection refused) is safe to send elsewhere.
+    a.stop()
+    status, _, body = _request(port, "POST", "/ok", to_a)
+    assert status == 200 and json.loads(body)["bind"] == b.bind, (status, body)

@@ -1,4 +1,5 @@
-"""Shared primitives (gunicorn_ext.state.primitives) on memory:// and sqlite:// stores."""
+"""Shared primitives (gunicorn_ext.state.primitives) on every backend: memory, SQLite,
+fakeredis and a real redis-server."""
 
 from __future__ import annotations
 
@@ -10,18 +11,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 from flask import Flask
 
+from gunicorn_ext.state import codec
 from gunicorn_ext.state.flask import Session
 from gunicorn_ext.state.primitives import Counter, LockTimeout, TTLCache, lock
+from gunicorn_ext.state.redis import RedisStore
 from gunicorn_ext.state.store import Store, StoreUnavailable, open_store
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "fakeredis", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = "memory://" if request.param == "memory" else "sqlite:///" + str(tmp_path / "p.db")
-    s = open_store(url)
+    s: Store
+    if request.param == "memory":
+        s = open_store("memory://")
+    elif request.param == "sqlite":
+        s = open_store("sqlite:///" + str(tmp_path / "p.db"))
+    elif request.param == "fakeredis":
+        s = RedisStore("redis://fake", client=fakeredis.FakeRedis())
+    else:
+        s = open_store(request.getfixturevalue("redis_server").url)
     yield s
     s.close()
 
@@ -83,6 +94,12 @@ def test_ttl_cache_get_set_delete_and_types(store: Store) -> None:
     assert cache.get("k") is None
     store.set("c:corrupt", b"\xff not json")
     assert cache.get("corrupt", "miss") == "miss"
+    # One codec for app values, the sessions' (state/codec.py): plain JSON when exact.
+    cache.set("plain", {"a": [1, "x"]})
+    assert store.get("c:plain") == b'{"a":[1,"x"]}' == codec.dumps({"a": [1, "x"]})
+    cache.set("tagged", (1, b"\x00"))
+    raw = store.get("c:tagged")
+    assert raw is not None and raw.startswith(codec.TAGGED) and codec.loads(raw) == (1, b"\x00")
     with pytest.raises(ValueError):
         TTLCache(store, "c:", ttl=0)
 

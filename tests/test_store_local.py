@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -41,36 +43,23 @@ def test_contract(store: Store, check: Callable[[Store], None]) -> None:
     check(store)
 
 
-@pytest.mark.parametrize("factory", [
-    lambda p: MemoryStore(),
-    lambda p: SQLiteStore(sqlite_url(p / "w.db")),
-], ids=["memory", "sqlite"])
-def test_wrong_type_and_bad_counter(tmp_path: Path, factory: Callable[[Path], Store]) -> None:
-    s = factory(tmp_path)
-    s.set("str", b"abc")
-    s.hset("h", {"f": b"v"})
-    with pytest.raises(TypeError):
-        s.hset("str", {"f": b"v"})
-    with pytest.raises(TypeError):
-        s.hgetall("str")
-    with pytest.raises(TypeError):
-        s.get("h")
-    with pytest.raises(TypeError):
-        s.incr("h")
-    with pytest.raises(ValueError):
-        s.incr("str")
-    with pytest.raises(ValueError):
-        s.set("k", b"v", ttl=0)
-    # A failed batch on SQLite leaves nothing behind (one transaction).
-    if isinstance(s, SQLiteStore):
-        with pytest.raises(ValueError):
-            s.batch().set("before", b"1").incr("str").execute()
-        assert s.get("before") is None
-    assert s.get("str") == b"abc"
-    assert s.hgetall("h") == {"f": b"v"}
+# Wrong types, bad counters, refused TTLs and failing batches: in the contract
+# (check_wrong_type, check_not_an_integer, check_ttl_must_be_positive,
+# check_batch_errors), the same on every backend.
 
 
 # -- open_store and URLs
+
+def test_store_interface_imports_no_backend() -> None:
+    # state/store.py is the interface: importing it (and the package) loads no backend;
+    # open_store imports the one a URL names, when it is asked for.
+    code = ("import sys; import gunicorn_ext.state, gunicorn_ext.state.store as s; "
+            "bad = [m for m in ('redis', 'sqlite3', 'gunicorn_ext.state.redis', "
+            "'gunicorn_ext.state.sqlite', 'gunicorn_ext.state.memory', 'flask') if m in sys.modules]; "
+            "assert not bad, bad; s.open_store('memory://'); "
+            "assert 'gunicorn_ext.state.memory' in sys.modules and 'redis' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
 
 def test_open_store_dispatch(tmp_path: Path) -> None:
     m = open_store("memory://")

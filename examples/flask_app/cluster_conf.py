@@ -3,7 +3,8 @@
 Every gunicorn-ext feature is on; settings come from the environment:
 BIND (default 127.0.0.1:8000), WORKERS (default: the CPUs this process may
 use), THREADS (default 32), STATE_URL (default an SQLite file beside this
-config), SECRET_KEY, INSTANCE (default host:port of BIND).
+config), SECRET_KEY, INSTANCE (default host:port of BIND), ADMIN_BIND (the primary's own
+/metrics /status /livez /readyz, e.g. 127.0.0.1:9191; default off).
 """
 
 import logging
@@ -41,5 +42,7 @@ if not os.environ.get("SECRET_KEY"):
 # backends keeps a Socket.IO long-polling session on one worker. The app has no sticky code.
 # REQUEST_TIMEOUT: a request running longer has its stack logged, gets 503, and its worker
 # is recycled (Socket.IO's long-polling holds a request up to 25 s; WebSockets are exempt).
+# ADMIN_BIND=127.0.0.1:9191: the primary itself serves /metrics /status /livez /readyz there.
 gunicorn_ext.enable(globals(), worker_ports_base=int(os.environ.get("WORKER_PORTS_BASE", "0")),
-                    request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")))
+                    request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "60")),
+                    admin_bind=os.environ.get("ADMIN_BIND", ""))

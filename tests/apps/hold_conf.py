@@ -11,6 +11,7 @@ worker_class = os.environ.get("WORKER_CLASS", "gthread")
 threads = int(os.environ.get("THREADS", "1"))
 graceful_timeout = 5
 
-gunicorn_ext.enable(globals(), even_spread=os.environ.get("EVEN_SPREAD", "1") == "1",
+_even = os.environ.get("EVEN_SPREAD", "1")
+gunicorn_ext.enable(globals(), even_spread=None if _even == "default" else _even == "1",
                     request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "0")),
                     stats_interval=0.2)
