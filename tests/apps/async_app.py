@@ -55,6 +55,10 @@ async def boom(msg: gunicorn_ext.Message) -> None:
 
 @worker.handler("nap")
 async def nap(msg: gunicorn_ext.Message) -> float:
+    marker = os.environ.get("SLEEP_MARKER_DIR")
+    if marker:  # tells a test which worker is napping
+        with open(os.path.join(marker, f"napping-{os.getpid()}"), "w") as f:
+            f.write(str(worker.slot))
     await asyncio.sleep(float(msg.payload))
     return float(msg.payload)
 
@@ -113,6 +117,10 @@ async def handle(path: str, q: dict[str, str]) -> Any:
         return {"pid": os.getpid(), "slot": worker.slot}
     if path == "/ask":
         value = await worker.arequest(q["name"], payload, to=to, timeout=float(q.get("timeout", 5)))
+        return {"ok": value, "slot": worker.slot}
+    if path == "/ask_other":  # with two workers: ask the one that is not us
+        value = await worker.arequest(q["name"], payload, to=1 - worker.slot,
+                                      timeout=float(q.get("timeout", 5)))
         return {"ok": value, "slot": worker.slot}
     if path == "/sync_ask":  # the blocking API on the loop: refused, clearly
         return {"ok": worker.request(q["name"], payload, to=to)}
