@@ -346,6 +346,22 @@ def test_async_request_fails_fast_when_the_target_worker_dies(gunicorn_factory: 
         g.stop()
 
 
+def test_garbage_on_the_bus_fails_the_waiters_and_replaces_the_worker(abus: Gunicorn) -> None:
+    code, body = ask(abus, "/garbage_then_ask")
+    assert body["error"] == "BusClosed", body  # at once, not after the request's 20 s
+    assert body["seconds"] < 10
+    abus.wait_log("lost its bus")
+
+    def replaced() -> bool:
+        pids = abus.worker_pids()
+        return len(pids) == 2 and body["pid"] not in pids
+
+    wait_for(replaced, 20, what="the worker replaced in its slot")
+    for slot in (0, 1):  # both slots on the bus again
+        wait_for(lambda s=slot: ask(abus, "/ask", name="echo", to=s)[0] == 200, 20,
+                 what=f"slot {slot} answering")
+
+
 # -- gevent: the bus cooperates ------------------------------------------------------------
 
 

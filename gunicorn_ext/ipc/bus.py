@@ -85,6 +85,13 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _forget_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    try:
+        loop.remove_reader(fd)
+    except (OSError, ValueError):
+        pass
+
+
 def _green() -> bool:
     """True in a gevent-patched process (Gunicorn's gevent worker patches everything)."""
     import sys
@@ -293,10 +300,13 @@ class Bus:
                 return False
             self._closed_reason = reason
         loop = self._loop
-        if loop is not None and threading.get_ident() == self._loop_tid:
+        if loop is not None:  # the loop stops watching the call channel
             try:
-                loop.remove_reader(sock.fileno())
-            except (OSError, ValueError, RuntimeError):
+                if threading.get_ident() == self._loop_tid:
+                    loop.remove_reader(sock.fileno())
+                else:
+                    loop.call_soon_threadsafe(_forget_reader, loop, sock.fileno())
+            except (OSError, ValueError, RuntimeError):  # the loop is closed already
                 pass
         for s in (sock, push):
             if s is None:

@@ -122,6 +122,16 @@ async def handle(path: str, q: dict[str, str]) -> Any:
         value = await worker.arequest(q["name"], payload, to=1 - worker.slot,
                                       timeout=float(q.get("timeout", 5)))
         return {"ok": value, "slot": worker.slot}
+    if path == "/garbage_then_ask":  # a request in flight while the primary drops our bus
+        task = asyncio.ensure_future(worker.arequest("nap", 10, to=1 - worker.slot, timeout=20))
+        await asyncio.sleep(0.2)
+        worker._write_bytes(b"\x00\x00\x00\x05" + b"\xc1" * 5)  # not a frame: the primary hangs up
+        t0 = time.perf_counter()
+        try:
+            await task
+        except gunicorn_ext.IPCError as exc:
+            return {**_error(exc), "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+        return {"ok": "no error", "pid": os.getpid()}
     if path == "/sync_ask":  # the blocking API on the loop: refused, clearly
         return {"ok": worker.request(q["name"], payload, to=to)}
     if path == "/sync_ask_in_thread":  # the blocking API off the loop: works
