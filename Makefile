@@ -25,7 +25,7 @@ OLDEST_TESTS := tests/test_versions.py tests/test_lifecycle.py tests/test_ipc.py
 JS     := tests/js
 JS_STAMP := $(JS)/node_modules/.installed
 
-.PHONY: help install system-deps js-deps lint test test-oldest settings-table run bench bench-deps dist docs clean
+.PHONY: help install system-deps js-deps lint test test-oldest settings-table run run-asgi bench bench-deps dist docs clean
 
 help:
 	@echo "make install      create $(VENV) and install gunicorn-ext with its dev extras"
@@ -37,6 +37,7 @@ help:
 	@echo "make test-oldest  the real-Gunicorn tests on the oldest Gunicorn pyproject.toml allows"
 	@echo "make settings-table  rewrite the README's settings table from gunicorn_ext/settings.py"
 	@echo "make run          the example cluster (examples/flask_app)"
+	@echo "make run-asgi     the ASGI example cluster (examples/asgi_app; WORKER_CLASS=asgi by default)"
 	@echo "make bench        every bench/*.py; results in bench/results/<name>.json"
 	@echo "make bench-deps   apt-get install wrk if missing (root; optional)"
 	@echo "make docs         build the docs site into docs/_build/html (warnings are errors)"
@@ -147,6 +148,9 @@ settings-table: install
 
 run: install
 	cd examples/flask_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
+
+run-asgi: install
+	cd examples/asgi_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
 
 # Benchmarks are the bench/*.py scripts; helpers beside them are skipped:
 # *_app.py (WSGI apps), *_conf.py (Gunicorn configs), plot*.py (plot helpers) and _*.py.

@@ -5,15 +5,19 @@
 One run measures, each figure beside its baseline:
 
 1. worker->primary request/reply round trip (p50/p99) through a real Gunicorn
-   (bench/ipc_conf.py + bench/ipc_app.py, ``GET /rtt``, measured inside the worker);
-2. worker->primary one-way throughput (``GET /oneway``);
+   (bench/ipc_conf.py + bench/ipc_app.py, ``GET /rtt``, measured inside the worker),
+   and the async API's (``await worker.arequest``) in a ``-k asgi`` worker
+   (bench/ipc_asgi_app.py) beside it;
+2. worker->primary one-way throughput (``GET /oneway``), sync and async;
 3. the floor: a raw socketpair ping-pong between two forked processes with a
    4-byte length prefix and msgspec msgpack frames of the same shape;
 4. ``multiprocessing.Pipe`` ping-pong round trip (and one-way throughput);
 5. Node.js ``cluster`` ``process.send`` one-way throughput and round trip
    (bench/node_cluster.js; null when ``node`` is not on PATH);
-6. hello-world req/s, plain Gunicorn vs the same config with gunicorn-ext
-   (``wrk`` when on PATH, else a bounded Python load generator).
+6. hello-world req/s, plain Gunicorn vs the same config with gunicorn-ext, for each
+   worker class (BENCH_HELLO_CLASSES, default sync, gthread, gevent, asgi and
+   uvicorn_worker.UvicornWorker; ``wrk`` when on PATH, else a bounded Python load
+   generator).
 
 The machine is small and noisy, so the bus and its baselines are measured in
 alternating rounds and the medians reported. Writes bench/results/ipc.json and
@@ -74,6 +78,10 @@ CHILD_TIMEOUT = 60.0
 TARGET_RTT_VS_FLOOR = 1.3  # bus p50 <= 1.3x floor p50
 TARGET_ONEWAY_VS_NODE = 2.0  # bus msgs/s >= 2x node
 TARGET_HELLO_VS_PLAIN = 0.97  # ext req/s >= 97% of plain
+TARGET_ASYNC_RTT_VS_SYNC = 1.5  # async bus p50 <= 1.5x the sync bus p50
+HELLO_CLASSES = [c for c in os.environ.get(
+    "BENCH_HELLO_CLASSES", "sync,gthread,gevent,asgi,uvicorn_worker.UvicornWorker").split(",") if c]
+ASGI_CLASSES = ("asgi", "uvicorn_worker.UvicornWorker")
 
 
 def log(msg: str) -> None:
@@ -390,9 +398,10 @@ def _py_rps(url: str, seconds: float, connections: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _server(app: str, config: str, log_dir: Path, name: str) -> Iterator[Gunicorn]:
+def _server(app: str, config: str, log_dir: Path, name: str,
+            env: dict[str, str] | None = None) -> Iterator[Gunicorn]:
     with running_gunicorn(app, config=str(BENCH / config), cwd=str(BENCH), log_dir=str(log_dir),
-                          health_path="/", name=name, ready_timeout=30.0) as g:
+                          health_path="/", name=name, ready_timeout=30.0, env=env) as g:
         yield g
 
 
@@ -411,12 +420,18 @@ def bus_oneway(g: Gunicorn, n: int) -> dict[str, Any]:
 def measure_ipc(log_dir: Path, node: str | None, errors: list[str]) -> dict[str, Any]:
     rounds: dict[str, list[Any]] = {k: [] for k in
                                     ("bus_rtt", "floor_rtt", "pipe_rtt", "bus_oneway",
-                                     "floor_oneway", "pipe_oneway", "node")}
-    with _server("ipc_app:app", "ipc_conf.py", log_dir, "ipc") as g:
+                                     "floor_oneway", "pipe_oneway", "node", "abus_rtt",
+                                     "abus_oneway")}
+    with _server("ipc_app:app", "ipc_conf.py", log_dir, "ipc") as g, \
+            _server("ipc_asgi_app:app", "ipc_conf.py", log_dir, "ipc-asgi",
+                    {"WORKER_CLASS": "asgi"}) as ag:
         bus_rtt(g, 2000)  # warm the worker and the hub
-        log(f"round trip, {ROUNDS} rounds of n={RTT_N} (bus / socketpair floor / Pipe, alternating)")
+        bus_rtt(ag, 2000)
+        log(f"round trip, {ROUNDS} rounds of n={RTT_N} (bus / async bus / socketpair floor / "
+            "Pipe, alternating)")
         for r in range(ROUNDS):
             order = [("bus_rtt", lambda: bus_rtt(g, RTT_N)),
+                     ("abus_rtt", lambda: bus_rtt(ag, RTT_N)),
                      ("floor_rtt", lambda: floor_run(RTT_N, 0)),
                      ("pipe_rtt", lambda: pipe_run(RTT_N, 0))]
             if r % 2:
@@ -425,11 +440,13 @@ def measure_ipc(log_dir: Path, node: str | None, errors: list[str]) -> dict[str,
                 res = fn()
                 rounds[key].append(res)
             log(f"  round {r + 1}: bus p50 {rounds['bus_rtt'][-1]['p50_us']:.1f} us, "
+                f"async bus p50 {rounds['abus_rtt'][-1]['p50_us']:.1f} us, "
                 f"floor p50 {rounds['floor_rtt'][-1]['p50_us']:.1f} us, "
                 f"pipe p50 {rounds['pipe_rtt'][-1]['p50_us']:.1f} us")
         log(f"one-way, {ROUNDS} rounds of n={ONEWAY_N} (bus / node / socketpair / Pipe, alternating)")
         for r in range(ROUNDS):
             order = [("bus_oneway", lambda: bus_oneway(g, ONEWAY_N)),
+                     ("abus_oneway", lambda: bus_oneway(ag, ONEWAY_N)),
                      ("floor_oneway", lambda: floor_run(0, ONEWAY_N)),
                      ("pipe_oneway", lambda: pipe_run(0, PIPE_ONEWAY_N))]
             if node is not None:
@@ -446,11 +463,13 @@ def measure_ipc(log_dir: Path, node: str | None, errors: list[str]) -> dict[str,
                     log(f"  node failed: {exc}")
             node_s = (f", node {rounds['node'][-1]['oneway_msgs_per_s']:,.0f}"
                       if rounds["node"] else "")
-            log(f"  round {r + 1}: bus {rounds['bus_oneway'][-1]['msgs_per_s']:,.0f}{node_s}, "
+            log(f"  round {r + 1}: bus {rounds['bus_oneway'][-1]['msgs_per_s']:,.0f}, "
+                f"async bus {rounds['abus_oneway'][-1]['msgs_per_s']:,.0f}{node_s}, "
                 f"socketpair {rounds['floor_oneway'][-1]['msgs_per_s']:,.0f}, "
                 f"pipe {rounds['pipe_oneway'][-1]['msgs_per_s']:,.0f} msgs/s")
-        if "Traceback" in g.log_text():
-            errors.append("traceback in the ipc gunicorn log:\n" + g.log_text_tail())
+        for srv in (g, ag):
+            if "Traceback" in srv.log_text():
+                errors.append("traceback in the ipc gunicorn log:\n" + srv.log_text_tail())
     return rounds
 
 
@@ -473,7 +492,7 @@ def _server_cpu(g: Gunicorn) -> float | None:
     return total
 
 
-def measure_hello(log_dir: Path, wrk: str | None) -> dict[str, Any]:
+def measure_hello(log_dir: Path, wrk: str | None, worker_class: str = "sync") -> dict[str, Any]:
     if wrk:
         def load(url: str, seconds: float) -> dict[str, Any]:
             return _wrk.run(wrk, url, seconds, HELLO_CONNECTIONS)
@@ -481,14 +500,17 @@ def measure_hello(log_dir: Path, wrk: str | None) -> dict[str, Any]:
         def load(url: str, seconds: float) -> dict[str, Any]:
             return _py_rps(url, seconds, HELLO_CONNECTIONS)
     rounds: dict[str, list[dict[str, Any]]] = {"plain": [], "ext": []}
-    with _server("hello_app:app", "hello_plain_conf.py", log_dir, "hello-plain") as plain, \
-            _server("hello_app:app", "hello_ext_conf.py", log_dir, "hello-ext") as ext:
+    app = "hello_asgi_app:app" if worker_class in ASGI_CLASSES else "hello_app:app"
+    env = {"HELLO_WORKER_CLASS": worker_class}
+    tag = worker_class.rsplit(".", 1)[-1].lower()
+    with _server(app, "hello_plain_conf.py", log_dir, f"hello-plain-{tag}", env) as plain, \
+            _server(app, "hello_ext_conf.py", log_dir, f"hello-ext-{tag}", env) as ext:
         plain.wait_workers(2)
         ext.wait_workers(2)
         servers = {"plain": plain, "ext": ext}
         for g in servers.values():  # warm up both
             load(g.url("/"), 1)
-        log(f"hello world, {HELLO_ROUNDS} rounds of {HELLO_SECONDS:g}s each, plain/ext alternating "
+        log(f"hello world, {worker_class}, {HELLO_ROUNDS} rounds of {HELLO_SECONDS:g}s each, plain/ext alternating "
             f"({'wrk' if wrk else 'python load generator'}, {HELLO_CONNECTIONS} connections)")
         for r in range(HELLO_ROUNDS):
             order = ["plain", "ext"] if r % 2 == 0 else ["ext", "plain"]
@@ -665,7 +687,8 @@ def main() -> int:
         ipc = measure_ipc(log_dir, node, errors)
         foreign["ipc"], steal["ipc"] = fl.fraction(), fl.steal
         fl = ForeignLoad()
-        hello = measure_hello(log_dir, wrk)
+        hello_by_class = {c: measure_hello(log_dir, wrk, c) for c in HELLO_CLASSES}
+        hello = hello_by_class.get("sync") or next(iter(hello_by_class.values()))
         foreign["hello"], steal["hello"] = fl.fraction(), fl.steal
     except Exception:
         traceback.print_exc()
@@ -685,6 +708,9 @@ def main() -> int:
         "pipe_rtt_p50_us": m("pipe_rtt", "p50_us"),
         "pipe_rtt_p99_us": m("pipe_rtt", "p99_us"),
         "pipe_oneway_msgs_per_s": m("pipe_oneway", "msgs_per_s"),
+        "async_rtt_p50_us": m("abus_rtt", "p50_us"),
+        "async_rtt_p99_us": m("abus_rtt", "p99_us"),
+        "async_oneway_msgs_per_s": m("abus_oneway", "msgs_per_s"),
         "node_oneway_msgs_per_s": m("node", "oneway_msgs_per_s") if node else None,
         "node_rtt_p50_us": m("node", "rtt_p50_us") if node else None,
         "node_rtt_p99_us": m("node", "rtt_p99_us") if node else None,
@@ -695,7 +721,20 @@ def main() -> int:
         "plain_hello_cpu_us_per_req": median([r["server_cpu_us_per_req"] for r in hello["plain"]
                                               if "server_cpu_us_per_req" in r]),
     }
+    res["hello_by_class"] = {
+        c: {"plain_rps": median([x["rps"] for x in h["plain"]]),
+            "ext_rps": median([x["rps"] for x in h["ext"]]),
+            "plain_cpu_us_per_req": median([x["server_cpu_us_per_req"] for x in h["plain"]
+                                            if "server_cpu_us_per_req" in x]),
+            "ext_cpu_us_per_req": median([x["server_cpu_us_per_req"] for x in h["ext"]
+                                          if "server_cpu_us_per_req" in x])}
+        for c, h in hello_by_class.items()}
+    for h in res["hello_by_class"].values():
+        h["ext_vs_plain"] = _ratio(h["ext_rps"], h["plain_rps"])
     res["ratios"] = {
+        "async_rtt_p50_vs_sync": _ratio(res["async_rtt_p50_us"], res["rtt_p50_us"]),
+        "async_rtt_p50_vs_floor": _ratio(res["async_rtt_p50_us"], res["floor_rtt_p50_us"]),
+        "async_oneway_vs_sync": _ratio(res["async_oneway_msgs_per_s"], res["oneway_msgs_per_s"]),
         "rtt_p50_vs_floor": _ratio(res["rtt_p50_us"], res["floor_rtt_p50_us"]),
         "rtt_p99_vs_floor": _ratio(res["rtt_p99_us"], res["floor_rtt_p99_us"]),
         "rtt_p50_vs_pipe": _ratio(res["rtt_p50_us"], res["pipe_rtt_p50_us"]),
@@ -719,33 +758,42 @@ def main() -> int:
         else r["oneway_vs_node"] >= TARGET_ONEWAY_VS_NODE,
         "hello_at_least_97pct_plain": None if r["hello_vs_plain"] is None
         else r["hello_vs_plain"] >= TARGET_HELLO_VS_PLAIN,
+        "async_rtt_p50_within_1.5x_sync": None if r["async_rtt_p50_vs_sync"] is None
+        else r["async_rtt_p50_vs_sync"] <= TARGET_ASYNC_RTT_VS_SYNC,
+        **{f"hello_{c}_at_least_97pct_plain": None if h["ext_vs_plain"] is None
+           else h["ext_vs_plain"] >= TARGET_HELLO_VS_PLAIN
+           for c, h in res["hello_by_class"].items()},
     }
     # A sync worker closes every connection after its response; wrk may count those
     # EOFs as read errors, so only connect/write/timeout errors matter.
     bad_http = sum(x.get("non_2xx", 0) + sum(v for k, v in x.get("socket_errors", {}).items()
                                             if k != "read")
-                   for rs in hello.values() for x in rs)
+                   for h in hello_by_class.values() for rs in h.values() for x in rs)
     if bad_http:
         errors.append(f"hello world: {bad_http} failed requests (non-2xx, connect/write/timeout)")
 
     # ---- print, each figure beside its baseline
     log("")
     log(f"== worker->primary request/reply round trip (median of {ROUNDS} rounds, n={RTT_N})")
-    rows = [("gunicorn-ext bus", "rtt"), ("socketpair+msgspec floor", "floor_rtt"),
+    rows = [("gunicorn-ext bus", "rtt"), ("async bus (-k asgi)", "async_rtt"),
+            ("socketpair+msgspec floor", "floor_rtt"),
             ("multiprocessing.Pipe", "pipe_rtt"), ("node cluster process.send", "node_rtt")]
     for label, k in rows:
         log(f"  {label:<28} p50 {_fmt(res[k + '_p50_us'], 'us')}   p99 {_fmt(res[k + '_p99_us'], 'us')}")
     log(f"  bus/floor: p50 {_x(r['rtt_p50_vs_floor'])} (per round: "
         f"{', '.join(_x(x) for x in r['rtt_p50_vs_floor_per_round'])}), p99 {_x(r['rtt_p99_vs_floor'])}; "
         f"bus/pipe p50 {_x(r['rtt_p50_vs_pipe'])}; bus/node p50 {_x(r['rtt_p50_vs_node'])}")
+    log(f"  async/sync bus p50 {_x(r['async_rtt_p50_vs_sync'])}, async/floor p50 "
+        f"{_x(r['async_rtt_p50_vs_floor'])}")
     log(f"== worker->primary one-way throughput (median of {ROUNDS} rounds, n={ONEWAY_N})")
-    rows2 = [("gunicorn-ext bus", "oneway_msgs_per_s"), ("node cluster process.send", "node_oneway_msgs_per_s"),
+    rows2 = [("gunicorn-ext bus", "oneway_msgs_per_s"),
+             ("async bus (-k asgi)", "async_oneway_msgs_per_s"), ("node cluster process.send", "node_oneway_msgs_per_s"),
              ("socketpair+msgspec floor", "floor_oneway_msgs_per_s"),
              ("multiprocessing.Pipe", "pipe_oneway_msgs_per_s")]
     for label, k in rows2:
         log(f"  {label:<28} {_fmt(res[k], 'msgs/s')}")
     log(f"  bus/node {_x(r['oneway_vs_node'])}, bus/floor {_x(r['oneway_vs_floor'])}, "
-        f"bus/pipe {_x(r['oneway_vs_pipe'])}")
+        f"bus/pipe {_x(r['oneway_vs_pipe'])}, async/sync {_x(r['async_oneway_vs_sync'])}")
     log(f"== hello world, 2 sync workers (median of {HELLO_ROUNDS} rounds of {HELLO_SECONDS:g}s, "
         f"{info['load_generator']})")
     log(f"  {'plain gunicorn':<28} {_fmt(res['plain_hello_rps'], 'req/s')}   "
@@ -754,6 +802,11 @@ def main() -> int:
         f"server CPU {_fmt(res['hello_cpu_us_per_req'], 'us', 6)}/req")
     log(f"  ext/plain: req/s {_pct(r['hello_vs_plain'])}, server CPU per request "
         f"{_x(r['hello_cpu_per_req_vs_plain'])}")
+    log(f"== hello world per worker class, 2 workers (median of {HELLO_ROUNDS} rounds)")
+    for c, h in res["hello_by_class"].items():
+        log(f"  {c:<30} plain {_fmt(h['plain_rps'], 'req/s')}   ext {_fmt(h['ext_rps'], 'req/s')}"
+            f"   ext/plain {_pct(h['ext_vs_plain'])}   server CPU/req plain "
+            f"{_fmt(h['plain_cpu_us_per_req'], 'us', 6)} ext {_fmt(h['ext_cpu_us_per_req'], 'us', 6)}")
     log("")
     info["foreign_cpu_fraction"] = foreign
     info["steal_fraction"] = steal
@@ -767,6 +820,11 @@ def main() -> int:
                  f"one-way >= {TARGET_ONEWAY_VS_NODE:g}x node: {_x(r['oneway_vs_node'])}"))
     log(_verdict(targets["hello_at_least_97pct_plain"],
                  f"hello >= {TARGET_HELLO_VS_PLAIN:.0%} of plain: {_pct(r['hello_vs_plain'])}"))
+    log(_verdict(targets["async_rtt_p50_within_1.5x_sync"],
+                 f"async RTT p50 <= {TARGET_ASYNC_RTT_VS_SYNC}x sync: {_x(r['async_rtt_p50_vs_sync'])}"))
+    for c, h in res["hello_by_class"].items():
+        log(_verdict(targets[f"hello_{c}_at_least_97pct_plain"],
+                     f"hello ({c}) >= {TARGET_HELLO_VS_PLAIN:.0%} of plain: {_pct(h['ext_vs_plain'])}"))
 
     info["loadavg_at_end"] = list(os.getloadavg())
     res.update({
@@ -775,8 +833,9 @@ def main() -> int:
         "params": {"rtt_n": RTT_N, "oneway_n": ONEWAY_N, "pipe_oneway_n": PIPE_ONEWAY_N, "rounds": ROUNDS,
                    "hello_rounds": HELLO_ROUNDS, "hello_seconds": HELLO_SECONDS,
                    "hello_connections": HELLO_CONNECTIONS, "hello_workers": 2,
-                   "hello_worker_class": "sync"},
-        "rounds": {**ipc, "hello_plain": hello["plain"], "hello_ext": hello["ext"]},
+                   "hello_worker_class": "sync", "hello_classes": HELLO_CLASSES},
+        "rounds": {**ipc, "hello_plain": hello["plain"], "hello_ext": hello["ext"],
+                   "hello_by_class": hello_by_class},
         "errors": errors,
         "seconds": round(time.monotonic() - t_start, 1),
     })

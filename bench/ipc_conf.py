@@ -1,4 +1,4 @@
-"""Gunicorn config for bench/ipc.py: one sync worker plus the bench handlers."""
+"""Gunicorn config for bench/ipc.py: one worker (sync, or WORKER_CLASS) plus the bench handlers."""
 
 import os
 
@@ -7,7 +7,7 @@ from gunicorn_ext import primary
 
 bind = os.environ["BIND"]
 workers = 1
-worker_class = "sync"
+worker_class = os.environ.get("WORKER_CLASS", "sync")
 timeout = 300
 _count = [0]
 

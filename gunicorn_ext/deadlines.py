@@ -48,6 +48,7 @@ class _Request:
     sock: Any
     responded: bool = False  # start_response was called: part of a response may be out
     expired: bool = False
+    greenlet: Any = None  # under gevent: the request's greenlet (no thread of its own)
 
 
 class Deadlines:
@@ -66,6 +67,13 @@ class Deadlines:
         self._lock = threading.Lock()
         self._stopping_since: float | None = None
         self._thread: threading.Thread | None = None
+        #: greenlet.getcurrent under gevent, whose requests are greenlets, not threads.
+        self.green: Callable[[], Any] | None = None
+        gevent_monkey = sys.modules.get("gevent.monkey")
+        if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
+            import greenlet  # type: ignore[import-untyped]
+
+            self.green = greenlet.getcurrent
 
     # -- the WSGI side, on each request's thread
 
@@ -79,6 +87,8 @@ class Deadlines:
             line = (f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"
                     f"{'?' + query if query else ''}")
             entry = _Request(time.monotonic(), line, environ.get("gunicorn.socket"))
+            if self.green:
+                entry.greenlet = self.green()
             with self._lock:
                 self._inflight[threading.get_ident()] = entry
 
@@ -133,7 +143,7 @@ class Deadlines:
                 self._exit()
 
     def _expire(self, ident: int, r: _Request, now: float) -> None:
-        frame = sys._current_frames().get(ident)
+        frame = r.greenlet.gr_frame if r.greenlet is not None else sys._current_frames().get(ident)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else "(thread gone)\n"
         self.log.critical(
             "gunicorn-ext: request deadline: %s ran %.1fs, over request_timeout=%ss, in worker "

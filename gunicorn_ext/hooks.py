@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from .asgi import ClusterMiddleware, app_attribute
 from .deadlines import Deadlines
 from .dispatch import DispatchedListener, Dispatcher, dispatched
 from .ipc.bus import worker as worker_bus
@@ -197,12 +198,26 @@ def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
 
 def post_worker_init(worker: Any) -> None:
     global deadlines
+    asgi_attr = app_attribute(worker)
+    loop = getattr(worker, "loop", None)  # -k asgi makes its loop first; uvicorn's comes later
+    if asgi_attr is not None and loop is not None and worker_bus.connected:
+        worker_bus.bind_loop(loop)
     worker_bus.start()
     route = getattr(worker, "ext_route", None)
     if route is not None:  # the app is loaded (worker.wsgi): put the route cookie around it
         pin_worker(worker, route, supervisor.settings.sticky_cookie)
     timeout = supervisor.settings.request_timeout
-    if timeout and reporter is not None:
+    if asgi_attr is not None:
+        # The request hooks skip ASGI workers (the uvicorn worker calls none): this counts.
+        worker.ext_asgi = True
+        stall = max(1.0, min(worker.cfg.timeout / 2, 10.0)) if worker.cfg.timeout else 0.0
+        setattr(worker, asgi_attr, ClusterMiddleware(getattr(worker, asgi_attr), worker_bus,
+                                                     reporter, stall, worker.log))
+        if timeout:
+            worker.log.info("gunicorn-ext: request_timeout is not enforced under %s (an "
+                            "asyncio worker); use asyncio.timeout() in the app",
+                            type(worker).__name__)
+    elif timeout and reporter is not None:
         deadlines = Deadlines(timeout, worker, reporter.recycle,
                               lambda: worker_exit(None, worker), worker.log)
         worker.wsgi = deadlines.wrap(worker.wsgi)  # the app is loaded; workers call worker.wsgi
@@ -214,6 +229,8 @@ def post_worker_init(worker: Any) -> None:
 
 
 def pre_request(worker: Any, req: Any) -> None:
+    if getattr(worker, "ext_asgi", False):  # ClusterMiddleware counts ASGI requests
+        return
     if reporter is not None:
         reporter.pre_request()
     if dispatched_listener is not None:
@@ -221,6 +238,8 @@ def pre_request(worker: Any, req: Any) -> None:
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    if getattr(worker, "ext_asgi", False):
+        return
     if deadlines is not None:
         deadlines.finished()
     worker_bus.flush()  # one-way messages batched during the request leave with it

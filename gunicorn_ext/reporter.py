@@ -7,10 +7,15 @@ exit gracefully: Gunicorn's SIGTERM handling stops accepting, lets in-flight
 requests finish, and the primary replaces the worker in the same slot. The soft
 limit is also checked after every request, so a leaking request is caught at
 once, never in the middle of another.
+
+The request hooks keep each request's start time in a context variable, so they
+count right under every worker class: a thread per request (gthread), a greenlet
+(gevent) or an asyncio task (the ASGI middleware, :mod:`gunicorn_ext.asgi`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import random
 import signal
@@ -30,6 +35,8 @@ STATS = "gunicorn_ext.stats"
 EXITING = "gunicorn_ext.exiting"
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+#: When the current request started (perf_counter), per thread, greenlet or task.
+_T0: contextvars.ContextVar[float] = contextvars.ContextVar("gunicorn_ext_t0")
 
 
 def current_rss() -> int:
@@ -57,21 +64,26 @@ class Reporter:
         self._exiting = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._local = threading.local()
 
     def start(self) -> None:
+        # Made here, after a gevent worker has monkey-patched threading (post_fork is before).
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gunicorn-ext-reporter", daemon=True)
         self._thread.start()
 
-    # -- request hooks (run on the request's thread)
+    # -- request hooks (run on the request's thread, greenlet or task)
 
     def pre_request(self) -> None:
-        self._local.t0 = time.perf_counter()
+        _T0.set(time.perf_counter())
         self.stats.request_started()
 
     def post_request(self) -> None:
-        t0 = getattr(self._local, "t0", None)
+        t0 = _T0.get(None)
         self.stats.request_finished(time.perf_counter() - t0 if t0 is not None else 0.0)
+        self.check_memory()
+
+    def check_memory(self) -> None:
+        """Recycle now if RSS is over the soft limit (after each request)."""
         limit = self.settings.memory_soft_limit
         if limit and not self._exiting:
             rss = current_rss()

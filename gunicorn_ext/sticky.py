@@ -35,12 +35,12 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from types import TracebackType
 from typing import Any
 
 __all__ = [
-    "COOKIE_NAME_RE", "ENVIRON_KEY", "ROUTE_RE", "RouteCookie", "default_route",
+    "COOKIE_NAME_RE", "ENVIRON_KEY", "ROUTE_RE", "AsgiRouteCookie", "RouteCookie", "default_route",
     "instance_route", "pin_worker", "read_cookie", "route_name",
 ]
 
@@ -61,6 +61,10 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def route_name(host_port: str) -> str:
@@ -133,9 +137,20 @@ def pin_worker(worker: Any, route: str, cookie_name: str = "gx_route") -> bool:
     ``worker.wsgi`` (``load_wsgi()``) just before it calls the ``post_worker_init`` hook,
     and every WSGI worker class reads that attribute only after it (sync and gthread per
     request, gevent and tornado when their server starts in ``run()``); replacing it is
-    the one seam that covers any WSGI app without touching it. ASGI workers
-    (``worker.asgi``) are not covered: returns False, with one log line.
+    the one seam that covers any WSGI app without touching it. Under an ASGI worker
+    (``-k asgi``: ``worker.asgi``; the uvicorn worker: ``worker.wsgi``, read in ``run()``)
+    the app gets :class:`AsgiRouteCookie` instead. Returns False (with one log line)
+    when the worker serves no app.
     """
+    from .asgi import app_attribute  # settings -> sticky; asgi -> reporter -> settings
+
+    attr = app_attribute(worker)
+    if attr is not None:
+        setattr(worker, attr, AsgiRouteCookie(getattr(worker, attr), route=route,
+                                              cookie_name=cookie_name))
+        worker.log.info("gunicorn-ext: worker slot %s pins its clients with the cookie %s=%s",
+                        getattr(worker, "ext_slot", "?"), cookie_name, route)
+        return True
     app = getattr(worker, "wsgi", None)
     if app is None:
         worker.log.warning("gunicorn-ext: sticky routing needs a WSGI worker; %s serves no "
@@ -257,3 +272,55 @@ class RouteCookie:
             return start_response(status, headers)
 
         return self.app(environ, pinning_start_response)
+
+
+class AsgiRouteCookie:
+    """ASGI middleware doing what :class:`RouteCookie` does, for HTTP responses.
+
+    Same arguments and validation as :class:`RouteCookie`, same cookie; ``secure=None``
+    follows the scope's ``scheme``. The cookie header of the request is read as nginx
+    reads it (several ``cookie`` headers, as HTTP/2 sends them, count as one). Of nested
+    ones, only the innermost pins (it marks the scope). WebSocket and lifespan scopes
+    pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, route: str | None = None, cookie_name: str = "gx_route",
+                 secure: bool | None = None, max_age: int | None = None) -> None:
+        # The WSGI middleware validates and builds the header values; only they are used.
+        self._wsgi = RouteCookie(_no_app, route=route, cookie_name=cookie_name, secure=secure,
+                                 max_age=max_age)
+        self.app = app
+        self.route = self._wsgi.route
+        self.cookie_name = cookie_name
+        self._prefix = (cookie_name + "=").encode()
+        self._plain = self._wsgi._plain.encode("latin-1")
+        self._secure = self._wsgi._secure.encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cookies = "; ".join(v.decode("latin-1") for k, v in scope.get("headers", ())
+                            if k.lower() == b"cookie")
+        scope[ENVIRON_KEY] = self  # a route cookie inside the app takes over from this one
+        if read_cookie(cookies, self.cookie_name) == self.route:
+            await self.app(scope, receive, send)
+            return
+        secure = self._wsgi.secure
+        value = (self._secure if (scope.get("scheme") == "https" if secure is None else secure)
+                 else self._plain)
+
+        async def pinning_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and scope.get(ENVIRON_KEY) is self:
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == b"set-cookie" and bytes(v).lstrip().startswith(self._prefix)
+                           for k, v in headers):
+                    headers.append((b"set-cookie", value))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, pinning_send)
+
+
+def _no_app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    raise RuntimeError("not a WSGI app")  # pragma: no cover

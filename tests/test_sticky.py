@@ -38,6 +38,7 @@ from harness import (
 from gunicorn_ext.settings import Settings, SettingsError
 from gunicorn_ext.sticky import (
     ROUTE_RE,
+    AsgiRouteCookie,
     RouteCookie,
     default_route,
     instance_route,
@@ -572,8 +573,54 @@ def test_pin_worker_wraps_the_wsgi_app_and_says_so_for_other_workers() -> None:
     assert pin_worker(worker, "a") is True
     assert isinstance(worker.wsgi, RouteCookie) and worker.wsgi.route == "a"
     assert _call(worker.wsgi) == [("Content-Type", "text/plain"), ("Set-Cookie", PIN_A)]
-    asgi = SimpleNamespace(asgi=object(), log=log)  # Gunicorn's ASGI worker: no .wsgi
-    assert pin_worker(asgi, "a") is False and not hasattr(asgi, "wsgi")
+    asgi = SimpleNamespace(asgi=_asgi_echo, log=log)  # Gunicorn's ASGI worker: no .wsgi
+    assert pin_worker(asgi, "a") is True and not hasattr(asgi, "wsgi")
+    assert isinstance(asgi.asgi, AsgiRouteCookie) and asgi.asgi.route == "a"
+    neither = SimpleNamespace(log=log)  # serves no app at all
+    assert pin_worker(neither, "a") is False
+
+
+async def _asgi_echo(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"content-type", b"text/plain")]
+    if scope.get("path") == "/own":
+        headers.append((b"set-cookie", b"gx_route=own; Path=/"))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _asgi_call(app: Any, cookie: str | None = None, path: str = "/",
+               scheme: str = "http") -> list[tuple[bytes, bytes]]:
+    import asyncio
+
+    headers = [(b"cookie", cookie.encode())] if cookie is not None else []
+    scope = {"type": "http", "path": path, "scheme": scheme, "headers": headers}
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return list(sent[0]["headers"])
+
+
+def test_asgi_route_cookie_pins_like_the_wsgi_one() -> None:
+    app = AsgiRouteCookie(_asgi_echo, route="a")
+    assert (b"set-cookie", PIN_A.encode()) in _asgi_call(app)
+    assert _asgi_call(app, cookie="gx_route=a") == [(b"content-type", b"text/plain")]  # no churn
+    assert (b"set-cookie", PIN_A.encode()) in _asgi_call(app, cookie="x=1; gx_route=b")  # re-pin
+    secure = _asgi_call(app, scheme="https")
+    assert (b"set-cookie", (PIN_A + "; Secure").encode()) in secure
+    own = _asgi_call(app, path="/own")  # the app set the cookie itself: left alone
+    assert [v for k, v in own if k == b"set-cookie"] == [b"gx_route=own; Path=/"]
+    nested = AsgiRouteCookie(AsgiRouteCookie(_asgi_echo, route="inner"), route="a")
+    cookies = [v for k, v in _asgi_call(nested) if k == b"set-cookie"]
+    assert len(cookies) == 1 and cookies[0].startswith(b"gx_route=inner;")  # innermost pins
+    for bad in ("A", "a b", "x" * 65):
+        with pytest.raises(ValueError):
+            AsgiRouteCookie(_asgi_echo, route=bad)
 
 
 def test_nginx_render_cli_takes_the_cookie_name(capsys: pytest.CaptureFixture[str]) -> None:

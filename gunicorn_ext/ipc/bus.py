@@ -11,6 +11,15 @@ Each worker holds two sockets made by the hub just before the fork:
   broadcasts, requests and publications. The listener thread reads it and
   runs the handlers.
 
+Under the asyncio workers (``-k asgi``, ``uvicorn_worker.UvicornWorker``) the
+bus is bound to the worker's event loop (:meth:`Bus.bind_loop`): the loop takes
+the reader role of the call channel for good (a reader callback, no thread),
+:meth:`Bus.arequest` waits on a future, and ``async def`` handlers run on the
+loop. :meth:`Bus.request` called on a running event loop raises
+:class:`RuntimeError` instead of blocking it. Under gevent (which Gunicorn's
+gevent worker always monkey-patches) :meth:`Bus.start` re-makes the sockets and
+locks as gevent's, so the listener and every wait are greenlets yielding to the hub.
+
 Messages from one sender arrive in the order sent. A reply travels on the call
 channel, so it may overtake a one-way message pushed to the worker earlier.
 
@@ -22,6 +31,8 @@ serves on without a bus.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import os
 import signal
@@ -29,12 +40,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import frames
 from .errors import (
     BusClosed,
+    HandlerError,
     IPCError,
     NoHandler,
     RequestTimeout,
@@ -51,10 +63,12 @@ _BURST_GAP = 100e-6
 _BURST_BYTES = 64 * 1024
 #: ...and for at most this long (seconds) before the flusher writes them.
 _FLUSH_DELAY = 0.5e-3  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
+#: Async handler runs kept for a loop not bound yet (see Bus._early); more are refused.
+_MAX_EARLY = 10_000
 
 
 class _Pending:
-    __slots__ = ("event", "done", "value", "error")
+    __slots__ = ("event", "done", "value", "error", "future")
 
     def __init__(self) -> None:
         # Made only when a thread has to wait for another to read its reply.
@@ -62,6 +76,28 @@ class _Pending:
         self.done = False
         self.value: Any = None
         self.error: IPCError | None = None
+        #: Set by arequest(): resolved on the bound loop when the reply is in.
+        self.future: asyncio.Future[None] | None = None
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _forget_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    try:
+        loop.remove_reader(fd)
+    except (OSError, ValueError):
+        pass
+
+
+def _green() -> bool:
+    """True in a gevent-patched process (Gunicorn's gevent worker patches everything)."""
+    import sys
+
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
 
 
 class Bus:
@@ -102,6 +138,15 @@ class Bus:
         self._push_reader = frames.FrameReader()
         self._ids = itertools.count(1)
         self._listener: threading.Thread | None = None
+        #: The event loop that reads the call channel (asyncio workers), and its thread.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_tid = 0
+        self._async_names: set[str] = set()
+        #: Async handler runs that arrived before a loop was bound (the uvicorn worker
+        #: makes its loop in run(), after the bus started), started by bind_loop().
+        self._early: list[Any] = []
+        self._early_lock = threading.Lock()
+        self._green = False
 
     # ------------------------------------------------------------ registration
 
@@ -110,17 +155,26 @@ class Bus:
         worker (by the primary, by another worker, or as a broadcast).
 
         The handler runs in the listener thread and gets a :class:`Message`;
-        its return value is the reply to a request.
+        its return value is the reply to a request. An ``async def`` handler
+        runs on the worker's event loop (asyncio workers; see :meth:`bind_loop`)
+        and its awaited value is the reply.
         """
 
         def register(fn: Handler) -> Handler:
             self._handlers[name] = fn
+            if inspect.iscoroutinefunction(fn):
+                self._async_names.add(name)
+            else:
+                self._async_names.discard(name)
             return fn
 
         return register
 
     def subscribe(self, topic: str) -> Callable[[Callable[[Message], None]], Callable[[Message], None]]:
-        """Decorator: receive every publication on ``topic`` from any process of the instance."""
+        """Decorator: receive every publication on ``topic`` from any process of the instance.
+
+        An ``async def`` subscriber runs on the worker's event loop, like an async handler.
+        """
         frames.check_address(topic, what="a topic")
 
         def register(fn: Callable[[Message], None]) -> Callable[[Message], None]:
@@ -171,12 +225,68 @@ class Bus:
         """Start the listener and tell the primary we are ready (``post_worker_init``)."""
         if self._sock is None or self._listener is not None:
             return
+        if _green():
+            self._go_green()
         self._listener = threading.Thread(target=self._listen, name="gunicorn-ext-bus", daemon=True)
         self._listener.start()
         self._flusher = threading.Thread(target=self._flush_soon, name="gunicorn-ext-flush",
                                          daemon=True)
         self._flusher.start()
         self._write(Ready(os.getpid()))
+
+    def _go_green(self) -> None:
+        """Re-make sockets and locks after gevent's monkey-patching (``post_worker_init``).
+
+        ``post_fork`` runs before the gevent worker patches, so the sockets and locks
+        made then are the blocking OS ones: one recv or a contended lock would stop
+        the whole hub. Made again now, they are gevent's, and every wait yields.
+        """
+        assert self._sock is not None and self._push is not None
+        self._sock = socket.socket(fileno=self._sock.detach())
+        self._push = socket.socket(fileno=self._push.detach())
+        self._sock.settimeout(None)
+        self._push.settimeout(None)
+        self._close_lock = threading.Lock()
+        self._wlock = threading.Lock()
+        self._rlock = threading.Lock()
+        self._flusher_cv = threading.Condition(self._wlock)
+        self._green = True
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Give the call channel to an event loop (asyncio workers; the hooks do it).
+
+        Call it in the loop's thread (running or about to run). From then on the loop
+        reads every reply (a reader callback: nothing blocks it), :meth:`arequest`
+        waits on a future, ``async def`` handlers and subscribers run on it, and
+        :meth:`request` from another thread waits for the loop to hand it its reply.
+        Raises :class:`RuntimeError` when the bus is already bound to another loop.
+        """
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("the gunicorn-ext bus is already bound to another event loop")
+        sock = self._sock
+        if sock is None:
+            raise BusClosed(self._closed_reason)
+        if not self._rlock.acquire(False):
+            # A thread is reading a reply right now: take over when it is done.
+            loop.call_later(0.005, self.bind_loop, loop)
+            return
+        # The loop keeps the reader role for good: threads in request() wait on their event.
+        self._loop_tid = threading.get_ident()
+        with self._early_lock:
+            self._loop = loop
+            early, self._early = self._early, []
+        loop.add_reader(sock.fileno(), self._on_call_readable, sock)
+        for coro in early:
+            loop.create_task(coro)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the bus is bound to (None outside asyncio workers)."""
+        return self._loop
 
     def close(self, reason: str = "the bus was closed") -> bool:
         """Close this worker's end; every waiting request gets :class:`BusClosed`.
@@ -189,6 +299,15 @@ class Bus:
             if sock is None:
                 return False
             self._closed_reason = reason
+        loop = self._loop
+        if loop is not None:  # the loop stops watching the call channel
+            try:
+                if threading.get_ident() == self._loop_tid:
+                    loop.remove_reader(sock.fileno())
+                else:
+                    loop.call_soon_threadsafe(_forget_reader, loop, sock.fileno())
+            except (OSError, ValueError, RuntimeError):  # the loop is closed already
+                pass
         for s in (sock, push):
             if s is None:
                 continue
@@ -224,6 +343,7 @@ class Bus:
         self._sock = self._push = None
         self._closed_reason = "this process was forked from a worker; it has no bus"
         self._listener = None
+        self._loop = None
 
     # --------------------------------------------------------------- sending
 
@@ -256,7 +376,14 @@ class Bus:
         Raises :class:`NoHandler`, :class:`HandlerError`, :class:`WorkerGone`,
         :class:`RequestTimeout` or :class:`BusClosed`; :class:`MessageTooLarge`
         or :class:`UnencodableMessage` before anything is sent.
+
+        On a running event loop it raises :class:`RuntimeError` (it would block
+        the loop): use :meth:`arequest` there.
         """
+        if asyncio._get_running_loop() is not None:
+            raise RuntimeError(
+                f"worker.request({name!r}) would block the running event loop; use "
+                f"`await worker.arequest({name!r}, ...)` in async code")
         self._check_target(name, to)
         if to == ALL:
             raise ValueError("a request goes to one worker or to the primary, not ALL")
@@ -299,6 +426,52 @@ class Bus:
         if pending.error is not None:
             raise pending.error
         return pending.value
+
+    async def arequest(self, name: str, payload: Any = None, to: int = PRIMARY,
+                       timeout: float = 5.0) -> Any:
+        """:meth:`request` for async code: same arguments, reply and errors.
+
+        The first call binds the bus to the running loop when nothing bound it yet
+        (see :meth:`bind_loop`); the wait is a future, so the loop serves on meanwhile.
+        """
+        self._check_target(name, to)
+        if to == ALL:
+            raise ValueError("a request goes to one worker or to the primary, not ALL")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self.bind_loop(loop)
+            if self._loop is not loop:  # a thread holds the reader role for a moment
+                await asyncio.sleep(0.01)
+                if self._loop is not loop:
+                    raise RuntimeError("the gunicorn-ext bus could not bind to this event loop")
+        rid = next(self._ids)
+        pending = _Pending()
+        fut = pending.future = loop.create_future()
+        self._pending[rid] = pending
+        timer = loop.call_later(timeout, _wake, fut)
+        try:
+            self._write(Req(rid, name, to, self.slot, payload))
+            await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(rid, None)
+        if not pending.done:
+            raise RequestTimeout(f"request {name!r} to {_where(to)}: no reply within {timeout}s")
+        if pending.error is not None:
+            raise pending.error
+        return pending.value
+
+    async def asend(self, name: str, payload: Any = None, to: int = PRIMARY) -> None:
+        """:meth:`send` for async code (a local socket write: it never waits on the peer's handler)."""
+        self.send(name, payload, to)
+
+    async def abroadcast(self, name: str, payload: Any = None) -> None:
+        """:meth:`broadcast` for async code."""
+        self.send(name, payload, ALL)
+
+    async def apublish(self, topic: str, payload: Any = None) -> None:
+        """:meth:`publish` for async code."""
+        self.publish(topic, payload)
 
     def _check_target(self, name: str, to: int) -> None:
         frames.check_address(name, to)
@@ -392,13 +565,15 @@ class Bus:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
+            if self._green:  # gevent waits in its hub; a kernel timeout would not be seen
+                sock.settimeout(remaining)
             # A kernel receive timeout instead of poll(): one syscall per read,
             # and a setsockopt only when the timeout changes.
-            if abs(remaining - self._rcvtimeo) > 0.05 * remaining + 0.001:
+            elif abs(remaining - self._rcvtimeo) > 0.05 * remaining + 0.001:
                 self._set_rcvtimeo(sock, remaining)
             try:
                 data = sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, TimeoutError):
                 continue  # timed out (or a signal): the loop re-checks the deadline
             except OSError as exc:
                 self._lost(f"reading from the primary failed ({exc})")
@@ -431,6 +606,48 @@ class Bus:
         event = pending.event
         if event is not None:
             event.set()
+        fut = pending.future
+        if fut is not None:
+            self._resolve(fut)
+
+    def _resolve(self, fut: asyncio.Future[None]) -> None:
+        """Wake an arequest() waiting on ``fut``, from any thread."""
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_tid:
+            _wake(fut)
+            return
+        try:
+            fut.get_loop().call_soon_threadsafe(_wake, fut)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _on_call_readable(self, sock: socket.socket) -> None:
+        """The loop's reader callback for the call channel (see :meth:`bind_loop`)."""
+        if self._sock is not sock:
+            try:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            except (OSError, ValueError, RuntimeError):
+                pass
+            return
+        try:
+            data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(f"reading from the primary failed ({exc})")
+            return
+        if not data:
+            self._lost("the primary closed the connection")
+            return
+        reader = self._reader
+        for frame in reader.feed(data):
+            if type(frame) is Rep or type(frame) is Err:
+                self._deliver(frame)  # type: ignore[arg-type]
+            else:
+                self._log("warning", "gunicorn-ext: unexpected %s frame on the call channel",
+                          type(frame).__name__)
+        if reader.error is not None:
+            self._lost(f"bad frame from the primary: {reader.error}")
 
     def _set_rcvtimeo(self, sock: socket.socket, seconds: float) -> None:
         sec = int(seconds)
@@ -451,6 +668,8 @@ class Bus:
                 p.done = True
                 if p.event is not None:
                     p.event.set()
+                if p.future is not None:
+                    self._resolve(p.future)
 
     # --------------------------------------------------------------- listener
 
@@ -483,6 +702,10 @@ class Bus:
 
     def _handle(self, frame: frames.Frame) -> None:
         kind = type(frame)
+        if self._async_names and (kind is Msg or kind is Req) and \
+                frame.name in self._async_names:  # type: ignore[union-attr]
+            self._on_loop(self._run_async(frame), frame)  # type: ignore[arg-type]
+            return
         if kind is Msg:
             assert isinstance(frame, Msg)
             try:
@@ -497,7 +720,9 @@ class Bus:
             assert isinstance(frame, Pub)
             for fn in list(self._topics.get(frame.topic, ())):
                 try:
-                    fn(Message(frame.topic, frame.payload, frame.src))
+                    result = fn(Message(frame.topic, frame.payload, frame.src))
+                    if inspect.isawaitable(result):
+                        self._on_loop(self._run_subscriber(result, frame.topic), None)
                 except Exception:
                     self._log("exception", "gunicorn-ext: subscriber of %r raised", frame.topic)
         elif kind is Err:
@@ -513,6 +738,65 @@ class Bus:
                     callback(frame.name, error)
                 except Exception:
                     self._log("exception", "gunicorn-ext: on_error callback raised")
+
+    def _on_loop(self, coro: Any, frame: Msg | Req | None) -> None:
+        """Run an async handler's coroutine on the bound loop (from the listener thread)."""
+        loop = self._loop
+        if loop is None and len(self._early) < _MAX_EARLY:
+            with self._early_lock:
+                if self._loop is None:
+                    self._early.append(coro)
+                    return
+            loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            text = ("an async handler needs the worker's event loop, and this worker has none "
+                    "(or too many runs wait for it)")
+            self._log("error", "gunicorn-ext: %s (%s)", text,
+                      frame.name if frame is not None else "a subscriber")
+            if frame is not None:
+                err = HandlerError(f"handler {frame.name!r} in worker slot {self.slot}: {text}")
+                if type(frame) is Req:
+                    self._write(Err(frame.id, err.code, str(err)))
+                else:
+                    self._write(Err(frame.id, err.code, str(err), frame.src, True, frame.name))
+            return
+        asyncio.run_coroutine_threadsafe(coro, loop)
+
+    async def _run_async(self, frame: Msg | Req) -> None:
+        """An async handler's run: the same errors and reply encoding as a sync handler's."""
+        fn = self._handlers.get(frame.name)
+        outcome: list[Any] = []
+        try:
+            if fn is None:
+                raise NoHandler(f"worker slot {self.slot} has no handler for {frame.name!r}")
+            outcome.append(await fn(Message(frame.name, frame.payload, frame.src)))
+        except Exception as exc:  # replayed below, so it is logged and reported as usual
+            error: Exception = exc
+
+            def replay(_m: Message) -> Any:
+                raise error
+        else:
+            def replay(_m: Message) -> Any:
+                return outcome[0]
+        try:
+            if type(frame) is Req:
+                self._write_bytes(answer({frame.name: replay}, frame, f"worker slot {self.slot}",
+                                         self.log, self.max_frame))
+            else:
+                try:
+                    run_handler({frame.name: replay}, frame.name, frame.payload, frame.src,
+                                f"worker slot {self.slot}", self.log)
+                except IPCError as exc:
+                    self._write(Err(frame.id, exc.code, str(exc), frame.src, True, frame.name))
+        except BusClosed:
+            pass
+
+    async def _run_subscriber(self, result: Awaitable[Any], topic: str) -> None:
+        try:
+            await result
+        except Exception:
+            self._log("exception", "gunicorn-ext: subscriber of %r raised", topic)
 
     def _call(self, name: str, payload: Any, src: int) -> Any:
         return run_handler(self._handlers, name, payload, src, f"worker slot {self.slot}", self.log)

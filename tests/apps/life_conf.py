@@ -35,4 +35,5 @@ gunicorn_ext.enable(
     worker_ports_base=int(env("WORKER_PORTS_BASE", "0")),
     hup=env("HUP", "gunicorn"),
     even_spread=env("EVEN_SPREAD", "1") == "1",
+    request_timeout=float(env("REQUEST_TIMEOUT", "0")),
 )

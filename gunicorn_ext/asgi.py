@@ -1,0 +1,144 @@
+"""gunicorn-ext under the asyncio workers: ``-k asgi`` and ``uvicorn_worker.UvicornWorker``.
+
+Neither worker runs WSGI, and the uvicorn worker calls no request hook, so the hooks put
+:class:`ClusterMiddleware` around the ASGI app instead (``post_worker_init``). It binds
+the bus to the worker's event loop (:meth:`~gunicorn_ext.ipc.bus.Bus.bind_loop`), counts
+each HTTP request into the slot's metrics (requests, latency, in flight), sends the
+one-way messages a request batched, and checks the soft memory limit after it.
+
+:class:`LoopWatch` is the hung-worker stack dump of an event loop: a stuck loop runs no
+signal handler (Gunicorn's ``worker_abort`` never fires), so a thread notices the loop
+has stopped answering and logs its stack before the arbiter's ``timeout`` kills it.
+
+Gunicorn internals: the app lives in ``worker.asgi`` (``-k asgi``, set by its
+``load_wsgi``) or ``worker.wsgi`` (the uvicorn worker, read when ``run()`` starts
+the server); both are read only after ``post_worker_init``, which is the seam used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from .ipc.bus import Bus
+from .ipc.errors import BusClosed
+from .reporter import Reporter
+from .sticky import ASGIApp, Receive, Scope, Send
+
+__all__ = ["ClusterMiddleware", "LoopWatch", "app_attribute"]
+
+
+def app_attribute(worker: Any) -> str | None:
+    """The attribute holding this worker's ASGI app, or None for a WSGI worker."""
+    if getattr(worker, "asgi", None) is not None:  # gunicorn.workers.gasgi.ASGIWorker
+        return "asgi"
+    if type(worker).__module__.startswith("uvicorn"):  # uvicorn_worker.UvicornWorker
+        return "wsgi"
+    return None
+
+
+class ClusterMiddleware:
+    """ASGI middleware: the bus's loop binding and the slot's request metrics.
+
+    The hooks wrap the app with it; an app never needs to. Lifespan and WebSocket
+    scopes pass through (a WebSocket is not a request here, as it is exempt from
+    request deadlines under WSGI), but they bind the loop too.
+    """
+
+    def __init__(self, app: ASGIApp, bus: Bus, reporter: Reporter | None,
+                 stall: float = 0.0, log: Any = None) -> None:
+        self.app = app
+        self.bus = bus
+        self.reporter = reporter
+        #: Seconds without the loop running before :class:`LoopWatch` logs its stack (0: off).
+        self.stall = stall
+        self.log = log
+        self.watch: LoopWatch | None = None
+        self._seen_loop = False
+
+    def _first_call(self) -> None:
+        self._seen_loop = True
+        loop = asyncio.get_running_loop()
+        bus = self.bus
+        if bus.loop is None and bus.connected:
+            try:
+                bus.bind_loop(loop)
+            except (RuntimeError, BusClosed):
+                pass
+        if self.stall and self.log is not None:
+            self.watch = LoopWatch(loop, self.stall, self.log, bus.slot)
+            self.watch.start()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._seen_loop:
+            self._first_call()
+        reporter = self.reporter
+        if reporter is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        stats = reporter.stats
+        t0 = time.perf_counter()
+        stats.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            stats.request_finished(time.perf_counter() - t0)
+            self.bus.flush()
+            reporter.check_memory()
+
+
+class LoopWatch:
+    """Log the stack of an event loop that stopped answering (once per stall).
+
+    A daemon thread schedules a no-op on the loop every ``interval``; when the loop
+    has not run one for ``stall`` seconds, the loop thread's stack goes to the log
+    with the stall's length (Gunicorn's ``timeout`` then ends the worker, as for any
+    worker that stops its heartbeat). Made in the thread that runs the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float, log: Any, slot: int,
+                 interval: float = 0.5) -> None:
+        self.loop = loop
+        self.stall = stall
+        self.log = log
+        self.slot = slot
+        self.interval = min(interval, stall / 2)
+        self._tid = threading.get_ident()
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+
+    def _tick(self) -> None:
+        self._beat = time.monotonic()
+
+    def start(self) -> None:
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="gunicorn-ext-loopwatch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        reported = False
+        while not self._stop.wait(self.interval):
+            if self.loop.is_closed():
+                return
+            try:
+                self.loop.call_soon_threadsafe(self._tick)
+            except RuntimeError:  # closed meanwhile
+                return
+            late = time.monotonic() - self._beat
+            if late < self.stall:
+                reported = False
+                continue
+            if reported:
+                continue
+            reported = True
+            frame = sys._current_frames().get(self._tid)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else "(gone)"
+            self.log.critical("gunicorn-ext: worker slot %s: its event loop has not run for "
+                              "%.1fs (something blocks it); the loop's stack:\n%s",
+                              self.slot, late, stack)
