@@ -382,6 +382,9 @@ def test_hung_worker_stacks_are_logged_before_the_kill(gunicorn_factory: Any) ->
 # -- rolling reload -----------------------------------------------------------------------
 
 
+_GUNICORN_MAJOR = int(__import__("gunicorn").__version__.split(".")[0])
+
+
 class Load:
     """Requests from two threads until stopped (bounded in count and time)."""
 
@@ -396,9 +399,13 @@ class Load:
     def _run(self) -> None:
         end = time.monotonic() + self.seconds
         s = requests.Session()
+        # Gunicorn before 27 drops a stopping gthread worker's idle kept-alive connections
+        # (27 answers a request arriving on one with "Connection: close"), so a client
+        # reusing one at that instant is reset: there, every request has its own connection.
+        headers = {} if _GUNICORN_MAJOR >= 27 else {"Connection": "close"}
         while not self._stop.is_set() and time.monotonic() < end and self.ok < self.limit:
             try:
-                r = s.get(self.g.url("/"), timeout=10)
+                r = s.get(self.g.url("/"), timeout=10, headers=headers)
                 r.raise_for_status()
                 self.versions.add(r.json()["version"])
                 self.ok += 1
