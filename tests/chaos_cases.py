@@ -54,10 +54,13 @@ def timeline(results: Sequence[Result], end: float, step: float = 1.0) -> dict[s
 
 def worker_kills(cluster: Cluster, *, seconds: float, interval: float = 0.5,
                  clients: int = 16, paths: Sequence[str] = ("/whoami",),
-                 settle: float = 30.0, seed: int = 9) -> dict[str, Any]:
+                 settle: float = 30.0, seed: int = 9, min_kills: int = 0) -> dict[str, Any]:
     """SIGKILL a random live worker every *interval* s for *seconds*, alternating the
     instances, under *clients* clients; then wait (up to *settle* s, no action taken)
-    until every slot of both instances answers straight to its instance."""
+    until every slot of both instances answers straight to its instance.
+
+    With *min_kills*, the kills go on past *seconds* (up to twice as long) until that
+    many landed: on a loaded machine a round can find no live worker to kill."""
     rng = random.Random(seed)
     load = Load(cluster.url, paths, clients=clients, max_seconds=seconds + 30)
     kills: list[tuple[float, int, int | None]] = []
@@ -66,8 +69,13 @@ def worker_kills(cluster: Cluster, *, seconds: float, interval: float = 0.5,
         time.sleep(1.0)
         k0 = load.now()
         end = time.monotonic() + seconds
+        hard_end = end + seconds
         i = 0
-        while time.monotonic() < end:
+
+        def landed() -> int:
+            return sum(1 for k in kills if k[2] is not None)
+
+        while time.monotonic() < end or (landed() < min_kills and time.monotonic() < hard_end):
             kills.append((round(load.now(), 3), i % 2, cluster.kill_worker(i % 2, rng)))
             i += 1
             time.sleep(interval)
