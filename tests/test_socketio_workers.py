@@ -11,11 +11,11 @@ pins each long-polling session to its worker):
 
 Clients: socket.io-client in node (``tests/js``: long-polling, websocket, and its default
 upgrade) and python-socketio (long-polling through nginx, websocket on each worker's own
-port). Every check is that each client gets each message exactly once. The faults: a
-flood of emits (no worker is cut off the bus, nothing lost or doubled) and a worker
+port). Every check is that each client gets each message exactly once. The faults: bad
+input (an error in the ack, broadcast to no one), a flood of emits (no worker is cut off the bus, nothing lost or doubled) and a worker
 SIGKILLed under its clients (the other worker's clients keep getting every message; the
-killed one's reconnect through nginx and get them again). The gthread case of the same
-example is tests/test_chat.py.
+killed one's reconnect through nginx and get them again). The Flask example's raw ``/ws``
+chat under gevent is here too; the gthread case of that example is tests/test_chat.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import pytest
 import requests
 import socketio
 from harness import Gunicorn, free_port, free_port_pair, serves, tail, wait_for
-from test_chat import NodeClients
+from test_chat import NodeClients, RawClient
 
 from gunicorn_ext.nginx import render
 
@@ -261,6 +261,16 @@ def test_every_client_gets_each_message_once_also_under_a_flood(
         assert py_counts == [1] * len(py), (sender, text, py_counts)
         assert js_counts == [1] * len(js_counts), (sender, text, js_counts)
 
+    # Bad input: the error is in the ack, and nothing reaches anyone.
+    before = [sum(c.got.values()) for c in py]
+    for bad in ({"txt": "no"}, "text", {"text": " "}, {"text": "x" * 5000}, [1, 2]):
+        ack = py[0].sio.call("say", bad, namespace="/chat", timeout=TIMEOUT)
+        assert "error" in ack, (bad, ack)
+    text = _nonce("after-bad")
+    _say(py[0], text)
+    assert _each_once(py, node, text)[0] == [1] * len(py)
+    assert [sum(c.got.values()) for c in py] == [n + 1 for n in before]
+
     # A flood from one client: FLOOD says at once, each fanned out to both workers.
     pids = set(site.gunicorn.worker_pids())
     prefix = _nonce("flood")
@@ -352,3 +362,38 @@ def _where_or_none(c: PyClient) -> dict[str, Any] | None:
         return c.ask_where()
     except socketio.exceptions.SocketIOError:
         return None
+
+
+@pytest.mark.slow
+def test_the_raw_websocket_chat_under_gevent(gunicorn_factory: Callable[..., Gunicorn],
+                                             tmp_path: Path) -> None:
+    """The Flask example's other chat, ``/ws`` (simple-websocket), a greenlet per client:
+    each message once on both workers; a stopping worker closes its clients at once."""
+    where = EXAMPLES / "flask_app"
+    base = free_port_pair()
+    g = gunicorn_factory("app:app", config=where / "cluster_conf.py", cwd=where, workers=2,
+                         env={"WORKER_CLASS": "gevent", "WORKER_PORTS_BASE": str(base),
+                              "INSTANCE": "solo", "STATE_URL": f"sqlite:///{tmp_path / 's.db'}",
+                              "SECRET_KEY": "k" * 32})
+    wait_for(lambda: all(serves(base + slot) for slot in (0, 1)), 20, what="both worker ports")
+    clients = [RawClient(f"ws://127.0.0.1:{base + slot}/ws") for slot in (0, 1, 0, 1)]
+    try:
+        assert [c.slot for c in clients] == [0, 1, 0, 1]
+        for sender in clients[:2]:
+            text = _nonce(f"raw-{sender.slot}")
+            sender.send({"text": text})
+            for c in clients:
+                assert c.wait(lambda c=c, t=text: bool(c.texts(t))), (c, text)
+            time.sleep(DUPLICATE_WINDOW)
+            assert [len(c.texts(text)) for c in clients] == [1] * 4
+        clients[0].send("not json")
+        assert clients[0].wait(lambda: bool(clients[0].errors()))
+        t0 = time.monotonic()
+        g.signal(signal.SIGTTOU)  # gunicorn-ext stops the highest slot: 1
+        for c in clients[1::2]:
+            assert c.ended(TIMEOUT) and c.close_code == 1001, c.close_code
+        assert time.monotonic() - t0 < TIMEOUT  # not graceful_timeout (10 s)
+    finally:
+        for c in clients:
+            with contextlib.suppress(Exception):
+                c.close()
