@@ -345,7 +345,7 @@ def test_the_redis_hosts_link_cut_then_restored(cluster: Cluster) -> None:
 
 #: The rendered defaults but for a shorter plain-HTTP read timeout (bounded test time);
 #: next_upstream_timeout stays below it, as in the defaults: a read timeout is a 504.
-CUT_FAILOVER = Failover(read_timeout=5.0, next_upstream_timeout=3.5)
+CUT_FAILOVER = Failover(read_timeout=6.0, next_upstream_timeout=3.5)
 CLIENTS = 8
 
 
