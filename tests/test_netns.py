@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 import requests
 from harness import Gunicorn, RedisServer, find_binary, free_port, serves, wait_for
-from test_chat import SioClient, _assert_each_gets_it_once, _warm_up
+from test_chat import RawClient, SioClient, _assert_each_gets_it_once, _warm_up
 
 from gunicorn_ext.nginx import Failover, render, route_name
 
@@ -51,6 +51,9 @@ NET = "10.213.14"
 HOSTS = {"redis": f"{NET}.1", "east": f"{NET}.2", "west": f"{NET}.3", "client": f"{NET}.9"}
 PORT = 8000
 WORKER_PORTS = 9000
+#: nginx's ports on the clients' host, for the WebSocket tests (the namespace is private:
+#: nothing else listens there), allowed as browser origins by the example's chat.
+WS_NGINX_PORTS = (8080, 8081)
 TIMEOUT = 15.0
 CLONE_NEWNET = 0x40000000
 IP = find_binary("ip")
@@ -189,7 +192,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                                cwd=EXAMPLE, workers=2, host=HOSTS[name], port=PORT,
                                log_dir=tmp_path / name, name=f"gunicorn-{name}",
                                env={"WORKER_PORTS_BASE": str(WORKER_PORTS), "INSTANCE": name,
-                                    "STATE_URL": state, "SECRET_KEY": "k" * 32})
+                                    "STATE_URL": state, "SECRET_KEY": "k" * 32,
+                                    "CHAT_ALLOWED_ORIGINS": ",".join(
+                                        f"http://127.0.0.1:{p}" for p in WS_NGINX_PORTS)})
                 started.append(g)
                 instances.append(g.start())
             for g in instances:
@@ -482,3 +487,39 @@ def test_an_instance_hosts_link_cut_under_load_is_survived_and_it_rejoins(
               f"east's clients answered by west {min(moved):.1f}-{max(moved):.1f}s after the "
               f"cut; slowest answered request {slowest:.1f}s; east served a new client "
               f"{rejoined:.1f}s after the restore")
+
+
+@pytest.mark.nginx
+def test_tcp_keepalive_ends_a_websocket_to_a_host_that_vanished(
+        cluster: Cluster, nginx_site: Any) -> None:
+    """A WebSocket whose client stays silent carries nothing towards its backend, so when
+    that backend's host vanishes nothing tells nginx: it holds the connection until the
+    stream timeout (60 s). ``proxy_socket_keepalive on`` (the default) lets the kernel
+    find it dead, on the system's keepalive timing, lowered here on nginx's host (2 s
+    idle, 2 probes 1 s apart: the README's advice, scaled down): the client sees its
+    WebSocket end and can reconnect. Rendered without it, the same WebSocket stays open."""
+    ns = cluster.net.ns["client"]
+    for key, value in (("time", 2), ("intvl", 1), ("probes", 2)):
+        path = f"/proc/sys/net/ipv4/tcp_keepalive_{key}"  # per network namespace
+        _ip("netns", "exec", ns, "sh", "-c", f"echo {value} > {path}")
+    with inside(ns):
+        assert Path("/proc/sys/net/ipv4/tcp_keepalive_time").read_text().strip() == "2"
+        east = [f"{h}:{p}" for h, p in cluster.worker_ports()[:2]]
+        clients = {}
+        with contextlib.ExitStack() as stack:
+            for keepalive, listen in zip((True, False), WS_NGINX_PORTS, strict=True):
+                conf = render(east, listen, "127.0.0.1", default_server=False,
+                              failover=Failover(socket_keepalive=keepalive))
+                assert ("proxy_socket_keepalive on;" in conf) is keepalive
+                stack.enter_context(nginx_site(conf, listen))
+                clients[keepalive] = RawClient(f"ws://127.0.0.1:{listen}/ws")
+                stack.callback(clients[keepalive].close)
+            assert {c.instance for c in clients.values()} == {"east"}
+            cut = time.monotonic()
+            cluster.net.link("east", up=False)
+            assert clients[True].ended(timeout=20), "nginx kept the WebSocket to a vanished host"
+            ended = time.monotonic() - cut
+            assert not clients[False].ended(timeout=3)  # nothing told this one
+            print(f"WebSocket to a vanished host: ended {ended:.1f}s after the cut with TCP "
+                  "keepalive (2 s idle, 2 probes 1 s apart); still open "
+                  f"{time.monotonic() - cut:.1f}s after it without")
