@@ -17,7 +17,8 @@ restarted, and the Redis host's link cut, then restored: local delivery goes on,
 sender is told, one log line at loss and one at recovery, no restart needed. And an
 instance host's link cut under load behind the rendered nginx: only the requests in
 flight on that host fail, its clients are re-pinned to the other instance with their
-sessions, and the restored host serves again with the same processes.
+sessions, and the restored host serves again with the same processes; a silent WebSocket
+to that host is ended by TCP keepalive (``proxy_socket_keepalive``) and stays open without.
 
 Needs root (``ip netns add``): skipped with the reason otherwise.
 """
