@@ -44,8 +44,9 @@ Internals touched, each for one reason:
 * ``Worker.aborted`` (set by ``murder_workers`` before its SIGABRT) tells a timeout
   from another kill (:func:`timed_out`); ``Worker.tmp`` is closed by the replay.
 * ``Arbiter.reexec_pid``/``master_pid`` tell that another master shares the
-  listeners after USR2 (:func:`shares_listeners`); ``dirty_arbiter_pid`` (26+) and
-  ``kill_dirty_arbiter()`` forward a rolling HUP to the dirty arbiter.
+  listeners after USR2 (:func:`shares_listeners`); ``dirty_arbiter_pid`` and
+  ``kill_dirty_arbiter()`` forward a rolling HUP to the dirty arbiter, as
+  ``handle_hup`` does (both versions).
 * The first part of ``Arbiter.reload()`` is replayed for a rolling HUP
   (:func:`reset_environment`, :func:`reread_config`, :func:`apply_config`,
   :func:`renew_pidfile`): ``cfg.env``/``env_orig``, ``app.reload()``, ``setup()``,
@@ -282,7 +283,7 @@ def shares_listeners(server: Any) -> bool:
 
 
 def forward_hup_to_dirty_arbiter(server: Any) -> None:
-    """Gunicorn's ``handle_hup`` forwards HUP to its dirty arbiter (26+); so does ours."""
+    """Gunicorn's ``handle_hup`` forwards HUP to its dirty arbiter; so does ours."""
     if getattr(server, "dirty_arbiter_pid", 0):
         import signal
 

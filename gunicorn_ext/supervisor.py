@@ -99,6 +99,8 @@ class Supervisor:
         self._halt: str | None = None
         self._stopping = False
         self._started = time.time()
+        #: The monotonic clock of backoff, breaker, uptime and rollout deadlines.
+        self.clock: Callable[[], float] = time.monotonic
         self.instance = os.environ.get("INSTANCE", "")
         self.control: Any = None
         #: The dispatcher (even spread), drained on a graceful stop; None when off.
@@ -234,7 +236,7 @@ class Supervisor:
         if self._halt:
             return None
         used = self.workers.used_slots()
-        now = time.monotonic()
+        now = self.clock()
         for slot in range(server.num_workers):
             if slot in used:
                 continue
@@ -382,7 +384,7 @@ class Supervisor:
             slot = next(i for i in range(len(used) + 1) if i not in used)
         # Export the slot's restart counter from 0, so increase() sees its first restart.
         self.metrics.set_restarts(slot, self.policy(slot).restarts)
-        self.workers.spawned(slot, worker, time.monotonic(), rollout_new=self._force_slot is not None)
+        self.workers.spawned(slot, worker, self.clock(), rollout_new=self._force_slot is not None)
         return slot
 
     def retire_all(self, server: Any) -> None:
@@ -436,11 +438,13 @@ class Supervisor:
                 action()
             except Exception:
                 server.log.exception("gunicorn-ext: operator action failed")
-        self.rollout.tick(self, server.log, self.settings.reload_ready_timeout)
+        self.rollout.tick(self, server.log, self.settings.reload_ready_timeout, self.clock())
         self._close_stable_probes(server)
-        # Old workers of a rollout stay until their replacement is ready: don't
-        # let Gunicorn count them against num_workers and stop someone else.
-        extra = sum(1 for rec in self.workers.live() if rec.rolling_old)
+        # Old workers of a rollout stay until their replacement is ready, and the new
+        # workers of a stopped rollout are on their way out (TERMed): don't let Gunicorn
+        # count them against num_workers and stop a worker that keeps its slot.
+        extra = sum(1 for rec in self.workers.live()
+                    if rec.rolling_old or (rec.retired and rec.planned))
         with gi.counting_extra(server, extra):
             orig()
         if not gi.workers(server) and gi.listeners(server) and not self._stopping:
@@ -449,7 +453,7 @@ class Supervisor:
 
     def _close_stable_probes(self, server: Any) -> None:
         """Close each half-open breaker whose worker has been ready restart_min_uptime."""
-        now = time.monotonic()
+        now = self.clock()
         need = self.settings.restart_min_uptime
         for slot, b in self._all_breakers():
             if b.state != HALF_OPEN or b.probe_pid is None:
@@ -490,7 +494,7 @@ class Supervisor:
                        or sig in _STOP_SIGNALS  # someone asked it to stop
                        or self._stopping  # the arbiter is shutting down
                        or (note is not None and note.get("planned")))
-        now = time.monotonic()
+        now = self.clock()
         uptime = now - rec.started
         self.last_exit[slot] = reason
         unstable = not planned and self.unstable(code, sig, rec.ready_at, now)
@@ -605,7 +609,7 @@ class Supervisor:
     def _on_ready(self, slot: int, pid: int) -> None:
         rec = self.workers.find(pid, slot)
         if rec is not None:
-            rec.ready_at = time.monotonic()
+            rec.ready_at = self.clock()
         if self.server is not None and any(b.probe_pid == pid for _, b in self._all_breakers()):
             self.hub.call_later(self.settings.restart_min_uptime + 0.01, self.server.wakeup)
         if self.rollout.running and self.server is not None:
@@ -621,7 +625,7 @@ class Supervisor:
         if server is None:
             return
         s = self.settings
-        now = time.monotonic()
+        now = self.clock()
         live = gi.workers(server)
         for w in live:
             pid = w.pid
@@ -673,7 +677,7 @@ class Supervisor:
         server = self.server
         if server is None:
             return {"error": "the primary is not running"}
-        now = time.monotonic()
+        now = self.clock()
         rows = []
         seen = set()
         for rec in sorted(self.workers.live(), key=lambda rec: (rec.slot, rec.generation)):

@@ -11,7 +11,6 @@ Runs in the arbiter's main thread (driven by the supervisor's tick).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,11 +79,11 @@ class Rollout:
         self.steps = {}
         self.message = f"replacing {self.total} workers, {batch} at a time"
 
-    def tick(self, host: RolloutHost, log: Any, timeout: float) -> None:
-        """Advance the rollout by whatever has happened since the last tick."""
+    def tick(self, host: RolloutHost, log: Any, timeout: float, now: float) -> None:
+        """Advance the rollout by whatever has happened since the last tick (``now``:
+        monotonic time)."""
         if not self.running:
             return
-        now = time.monotonic()
         if not self.steps:
             if not self.plan:
                 self.state = "done"
@@ -125,7 +124,7 @@ class Rollout:
                 return
         if all(s.termed for s in self.steps.values()):
             self.steps = {}
-            self.tick(host, log, timeout)  # start the next batch now
+            self.tick(host, log, timeout, now)  # start the next batch now
 
     def _fail(self, host: RolloutHost, log: Any, why: str) -> None:
         kept = 0
