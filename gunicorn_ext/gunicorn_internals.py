@@ -11,7 +11,8 @@ and by the real-Gunicorn tests, on Gunicorn **25.0.0** (``make test-oldest``) an
 
 Public names, used as Gunicorn means them: ``Arbiter.num_workers`` (read),
 ``Arbiter.wakeup()``, ``Arbiter.kill_workers()``, ``Arbiter.WORKER_BOOT_ERROR`` and
-``Arbiter.APP_LOAD_ERROR``, ``Arbiter.log``/``cfg``/``app``/``pid``/``timeout``,
+``Arbiter.APP_LOAD_ERROR``, ``Arbiter.halt()``, ``Arbiter.log``/``cfg``/``app``/``pid``/
+``timeout``/``worker_class``,
 ``Worker.pid``/``log``/``cfg``/``alive``, ``gunicorn.errors.HaltServer``,
 ``gunicorn.pidfile.Pidfile``.
 
@@ -44,7 +45,7 @@ Internals touched, each for one reason:
 * ``Worker.aborted`` (set by ``murder_workers`` before its SIGABRT) tells a timeout
   from another kill (:func:`timed_out`); ``Worker.tmp`` is closed by the replay.
 * ``Arbiter.reexec_pid``/``master_pid`` tell that another master shares the
-  listeners after USR2 (:func:`shares_listeners`); ``dirty_arbiter_pid`` and
+  listeners after USR2 (:func:`shares_listeners`, :func:`old_master_pid`); ``dirty_arbiter_pid`` and
   ``kill_dirty_arbiter()`` forward a rolling HUP to the dirty arbiter, as
   ``handle_hup`` does (both versions).
 * The first part of ``Arbiter.reload()`` is replayed for a rolling HUP
@@ -57,7 +58,8 @@ Internals touched, each for one reason:
   ``post_fork``) is wrapped (:func:`on_exit_signal`); the loaded app in
   ``Worker.wsgi`` (or ``Worker.asgi`` for ``-k asgi``) is replaced after
   ``post_worker_init`` has it (:func:`app_of`, :func:`set_app`); ``Worker.sockets``
-  is replaced or extended in ``post_fork`` (:func:`set_sockets`).
+  is replaced or extended in ``post_fork`` (:func:`set_sockets`); ``-k asgi``'s
+  ``Worker.loop`` is read in ``post_worker_init`` (:func:`event_loop_of`).
 """
 
 from __future__ import annotations
@@ -282,6 +284,11 @@ def shares_listeners(server: Any) -> bool:
     return bool(getattr(server, "reexec_pid", 0) or getattr(server, "master_pid", 0))
 
 
+def old_master_pid(server: Any) -> int:
+    """The pid of the master that re-executed this one (USR2), or 0."""
+    return int(getattr(server, "master_pid", 0) or 0)
+
+
 def forward_hup_to_dirty_arbiter(server: Any) -> None:
     """Gunicorn's ``handle_hup`` forwards HUP to its dirty arbiter; so does ours."""
     if getattr(server, "dirty_arbiter_pid", 0):
@@ -388,6 +395,12 @@ def sockets_of(worker: Any) -> list[Any]:
     return list(worker.sockets)
 
 
+def event_loop_of(worker: Any) -> Any:
+    """The asyncio loop ``-k asgi`` makes before ``post_worker_init`` (None for others;
+    the uvicorn worker makes its own later)."""
+    return getattr(worker, "loop", None)
+
+
 def set_sockets(worker: Any, sockets: list[Any]) -> None:
     """The sockets the worker's accept loop uses (``post_fork``, before ``init_process``)."""
     worker.sockets = sockets
@@ -396,9 +409,9 @@ def set_sockets(worker: Any, sockets: list[Any]) -> None:
 __all__ = [
     "APP_LOAD_ERROR", "ATTRIBUTE", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
     "WORKER_BOOT_ERROR", "WRAPPED", "app_of", "apply_config", "attach", "attached",
-    "counting_extra", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",
+    "counting_extra", "event_loop_of", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",
     "listener_socket", "listeners",
-    "new_config", "on_exit_signal", "peek_exit", "reap_past_boot_errors", "renew_pidfile",
+    "new_config", "old_master_pid", "on_exit_signal", "peek_exit", "reap_past_boot_errors", "renew_pidfile",
     "reread_config", "reset_environment", "run_on_reload", "set_app", "set_sockets",
     "shares_listeners", "sockets_of", "stop_first", "timed_out", "wrap_arbiter", "worker_for", "workers",
 ]

@@ -73,7 +73,7 @@ def _start_admin(server: Any) -> None:
     host, port = parse_address("admin_bind", s.admin_bind)
     endpoint = AdminServer(host, port, supervisor, server.log, allow_remote=s.admin_allow_remote)
     try:
-        endpoint.start(take_over=getattr(server, "master_pid", 0))
+        endpoint.start(take_over=gi.old_master_pid(server))
     except AdminError as exc:
         server.log.error("gunicorn-ext: %s; shutting down", exc)
         server.halt(exit_status=1)  # Gunicorn's own exit: pidfile removed, on_exit run
@@ -176,7 +176,7 @@ def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
 def post_worker_init(worker: Any) -> None:
     global deadlines, _asgi
     asgi_attr = app_attribute(worker)
-    loop = getattr(worker, "loop", None)  # -k asgi makes its loop first; uvicorn's comes later
+    loop = gi.event_loop_of(worker)  # -k asgi makes its loop first; uvicorn's comes later
     if asgi_attr is not None and loop is not None and worker_bus.connected:
         worker_bus.bind_loop(loop)
     worker_bus.start()

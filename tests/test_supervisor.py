@@ -70,7 +70,7 @@ class FakeWorker:
 class FakeCfg:
     def __init__(self) -> None:
         self.graceful_timeout = 1
-        self.pre_fork: Callable[[Any, Any], None] = lambda server, worker: None
+        self.pre_fork: Callable[[Any, Any], Any] = lambda server, worker: None
         self.child_exit: Callable[[Any, Any], None] = lambda server, worker: None
         self.nworkers_changed: Callable[[Any, int, int | None], None] = lambda s, n, o: None
 
