@@ -111,11 +111,11 @@ class GunicornArbiter(Protocol):
     pid: int
     pidfile: Any
     timeout: float
-
-    @property
-    def num_workers(self) -> int: ...
+    num_workers: int  # a property; its setter calls the nworkers_changed hook
 
     def wakeup(self) -> None: ...
+
+    def spawn_worker(self) -> int | None: ...
 
     def kill_workers(self, sig: int) -> None: ...
 
@@ -127,7 +127,7 @@ class GunicornArbiter(Protocol):
 # -- the arbiter ------------------------------------------------------------------
 
 
-def wrap_arbiter(server: Any, **arounds: Callable[..., Any]) -> None:
+def wrap_arbiter(server: GunicornArbiter, **arounds: Callable[..., Any]) -> None:
     """Wrap the running arbiter's methods (names in :data:`WRAPPED`).
 
     ``arounds[name](original, *args)`` replaces ``server.name``. Refuses (raises
@@ -279,12 +279,12 @@ def timed_out(worker: Any) -> bool:
     return bool(getattr(worker, "aborted", False))
 
 
-def shares_listeners(server: Any) -> bool:
+def shares_listeners(server: GunicornArbiter) -> bool:
     """After USR2 another master holds the same listening sockets."""
     return bool(getattr(server, "reexec_pid", 0) or getattr(server, "master_pid", 0))
 
 
-def old_master_pid(server: Any) -> int:
+def old_master_pid(server: GunicornArbiter) -> int:
     """The pid of the master that re-executed this one (USR2), or 0."""
     return int(getattr(server, "master_pid", 0) or 0)
 
@@ -309,7 +309,7 @@ def reset_environment(cfg: Any) -> None:
             os.environ.pop(k, None)
 
 
-def reread_config(server: Any) -> str | None:
+def reread_config(server: GunicornArbiter) -> str | None:
     """Run the config again (``app.reload()``); None, or why it could not be read.
     The new config is ``server.app.cfg``; :func:`apply_config` puts it in use."""
     try:
@@ -321,27 +321,27 @@ def reread_config(server: Any) -> str | None:
     return None
 
 
-def new_config(server: Any) -> Any:
+def new_config(server: GunicornArbiter) -> Any:
     return server.app.cfg
 
 
-def keep_config(server: Any, cfg: Any) -> None:
+def keep_config(server: GunicornArbiter, cfg: Any) -> None:
     """A refused re-read: the config in use stays ``cfg``."""
     server.app.cfg = cfg
 
 
-def apply_config(server: Any) -> None:
+def apply_config(server: GunicornArbiter) -> None:
     """Gunicorn's ``setup()`` (logger, num_workers, timeout, env, proc_name) with the
     re-read config, and its log files reopened."""
     server.setup(server.app)
     server.log.reopen_files()
 
 
-def run_on_reload(server: Any) -> None:
+def run_on_reload(server: GunicornArbiter) -> None:
     server.cfg.on_reload(server)
 
 
-def renew_pidfile(server: Any) -> None:
+def renew_pidfile(server: GunicornArbiter) -> None:
     """As ``reload()``: unlink the pidfile, write the (maybe moved) new one."""
     if server.pidfile is not None:
         server.pidfile.unlink()

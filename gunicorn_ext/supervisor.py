@@ -81,7 +81,7 @@ class Supervisor:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.settings = Settings()
-        self.server: Any = None  # the arbiter (gunicorn_internals.GunicornArbiter)
+        self.server: Any = None  # the arbiter, once installed (a gi.GunicornArbiter)
         self.metrics = ClusterMetrics()
         self.rollout = Rollout()
         self.policies: dict[int, SlotPolicy] = {}
@@ -153,7 +153,7 @@ class Supervisor:
             return [(None, self.instance_breaker)]
         return list(self.breakers.items())
 
-    def install(self, server: Any) -> None:
+    def install(self, server: gi.GunicornArbiter) -> None:
         """Wrap the arbiter's methods and register the primary's handlers (on_starting)."""
         if self.server is server:
             return
@@ -173,7 +173,7 @@ class Supervisor:
         if self.settings.control_socket:
             self._start_control(server)
 
-    def _start_control(self, server: Any) -> None:
+    def _start_control(self, server: gi.GunicornArbiter) -> None:
         from .control import ControlServer, socket_path
 
         try:
@@ -229,7 +229,7 @@ class Supervisor:
 
     # the slots
 
-    def next_slot(self, server: Any) -> int | None:
+    def next_slot(self, server: gi.GunicornArbiter) -> int | None:
         """The lowest free slot that may spawn now; None while all are held back."""
         if self._force_slot is not None:
             return self._force_slot
@@ -295,7 +295,7 @@ class Supervisor:
                 refuse_new(gi.listeners(server), server.log)
         orig(graceful)
 
-    def _drain_backlog(self, server: Any) -> None:
+    def _drain_backlog(self, server: gi.GunicornArbiter) -> None:
         """Before Gunicorn closes the listeners and TERMs the workers: the dispatcher
         takes what is queued and stops listening (new clients are refused), then hands
         the held connections out; wait until workers have them all, or graceful_timeout."""
@@ -338,7 +338,7 @@ class Supervisor:
         self._reset_restarts()
         self._start_rollout(self.settings.reload_batch)
 
-    def _reread_config(self, server: Any) -> str | None:
+    def _reread_config(self, server: gi.GunicornArbiter) -> str | None:
         """Gunicorn's Arbiter.reload() up to the spawning: the new config, or why not.
 
         Uses the arbiter's ``app.reload()`` (which runs the config file again, so its
@@ -376,7 +376,7 @@ class Supervisor:
                         server.num_workers, self.settings.reload_batch)
         return None
 
-    def assign_slot(self, server: Any, worker: Any) -> int:
+    def assign_slot(self, server: gi.GunicornArbiter, worker: Any) -> int:
         """Called from pre_fork: the slot chosen by the wrapped spawn_worker."""
         slot, self._pending_slot = self._pending_slot, None
         if slot is None:  # a spawn that did not go through our wrapper
@@ -387,7 +387,7 @@ class Supervisor:
         self.workers.spawned(slot, worker, self.clock(), rollout_new=self._force_slot is not None)
         return slot
 
-    def retire_all(self, server: Any) -> None:
+    def retire_all(self, server: gi.GunicornArbiter) -> None:
         """Gunicorn's HUP (on_reload): every running worker is about to be replaced."""
         old = gi.workers(server)
         for w in old:
@@ -396,7 +396,7 @@ class Supervisor:
                 rec.retired = True
         self.hub.retire(old)
 
-    def scale_down(self, server: Any, new: int) -> None:
+    def scale_down(self, server: gi.GunicornArbiter, new: int) -> None:
         """nworkers_changed to fewer: make Gunicorn stop the highest slots, keeping 0..N-1."""
         live = [rec for rec in self.workers.live() if not rec.retired]
         extra = len(live) - new
@@ -451,7 +451,7 @@ class Supervisor:
             # Nobody to accept and nobody about to be forked: refuse, don't queue.
             self.gate.close(gi.listeners(server), server.log, self._held_because())
 
-    def _close_stable_probes(self, server: Any) -> None:
+    def _close_stable_probes(self, server: gi.GunicornArbiter) -> None:
         """Close each half-open breaker whose worker has been ready restart_min_uptime."""
         now = self.clock()
         need = self.settings.restart_min_uptime
@@ -473,7 +473,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ exits
 
-    def worker_exited(self, server: Any, worker: Any) -> None:
+    def worker_exited(self, server: gi.GunicornArbiter, worker: Any) -> None:
         """child_exit: account for the exit, choose the backoff, maybe open the breaker."""
         rec = self.workers.of(worker)
         if rec is None or rec.exited:
@@ -547,7 +547,7 @@ class Supervisor:
         self.metrics.set_restart_state(slot, policy.backoff_left(now) if policy else 0.0,
                                        state == OPEN, half_open=state == HALF_OPEN)
 
-    def _open_breaker(self, server: Any, slot: int, b: Breaker, reason: str,
+    def _open_breaker(self, server: gi.GunicornArbiter, slot: int, b: Breaker, reason: str,
                       note: dict[str, Any] | None) -> None:
         s = self.settings
         scope = "any slot" if s.restart_breaker_scope == "instance" else f"slot {slot}"

@@ -84,8 +84,9 @@ class FakeArbiter:
         self.cfg = FakeCfg()
         self.log = FakeLog()
         self.pid = 1
-        self.timeout = 30
+        self.timeout = 30.0
         self.pidfile = None
+        self.app: Any = None
         self.reexec_pid = 0
         self.master_pid = 0
         self._num_workers = workers
@@ -112,6 +113,9 @@ class FakeArbiter:
 
     def wakeup(self) -> None:
         self.wakeups += 1
+
+    def setup(self, app: Any) -> None:  # pragma: no cover - not driven here (rolling HUP)
+        self.app = app
 
     def spawn_worker(self) -> int:
         self.worker_age += 1
