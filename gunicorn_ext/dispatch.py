@@ -56,6 +56,8 @@ import threading
 import time
 from typing import Any
 
+from . import gunicorn_internals as gi
+
 #: Worker classes whose accept loop calls ``listener.accept()`` on ``worker.sockets``.
 DISPATCHED_CLASSES = ("SyncWorker", "ThreadWorker")
 #: Dispatched when ``even_spread`` is None (the default); see the module docstring.
@@ -166,7 +168,7 @@ class Dispatcher:
         """Make the socketpair and board cell of the worker about to be forked (``pre_fork``)."""
         if not self.enabled or self.board is None:
             return
-        listeners = [lst.sock for lst in server.LISTENERS]
+        listeners = [lst.sock for lst in gi.listeners(server)]
         if [id(s) for s in listeners] != [id(s) for s in self._listeners]:
             self.hub.call_later(0, lambda: self._set_listeners(listeners))
         with self._lock:
@@ -180,7 +182,7 @@ class Dispatcher:
         parent.setblocking(False)
         with self._lock:
             self._forking = (parent, child, worker, cell)
-        self._child_listeners = list(server.LISTENERS)
+        self._child_listeners = gi.listeners(server)
 
     def _after_fork_parent(self) -> None:
         with self._lock:
@@ -598,5 +600,5 @@ def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.m
     capacity = max(1, int(getattr(worker.cfg, "threads", 1) or 1)) if threaded else 1
     dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell)
     shared = {id(lst) for lst in listeners}
-    worker.sockets = [dl] + [s for s in worker.sockets if id(s) not in shared]
+    gi.set_sockets(worker, [dl] + [s for s in gi.sockets_of(worker) if id(s) not in shared])
     return dl
