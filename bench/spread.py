@@ -12,8 +12,11 @@ closed-loop on plain Gunicorn of the same worker class, with new connections and
 kept-alive ones. Reported per run: each worker's share of the requests (max/min),
 latency p50/p99/p99.9, errors. The servers are alternated within each level.
 
-Saturation: the closed-loop capacity of gunicorn-ext beside plain Gunicorn's (measured
-plain, ext, plain; the ratio is against the mean of the two plain figures).
+Saturation: the closed-loop throughput of gunicorn-ext beside plain Gunicorn's (measured
+plain, ext, ext with even_spread=False, plain; ratios against the mean of the two plain
+figures), kept-alive and with a new connection per request, and the servers' CPU time per
+request, the steadier figure on a shared machine (the last against ext without even
+spread tells the dispatch hop's own cost from the rest of gunicorn-ext's).
 
 The whole measurement is repeated BENCH_SPREAD_ROUNDS times (3); the targets are printed
 as the median and range over the rounds, and the plot shows the medians.
@@ -64,11 +67,14 @@ def log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def gunicorn_server(kind: str, worker_class: str, log_dir: Path) -> Iterator[Any]:
-    """A running server of *kind*; yields its harness handle (``.port``, ``.pid``)."""
+def gunicorn_server(kind: str, worker_class: str, log_dir: Path,
+                    even_spread: str = "") -> Iterator[Any]:
+    """A running server of *kind*; yields its harness handle (``.port``, ``.master_pid``).
+    *even_spread* "0"/"1" overrides gunicorn-ext's default."""
     conf = BENCH / f"spread_{kind}_conf.py"
+    env = {"SPREAD_WORKER_CLASS": worker_class, "SPREAD_EVEN_SPREAD": even_spread}
     with running_gunicorn("spread_app:app", config=str(conf), cwd=str(BENCH), workers=WORKERS,
-                          env={"SPREAD_WORKER_CLASS": worker_class}, log_dir=str(log_dir),
+                          env=env, log_dir=str(log_dir),
                           health_path="/", name=f"spread-{kind}-{worker_class}",
                           ready_timeout=60.0) as g:
         g.wait_workers(WORKERS)
@@ -133,13 +139,14 @@ def one_run(port: int, rate: float, keepalive: bool) -> dict[str, Any]:
     return res.summary()
 
 
-def saturation(kind: str, worker_class: str, log_dir: Path) -> dict[str, dict[str, float]]:
+def saturation(kind: str, worker_class: str, log_dir: Path,
+               even_spread: str = "") -> dict[str, dict[str, float]]:
     """Closed-loop throughput (req/s, 16 busy clients), kept-alive and with a new
     connection per request (each of those takes the primary's hop), and the server's CPU
     time per request (arbiter and workers): on a shared machine the CPU per request is the
     steadier figure of what saturation costs."""
     out: dict[str, dict[str, float]] = {}
-    with gunicorn_server(kind, worker_class, log_dir) as g:
+    with gunicorn_server(kind, worker_class, log_dir, even_spread) as g:
         _openloop.capacity("127.0.0.1", g.port, seconds=1.0)  # warm-up
         pids = [g.master_pid, *g.worker_pids()]
         for mode in ("keepalive", "new"):
@@ -154,20 +161,23 @@ def saturation(kind: str, worker_class: str, log_dir: Path) -> dict[str, dict[st
 def measure(worker_class: str, node: str | None, log_dir: Path) -> dict[str, Any]:
     plain_a = saturation("plain", worker_class, log_dir)
     ext_sat = saturation("ext", worker_class, log_dir)
+    off_sat = saturation("ext", worker_class, log_dir, even_spread="0")
     plain_b = saturation("plain", worker_class, log_dir)
     sat: dict[str, Any] = {}
     for mode in ("keepalive", "new"):
         plain = (plain_a[mode]["rps"] + plain_b[mode]["rps"]) / 2
         plain_cpu = (plain_a[mode]["cpu_ms_per_request"] + plain_b[mode]["cpu_ms_per_request"]) / 2
-        ext = ext_sat[mode]
-        sat[mode] = {"plain": [plain_a[mode], plain_b[mode]], "ext": ext,
+        ext, off = ext_sat[mode], off_sat[mode]
+        sat[mode] = {"plain": [plain_a[mode], plain_b[mode]], "ext": ext, "ext_no_spread": off,
                      "ext_vs_plain": ext["rps"] / plain,
-                     "ext_cpu_vs_plain": ext["cpu_ms_per_request"] / plain_cpu}
+                     "ext_cpu_vs_plain": ext["cpu_ms_per_request"] / plain_cpu,
+                     "ext_cpu_vs_no_spread": ext["cpu_ms_per_request"] / off["cpu_ms_per_request"]}
         log(f"[{worker_class}] saturation ({mode}, closed loop, 16 connections): plain Gunicorn "
             f"{plain_a[mode]['rps']:.0f} and {plain_b[mode]['rps']:.0f} req/s, gunicorn-ext "
             f"{ext['rps']:.0f} req/s ({sat[mode]['ext_vs_plain']:.1%} of plain); CPU per request "
             f"plain {plain_cpu:.2f} ms, ext {ext['cpu_ms_per_request']:.2f} ms "
-            f"({sat[mode]['ext_cpu_vs_plain']:.2f}x)")
+            f"({sat[mode]['ext_cpu_vs_plain']:.2f}x), ext with even_spread=False "
+            f"{off['cpu_ms_per_request']:.2f} ms")
     cap = (plain_a["keepalive"]["rps"] + plain_b["keepalive"]["rps"]) / 2
     kinds = ["plain", "ext"] + (["node"] if node else [])
     out: dict[str, Any] = {"capacity_rps": cap, "saturation": sat,
@@ -254,7 +264,9 @@ def targets(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"class": c, "mode": mode, "saturation": _spread(
                 [r[c]["saturation"][mode]["ext_vs_plain"] for r in rounds]),
                 "cpu_per_request": _spread(
-                [r[c]["saturation"][mode]["ext_cpu_vs_plain"] for r in rounds])})
+                [r[c]["saturation"][mode]["ext_cpu_vs_plain"] for r in rounds]),
+                "cpu_per_request_vs_no_spread": _spread(
+                [r[c]["saturation"][mode].get("ext_cpu_vs_no_spread") for r in rounds])})
         for level in rounds[0][c]["levels"]:
             for mode in ("new", "keepalive"):
                 def runs(kind: str, c: str = c, level: str = level, mode: str = mode) -> list[Any]:
@@ -301,7 +313,8 @@ def main() -> int:
     for t in results["targets"]:
         if "saturation" in t:
             log(f"  {t['class']:7s} saturation {t['mode']:9s} req/s ext/plain {_mr(t['saturation'], 3)}"
-                f"  CPU per request ext/plain {_mr(t['cpu_per_request'], 3)}")
+                f"  CPU per request ext/plain {_mr(t['cpu_per_request'], 3)}, "
+                f"ext/ext without even spread {_mr(t['cpu_per_request_vs_no_spread'], 3)}")
             continue
         log(f"  {t['class']:7s} {t['level']:3d}% {t['mode']:9s} share ext {_mr(t['ext_max_min_share'])} "
             f"plain {_mr(t['plain_max_min_share'])} node {_mr(t['node_max_min_share'])}  "
