@@ -476,7 +476,7 @@ class DispatchedListener:
 
     A sync worker (*threaded* False) holds one connection at a time: it is busy from
     the connection it receives until it comes back to ``accept()``. A gthread worker
-    (*worker* its ThreadWorker) publishes :func:`gthread_busy` on each received
+    (*worker* its ThreadWorker) publishes :func:`~gunicorn_ext.gunicorn_internals.gthread_busy` on each received
     connection, around each request (``started``/``finished``), and when its main
     thread settles a connection (``settled``).
     """
@@ -600,7 +600,7 @@ class DispatchedListener:
             before = self.running
             self.received += received
             if busy is not None:
-                running = gthread_busy(self.worker) + busy
+                running = gi.gthread_busy(self.worker) + busy
             if running is not None:
                 self.running = max(0, running)
             freed = self.running < before
@@ -613,34 +613,6 @@ class DispatchedListener:
                 pass  # buffer full (wake-ups pending anyway) or the primary gone
 
 
-def gthread_busy(worker: Any) -> int:
-    """Connections a gthread worker has that hold or wait for a thread: all it holds
-    but the kept-alive idle ones and those parked waiting for a first byte.
-
-    Reads Gunicorn internals (``ThreadWorker.nr_conns``, ``keepalived_conns``, and
-    ``pending_conns`` since 27): no public API says how busy a gthread worker is.
-    """
-    return (worker.nr_conns - len(worker.keepalived_conns)
-            - len(getattr(worker, "pending_conns", ())))
-
-
-def settle_after_finish_request(worker: Any, dl: DispatchedListener) -> None:
-    """Publish the worker's exact count each time its main thread settles a connection.
-
-    Wraps Gunicorn's ``ThreadWorker.finish_request`` (an internal method; its
-    ``enqueue_req`` looks it up on the instance for each request): no hook runs there.
-    """
-    finish_request = worker.finish_request
-
-    def settle(conn: Any, fs: Any) -> None:
-        try:
-            finish_request(conn, fs)
-        finally:
-            dl.settled()
-
-    worker.finish_request = settle
-
-
 def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.mmap,
            cell: int) -> DispatchedListener:
     """In the worker (``post_fork``): accept from *sock* instead of the shared listeners."""
@@ -648,7 +620,7 @@ def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.m
     capacity = max(1, int(getattr(worker.cfg, "threads", 1) or 1)) if threaded else 1
     dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell, worker)
     if threaded:
-        settle_after_finish_request(worker, dl)
+        gi.after_finish_request(worker, dl.settled)
     shared = {id(lst) for lst in listeners}
     gi.set_sockets(worker, [dl] + [s for s in gi.sockets_of(worker) if id(s) not in shared])
     return dl

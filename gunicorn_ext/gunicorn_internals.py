@@ -60,6 +60,10 @@ Internals touched, each for one reason:
   ``post_worker_init`` has it (:func:`app_of`, :func:`set_app`); ``Worker.sockets``
   is replaced or extended in ``post_fork`` (:func:`set_sockets`); ``-k asgi``'s
   ``Worker.loop`` is read in ``post_worker_init`` (:func:`event_loop_of`).
+* In a gthread worker, for even spread (dispatch.py): ``ThreadWorker.nr_conns``,
+  ``keepalived_conns`` and ``pending_conns`` (27) are read (:func:`gthread_busy`), and
+  ``ThreadWorker.finish_request`` is wrapped on the instance
+  (:func:`after_finish_request`).
 """
 
 from __future__ import annotations
@@ -401,13 +405,38 @@ def event_loop_of(worker: Any) -> Any:
     return getattr(worker, "loop", None)
 
 
+def gthread_busy(worker: Any) -> int:
+    """Connections a gthread worker has that hold or wait for a thread: all it holds
+    but the kept-alive idle ones and those parked waiting for a first byte
+    (``ThreadWorker.nr_conns``, ``keepalived_conns``, and ``pending_conns`` since 27):
+    no public API says how busy a gthread worker is."""
+    return (worker.nr_conns - len(worker.keepalived_conns)
+            - len(getattr(worker, "pending_conns", ())))
+
+
+def after_finish_request(worker: Any, then: Callable[[], None]) -> None:
+    """Call ``then()`` each time a gthread worker's main thread settles a connection
+    (kept it alive, parked or closed it). Wraps ``ThreadWorker.finish_request`` on
+    the instance (its ``enqueue_req`` looks it up there for each request): no hook
+    runs there."""
+    finish_request = worker.finish_request
+
+    def settle(conn: Any, fs: Any) -> None:
+        try:
+            finish_request(conn, fs)
+        finally:
+            then()
+
+    worker.finish_request = settle
+
+
 def set_sockets(worker: Any, sockets: list[Any]) -> None:
     """The sockets the worker's accept loop uses (``post_fork``, before ``init_process``)."""
     worker.sockets = sockets
 
 
 __all__ = [
-    "APP_LOAD_ERROR", "ATTRIBUTE", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
+    "APP_LOAD_ERROR", "ATTRIBUTE", "after_finish_request", "gthread_busy", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
     "WORKER_BOOT_ERROR", "WRAPPED", "app_of", "apply_config", "attach", "attached",
     "counting_extra", "event_loop_of", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",
     "listener_socket", "listeners",
