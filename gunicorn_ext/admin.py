@@ -31,7 +31,6 @@ import json
 import os
 import selectors
 import socket
-import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -267,7 +266,6 @@ class AdminServer:
         self._sel: selectors.BaseSelector | None = None
         self._conns: dict[int, _Conn] = {}
         self._wake_r = self._wake_w = -1
-        self._thread: threading.Thread | None = None
         self._running = False
         self._parking = ForkParking("admin endpoint", self._wake,
                                     after_child=self._after_fork_child)
@@ -325,9 +323,7 @@ class AdminServer:
         if sock is not None:
             self._serve_on(sock)
         self._running = True
-        self._parking.start(self.log)
-        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-admin", daemon=True)
-        self._thread.start()
+        self._parking.start(self.log, self._run, "gunicorn-ext-admin")
 
     def _listen(self) -> socket.socket:
         try:
@@ -371,10 +367,6 @@ class AdminServer:
             return
         self._running = False
         self._parking.stop()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            self._thread = None
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -406,7 +398,6 @@ class AdminServer:
         if not self._running:
             return
         self._running = False
-        self._thread = None
         self._close_fds()
 
     # ------------------------------------------------------------------ loop

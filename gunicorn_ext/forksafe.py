@@ -14,8 +14,8 @@ its thread the same way). So each such thread owns a :class:`ForkParking`:
   nobody who exists there) and the owner's ``after_child`` closes what the child must not
   use.
 
-The thread's loop calls :meth:`park` whenever :attr:`requested` is set, and its owner
-calls :meth:`start` before starting the thread and :meth:`stop` when it ends.
+:meth:`ForkParking.start` starts the thread, :meth:`ForkParking.stop` ends it; the
+thread's loop calls :meth:`ForkParking.park` whenever :attr:`ForkParking.requested` is set.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ PARK_TIMEOUT = 5.0
 
 
 class ForkParking:
-    """Parks one background thread around every fork; see the module docstring.
+    """Runs one background thread and parks it around every fork; see the module docstring.
 
     ``what`` names the thread in the warning ("hub", "bus bridge"); ``wake`` makes the
     thread's loop look at :attr:`requested` now (write to its wake-up pipe).
@@ -52,13 +52,16 @@ class ForkParking:
         self._active = False
         self._registered = False
         self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
         self.log: Any = None
 
-    def start(self, log: Any) -> None:
-        """A thread is about to run: park it at every fork from now on.
+    def start(self, log: Any, run: Callable[[], None], name: str) -> None:
+        """Start the thread (a daemon called ``name``, running ``run``), parked at every
+        fork from now on.
 
         The fork handlers are registered once (they can't be removed); while no thread
-        runs they only call ``after_child``.
+        runs they only call ``after_child``. ``run`` must return soon after :meth:`stop`
+        (its owner's flag says so) and call :meth:`park` whenever :attr:`requested`.
         """
         self.log = log
         self._active = True
@@ -66,12 +69,24 @@ class ForkParking:
             self._registered = True
             os.register_at_fork(before=self._before, after_in_parent=self._parent,
                                 after_in_child=self._child)
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """The thread is ending: let it out of a park, and make forks wait for it no more."""
+        """End the thread: let it out of a park, wake it, wait for it (5 s at most);
+        forks no longer wait for it. Its owner has told ``run`` to return first."""
         with self._cond:
             self._active = False
             self._cond.notify_all()
+        self._wake()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The running thread (None before :meth:`start`, after :meth:`stop`, in a child)."""
+        return self._thread
 
     def park(self) -> None:
         """In the background thread: wait here until the fork is over (parent side)."""
@@ -107,5 +122,6 @@ class ForkParking:
         self._active = False
         self.requested = self._parked = False
         self._cond = threading.Condition()
+        self._thread = None
         if self._after_child is not None:
             self._after_child()

@@ -27,9 +27,9 @@ class Looper:
         self.log = RecordingLog()
         self.parking = ForkParking("test loop", lambda: None, after_parent=after_parent,
                                    after_child=after_child)
-        self.parking.start(self.log)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.parking.start(self.log, self._run, "test-loop")
+        assert self.parking.thread is not None
+        self.thread = self.parking.thread
 
     def _run(self) -> None:
         while self.running:
@@ -44,8 +44,8 @@ class Looper:
 
     def stop(self) -> None:
         self.running = False
-        self.parking.stop()
-        self.thread.join(5)
+        self.parking.stop()  # joins the thread
+        assert not self.thread.is_alive() and self.parking.thread is None
 
 
 @pytest.fixture
@@ -145,6 +145,5 @@ def test_stop_releases_a_parked_thread(looper: Callable[..., Looper]) -> None:
     lp.parking.requested = True  # what the fork handler does, without the fork
     wait_for(lambda: lp.parking._parked, 10, what="the thread to park")
     lp.running = False
-    lp.parking.stop()
-    lp.thread.join(5)
+    lp.parking.stop()  # would wait 5 s for a thread still parked
     assert not lp.thread.is_alive()

@@ -87,7 +87,7 @@ def test_stop_runs_the_cleanup_after_the_thread_is_gone() -> None:
     r = Reactor("test-reactor", "test reactor")
     r.start(RecordingLog())
     alive: list[bool] = []
-    thread = r._thread
+    thread = r._parking.thread
     assert thread is not None
     r.stop(cleanup=lambda: alive.append(thread.is_alive()))
     assert alive == [False] and not r.running

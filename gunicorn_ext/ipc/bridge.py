@@ -130,7 +130,6 @@ class Bridge:
         self._pool: Any = None
         self._conn: Any = None
         self._wake_r = self._wake_w = -1
-        self._thread: threading.Thread | None = None
         self._running = False
         self._parking = ForkParking("bus bridge", self._wake, after_child=self._after_fork_child)
 
@@ -144,19 +143,13 @@ class Bridge:
         os.set_blocking(self._wake_w, False)
         self._running = True
         # A connect in progress ends within socket_connect_timeout, before the park's limit.
-        self._parking.start(self.log)
-        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-bridge", daemon=True)
-        self._thread.start()
+        self._parking.start(self.log, self._run, "gunicorn-ext-bridge")
 
     def stop(self) -> None:
         if not self._running:
             return
         self._running = False
         self._parking.stop()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            self._thread = None
         self._drop_conn()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
@@ -377,7 +370,6 @@ class Bridge:
     def _after_fork_child(self) -> None:
         """In a worker: close the bridge's descriptors; never use its connection."""
         self._running = False
-        self._thread = None
         self._out.clear()
         conn, self._conn = self._conn, None
         if conn is not None:

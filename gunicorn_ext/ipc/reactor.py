@@ -62,7 +62,6 @@ class Reactor:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._ids = itertools.count(1)
         self._child_callbacks: list[Callable[[], None]] = []
-        self._thread: threading.Thread | None = None
         self._thread_ident = 0
         self._parking = ForkParking(what, self._wake, after_parent=after_fork_parent,
                                     after_child=self._after_fork_child)
@@ -80,9 +79,7 @@ class Reactor:
         os.set_blocking(self._wake_w, False)
         self._ep.register(self._wake_r, READ)
         self.running = True
-        self._parking.start(log)
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+        self._parking.start(log, self._run, self.name)
 
     def stop(self, cleanup: Callable[[], None] | None = None) -> None:
         """Stop the thread; run ``cleanup`` (in the caller, the thread gone); close the epoll."""
@@ -90,10 +87,6 @@ class Reactor:
             return
         self.running = False
         self._parking.stop()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            self._thread = None
         if cleanup is not None:
             cleanup()
         if self._ep is not None:
@@ -237,7 +230,6 @@ class Reactor:
     def _after_fork_child(self) -> None:
         """In the new process: drop the thread's state and close the reactor's fds."""
         self.running = False
-        self._thread = None
         self._thread_ident = 0
         if self._after_fork_child_owner is not None:
             self._after_fork_child_owner()
