@@ -21,6 +21,7 @@ while a thread holds a lock).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import os
@@ -57,6 +58,8 @@ CLUSTER = "gunicorn_ext.cluster"
 BRIDGE = "gunicorn_ext.bridge"
 #: How long a relayed request's routing entry is kept when no reply comes.
 _RELAY_HORIZON = 600.0
+#: How often (seconds) routing entries past the horizon are dropped.
+_SWEEP_INTERVAL = 10.0
 
 
 class _Log:
@@ -152,7 +155,8 @@ class Hub:
         self._local_subs: dict[str, list[Callable[[Message], None]]] = {}
         #: The thread, its epoll, timers and fork parking.
         self.reactor = Reactor("gunicorn-ext-hub", "hub", after_fork_parent=self._after_fork_parent,
-                               after_fork_child=self._after_fork_child, on_turn=self._after_turn)
+                               after_fork_child=self._after_fork_child,
+                               on_turn_end=self._flush_dirty)
         # Everything below is owned by the hub thread once it runs.
         self._conns: dict[socket.socket, _Conn] = {}
         self._slots: dict[int, _Conn] = {}
@@ -160,7 +164,6 @@ class Hub:
         self._relay: dict[int, tuple[_Conn, int, _Conn, float]] = {}
         self._pending: dict[int, _Pending] = {}
         self._dirty: set[_Conn] = set()
-        self._last_sweep = 0.0
         self._ids = itertools.count(1)
         self._in_child = False
         #: The sockets of the worker being forked (``prepare_fork``), handed out after.
@@ -232,9 +235,10 @@ class Hub:
     def start(self, log: Any) -> None:
         """Start the hub thread (from ``on_starting``); idempotent across HUP."""
         self.log = self._handlers.log = log
-        if not self.reactor.running:
-            self._last_sweep = time.monotonic()
+        was_running = self.reactor.running
         self.reactor.start(log)
+        if not was_running:
+            self.reactor.every(_SWEEP_INTERVAL, self._sweep)
 
     def start_bridge(self, url: str, name: str) -> None:
         """Bridge publications to the other instances named ``name`` through the
@@ -434,15 +438,11 @@ class Hub:
         if not self.reactor.running:
             raise BusClosed("the bus is not running (is gunicorn_ext.enable(globals()) in the config?)")
 
-    def _after_turn(self, now: float) -> None:
-        """After each turn of the reactor: write what the turn queued, drop stale relays."""
-        if self._dirty:
-            for conn in list(self._dirty):
-                self._flush(conn)
-            self._dirty.clear()
-        if now - self._last_sweep > 10.0:
-            self._last_sweep = now
-            self._sweep(now)
+    def _flush_dirty(self) -> None:
+        """At the end of a reactor turn: write what the turn left queued."""
+        for conn in list(self._dirty):
+            self._flush(conn)
+        self._dirty.clear()
 
     # -- fork handlers (run in the forking thread, with the hub thread parked)
 
@@ -460,8 +460,8 @@ class Hub:
         if old is not None:
             old.retired = True
         self._slots[slot] = conn
-        conn.on_call = lambda mask: self._on_call(conn, mask)
-        conn.on_push = lambda mask: self._on_push(conn, mask)
+        conn.on_call = functools.partial(self._on_call, conn)
+        conn.on_push = functools.partial(self._on_push, conn)
         self.reactor.add(conn.fd, conn.on_call, _READ)
         self.reactor.add(push.fileno(), conn.on_push, 0)
 
@@ -547,6 +547,7 @@ class Hub:
                 return
             out += memoryview(data)[n:]
         self._dirty.add(conn)
+        self.reactor.turn_end_wanted = True
         if len(out) > self.max_backlog:
             self._close(
                 conn,
@@ -619,7 +620,8 @@ class Hub:
                 pending.error = WorkerGone(gone)
                 pending.event.set()
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self) -> None:
+        now = time.monotonic()
         for rid, (_, _, _, t0) in list(self._relay.items()):
             if now - t0 > _RELAY_HORIZON:
                 del self._relay[rid]

@@ -42,19 +42,22 @@ class Reactor:
     ``name`` is the thread's name, ``what`` the reactor's in log lines ("hub").
     ``after_fork_parent`` runs in the parent after each fork while the thread is still
     parked (so it may change the thread's state); ``after_fork_child`` in the child,
-    before the reactor's own clean-up. ``on_turn(now)``, when given, runs in the thread
-    after each turn's events and queued calls, before the timers.
+    before the reactor's own clean-up. ``on_turn_end()``, when given, runs in the thread
+    at the end of a turn (after its events and queued calls, before the timers) in which
+    :attr:`turn_end_wanted` was set.
     """
 
     def __init__(self, name: str, what: str, after_fork_parent: Callable[[], None] | None = None,
                  after_fork_child: Callable[[], None] | None = None,
-                 on_turn: Callable[[float], None] | None = None) -> None:
+                 on_turn_end: Callable[[], None] | None = None) -> None:
         self.name = name
         self.log: Any = None
         #: True from :meth:`start` to :meth:`stop` (False in a forked child).
         self.running = False
         self._after_fork_child_owner = after_fork_child
-        self._on_turn = on_turn
+        self._on_turn_end = on_turn_end
+        #: Set in the thread to have ``on_turn_end`` run at the end of this turn.
+        self.turn_end_wanted = False
         self._ep: select.epoll | None = None
         self._wake_r = self._wake_w = -1
         self._handlers: dict[int, FdHandler] = {}
@@ -184,7 +187,7 @@ class Reactor:
         timers = self._timers
         calls = self._calls
         parking = self._parking
-        on_turn = self._on_turn
+        on_turn_end = self._on_turn_end
         while self.running:
             if parking.requested:
                 parking.park()
@@ -215,9 +218,10 @@ class Reactor:
                 except Exception:
                     self.log.exception("gunicorn-ext: bus call failed")
             now = time.monotonic()
-            if on_turn is not None:
+            if self.turn_end_wanted and on_turn_end is not None:
+                self.turn_end_wanted = False
                 try:
-                    on_turn(now)
+                    on_turn_end()
                 except Exception:
                     self.log.exception("gunicorn-ext: %s turn failed", self._parking.what)
             while timers and timers[0][0] <= now:
