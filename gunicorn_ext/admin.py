@@ -31,13 +31,13 @@ import json
 import os
 import selectors
 import socket
-import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
+from .forksafe import ForkParking
 from .gunicorn_internals import listeners
 from .metrics import CONTENT_TYPE
 from .settings import is_loopback
@@ -264,12 +264,9 @@ class AdminServer:
         self._sel: selectors.BaseSelector | None = None
         self._conns: dict[int, _Conn] = {}
         self._wake_r = self._wake_w = -1
-        self._thread: threading.Thread | None = None
         self._running = False
-        self._fork_handlers = False
-        self._cond = threading.Condition()
-        self._pause_requested = False
-        self._parked = False
+        self._parking = ForkParking("admin endpoint", self._wake,
+                                    after_child=self._after_fork_child)
         self._retry_at = 0.0
         self._arbiter_listened = False
 
@@ -324,12 +321,7 @@ class AdminServer:
         if sock is not None:
             self._serve_on(sock)
         self._running = True
-        if not self._fork_handlers:
-            self._fork_handlers = True  # once per server; they do nothing once it stops
-            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_parent,
-                                after_in_child=self._after_fork_child)
-        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-admin", daemon=True)
-        self._thread.start()
+        self._parking.start(self.log, self._run, "gunicorn-ext-admin")
 
     def _listen(self) -> socket.socket:
         try:
@@ -372,12 +364,7 @@ class AdminServer:
         if not self._running:
             return
         self._running = False
-        with self._cond:
-            self._cond.notify_all()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            self._thread = None
+        self._parking.stop()
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -404,39 +391,12 @@ class AdminServer:
         except OSError:
             pass  # pipe full (a wake-up is pending) or closed
 
-    # -- fork handlers (in the forking thread)
-
-    def _before_fork(self) -> None:
-        if not self._running or self._thread is None:
-            return
-        with self._cond:
-            self._pause_requested = True
-            self._wake()
-            if not self._cond.wait_for(lambda: self._parked or not self._running, timeout=5.0):
-                self.log.warning("gunicorn-ext: admin endpoint thread did not pause before fork")
-
-    def _after_fork_parent(self) -> None:
-        with self._cond:
-            self._pause_requested = False
-            self._cond.notify_all()
-
     def _after_fork_child(self) -> None:
         """In a worker: the listener and connections are the primary's; close our copies."""
         if not self._running:
             return
         self._running = False
-        self._thread = None
-        self._pause_requested = self._parked = False
-        self._cond = threading.Condition()
         self._close_fds()
-
-    def _park(self) -> None:
-        with self._cond:
-            self._parked = True
-            self._cond.notify_all()
-            while self._pause_requested and self._running:
-                self._cond.wait()
-            self._parked = False
 
     # ------------------------------------------------------------------ loop
 
@@ -444,8 +404,8 @@ class AdminServer:
         sel = self._sel
         assert sel is not None
         while self._running:
-            if self._pause_requested:
-                self._park()
+            if self._parking.requested:
+                self._parking.park()
                 continue
             self.arbiter_stopping()  # notes that the arbiter listened, once it has
             now = time.monotonic()

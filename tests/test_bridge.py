@@ -26,6 +26,7 @@ import msgspec
 import pytest
 import requests
 from harness import Gunicorn, RedisServer, _free_ports, find_binary, free_port, serves, wait_for
+from logs import RecordingLog
 from test_chat import SioClient, _assert_each_gets_it_once, _warm_up
 from test_store_redis import PASSWORD, _answers, _process
 
@@ -59,42 +60,11 @@ def test_the_bridge_settings_are_checked() -> None:
 # ----------------------------------------------------------------------------- two hubs
 
 
-class Log:
-    """A logger for an in-process hub: keeps every line."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-
-    def _add(self, level: str, msg: str, *args: Any, **_: Any) -> None:
-        with self._lock:
-            self.lines.append((level, msg % args if args else msg))
-
-    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
-        pass
-
-    def info(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("info", msg, *args)
-
-    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("warning", msg, *args)
-
-    def error(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("error", msg, *args)
-
-    def exception(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("error", msg, *args)
-
-    def count(self, needle: str) -> int:
-        with self._lock:
-            return sum(needle in text for _, text in self.lines)
-
-
 class Primary:
     """A hub with its bridge, as in a Gunicorn arbiter; ``got`` collects a topic."""
 
     def __init__(self, url: str, name: str = "t", topic: str = "news") -> None:
-        self.log = Log()
+        self.log = RecordingLog()
         self.hub = Hub()
         self.got: list[Any] = []
         self.hub.subscribe(topic)(lambda msg: self.got.append(msg.payload))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from logs import RecordingLog
 
 from gunicorn_ext import cli
 from gunicorn_ext.control import (
@@ -33,34 +34,6 @@ from gunicorn_ext.control import (
     runtime_dir,
     socket_path,
 )
-
-
-class Log:
-    """Records log calls."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str]] = []
-
-    def _add(self, level: str, msg: str, *args: Any) -> None:
-        self.records.append((level, msg % args if args else msg))
-
-    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("debug", msg, *args)
-
-    def info(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("info", msg, *args)
-
-    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("warning", msg, *args)
-
-    def error(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("error", msg, *args)
-
-    def exception(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._add("exception", msg, *args)
-
-    def at(self, level: str) -> list[str]:
-        return [m for lv, m in self.records if lv == level]
 
 
 class Loop:
@@ -110,7 +83,7 @@ def rundir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "gunicorn-ext"
 
 
-Serve = Callable[..., tuple[ControlServer, Log]]
+Serve = Callable[..., tuple[ControlServer, RecordingLog]]
 
 
 @pytest.fixture
@@ -119,8 +92,8 @@ def serve(rundir: Path) -> Iterator[Serve]:
     running: list[tuple[ControlServer, Loop]] = []
 
     def start(dispatch: Callable[..., dict[str, Any]] = echo_dispatch,
-              path: Path | None = None) -> tuple[ControlServer, Log]:
-        log = Log()
+              path: Path | None = None) -> tuple[ControlServer, RecordingLog]:
+        log = RecordingLog()
         loop = Loop()
         server = ControlServer(path or socket_path(), dispatch, log, loop.watch, loop.unwatch)
         server.start()
@@ -309,7 +282,7 @@ def test_clients_are_independent(serve: Serve) -> None:
 
 
 def test_close_unlinks_only_its_own_socket(serve: Serve, rundir: Path) -> None:
-    log = Log()
+    log = RecordingLog()
     loop = Loop()
     path = rundir.parent / "a.sock"
     server = ControlServer(path, echo_dispatch, log, loop.watch, loop.unwatch)
@@ -338,12 +311,12 @@ def test_start_replaces_stale_socket_and_refuses_live_one(serve: Serve, rundir: 
     server, _ = serve()
     assert call(server.path, "echo") == {"echo": {}}
     loop = Loop()
-    second = ControlServer(path, echo_dispatch, Log(), loop.watch, loop.unwatch)
+    second = ControlServer(path, echo_dispatch, RecordingLog(), loop.watch, loop.unwatch)
     with pytest.raises(ControlError, match="already serving"):
         second.start()
     notsock = rundir / "plain.sock"
     notsock.write_text("")
-    third = ControlServer(notsock, echo_dispatch, Log(), loop.watch, loop.unwatch)
+    third = ControlServer(notsock, echo_dispatch, RecordingLog(), loop.watch, loop.unwatch)
     with pytest.raises(ControlError, match="not a socket"):
         third.start()
     loop.sel.close()

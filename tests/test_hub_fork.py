@@ -7,6 +7,9 @@ import threading
 import time
 from typing import Any
 
+from harness import wait_for
+from logs import RecordingLog
+
 from gunicorn_ext.ipc import frames
 from gunicorn_ext.ipc.bus import Bus
 from gunicorn_ext.ipc.hub import Hub
@@ -56,3 +59,91 @@ def test_ready_reports_the_workers_pid_before_the_arbiter_knows_it() -> None:
         os.waitpid(pid, 0)
     finally:
         hub.stop()
+
+
+
+def test_both_ends_answer_and_report_failures_the_same_way() -> None:
+    """The one request handling (ipc/message.py) on both sides of a real fork: the same
+    error for the same failure whichever end's handler it was, a one-way failure back at
+    its sender's on_error with the same log line, a handler's traceback in its own end's log."""
+    hub = Hub()
+    log = RecordingLog()
+    notices: list[list[str]] = []
+    ready = threading.Event()
+
+    @hub.handler("boom")
+    def boom(msg: Any) -> None:
+        raise ValueError("kaput")
+
+    hub.on_error(lambda name, error: notices.append([name, type(error).__name__, str(error)]))
+    hub.on_ready(lambda slot, pid: ready.set())
+    hub.start(log)
+    try:
+        worker = _Worker()
+        hub.prepare_fork(0, worker)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                assert hub.child_end is not None
+                call, push, slot = hub.child_end
+                bus = Bus()
+                wlog = RecordingLog()
+                asked: list[list[str]] = []
+                wnotices: list[list[str]] = []
+
+                @bus.handler("boom")
+                def wboom(msg: Any) -> None:
+                    raise ValueError("kaput")
+
+                @bus.handler("report")
+                def report(msg: Any) -> dict[str, Any]:
+                    return {"asked": asked, "notices": wnotices,
+                            "log": [line for line in wlog.lines if line[0] != "debug"]}
+
+                bus.on_error(lambda name, error: wnotices.append(
+                    [name, type(error).__name__, str(error)]))
+                bus.attach(call, push, slot, hub.handler_names, wlog, frames.DEFAULT_MAX_FRAME)
+                bus.start()
+                try:
+                    bus.request("boom", timeout=10)
+                except Exception as exc:
+                    asked.append(["boom", type(exc).__name__, str(exc)])
+                bus.send("boom")  # fails at the primary: the notice comes back here
+                time.sleep(30)  # the listener answers the primary meanwhile; killed before
+            finally:
+                os._exit(0)
+        worker.pid = pid
+        try:
+            assert ready.wait(10)
+            asked = []
+            for name in ("boom", "nope"):
+                try:
+                    hub.request(0, name, timeout=10)
+                except Exception as exc:
+                    asked.append([name, type(exc).__name__, str(exc)])
+            hub.send(0, "nope")
+            wait_for(lambda: notices, 10, what="the primary's failure notice")
+            child = wait_for(lambda: (lambda r: r if r["notices"] else None)(
+                hub.request(0, "report", timeout=10)), 10, what="the worker's failure notice")
+        finally:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    finally:
+        hub.stop()
+    primary_raised = "handler 'boom' in the primary raised ValueError: kaput"
+    worker_raised = "handler 'boom' in worker slot 0 raised ValueError: kaput"
+    # A request to a handler that raises, or to no handler: the same error either way.
+    assert child["asked"] == [["boom", "HandlerError", primary_raised]]
+    assert asked == [["boom", "HandlerError", worker_raised],
+                     ["nope", "NoHandler", "worker slot 0 has no handler for 'nope'"]]
+    # A one-way message that failed: back to the sender's on_error, one warning there.
+    assert child["notices"] == [["boom", "HandlerError", primary_raised]]
+    assert notices == [["nope", "NoHandler", "worker slot 0 has no handler for 'nope'"]]
+    assert ["warning", f"gunicorn-ext: a message worker slot 0 sent was not handled: "
+            f"{primary_raised}"] in child["log"]
+    assert ("warning", "gunicorn-ext: a message the primary sent was not handled: worker slot 0 "
+            "has no handler for 'nope'") in log.lines
+    # A handler's failure is logged, with its traceback, by the end that ran it, once each.
+    assert [lv for lv, text in log.lines if "handler 'boom'" in text] == ["exception"] * 2
+    assert [lv for lv, text in child["log"] if "handler 'boom'" in text and "raised" in text
+            and "sent was not handled" not in text] == ["exception"]

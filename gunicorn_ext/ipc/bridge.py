@@ -47,6 +47,7 @@ from typing import Any
 import msgspec
 
 from ..extras import missing_extra
+from ..forksafe import ForkParking
 from .frames import ROUTING_SLACK
 
 #: Prefix of the Redis channel of a cluster.
@@ -129,12 +130,8 @@ class Bridge:
         self._pool: Any = None
         self._conn: Any = None
         self._wake_r = self._wake_w = -1
-        self._thread: threading.Thread | None = None
         self._running = False
-        self._cond = threading.Condition()
-        self._pause = False
-        self._parked = False
-        self._fork_handlers = False
+        self._parking = ForkParking("bus bridge", self._wake, after_child=self._after_fork_child)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,23 +142,14 @@ class Bridge:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._running = True
-        if not self._fork_handlers:
-            self._fork_handlers = True
-            os.register_at_fork(before=self._before_fork, after_in_parent=self._resume,
-                                after_in_child=self._after_fork_child)
-        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-bridge", daemon=True)
-        self._thread.start()
+        # A connect in progress ends within socket_connect_timeout, before the park's limit.
+        self._parking.start(self.log, self._run, "gunicorn-ext-bridge")
 
     def stop(self) -> None:
         if not self._running:
             return
         self._running = False
-        with self._cond:
-            self._cond.notify_all()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            self._thread = None
+        self._parking.stop()
         self._drop_conn()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
@@ -215,8 +203,8 @@ class Bridge:
     def _run(self) -> None:
         delay = RETRY_MIN
         while self._running:
-            if self._pause:
-                self._park()
+            if self._parking.requested:
+                self._parking.park()
                 continue
             if self._conn is None:
                 try:
@@ -239,7 +227,7 @@ class Bridge:
     def _sleep(self, seconds: float) -> None:
         """Wait, but wake for a fork (to park) or a stop."""
         end = time.monotonic() + seconds
-        while self._running and not self._pause:
+        while self._running and not self._parking.requested:
             left = end - time.monotonic()
             if left <= 0:
                 return
@@ -311,7 +299,7 @@ class Bridge:
         sock = conn._sock  # redis-py internal: waited on together with the wake-up pipe
         last_rx = time.monotonic()
         ping_sent = 0.0
-        while self._running and not self._pause:
+        while self._running and not self._parking.requested:
             if self._out:
                 batch: list[tuple[str, str, bytes]] = []
                 while self._out and len(batch) < _BATCH:
@@ -379,37 +367,9 @@ class Bridge:
 
     # -------------------------------------------------------- fork safety
 
-    def _park(self) -> None:
-        with self._cond:
-            self._parked = True
-            self._cond.notify_all()
-            while self._pause and self._running:
-                self._cond.wait()
-            self._parked = False
-
-    def _before_fork(self) -> None:
-        if not self._running or self._thread is None:
-            return
-        with self._cond:
-            self._pause = True
-            self._wake()
-            # A connect in progress ends within socket_connect_timeout.
-            if not self._cond.wait_for(lambda: self._parked, timeout=5.0):
-                self.log.warning("gunicorn-ext: bus bridge thread did not pause before fork")
-
-    def _resume(self) -> None:
-        if not self._running:
-            return
-        with self._cond:
-            self._pause = False
-            self._cond.notify_all()
-
     def _after_fork_child(self) -> None:
         """In a worker: close the bridge's descriptors; never use its connection."""
         self._running = False
-        self._thread = None
-        self._pause = self._parked = False
-        self._cond = threading.Condition()
         self._out.clear()
         conn, self._conn = self._conn, None
         if conn is not None:

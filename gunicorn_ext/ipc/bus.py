@@ -54,7 +54,7 @@ from .errors import (
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Message, answer, run_handler
+from .message import ErrorCallback, Handler, Handlers, Message
 
 _RECV_SIZE = 64 * 1024
 #: One-way sends closer together than this (seconds) are batched...
@@ -117,9 +117,8 @@ class Bus:
             "not in a gunicorn-ext worker: is gunicorn_ext.enable(globals()) the last line "
             "of the Gunicorn config?"
         )
-        self._handlers: dict[str, Handler] = {}
+        self._handlers = Handlers("worker slot -1", allow_async=True)
         self._topics: dict[str, list[Callable[[Message], None]]] = {}
-        self._error_callbacks: list[ErrorCallback] = []
         self._primary_names: frozenset[str] | None = None
         self.max_frame = frames.DEFAULT_MAX_FRAME
         #: Makes :meth:`close` happen once when several threads see the bus fail.
@@ -141,7 +140,6 @@ class Bus:
         #: The event loop that reads the call channel (asyncio workers), and its thread.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_tid = 0
-        self._async_names: set[str] = set()
         #: Async handler runs that arrived before a loop was bound (the uvicorn worker
         #: makes its loop in run(), after the bus started), started by bind_loop().
         self._early: list[Any] = []
@@ -161,11 +159,7 @@ class Bus:
         """
 
         def register(fn: Handler) -> Handler:
-            self._handlers[name] = fn
-            if inspect.iscoroutinefunction(fn):
-                self._async_names.add(name)
-            else:
-                self._async_names.discard(name)
+            self._handlers.add(name, fn)
             return fn
 
         return register
@@ -195,8 +189,7 @@ class Bus:
     def on_error(self, fn: ErrorCallback) -> ErrorCallback:
         """Decorator: called as ``fn(name, error)`` when a one-way message this
         worker sent could not be handled (no handler, handler raised, worker gone)."""
-        self._error_callbacks.append(fn)
-        return fn
+        return self._handlers.on_error(fn)
 
     # ------------------------------------------------------------------ wiring
 
@@ -212,7 +205,8 @@ class Bus:
         self._sock = sock
         self._push = push
         self.slot = slot
-        self.log = log
+        self.log = self._handlers.log = log
+        self._handlers.where = f"worker slot {slot}"
         self._primary_names = primary_names
         self.max_frame = max_frame
         self._reader = frames.FrameReader(max_frame)
@@ -702,20 +696,15 @@ class Bus:
 
     def _handle(self, frame: frames.Frame) -> None:
         kind = type(frame)
-        if self._async_names and (kind is Msg or kind is Req) and \
-                frame.name in self._async_names:  # type: ignore[union-attr]
-            self._on_loop(self._run_async(frame), frame)  # type: ignore[arg-type]
-            return
-        if kind is Msg:
-            assert isinstance(frame, Msg)
-            try:
-                self._call(frame.name, frame.payload, frame.src)
-            except IPCError as exc:
-                self._write(Err(frame.id, exc.code, str(exc), frame.src, True, frame.name))
-        elif kind is Req:
-            assert isinstance(frame, Req)
-            self._write_bytes(answer(self._handlers, frame, f"worker slot {self.slot}", self.log,
-                                     self.max_frame))
+        if kind is Msg or kind is Req:
+            assert isinstance(frame, (Msg, Req))
+            handlers = self._handlers
+            if handlers.async_names and frame.name in handlers.async_names:
+                self._on_loop(self._run_async(frame), frame)
+                return
+            back = handlers.handle(frame, self.max_frame)
+            if back is not None:
+                self._write_bytes(back)
         elif kind is Pub:
             assert isinstance(frame, Pub)
             for fn in list(self._topics.get(frame.topic, ())):
@@ -730,14 +719,7 @@ class Bus:
             if frame.id == 0 and frame.code == BusClosed.code:  # the primary's goodbye
                 self._lost(f"the primary closed it: {frame.message}")
                 return
-            error = error_from_code(frame.code, frame.message)
-            self._log("warning", "gunicorn-ext: a message from slot %s was not handled: %s",
-                      self.slot, frame.message)
-            for callback in self._error_callbacks:
-                try:
-                    callback(frame.name, error)
-                except Exception:
-                    self._log("exception", "gunicorn-ext: on_error callback raised")
+            self._handlers.report(frame.name, error_from_code(frame.code, frame.message))
 
     def _on_loop(self, coro: Any, frame: Msg | Req | None) -> None:
         """Run an async handler's coroutine on the bound loop (from the listener thread)."""
@@ -756,50 +738,24 @@ class Bus:
                       frame.name if frame is not None else "a subscriber")
             if frame is not None:
                 err = HandlerError(f"handler {frame.name!r} in worker slot {self.slot}: {text}")
-                if type(frame) is Req:
-                    self._write(Err(frame.id, err.code, str(err)))
-                else:
-                    self._write(Err(frame.id, err.code, str(err), frame.src, True, frame.name))
+                self._write_bytes(self._handlers.error(frame, err, self.max_frame))
             return
         asyncio.run_coroutine_threadsafe(coro, loop)
 
     async def _run_async(self, frame: Msg | Req) -> None:
-        """An async handler's run: the same errors and reply encoding as a sync handler's."""
-        fn = self._handlers.get(frame.name)
-        outcome: list[Any] = []
-        try:
-            if fn is None:
-                raise NoHandler(f"worker slot {self.slot} has no handler for {frame.name!r}")
-            outcome.append(await fn(Message(frame.name, frame.payload, frame.src)))
-        except Exception as exc:  # replayed below, so it is logged and reported as usual
-            error: Exception = exc
-
-            def replay(_m: Message) -> Any:
-                raise error
-        else:
-            def replay(_m: Message) -> Any:
-                return outcome[0]
-        try:
-            if type(frame) is Req:
-                self._write_bytes(answer({frame.name: replay}, frame, f"worker slot {self.slot}",
-                                         self.log, self.max_frame))
-            else:
-                try:
-                    run_handler({frame.name: replay}, frame.name, frame.payload, frame.src,
-                                f"worker slot {self.slot}", self.log)
-                except IPCError as exc:
-                    self._write(Err(frame.id, exc.code, str(exc), frame.src, True, frame.name))
-        except BusClosed:
-            pass
+        """An async handler's run on the loop: the same outcomes as a sync handler's."""
+        back = await self._handlers.ahandle(frame, self.max_frame)
+        if back is not None:
+            try:
+                self._write_bytes(back)
+            except BusClosed:
+                pass
 
     async def _run_subscriber(self, result: Awaitable[Any], topic: str) -> None:
         try:
             await result
         except Exception:
             self._log("exception", "gunicorn-ext: subscriber of %r raised", topic)
-
-    def _call(self, name: str, payload: Any, src: int) -> Any:
-        return run_handler(self._handlers, name, payload, src, f"worker slot {self.slot}", self.log)
 
     def _log(self, level: str, msg: str, *args: Any) -> None:
         if self.log is not None:

@@ -5,22 +5,24 @@ socketpair for that worker's slot; the child keeps one end, the hub the other.
 Nothing is on disk and nothing can connect from outside: only processes forked
 by this arbiter hold a bus socket.
 
-A single background thread owns every connection. It reads frames, runs the
-primary's handlers, relays worker-to-worker messages and replies, and fans out
-broadcasts and publications. Calls from other threads (the arbiter's own, or a
-user thread) are queued to it through a wake-up pipe, so no connection state is
-ever shared between threads.
+The hub routes; the thread is its reactor's (``ipc/reactor.py``): a single
+background thread owns every connection. It reads frames, runs the primary's
+handlers (``ipc/message.py``), relays worker-to-worker messages and replies, and
+fans out broadcasts and publications. Calls from other threads (the arbiter's
+own, or a user thread) are queued to it, so no connection state is ever shared
+between threads.
 
 Fork safety follows Gunicorn's control socket server (gunicorn/ctl/server.py):
-the thread is parked before every fork and resumed in the parent; the child
-closes everything of the hub's except its own end (see #3509 and #3529 for the
-deadlocks that come from forking while a thread holds a lock).
+the thread is parked before every fork and resumed in the parent, where the new
+worker's end becomes a connection; the child closes everything of the hub's
+except its own end (see #3509 and #3529 for the deadlocks that come from forking
+while a thread holds a lock).
 """
 
 from __future__ import annotations
 
-import collections
-import heapq
+import functools
+import inspect
 import itertools
 import os
 import select
@@ -41,10 +43,12 @@ from .errors import (
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Message, answer, run_handler
+from .message import ErrorCallback, Handler, Handlers, Message
+from .reactor import READ as _READ
+from .reactor import WRITE as _WRITE
+from .reactor import Reactor
 
-_READ = select.EPOLLIN
-_WRITE = select.EPOLLOUT
+_HUP_ERR = select.EPOLLHUP | select.EPOLLERR
 _RECV_SIZE = 64 * 1024  # below malloc's mmap threshold: a bigger recv buffer costs an mmap per call
 #: Built-in request: the primary's pid and its workers (``/cluster`` uses it).
 CLUSTER = "gunicorn_ext.cluster"
@@ -54,6 +58,8 @@ CLUSTER = "gunicorn_ext.cluster"
 BRIDGE = "gunicorn_ext.bridge"
 #: How long a relayed request's routing entry is kept when no reply comes.
 _RELAY_HORIZON = 600.0
+#: How often (seconds) routing entries past the horizon are dropped.
+_SWEEP_INTERVAL = 10.0
 
 
 class _Log:
@@ -84,7 +90,7 @@ class _Conn:
     """The hub's end of one worker's socketpair."""
 
     __slots__ = ("sock", "fd", "push", "slot", "worker", "reader", "out", "pout", "subs", "ready",
-                 "retired", "closed", "events")
+                 "retired", "closed", "events", "on_call", "on_push")
 
     def __init__(self, sock: socket.socket, push: socket.socket, slot: int, worker: Any,
                  max_frame: int) -> None:
@@ -104,6 +110,9 @@ class _Conn:
         self.closed = False
         #: epoll interest currently registered for (call fd, push fd).
         self.events = [_READ, 0]
+        #: The reactor's callbacks for the two fds (set by the hub).
+        self.on_call: Callable[[int], None] | None = None
+        self.on_push: Callable[[int], None] | None = None
 
     @property
     def pid(self) -> int:
@@ -140,10 +149,14 @@ class Hub:
         self.log: Any = _Log()
         self.max_frame = frames.DEFAULT_MAX_FRAME
         self.max_backlog = 64 * 1024 * 1024
-        self._handlers: dict[str, Handler] = {}
-        self._error_callbacks: list[ErrorCallback] = []
+        self._handlers = Handlers("the primary", allow_async=False)
+        self._handlers.log = self.log
         self._ready_callbacks: list[Callable[[int, int], None]] = []
         self._local_subs: dict[str, list[Callable[[Message], None]]] = {}
+        #: The thread, its epoll, timers and fork parking.
+        self.reactor = Reactor("gunicorn-ext-hub", "hub", after_fork_parent=self._after_fork_parent,
+                               after_fork_child=self._after_fork_child,
+                               on_turn_end=self._flush_dirty)
         # Everything below is owned by the hub thread once it runs.
         self._conns: dict[socket.socket, _Conn] = {}
         self._slots: dict[int, _Conn] = {}
@@ -151,30 +164,16 @@ class Hub:
         self._relay: dict[int, tuple[_Conn, int, _Conn, float]] = {}
         self._pending: dict[int, _Pending] = {}
         self._dirty: set[_Conn] = set()
-        self._calls: collections.deque[Callable[[], None]] = collections.deque()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._watched: dict[int, Callable[[], None]] = {}
-        self._child_callbacks: list[Callable[[], None]] = []
         self._ids = itertools.count(1)
-        self._ep: select.epoll | None = None
-        self._fds: dict[int, _Conn] = {}
-        self._wake_r = self._wake_w = -1
-        self._thread: threading.Thread | None = None
-        self._thread_ident = 0
-        self._running = False
         self._in_child = False
-        self._fork_handlers = False
-        # Fork handshake.
-        self._cond = threading.Condition()
-        self._pause_requested = False
-        self._parked = False
+        #: The sockets of the worker being forked (``prepare_fork``), handed out after.
         self._forking: tuple[int, list[socket.socket], list[socket.socket], Any] | None = None
         #: In a freshly forked worker: its own call and push sockets, and its slot.
         self.child_end: tuple[socket.socket, socket.socket, int] | None = None
         #: The bus bridge to the other instances (``bus_bridge_url``), if any.
         self.bridge: Any = None
-        self._handlers[CLUSTER] = self._cluster
-        self._handlers[BRIDGE] = self._bridge_status
+        self._handlers.add(CLUSTER, self._cluster)
+        self._handlers.add(BRIDGE, self._bridge_status)
 
     def _cluster(self, msg: Message) -> dict[str, Any]:
         return {"primary_pid": os.getpid(), "workers": self.workers()}
@@ -192,10 +191,12 @@ class Hub:
         The handler gets a :class:`Message` and runs in the hub thread, so it
         must be quick; its return value is the reply to a request. Registering
         a name again (say, after a HUP re-reads the config) replaces the old one.
+        The hub thread has no event loop: an ``async def`` handler raises
+        :class:`TypeError` here.
         """
 
         def register(fn: Handler) -> Handler:
-            self._handlers[name] = fn
+            self._handlers.add(name, fn)
             return fn
 
         return register
@@ -203,8 +204,7 @@ class Hub:
     def on_error(self, fn: ErrorCallback) -> ErrorCallback:
         """Decorator: called as ``fn(name, error)`` when a one-way message the
         primary sent could not be handled by its receiver."""
-        self._error_callbacks.append(fn)
-        return fn
+        return self._handlers.on_error(fn)
 
     def on_ready(self, fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
         """Decorator: called as ``fn(slot, pid)`` in the hub thread when a worker
@@ -213,9 +213,16 @@ class Hub:
         return fn
 
     def subscribe(self, topic: str) -> Callable[[Callable[[Message], None]], Callable[[Message], None]]:
-        """Decorator: receive every publication on ``topic`` in the primary."""
+        """Decorator: receive every publication on ``topic`` in the primary.
+
+        Subscribers run in the hub thread, like handlers: ``async def`` raises
+        :class:`TypeError` here.
+        """
 
         def register(fn: Callable[[Message], None]) -> Callable[[Message], None]:
+            if inspect.iscoroutinefunction(fn):
+                raise TypeError(f"the primary runs its subscribers in its hub thread, which has "
+                                f"no event loop: the subscriber of {topic!r} can't be async def")
             self._local_subs.setdefault(topic, []).append(fn)
             return fn
 
@@ -223,38 +230,28 @@ class Hub:
 
     @property
     def handler_names(self) -> frozenset[str]:
-        return frozenset(self._handlers)
+        return self._handlers.names
 
     def start(self, log: Any) -> None:
         """Start the hub thread (from ``on_starting``); idempotent across HUP."""
-        self.log = log
-        if self._running:
-            return
-        self._ep = select.epoll()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._ep.register(self._wake_r, _READ)
-        self._running = True
-        if not self._fork_handlers:
-            # Once per hub (they can't be removed); they do nothing once it stops.
-            self._fork_handlers = True
-            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_parent,
-                                after_in_child=self._after_fork_child)
-        self._spawn_thread()
+        self.log = self._handlers.log = log
+        was_running = self.reactor.running
+        self.reactor.start(log)
+        if not was_running:
+            self.reactor.every(_SWEEP_INTERVAL, self._sweep)
 
     def start_bridge(self, url: str, name: str) -> None:
         """Bridge publications to the other instances named ``name`` through the
         store at ``url`` (``on_starting``, after :meth:`start`; see ``ipc/bridge.py``)."""
-        if self.bridge is not None or not self._running:
+        if self.bridge is not None or not self.reactor.running:
             return
         from .bridge import Bridge
 
         self.bridge = Bridge(
             url, name,
-            deliver=lambda topic, src, payload: self._call(
+            deliver=lambda topic, src, payload: self.reactor.call(
                 lambda: self._route_pub(Pub(topic, src, payload), remote=True)),
-            refused=lambda src, topic, reason: self._call(
+            refused=lambda src, topic, reason: self.reactor.call(
                 lambda: self._bridge_refused(src, topic, reason)),
             log=self.log, max_frame=self.max_frame, max_backlog=self.max_backlog)
         self.bridge.start()
@@ -264,22 +261,11 @@ class Hub:
         if self.bridge is not None:
             self.bridge.stop()
             self.bridge = None
-        if not self._running:
-            return
-        self._running = False
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            self._thread = None
+        self.reactor.stop(cleanup=self._close_all)
+
+    def _close_all(self) -> None:
         for conn in list(self._conns.values()):
             self._close(conn, None)
-        if self._ep is not None:
-            self._ep.close()
-            self._ep = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     # ------------------------------------------------------ arbiter callbacks
 
@@ -290,7 +276,7 @@ class Hub:
         hand the ends out: the parent's end becomes a connection, the child's
         end becomes :attr:`child_end` in the child.
         """
-        if not self._running:
+        if not self.reactor.running:
             return
         # Two channels: replies travel apart from pushed messages, so a thread
         # waiting for its reply never competes with the worker's listener.
@@ -318,7 +304,7 @@ class Hub:
                     if self._slots.get(conn.slot) is conn:
                         del self._slots[conn.slot]
 
-        self._call(do)
+        self.reactor.call(do)
 
     def worker_exited(self, worker: Any) -> None:
         """The arbiter reaped ``worker`` (``child_exit``): drop its connection now,
@@ -329,8 +315,8 @@ class Hub:
                 if conn.worker is worker:
                     self._close(conn, None)
 
-        if self._running:
-            self._call(do)
+        if self.reactor.running:
+            self.reactor.call(do)
 
     def workers(self) -> list[dict[str, Any]]:
         """A snapshot of the connected workers, ordered by slot."""
@@ -358,7 +344,7 @@ class Hub:
             raise WorkerGone(f"no worker in slot {slot}")
         frame = Msg(next(self._ids), name, slot, PRIMARY, payload)
         frames.encode(frame, self.max_frame)  # what the bus can't carry is refused here
-        self._call(lambda: self._route_msg(None, frame))
+        self.reactor.call(lambda: self._route_msg(None, frame))
 
     def broadcast(self, name: str, payload: Any = None) -> None:
         """Send a one-way message to every worker."""
@@ -366,7 +352,7 @@ class Hub:
         self._check_primary()
         frame = Msg(next(self._ids), name, ALL, PRIMARY, payload)
         frames.encode(frame, self.max_frame)
-        self._call(lambda: self._route_msg(None, frame))
+        self.reactor.call(lambda: self._route_msg(None, frame))
 
     def publish(self, topic: str, payload: Any = None) -> None:
         """Publish on ``topic`` to every subscribed worker (and primary subscriber),
@@ -379,7 +365,7 @@ class Hub:
         self._check_primary()
         frame = Pub(topic, PRIMARY, payload)
         frames.encode(frame, self.max_frame)
-        self._call(lambda: self._route_pub(frame))
+        self.reactor.call(lambda: self._route_pub(frame))
         bridge = self.bridge
         if bridge is not None and not bridge.up:
             raise BridgeDown(bridge.down_text(topic))
@@ -394,14 +380,14 @@ class Hub:
         """
         frames.check_address(name, slot)
         self._check_primary()
-        if threading.get_ident() == self._thread_ident:
+        if self.reactor.in_thread():
             raise RuntimeError("Hub.request() can't be called from a bus handler: it would deadlock")
         rid = next(self._ids)
         pending = _Pending(None)
         frame = Req(rid, name, slot, PRIMARY, payload)
         frames.encode(frame, self.max_frame)
         self._pending[rid] = pending
-        self._call(lambda: self._primary_request(frame, pending))
+        self.reactor.call(lambda: self._primary_request(frame, pending))
         if not pending.event.wait(timeout):
             self._pending.pop(rid, None)
             raise RequestTimeout(f"request {name!r} to slot {slot}: no reply within {timeout}s")
@@ -409,45 +395,27 @@ class Hub:
             raise pending.error
         return pending.value
 
+    # The reactor's, for the supervisor, the control socket and even spread.
+
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` in the hub thread after ``delay`` seconds (any thread may call)."""
-        when = time.monotonic() + delay
-        self._call(lambda: heapq.heappush(self._timers, (when, next(self._ids), fn)))
+        self.reactor.call_later(delay, fn)
 
     def every(self, interval: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` in the hub thread every ``interval`` seconds."""
-
-        def tick() -> None:
-            try:
-                fn()
-            finally:
-                self.call_later(interval, tick)
-
-        self.call_later(interval, tick)
+        self.reactor.every(interval, fn)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` in the hub thread whenever ``fd`` is readable."""
-
-        def do() -> None:
-            assert self._ep is not None
-            self._watched[fd] = callback
-            self._ep.register(fd, _READ)
-
-        self._call(do)
+        self.reactor.watch(fd, callback)
 
     def unwatch(self, fd: int) -> None:
-        def do() -> None:
-            if self._watched.pop(fd, None) is not None and self._ep is not None:
-                try:
-                    self._ep.unregister(fd)
-                except (OSError, ValueError):
-                    pass
-
-        self._call(do)
+        """Stop watching ``fd``."""
+        self.reactor.unwatch(fd)
 
     def on_child(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` in every process forked from the primary (close inherited fds)."""
-        self._child_callbacks.append(fn)
+        self.reactor.on_child(fn)
 
     def unretire(self, worker: Any) -> None:
         """Give ``worker`` its slot back (a rollout stopped before replacing it)."""
@@ -460,142 +428,47 @@ class Hub:
                         conn.retired = False
                         self._slots[conn.slot] = conn
 
-        self._call(do)
+        self.reactor.call(do)
 
     # -------------------------------------------------------- thread plumbing
 
     def _check_primary(self) -> None:
         if self._in_child:
             raise BusClosed("the primary's bus API was called in a worker; use gunicorn_ext.worker")
-        if not self._running:
+        if not self.reactor.running:
             raise BusClosed("the bus is not running (is gunicorn_ext.enable(globals()) in the config?)")
 
-    def _call(self, fn: Callable[[], None]) -> None:
-        if threading.get_ident() == self._thread_ident:
-            fn()
-        else:
-            self._calls.append(fn)
-            self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # pipe full: a wake-up is pending anyway
-
-    def _spawn_thread(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="gunicorn-ext-hub", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        self._thread_ident = threading.get_ident()
-        ep = self._ep
-        assert ep is not None
-        fds = self._fds
-        wake_r = self._wake_r
-        watched = self._watched
-        timers = self._timers
-        last_sweep = time.monotonic()
-        while self._running:
-            if self._pause_requested:
-                self._park()
-                continue
-            timeout = 1.0
-            if timers:
-                timeout = min(timeout, max(0.0, timers[0][0] - time.monotonic()))
-            try:
-                events = ep.poll(timeout)
-            except OSError:
-                events = []
-            for fd, mask in events:
-                conn = fds.get(fd)
-                if conn is None:
-                    if fd == wake_r:
-                        try:
-                            os.read(wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                    elif fd in watched:
-                        try:
-                            watched[fd]()
-                        except Exception:
-                            self.log.exception("gunicorn-ext: watcher of fd %s failed", fd)
-                    continue
-                if mask & (_READ | select.EPOLLHUP | select.EPOLLERR) and fd == conn.fd:
-                    self._read(conn)
-                if mask & _WRITE and not conn.closed:
-                    self._flush(conn)
-            while self._calls:
-                fn = self._calls.popleft()
-                try:
-                    fn()
-                except Exception:
-                    self.log.exception("gunicorn-ext: bus call failed")
-            if self._dirty:
-                for conn in list(self._dirty):
-                    self._flush(conn)
-                self._dirty.clear()
-            now = time.monotonic()
-            while timers and timers[0][0] <= now:
-                _, _, fn = heapq.heappop(timers)
-                try:
-                    fn()
-                except Exception:
-                    self.log.exception("gunicorn-ext: timer failed")
-            if now - last_sweep > 10.0:
-                last_sweep = now
-                self._sweep(now)
-
-    def _park(self) -> None:
-        with self._cond:
-            self._parked = True
-            self._cond.notify_all()
-            while self._pause_requested and self._running:
-                self._cond.wait()
-            self._parked = False
+    def _flush_dirty(self) -> None:
+        """At the end of a reactor turn: write what the turn left queued."""
+        for conn in list(self._dirty):
+            self._flush(conn)
+        self._dirty.clear()
 
     # -- fork handlers (run in the forking thread, with the hub thread parked)
 
-    def _before_fork(self) -> None:
-        if not self._running or self._thread is None:
-            return
-        with self._cond:
-            self._pause_requested = True
-            self._wake()
-            if not self._cond.wait_for(lambda: self._parked, timeout=5.0):
-                self.log.warning("gunicorn-ext: hub thread did not pause before fork")
-
     def _after_fork_parent(self) -> None:
-        if not self._running:
-            return
+        """The worker's end went to the child: the parent's end becomes a connection."""
         forking, self._forking = self._forking, None
-        if forking is not None:
-            slot, (call, push), child, worker = forking
-            for s in child:
-                s.close()
-            conn = _Conn(call, push, slot, worker, self.max_frame)
-            self._conns[call] = conn
-            old = self._slots.get(slot)
-            if old is not None:
-                old.retired = True
-            self._slots[slot] = conn
-            assert self._ep is not None
-            self._ep.register(call, _READ)
-            self._fds[call.fileno()] = conn
-            self._fds[push.fileno()] = conn
-        with self._cond:
-            self._pause_requested = False
-            self._cond.notify_all()
+        if forking is None:
+            return
+        slot, (call, push), child, worker = forking
+        for s in child:
+            s.close()
+        conn = _Conn(call, push, slot, worker, self.max_frame)
+        self._conns[call] = conn
+        old = self._slots.get(slot)
+        if old is not None:
+            old.retired = True
+        self._slots[slot] = conn
+        conn.on_call = functools.partial(self._on_call, conn)
+        conn.on_push = functools.partial(self._on_push, conn)
+        self.reactor.add(conn.fd, conn.on_call, _READ)
+        self.reactor.add(push.fileno(), conn.on_push, 0)
 
     def _after_fork_child(self) -> None:
         """In the new process: keep our own end, close every other hub fd."""
         forking, self._forking = self._forking, None
         self._in_child = True
-        self._running = False
-        self._thread = None
-        self._pause_requested = False
-        self._parked = False
-        self._cond = threading.Condition()
         for conn in list(self._conns.values()):
             conn.sock.close()
             conn.push.close()
@@ -605,29 +478,7 @@ class Hub:
         self._relay.clear()
         self._pending.clear()
         self._dirty.clear()
-        self._calls.clear()
         self.bridge = None  # its own fork handler closed its descriptors
-        self._fds.clear()
-        self._timers.clear()
-        self._watched.clear()
-        for fn in self._child_callbacks:
-            try:
-                fn()
-            except Exception:
-                pass
-        if self._ep is not None:
-            try:
-                self._ep.close()
-            except OSError:
-                pass
-            self._ep = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
         if forking is not None:
             slot, parents, (call, push), _ = forking
             for s in parents:
@@ -635,6 +486,18 @@ class Hub:
             self.child_end = (call, push, slot)
 
     # ------------------------------------------------------------------- I/O
+
+    def _on_call(self, conn: _Conn, mask: int) -> None:
+        """The reactor's callback for a call channel: read it, write what waits."""
+        if mask & (_READ | _HUP_ERR):
+            self._read(conn)
+        if mask & _WRITE and not conn.closed:
+            self._flush(conn)
+
+    def _on_push(self, conn: _Conn, mask: int) -> None:
+        """The reactor's callback for a push channel (watched only while output waits)."""
+        if mask & _WRITE and not conn.closed:
+            self._flush(conn)
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -684,6 +547,7 @@ class Hub:
                 return
             out += memoryview(data)[n:]
         self._dirty.add(conn)
+        self.reactor.turn_end_wanted = True
         if len(out) > self.max_backlog:
             self._close(
                 conn,
@@ -693,8 +557,6 @@ class Hub:
 
     def _flush(self, conn: _Conn) -> None:
         """Write what is queued; ask epoll for writability while some is left."""
-        ep = self._ep
-        assert ep is not None
         for i, sock, out, base in ((0, conn.sock, conn.out, _READ), (1, conn.push, conn.pout, 0)):
             if conn.closed:
                 return
@@ -711,12 +573,7 @@ class Hub:
             want = base | _WRITE if out else base
             have = conn.events[i]
             if have != want:
-                if not want:
-                    ep.unregister(sock)
-                elif not have:
-                    ep.register(sock, want)
-                else:
-                    ep.modify(sock, want)
+                self.reactor.interest(sock.fileno(), have, want)
                 conn.events[i] = want
 
     def _close(self, conn: _Conn, reason: str | None) -> None:
@@ -733,12 +590,7 @@ class Hub:
             except OSError:
                 pass
         for i, sock in enumerate((conn.sock, conn.push)):
-            self._fds.pop(sock.fileno(), None)
-            if self._ep is not None and conn.events[i]:
-                try:
-                    self._ep.unregister(sock)
-                except (OSError, ValueError):
-                    pass
+            self.reactor.remove(sock.fileno(), bool(conn.events[i]))
             sock.close()
         self._conns.pop(conn.sock, None)
         if reason is not None:
@@ -768,7 +620,8 @@ class Hub:
                 pending.error = WorkerGone(gone)
                 pending.event.set()
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self) -> None:
+        now = time.monotonic()
         for rid, (_, _, _, t0) in list(self._relay.items()):
             if now - t0 > _RELAY_HORIZON:
                 del self._relay[rid]
@@ -809,8 +662,7 @@ class Hub:
                     self.log.exception("gunicorn-ext: on_ready callback failed")
 
     def _handle_request(self, conn: _Conn, frame: Req) -> None:
-        self._queue_bytes(conn, answer(self._handlers, frame, "the primary", self.log,
-                                       self.max_frame), True)
+        self._queue_bytes(conn, self._handlers.handle(frame, self.max_frame), True)
 
     def _relay_request(self, origin: _Conn, frame: Req) -> None:
         target = self._slots.get(frame.dst)
@@ -861,7 +713,7 @@ class Hub:
     def _route_notice(self, conn: _Conn, frame: Err) -> None:
         """A one-way message failed at its receiver: tell its sender."""
         if frame.dst == PRIMARY:
-            self._report(frame.name, error_from_code(frame.code, frame.message))
+            self._handlers.report(frame.name, error_from_code(frame.code, frame.message))
             return
         origin = self._slots.get(frame.dst)
         if origin is not None:
@@ -869,28 +721,13 @@ class Hub:
         else:
             self.log.warning("gunicorn-ext: failure notice for gone slot %s: %s", frame.dst, frame.message)
 
-    def _report(self, name: str, error: Exception) -> None:
-        self.log.warning("gunicorn-ext: message not handled: %s", error)
-        for fn in self._error_callbacks:
-            try:
-                fn(name, error)
-            except Exception:
-                self.log.exception("gunicorn-ext: on_error callback failed")
-
-    def _notify_sender(self, origin: _Conn | None, frame: Msg, error: IPCError) -> None:
-        if origin is None:
-            self._report(frame.name, error)
-        else:
-            self._queue(origin, Err(frame.id, error.code, str(error), frame.src, True, frame.name))
-
     def _route_msg(self, origin: _Conn | None, frame: Msg) -> None:
         dst = frame.dst
         if dst == PRIMARY:
-            try:
-                run_handler(self._handlers, frame.name, frame.payload, frame.src, "the primary",
-                            self.log)
-            except IPCError as exc:
-                self._notify_sender(origin, frame, exc)
+            # Only a worker sends the primary a message (origin is its connection).
+            notice = self._handlers.handle(frame, self.max_frame)
+            if notice is not None and origin is not None:
+                self._queue_bytes(origin, notice, False)
         elif dst == ALL:
             data = frames.encode(frame, self.max_frame + frames.ROUTING_SLACK)  # once for all
             for conn in list(self._slots.values()):
@@ -898,15 +735,19 @@ class Hub:
         else:
             target = self._slots.get(dst)
             if target is None:
-                self._notify_sender(origin, frame, WorkerGone(
-                    f"message {frame.name!r} to slot {dst}: no worker in that slot"))
+                gone = WorkerGone(f"message {frame.name!r} to slot {dst}: no worker in that slot")
+                if origin is None:
+                    self._handlers.report(frame.name, gone)
+                else:
+                    self._queue_bytes(origin, self._handlers.error(frame, gone, self.max_frame),
+                                      False)
             else:
                 self._queue(target, frame)
 
     def _bridge_refused(self, src: int, topic: str, reason: str) -> None:
         """A publication did not leave the instance: tell its sender."""
         if src == PRIMARY:
-            self._report(topic, BridgeDown(reason))
+            self._handlers.report(topic, BridgeDown(reason))
             return
         origin = self._slots.get(src)
         if origin is not None:
