@@ -173,9 +173,10 @@ def run(host: str, port: int, rate: float, seconds: float, keepalive: bool,
     return asyncio.run(_run(host, port, rate, seconds, keepalive, max_connections))
 
 
-async def _closed(host: str, port: int, seconds: float, connections: int) -> int:
-    result = Result(rate=0, seconds=seconds, keepalive=True)
-    pool = _Pool(host, port, True, connections, result)
+async def _closed(host: str, port: int, seconds: float, connections: int,
+                  keepalive: bool) -> int:
+    result = Result(rate=0, seconds=seconds, keepalive=keepalive)
+    pool = _Pool(host, port, keepalive, connections, result)
     end = time.monotonic() + seconds
 
     async def loop() -> None:
@@ -187,7 +188,11 @@ async def _closed(host: str, port: int, seconds: float, connections: int) -> int
     return len(result.latencies)
 
 
-def capacity(host: str, port: int, seconds: float = 4.0, connections: int = 16) -> float:
-    """Closed-loop throughput (req/s) with *connections* busy clients: the saturation point."""
-    n = asyncio.run(_closed(host, port, seconds, connections))
+def capacity(host: str, port: int, seconds: float = 4.0, connections: int = 16,
+             keepalive: bool = True) -> float:
+    """Closed-loop throughput (req/s) with *connections* busy clients: the saturation point
+    (*keepalive* False: a new connection per request)."""
+    if not (0 < seconds <= 60 and 0 < connections <= 512):
+        raise ValueError(f"seconds {seconds} or connections {connections} out of bounds")
+    n = asyncio.run(_closed(host, port, seconds, connections, keepalive))
     return n / seconds

@@ -12,4 +12,7 @@ keepalive = 5
 timeout = 60
 backlog = 2048
 
-gunicorn_ext.enable(globals())
+# SPREAD_EVEN_SPREAD=0 turns even spread off, to tell the dispatch hop's cost from the
+# rest of gunicorn-ext's (bench/spread.py's saturation figures).
+_even = os.environ.get("SPREAD_EVEN_SPREAD", "")
+gunicorn_ext.enable(globals(), **({"even_spread": _even == "1"} if _even else {}))

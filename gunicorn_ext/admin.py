@@ -38,6 +38,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
+from .gunicorn_internals import listeners
 from .metrics import CONTENT_TYPE
 from .settings import is_loopback
 
@@ -79,19 +80,16 @@ def readiness(sup: Any, stopping: bool = False) -> list[str]:
         return ["the arbiter is not running"]
     if stopping:
         return ["the primary is shutting down: its listeners are closed, workers are draining"]
-    ready = sup.ready_pids
     steps = dict(sup.rollout.steps)
     served: set[int] = set()
     booting: set[int] = set()
-    for w in list(server.WORKERS.values()):
-        slot = getattr(w, "ext_slot", None)
-        if slot is None:
-            continue
-        if getattr(w, "ext_retired", False):
+    for rec in sup.workers.live():
+        slot = rec.slot
+        if rec.retired:
             step = steps.get(slot)
-            if not (step is not None and step.old is w and not step.termed and w.pid in ready):
+            if not (step is not None and step.old is rec and not step.termed and rec.ready):
                 continue
-        if w.pid in ready:
+        if rec.ready:
             served.add(slot)
         else:
             booting.add(slot)
@@ -280,7 +278,7 @@ class AdminServer:
         server = self.supervisor.server
         if server is None:
             return False
-        if server.LISTENERS:
+        if listeners(server):
             self._arbiter_listened = True
             return False
         return self._arbiter_listened

@@ -36,7 +36,9 @@ _perf_counter = time.perf_counter
 
 def app_attribute(worker: Any) -> str | None:
     """The attribute holding this worker's ASGI app, or None for a WSGI worker."""
-    if getattr(worker, "asgi", None) is not None:  # gunicorn.workers.gasgi.ASGIWorker
+    from . import gunicorn_internals as gi
+
+    if gi.app_of(worker, "asgi") is not None:  # gunicorn.workers.gasgi.ASGIWorker
         return "asgi"
     if type(worker).__module__.startswith("uvicorn"):  # uvicorn_worker.UvicornWorker
         return "wsgi"

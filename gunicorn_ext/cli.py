@@ -206,12 +206,17 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _cmd_nginx_render(args: argparse.Namespace) -> int:
-    from .nginx import render
+    from dataclasses import fields
+
+    from .nginx import Failover, render
 
     try:
+        failover = Failover(**{f.name: getattr(args, f.name) for f in fields(Failover)
+                               if getattr(args, f.name) is not None})
         text = render(args.backend, args.listen, args.server_name, route_names=args.route,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, http_port=args.http_port,
-                      default_server=not args.no_default_server, cookie=args.cookie)
+                      default_server=not args.no_default_server, cookie=args.cookie,
+                      failover=failover)
     except ValueError as exc:
         print(f"gunicorn-ext nginx render: {exc}", file=sys.stderr)
         return 2
@@ -236,6 +241,58 @@ def _port_arg(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"port out of range 1-65535: {value}")
     return value
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (e.g. 1, 0.5, 30), got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _add_failover(p: argparse.ArgumentParser) -> None:
+    """The fields of :class:`gunicorn_ext.nginx.Failover` as options (default: its own)."""
+    from .nginx import Failover
+
+    d = Failover()
+    g = p.add_argument_group("failover", "timeouts, retries and ejection (seconds; the "
+                             "README's 'Failover' section says why each default)")
+    g.add_argument("--connect-timeout", type=_seconds_arg, metavar="S",
+                   help=f"proxy_connect_timeout: a host this silent is gone (default {d.connect_timeout:g})")
+    g.add_argument("--read-timeout", type=_seconds_arg, metavar="S",
+                   help="proxy_read/send_timeout of plain HTTP: above your slowest endpoint "
+                   f"(default {d.read_timeout:g})")
+    g.add_argument("--stream-timeout", type=_seconds_arg, metavar="S",
+                   help="the same for /socket.io/ and /ws: well above the ping interval "
+                   f"(default {d.stream_timeout:g})")
+    g.add_argument("--next-upstream-tries", type=_count_arg, metavar="N",
+                   help=f"attempts per request, 0: no limit (default {d.next_upstream_tries})")
+    g.add_argument("--next-upstream-timeout", type=_seconds_arg, metavar="S",
+                   help="no retry starts later than this, 0: no limit "
+                   f"(default {d.next_upstream_timeout:g}, below --read-timeout)")
+    g.add_argument("--max-fails", type=_count_arg, metavar="N",
+                   help=f"failed attempts that take a backend out, 0: never (default {d.max_fails})")
+    g.add_argument("--fail-timeout", type=_seconds_arg, metavar="S",
+                   help=f"with --max-fails: how long it stays out (default {d.fail_timeout:g})")
+    g.add_argument("--idle-timeout", type=_seconds_arg, metavar="S",
+                   help="idle upstream connections closed after this, below Gunicorn's "
+                   f"keepalive (default {d.idle_timeout:g})")
+    g.add_argument("--no-socket-keepalive", dest="socket_keepalive", action="store_const",
+                   const=False, default=None,
+                   help="leave out proxy_socket_keepalive (TCP keepalive to the backends)")
 
 
 def _add_nginx(commands: Any) -> None:
@@ -263,6 +320,7 @@ def _add_nginx(commands: Any) -> None:
                    help="with TLS: plain HTTP port redirecting to HTTPS (default 80)")
     p.add_argument("--no-default-server", action="store_true",
                    help="leave out the catch-all server answering unknown hosts with 444")
+    _add_failover(p)
     p.set_defaults(func=_cmd_nginx_render)
     p = sub.add_parser("check", help="nginx -t (and gixy-ng when installed) on a file",
                        description="Check an http-context config with nginx -t in a throw-away "

@@ -14,10 +14,14 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   descriptor from the primary (``SCM_RIGHTS``). Per-worker ports (``worker_ports_base``)
   stay the worker's own listeners.
 * Each worker keeps three numbers on a shared-memory board (an anonymous shared mmap
-  made by the primary before any fork): its capacity (threads, or 1 for sync), the
-  requests it is running, and the connections it has received. Writing them costs no
-  system call, so a request costs nothing extra. The primary's view of a worker's room
-  is ``capacity - running - (sent - received)``.
+  made by the primary before any fork): its capacity (threads, or 1 for sync), its busy
+  connections, and the connections it has received. Writing them costs no system call,
+  so a request costs nothing extra. The primary's view of a worker's room is
+  ``capacity - busy - (sent - received)``. A gthread connection is busy from the moment
+  the worker receives it (it queues for a thread at once) until Gunicorn settles it
+  (keeps it alive, parks or closes it): counting only from the request's start, as a
+  first version did, hid the connections queued in a worker's thread pool, and under
+  load the primary piled new ones onto a worker that looked free.
 * The primary (on the bus hub's thread, so it parks for forks with it) watches the
   listeners, accepts, and sends each connection to the worker with the most room, the
   longest-waiting one on a tie. When a connection arrives and no worker has room, it
@@ -55,6 +59,8 @@ import struct
 import threading
 import time
 from typing import Any
+
+from . import gunicorn_internals as gi
 
 #: Worker classes whose accept loop calls ``listener.accept()`` on ``worker.sockets``.
 DISPATCHED_CLASSES = ("SyncWorker", "ThreadWorker")
@@ -166,7 +172,7 @@ class Dispatcher:
         """Make the socketpair and board cell of the worker about to be forked (``pre_fork``)."""
         if not self.enabled or self.board is None:
             return
-        listeners = [lst.sock for lst in server.LISTENERS]
+        listeners = [lst.sock for lst in gi.listeners(server)]
         if [id(s) for s in listeners] != [id(s) for s in self._listeners]:
             self.hub.call_later(0, lambda: self._set_listeners(listeners))
         with self._lock:
@@ -180,7 +186,7 @@ class Dispatcher:
         parent.setblocking(False)
         with self._lock:
             self._forking = (parent, child, worker, cell)
-        self._child_listeners = list(server.LISTENERS)
+        self._child_listeners = gi.listeners(server)
 
     def _after_fork_parent(self) -> None:
         with self._lock:
@@ -470,12 +476,15 @@ class DispatchedListener:
 
     A sync worker (*threaded* False) holds one connection at a time: it is busy from
     the connection it receives until it comes back to ``accept()``. A gthread worker
-    counts its running requests around each request (``started``/``finished``).
+    (*worker* its ThreadWorker) publishes :func:`~gunicorn_ext.gunicorn_internals.gthread_busy` on each received
+    connection, around each request (``started``/``finished``), and when its main
+    thread settles a connection (``settled``).
     """
 
     def __init__(self, sock: socket.socket, listeners: list[Any], capacity: int,
-                 threaded: bool, board: mmap.mmap, cell: int) -> None:
+                 threaded: bool, board: mmap.mmap, cell: int, worker: Any = None) -> None:
         self.sock = sock
+        self.worker = worker
         self.listeners = listeners  # Gunicorn's listener objects, by index
         self.capacity = capacity
         self.threaded = threaded
@@ -517,7 +526,10 @@ class DispatchedListener:
                     raise BlockingIOError(errno.EAGAIN, "the primary closed the dispatch socket")
                 continue  # an acknowledgement: nothing to accept
             self._last = data[1] if len(data) == 2 and data[1] < len(self.listeners) else 0
-            self._publish(received=1, running=None if self.threaded else 1)
+            # Busy from now: a gthread worker queues it for a thread at once (Gunicorn
+            # counts it after accept() returns, hence the + 1).
+            self._publish(received=1, busy=1 if self.threaded else None,
+                          running=None if self.threaded else 1)
             client = socket.socket(fileno=fd)
             try:
                 addr = client.getpeername()
@@ -568,22 +580,32 @@ class DispatchedListener:
 
     def started(self) -> None:
         if self.threaded:
-            self._publish(delta=1)
+            self._publish(busy=0)
 
     def finished(self) -> None:
         if self.threaded:
-            self._publish(delta=-1)
+            self._publish(busy=-1)  # this one is done; Gunicorn counts it until finish_request
 
-    def _publish(self, received: int = 0, running: int | None = None, delta: int = 0,
+    def settled(self) -> None:
+        """A gthread worker's main thread finished a connection's request (kept it
+        alive, parked or closed it): publish its exact count (it corrects any count
+        that two threads' publishes left too high)."""
+        self._publish(busy=0)
+
+    def _publish(self, received: int = 0, running: int | None = None, busy: int | None = None,
                  ready: bool = False) -> None:
-        """Update this worker's cell; wake the primary if it waits for room."""
+        """Update this worker's cell; wake the primary if it waits for room. *busy*: for
+        a gthread worker, set running to its busy connections plus *busy*."""
         with self._lock:
+            before = self.running
             self.received += received
+            if busy is not None:
+                running = gi.gthread_busy(self.worker) + busy
             if running is not None:
-                self.running = running
-            self.running = max(0, self.running + delta)
+                self.running = max(0, running)
+            freed = self.running < before
             _CELL.pack_into(self.board, self.offset, self.capacity, self.running, self.received)
-        if (ready or delta < 0 or running == 0 or received) and not self._stopping \
+        if (ready or freed or received) and not self._stopping \
                 and not self._closed and _HEADER.unpack_from(self.board, 0)[0]:
             try:
                 self.sock.send(b"W", socket.MSG_DONTWAIT)
@@ -596,7 +618,9 @@ def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.m
     """In the worker (``post_fork``): accept from *sock* instead of the shared listeners."""
     threaded = type(worker).__name__ == "ThreadWorker"
     capacity = max(1, int(getattr(worker.cfg, "threads", 1) or 1)) if threaded else 1
-    dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell)
+    dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell, worker)
+    if threaded:
+        gi.after_finish_request(worker, dl.settled)
     shared = {id(lst) for lst in listeners}
-    worker.sockets = [dl] + [s for s in worker.sockets if id(s) not in shared]
+    gi.set_sockets(worker, [dl] + [s for s in gi.sockets_of(worker) if id(s) not in shared])
     return dl

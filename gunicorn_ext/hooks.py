@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from . import gunicorn_internals as gi
 from .asgi import ClusterMiddleware, app_attribute
 from .deadlines import Deadlines
 from .dispatch import DispatchedListener, Dispatcher, dispatched
@@ -23,6 +24,7 @@ from .settings import Settings
 from .stacks import format_all_stacks
 from .sticky import instance_route, pin_worker, route_name
 from .supervisor import Supervisor
+from .worker_record import slot_of
 
 _MARK = "_gunicorn_ext_hook"
 
@@ -38,10 +40,10 @@ dispatched_listener: DispatchedListener | None = None
 deadlines: Deadlines | None = None
 #: The primary's admin HTTP endpoint (None unless ``admin_bind`` is set).
 admin: Any = None
-
-
-def _slot_of(w: Any) -> int | None:
-    return getattr(w, "ext_slot", None)
+#: This worker's sticky route (None in the primary, or when sticky is off).
+_route: str | None = None
+#: This worker serves an ASGI app (ClusterMiddleware counts its requests, not the hooks).
+_asgi = False
 
 
 # -- in the primary ---------------------------------------------------------------
@@ -71,7 +73,7 @@ def _start_admin(server: Any) -> None:
     host, port = parse_address("admin_bind", s.admin_bind)
     endpoint = AdminServer(host, port, supervisor, server.log, allow_remote=s.admin_allow_remote)
     try:
-        endpoint.start(take_over=getattr(server, "master_pid", 0))
+        endpoint.start(take_over=gi.old_master_pid(server))
     except AdminError as exc:
         server.log.error("gunicorn-ext: %s; shutting down", exc)
         server.halt(exit_status=1)  # Gunicorn's own exit: pidfile removed, on_exit run
@@ -116,30 +118,14 @@ def on_reload(server: Any) -> None:
     A rolling HUP (``hup="rolling"``) replaces them one batch at a time instead."""
     if supervisor.hup_rolling:
         return
-    old = list(server.WORKERS.values())
-    for w in old:
-        w.ext_retired = True
-    primary.retire(old)
+    supervisor.retire_all(server)
 
 
 def nworkers_changed(server: Any, new: int, old: int | None) -> None:
-    """On scale-down, make Gunicorn stop the highest slots, keeping slots 0..N-1.
-
-    Gunicorn stops the workers with the lowest ``age`` first, so the ones to go
-    get ages below everyone else's.
-    """
+    """On scale-down, make Gunicorn stop the highest slots, keeping slots 0..N-1."""
     if old is None or new >= old:
         return
-    live = [w for w in server.WORKERS.values() if not getattr(w, "ext_retired", False)]
-    extra = len(live) - new
-    if extra <= 0:
-        return
-    floor = min(w.age for w in server.WORKERS.values())
-    victims = sorted(live, key=lambda w: _slot_of(w) or 0, reverse=True)[:extra]
-    for i, w in enumerate(victims):
-        w.age = floor - 1 - i
-        w.ext_retired = True
-    primary.retire(victims)
+    supervisor.scale_down(server, new)
 
 
 # -- in the worker ----------------------------------------------------------------
@@ -161,7 +147,7 @@ def post_fork(server: Any, worker: Any) -> None:
         from .worker_ports import bind_host, open_worker_port
 
         host = s.worker_ports_host or bind_host(list(worker.cfg.bind))
-        port = s.worker_ports_base + worker.ext_slot
+        port = s.worker_ports_base + slot_of(worker)
         if open_worker_port(worker, host, port):
             # RouteCookie() built at app import in this worker then names this worker's port.
             os.environ["GX_ROUTE"] = route_name(f"{host}:{port}")
@@ -172,48 +158,38 @@ def post_fork(server: Any, worker: Any) -> None:
 def _choose_route(worker: Any) -> None:
     """Decide this worker's route (post_worker_init pins the app to it): its own port's
     (GX_ROUTE, set above), else the instance's; also for a RouteCookie() of the app."""
+    global _route
     try:
-        worker.ext_route = instance_route(list(worker.cfg.bind))
+        _route = instance_route(list(worker.cfg.bind))
     except ValueError as exc:
         worker.log.error("gunicorn-ext: no sticky route cookie (%s); set GX_ROUTE, or "
                          "sticky=False", exc)
         return
-    os.environ["GX_ROUTE"] = worker.ext_route
+    os.environ["GX_ROUTE"] = _route
 
 
 def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
-    """TERM (graceful stop) tells the primary at once to send this worker nothing more.
-
-    Gunicorn binds ``worker.handle_exit`` as the SIGTERM handler in ``init_signals``,
-    after ``post_fork``; no hook runs on the signal, so the bound method is wrapped here.
-    """
-    handle_exit = worker.handle_exit
-
-    def on_exit_signal(sig: Any, frame: Any) -> None:
-        dl.stop_soon()
-        handle_exit(sig, frame)
-
-    worker.handle_exit = on_exit_signal
+    """TERM (graceful stop) tells the primary at once to send this worker nothing more."""
+    gi.on_exit_signal(worker, dl.stop_soon)
 
 
 def post_worker_init(worker: Any) -> None:
-    global deadlines
+    global deadlines, _asgi
     asgi_attr = app_attribute(worker)
-    loop = getattr(worker, "loop", None)  # -k asgi makes its loop first; uvicorn's comes later
+    loop = gi.event_loop_of(worker)  # -k asgi makes its loop first; uvicorn's comes later
     if asgi_attr is not None and loop is not None and worker_bus.connected:
         worker_bus.bind_loop(loop)
     worker_bus.start()
-    route = getattr(worker, "ext_route", None)
-    if route is not None:  # the app is loaded (worker.wsgi): put the route cookie around it
-        pin_worker(worker, route, supervisor.settings.sticky_cookie)
+    if _route is not None:  # the app is loaded (worker.wsgi): put the route cookie around it
+        pin_worker(worker, _route, supervisor.settings.sticky_cookie)
     timeout = supervisor.settings.request_timeout
     if asgi_attr is not None:
         # The request hooks skip ASGI workers (the uvicorn worker calls none): this counts.
-        worker.ext_asgi = True
+        _asgi = True
         _default_request_hooks(worker)
         stall = max(1.0, min(worker.cfg.timeout / 2, 10.0)) if worker.cfg.timeout else 0.0
-        setattr(worker, asgi_attr, ClusterMiddleware(getattr(worker, asgi_attr), worker_bus,
-                                                     reporter, stall, worker.log))
+        gi.set_app(worker, ClusterMiddleware(gi.app_of(worker, asgi_attr), worker_bus, reporter,
+                                             stall, worker.log), asgi_attr)
         if timeout:
             worker.log.info("gunicorn-ext: request_timeout is not enforced under %s (an "
                             "asyncio worker); use asyncio.timeout() in the app",
@@ -221,7 +197,7 @@ def post_worker_init(worker: Any) -> None:
     elif timeout and reporter is not None:
         deadlines = Deadlines(timeout, worker, reporter.recycle,
                               lambda: worker_exit(None, worker), worker.log)
-        worker.wsgi = deadlines.wrap(worker.wsgi)  # the app is loaded; workers call worker.wsgi
+        gi.set_app(worker, deadlines.wrap(gi.app_of(worker)))  # the app is loaded
         deadlines.start()
     if reporter is not None:
         reporter.start()
@@ -246,7 +222,7 @@ def _default_request_hooks(worker: Any) -> None:
 
 
 def pre_request(worker: Any, req: Any) -> None:
-    if getattr(worker, "ext_asgi", False):  # ClusterMiddleware counts ASGI requests
+    if _asgi:  # ClusterMiddleware counts ASGI requests
         return
     if reporter is not None:
         reporter.pre_request()
@@ -255,7 +231,7 @@ def pre_request(worker: Any, req: Any) -> None:
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
-    if getattr(worker, "ext_asgi", False):
+    if _asgi:
         return
     if deadlines is not None:
         deadlines.finished()

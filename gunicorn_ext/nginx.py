@@ -5,8 +5,8 @@ the same blocks as the templates in the repository's ``nginx/`` directory
 (:func:`templates` renders those with example values; a test keeps them in sync):
 
 * ``upstream gunicorn_pool``: every backend and ``keepalive``; no passive ejection
-  (``max_fails=0``): a failed attempt is retried on another backend, the backend
-  stays in rotation (see :data:`MAX_FAILS` for why);
+  by default (``max_fails=0``): a failed attempt is retried on another backend, the
+  backend stays in rotation (see :class:`Failover` for why, and for every timeout);
 * one named upstream ``gx_<route>`` per backend, its other backends as ``backup``
   servers: a client pinned to a backend that is down falls back to the others;
 * ``map $cookie_gx_route $gx_backend``: the sticky whitelist. A backend that answers
@@ -35,10 +35,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from string import Template
 
 __all__ = [
     "DEFAULT_SERVER",
+    "Failover",
     "check",
     "find_nginx",
     "render",
@@ -50,21 +52,108 @@ __all__ = [
 
 COOKIE = "gx_route"
 POOL = "gunicorn_pool"
-#: ``max_fails`` of every upstream server: 0, nginx never takes a backend out.
-#:
-#: nginx's passive check counts failed attempts per ``HOST:PORT``, and a Gunicorn
-#: instance is one ``HOST:PORT`` for all its workers: a SIGKILLed worker resets the
-#: requests it had in flight, and those failures took the whole instance (its healthy
-#: workers too) out for ``fail_timeout``. The counter only resets after a quiet
-#: ``fail_timeout``, so any finite threshold trips under repeated worker deaths; with
-#: two instances both go and nginx answers 502 "no live upstreams" (bench/chaos.py
-#: measures it). Without ejection, a failed attempt (connection refused, reset,
-#: timeout) is still retried on the next backend for idempotent requests, and an
-#: instance with no live worker refuses connections, which costs the retry a
-#: loopback/LAN round trip; a host that drops packets costs ``proxy_connect_timeout``.
-MAX_FAILS = 0
 #: Idle keepalive connections per nginx worker and upstream.
 KEEPALIVE = 32
+
+
+@dataclass(frozen=True)
+class Failover:
+    """How nginx notices a backend is gone and moves a request to another (durations in
+    seconds). The defaults, and why (README "Failover: per fault, not per instance"):
+
+    A backend can go three ways. Its process dies: the kernel answers (refused, reset),
+    nginx moves on in a round trip, whatever the timeouts. Its host vanishes (power, a cut
+    link, a partition): nothing answers at all, no RST, no FIN, and only a timeout tells.
+    Or it is merely slow: a timeout fires too, and it must not look like a dead host.
+    """
+
+    #: ``proxy_connect_timeout``. A TCP connect on a LAN takes well under a millisecond;
+    #: 1 s of silence is a host that is gone (or a SYN dropped by a full backlog, an
+    #: overloaded backend: moving on is right then too). Each request routed to a
+    #: vanished host pays this once before its retry.
+    connect_timeout: float = 1.0
+    #: ``proxy_read_timeout`` / ``proxy_send_timeout`` of plain HTTP (``location /``): the
+    #: longest silence between two reads of a response. 30 s is Gunicorn's own worker
+    #: ``timeout``: a request longer than that belongs in a background job. Raise it above
+    #: your slowest endpoint (and above ``request_timeout``, to pass the app's 503 rather
+    #: than nginx's 504). It bounds how long a request in flight on a vanished host waits
+    #: before its 504.
+    read_timeout: float = 30.0
+    #: The same two for ``/socket.io/`` and ``/ws`` (WebSocket, long-polling). Must stay
+    #: well above the server's ping interval: Socket.IO's long-polling holds a request up
+    #: to ``ping_interval`` (25 s) and an idle WebSocket only carries a ping every 25 s
+    #: (Socket.IO's and the example's ``/ws``). 60 s tolerates one late ping, and a
+    #: WebSocket whose upstream host vanished is closed by nginx after 60 s of silence
+    #: (the client then reconnects elsewhere). An app with silent WebSockets must ping
+    #: more often than this, or raise it.
+    stream_timeout: float = 60.0
+    #: ``proxy_next_upstream_tries``: attempts per request, the first included. Bounds
+    #: how many workers a request that kills its worker can take down. With per-worker
+    #: ports, a vanished host takes all its ports at once: give at least (ports per host
+    #: + 1) so a retry always reaches another host.
+    next_upstream_tries: int = 3
+    #: ``proxy_next_upstream_timeout``: no retry starts later than this after the first
+    #: attempt. Above ``(next_upstream_tries - 1) * connect_timeout`` so every connect
+    #: timeout is retried, and below ``read_timeout`` so a *read* timeout is never
+    #: retried: a request that got no answer in ``read_timeout`` may still be running on a
+    #: live backend, and replaying it would multiply the load of a slow endpoint.
+    next_upstream_timeout: float = 10.0
+    #: ``max_fails`` of every upstream server. 0: nginx never takes a backend out.
+    #: nginx counts failed attempts per ``HOST:PORT``, and a Gunicorn instance is one
+    #: ``HOST:PORT`` for all its workers: a SIGKILLed worker resets its requests in
+    #: flight, and those failures take the whole instance (its healthy workers too) out
+    #: for ``fail_timeout``. The counter only resets after a quiet ``fail_timeout``, so
+    #: any finite threshold trips under repeated worker deaths; with two instances both
+    #: go and nginx answers 502 "no live upstreams" (bench/chaos.py). The price of 0: while
+    #: a host is gone, a request routed to it pays ``connect_timeout`` before its retry
+    #: (a pinned client once: the backend that answers re-pins it).
+    max_fails: int = 0
+    #: ``fail_timeout``: with ``max_fails`` > 0, how long a backend stays out.
+    fail_timeout: float = 10.0
+    #: ``keepalive_timeout`` of the upstreams: an idle upstream connection is closed
+    #: after this. Below Gunicorn's ``keepalive`` (2 s), so nginx never reuses a
+    #: connection the backend is closing (a POST lost on it would be a 502), and an idle
+    #: connection to a host that vanished is not kept to be found dead later.
+    idle_timeout: float = 1.0
+    #: ``proxy_socket_keepalive``: TCP keepalive on upstream connections, so a WebSocket
+    #: to a vanished host that the client keeps open and silent is found dead by the
+    #: kernel. Its timing is the system's (``net.ipv4.tcp_keepalive_time``, 2 h by
+    #: default): lower it (e.g. 60 s, ``_intvl`` 10, ``_probes`` 6) for it to matter.
+    socket_keepalive: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "socket_keepalive":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name}: expected True or False, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{f.name}: expected a number, got {value!r}")
+            if f.name in ("next_upstream_tries", "max_fails"):
+                if not isinstance(value, int) or value < 0 or value > 1000:
+                    raise ValueError(f"{f.name}: expected an integer 0-1000, got {value!r}")
+            elif f.name == "next_upstream_timeout":
+                _duration(f.name, value, zero_ok=True)
+            else:
+                _duration(f.name, value)
+        if 0 < self.next_upstream_timeout <= self.connect_timeout:
+            raise ValueError(f"next_upstream_timeout ({self.next_upstream_timeout}s) must be "
+                             f"longer than connect_timeout ({self.connect_timeout}s), else "
+                             "no connect timeout is ever retried (0: no limit)")
+
+
+def _duration(what: str, value: float, zero_ok: bool = False) -> str:
+    """*value* seconds as an nginx time (``30s``, ``1500ms``); refuse what nginx can't take."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{what}: expected a number of seconds, got {value!r}")
+    if value == 0 and zero_ok:
+        return "0"
+    ms = round(value * 1000)
+    if ms < 1 or value > 86400 * 7:
+        raise ValueError(f"{what}: {value!r} s out of range (1 ms to 7 days"
+                         f"{'; 0: no limit' if zero_ok else ''})")
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
 class _T(Template):
@@ -97,16 +186,20 @@ HEADER = """\
 """
 
 UPSTREAM_POOL = _T("""\
-# Every backend. max_fails=0: a failed attempt never takes a backend out of rotation.
-# A Gunicorn instance is one server here for all its workers, and one killed worker
-# resets its in-flight requests: counted as failures (max_fails=N), they would take
+# Every backend. max_fails=0 (the default): a failed attempt never takes a backend out of
+# rotation. A Gunicorn instance is one server here for all its workers, and one killed
+# worker resets its in-flight requests: counted as failures (max_fails=N), they would take
 # the healthy workers out too, and repeated worker deaths keep the counter from ever
-# resetting. The failed attempt is retried on the next server instead (below), and an
-# instance with no live worker refuses connections at once. keepalive: idle connections
-# kept open per worker (needs proxy_http_version 1.1 and an empty Connection header).
+# resetting. The failed attempt is retried on the next server instead (below); an
+# instance with no live worker refuses connections at once, a host that vanished costs
+# proxy_connect_timeout. keepalive: idle connections kept open per worker (needs
+# proxy_http_version 1.1 and an empty Connection header); keepalive_timeout closes them
+# before Gunicorn's own keepalive (2 s) does, so nginx never sends a request on a
+# connection the backend is closing, and keeps none to a vanished host for long.
 upstream @@{pool} {
 @@{servers}
     keepalive @@{keepalive};
+    keepalive_timeout @@{idle_timeout};
 }
 """)
 
@@ -114,6 +207,7 @@ UPSTREAM_NAMED = _T("""\
 upstream gx_@@{route} {
 @@{servers}
     keepalive @@{keepalive};
+    keepalive_timeout @@{idle_timeout};
 }
 """)
 
@@ -156,9 +250,12 @@ _STREAM_LOCATION = """\
         # No buffering: frames and long-poll answers go out as they come.
         proxy_buffering off;
         proxy_request_buffering off;
-        # Long-lived connections (an idle WebSocket is kept 1h; send pings more often).
-        proxy_read_timeout 1h;
-        proxy_send_timeout 1h;
+        # Long-lived: a long-poll is held up to Socket.IO's ping_interval (25 s) and an
+        # idle WebSocket carries a ping every 25 s (Socket.IO, the example's /ws), so this
+        # must stay well above 25 s; @@{stream_timeout} of silence is a backend that is gone
+        # (nginx closes, the client reconnects elsewhere). Ping more often than this.
+        proxy_read_timeout @@{stream_timeout};
+        proxy_send_timeout @@{stream_timeout};
     }
 """
 
@@ -175,20 +272,30 @@ SERVER_BODY = _T("""\
     # A conservative Content-Security-Policy, to adapt to the app before turning it on:
     #add_header Content-Security-Policy "default-src 'self'; object-src 'none'; frame-ancestors 'self'; base-uri 'self'" always;
 
-    # A backend that is down refuses at once; one that drops packets costs this much
-    # per attempt before the retry (no server is ever taken out, see the upstreams).
-    proxy_connect_timeout 2s;
-    proxy_read_timeout 60s;
-    proxy_send_timeout 60s;
+    # Failover. A backend whose process is gone refuses or resets at once; a host that
+    # vanished (power, a cut link: no RST, no FIN) is only seen by a timeout. A LAN
+    # connect takes well under 1 ms, so @@{connect_timeout} of silence is a host that is
+    # gone: the request moves on, paying this once (max_fails=@@{max_fails}, see the upstreams).
+    proxy_connect_timeout @@{connect_timeout};
+    # Plain HTTP: the longest silence between two reads of a response (Gunicorn's worker
+    # timeout is 30 s; raise this above your slowest endpoint and the app's request_timeout).
+    # A request in flight on a host that vanished gets its 504 after this, not retried
+    # while proxy_next_upstream_timeout is shorter (the default: a read timeout may be a
+    # slow live request, and replaying it would multiply its load).
+    proxy_read_timeout @@{read_timeout};
+    proxy_send_timeout @@{read_timeout};
+@@{socket_keepalive}\
     # Retry on another server only when the attempt failed (connection refused or reset,
     # e.g. a killed worker, or a timeout). A status from the app is its answer, passed
     # on and never retried: a 503 (a store down, with Retry-After) would be the same on
     # every instance. nginx >= 1.9.13 never retries a non-idempotent request (POST, LOCK,
     # PATCH) once it was sent to a backend: `non_idempotent` is deliberately NOT in this
-    # list -- keep it off.
+    # list -- keep it off. At most @@{tries} attempts (a request that kills its worker takes at
+    # most that many); none started later than @@{next_timeout} after the first (by default
+    # longer than the connect timeouts of the retries, shorter than a read timeout).
     proxy_next_upstream error timeout;
-    proxy_next_upstream_tries 3;
-    proxy_next_upstream_timeout 10s;
+    proxy_next_upstream_tries @@{tries};
+    proxy_next_upstream_timeout @@{next_timeout};
 
     location / {
         proxy_pass http://$gx_backend;
@@ -345,18 +452,22 @@ def _servers(lines: list[str]) -> str:
     return "\n".join(f"    server {line};" for line in lines)
 
 
-def _upstreams(backends: list[str], routes: list[str]) -> str:
+def _upstreams(backends: list[str], routes: list[str], failover: Failover) -> str:
     # Explicit on every line: nginx's default is max_fails=1.
-    health = f"max_fails={MAX_FAILS}"
+    health = f"max_fails={failover.max_fails}"
+    if failover.max_fails:
+        health += f" fail_timeout={_duration('fail_timeout', failover.fail_timeout)}"
+    idle = _duration("idle_timeout", failover.idle_timeout)
     out = [UPSTREAM_POOL.substitute(
-        pool=POOL, keepalive=KEEPALIVE,
+        pool=POOL, keepalive=KEEPALIVE, idle_timeout=idle,
         servers=_servers([f"{b} {health}" for b in backends]))]
     out.append("# One upstream per route: the pinned backend, the others as fallback (backup;\n"
-               "# max_fails=0 on each, since nginx's default max_fails=1 would eject on one reset).")
+               "# max_fails explicit on each, since nginx's default max_fails=1 would eject on "
+               "one reset).")
     for backend, route in zip(backends, routes, strict=True):
         lines = [f"{backend} {health}"] + [f"{b} backup {health}" for b in backends if b != backend]
         out.append(UPSTREAM_NAMED.substitute(route=route, servers=_servers(lines),
-                                             keepalive=KEEPALIVE))
+                                             keepalive=KEEPALIVE, idle_timeout=idle))
     return "\n".join(out)
 
 
@@ -365,9 +476,25 @@ def _maps(routes: list[str], cookie: str) -> str:
     return MAPS.substitute(cookie=cookie, pool=POOL, entries=entries)
 
 
-def _server_body(server_name: str, tls: bool) -> str:
-    return SERVER_BODY.substitute(server_name=server_name, proxy_headers=_PROXY_HEADERS,
-                                  extra_headers=_HSTS if tls else "")
+_SOCKET_KEEPALIVE = """\
+    # TCP keepalive on upstream connections: a silent WebSocket to a vanished host is found
+    # dead by the kernel, on the system's timing (net.ipv4.tcp_keepalive_time: 2 h unless
+    # lowered, e.g. to 60 s with tcp_keepalive_intvl 10 and tcp_keepalive_probes 6).
+    proxy_socket_keepalive on;
+"""
+
+
+def _server_body(server_name: str, tls: bool, failover: Failover) -> str:
+    return SERVER_BODY.substitute(
+        server_name=server_name, proxy_headers=_PROXY_HEADERS,
+        extra_headers=_HSTS if tls else "",
+        connect_timeout=_duration("connect_timeout", failover.connect_timeout),
+        read_timeout=_duration("read_timeout", failover.read_timeout),
+        stream_timeout=_duration("stream_timeout", failover.stream_timeout),
+        socket_keepalive=_SOCKET_KEEPALIVE if failover.socket_keepalive else "",
+        max_fails=failover.max_fails, tries=failover.next_upstream_tries,
+        next_timeout=_duration("next_upstream_timeout", failover.next_upstream_timeout,
+                               zero_ok=True))
 
 
 def _default_server(ports: list[tuple[int, bool]]) -> str:
@@ -379,7 +506,8 @@ def _default_server(ports: list[tuple[int, bool]]) -> str:
 def render(backends: list[str], listen: int, server_name: str,
            route_names: list[str] | None = None, tls_cert: str | None = None,
            tls_key: str | None = None, *, http_port: int = 80,
-           default_server: bool = True, cookie: str = COOKIE) -> str:
+           default_server: bool = True, cookie: str = COOKIE,
+           failover: Failover | None = None) -> str:
     """Return one http-context nginx config proxying *server_name* to *backends*.
 
     *backends* are ``HOST:PORT``; *route_names* (same length, ``[a-z0-9_]``, unique)
@@ -387,6 +515,7 @@ def render(backends: list[str], listen: int, server_name: str,
     *listen* is the HTTPS port and *http_port* (default 80) redirects to it.
     With *default_server* a catch-all server answers unknown hosts with 444.
     *cookie* is the route cookie's name (the ``sticky_cookie`` setting of the backends).
+    *failover* sets the timeouts, retries and ejection (default :class:`Failover()`).
     Raises :class:`ValueError` on any invalid or unsafe input.
     """
     if not backends:
@@ -420,7 +549,12 @@ def render(backends: list[str], listen: int, server_name: str,
 
     if not isinstance(cookie, str) or not COOKIE_NAME_RE.match(cookie):
         raise ValueError(f"cookie {cookie!r}: expected 1-64 characters of [A-Za-z0-9_]")
-    parts = [HEADER.replace(COOKIE, cookie), _upstreams(backends, routes), _maps(routes, cookie)]
+    if failover is None:
+        failover = Failover()
+    elif not isinstance(failover, Failover):
+        raise ValueError(f"failover: expected a Failover, got {failover!r}")
+    parts = [HEADER.replace(COOKIE, cookie), _upstreams(backends, routes, failover),
+             _maps(routes, cookie)]
     if tls:
         assert tls_cert is not None and tls_key is not None
         http_port = _port("http_port", http_port)
@@ -430,10 +564,12 @@ def render(backends: list[str], listen: int, server_name: str,
             http_port=http_port, listen=listen, server_name=server_name,
             https_port_suffix="" if listen == 443 else f":{listen}",
             tls_cert=_validate_path("tls_cert", tls_cert),
-            tls_key=_validate_path("tls_key", tls_key), ciphers=CIPHERS) + _server_body(server_name, True))
+            tls_key=_validate_path("tls_key", tls_key), ciphers=CIPHERS)
+            + _server_body(server_name, True, failover))
         ports = [(http_port, False), (listen, True)]
     else:
-        parts.append(SERVER_HTTP.substitute(listen=listen) + _server_body(server_name, False))
+        parts.append(SERVER_HTTP.substitute(listen=listen)
+                     + _server_body(server_name, False, failover))
         ports = [(listen, False)]
     if default_server:
         parts.append(_default_server(ports))

@@ -142,24 +142,26 @@ def pin_worker(worker: Any, route: str, cookie_name: str = "gx_route") -> bool:
     the app gets :class:`AsgiRouteCookie` instead. Returns False (with one log line)
     when the worker serves no app.
     """
+    from . import gunicorn_internals as gi  # apps import sticky outside Gunicorn too
     from .asgi import app_attribute  # settings -> sticky; asgi -> reporter -> settings
+    from .worker_record import slot_of
 
     attr = app_attribute(worker)
     if attr is not None:
-        setattr(worker, attr, AsgiRouteCookie(getattr(worker, attr), route=route,
-                                              cookie_name=cookie_name))
+        gi.set_app(worker, AsgiRouteCookie(gi.app_of(worker, attr), route=route,
+                                           cookie_name=cookie_name), attr)
         worker.log.info("gunicorn-ext: worker slot %s pins its clients with the cookie %s=%s",
-                        getattr(worker, "ext_slot", "?"), cookie_name, route)
+                        slot_of(worker, "?"), cookie_name, route)
         return True
-    app = getattr(worker, "wsgi", None)
+    app = gi.app_of(worker)
     if app is None:
         worker.log.warning("gunicorn-ext: sticky routing needs a WSGI worker; %s serves no "
                            "WSGI app, so no %s cookie is set (wrap the app yourself, or set "
                            "sticky=False)", type(worker).__name__, cookie_name)
         return False
-    worker.wsgi = RouteCookie(app, route=route, cookie_name=cookie_name)
+    gi.set_app(worker, RouteCookie(app, route=route, cookie_name=cookie_name))
     worker.log.info("gunicorn-ext: worker slot %s pins its clients with the cookie %s=%s",
-                    getattr(worker, "ext_slot", "?"), cookie_name, route)
+                    slot_of(worker, "?"), cookie_name, route)
     return True
 
 

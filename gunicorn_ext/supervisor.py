@@ -1,8 +1,10 @@
 """The primary's lifecycle manager: restart policy, recycling, rolling reload, status.
 
 Gunicorn's arbiter respawns a dead worker at once, forever, and offers no hook
-that can delay or veto a spawn. The supervisor therefore wraps four methods
-of the running arbiter instance (not the class), each calling the original:
+that can delay or veto a spawn. The supervisor therefore wraps five methods
+of the running arbiter instance (not the class), each calling the original
+(through gunicorn_internals.py, the one module that touches Gunicorn's
+internals; each worker's state is its record, worker_record.py):
 
 * ``spawn_worker``: picks the slot, and declines while that slot is in backoff
   or its breaker is open (Gunicorn's loop simply tries again next tick; a timer
@@ -27,7 +29,8 @@ of the running arbiter instance (not the class), each calling the original:
   kill-all part), refuses a config that changes a restart-only setting
   (restart/hup.py), then starts a rolling reload.
 
-Everything else is plain hooks and the bus.
+Everything else is plain hooks and the bus. :class:`Supervisor` is also the
+:class:`~gunicorn_ext.restart.rolling.RolloutHost` a rolling reload drives.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import gunicorn_internals as gi
 from .ipc.hub import Hub
 from .ipc.message import Message
 from .metrics import ClusterMetrics
@@ -49,7 +53,7 @@ from .restart.gate import Gate, refuse_new
 from .restart.hup import restart_only_changes
 from .restart.rolling import Rollout
 from .settings import Settings
-from .versions import check_gunicorn
+from .worker_record import WorkerRecord, WorkerTable
 
 #: Request name: the instance's Prometheus text, rendered by the primary.
 METRICS = "gunicorn_ext.metrics"
@@ -59,19 +63,9 @@ STATUS = "gunicorn_ext.status"
 #: Graceful stop without even spread: how long TERMed workers get to stop accepting
 #: before the listeners refuse new connections.
 _STOP_ACCEPT_PAUSE = 0.1
-_BOOT_ERROR_CODES = {3: "worker failed to boot", 4: "app failed to load"}
 #: A worker killed by one of these was told to stop (by the arbiter, the
 #: operator or a rollout): an exit, not a crash.
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
-
-
-def _reaped(pid: int) -> bool:
-    """Whether our child ``pid`` has been reaped already (waited for by Gunicorn)."""
-    try:
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return False
 
 
 def _signame(sig: int) -> str:
@@ -87,7 +81,7 @@ class Supervisor:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.settings = Settings()
-        self.server: Any = None
+        self.server: Any = None  # the arbiter, once installed (a gi.GunicornArbiter)
         self.metrics = ClusterMetrics()
         self.rollout = Rollout()
         self.policies: dict[int, SlotPolicy] = {}
@@ -95,22 +89,18 @@ class Supervisor:
         self.breakers: dict[int, Breaker] = {}
         self.instance_breaker = Breaker()
         self.gate = Gate()
-        self._ready_at: dict[int, float] = {}
+        #: One record per worker, from pre_fork to child_exit.
+        self.workers = WorkerTable()
+        #: The last exit reason of each slot (status' ``last_exit``).
         self.last_exit: dict[int, str] = {}
-        self.ready_pids: set[int] = set()
-        self._statuses: dict[int, tuple[int | None, int | None]] = {}
-        self._notes: dict[int, dict[str, Any]] = {}
-        self._exit_reasons: dict[int, str] = {}
-        self._stats: dict[int, dict[str, Any]] = {}
-        self._procs: dict[int, Any] = {}
-        self._sampled: dict[int, tuple[int, float]] = {}
-        self._hard_kills: dict[int, float] = {}
         self._actions: collections.deque[Callable[[], None]] = collections.deque()
         self._force_slot: int | None = None
         self._pending_slot: int | None = None
         self._halt: str | None = None
         self._stopping = False
         self._started = time.time()
+        #: The monotonic clock of backoff, breaker, uptime and rollout deadlines.
+        self.clock: Callable[[], float] = time.monotonic
         self.instance = os.environ.get("INSTANCE", "")
         self.control: Any = None
         #: The dispatcher (even spread), drained on a graceful stop; None when off.
@@ -163,20 +153,16 @@ class Supervisor:
             return [(None, self.instance_breaker)]
         return list(self.breakers.items())
 
-    def install(self, server: Any) -> None:
+    def install(self, server: gi.GunicornArbiter) -> None:
         """Wrap the arbiter's methods and register the primary's handlers (on_starting)."""
         if self.server is server:
             return
-        check_gunicorn(server.log)
+        gi.wrap_arbiter(server, spawn_worker=self._spawn_worker, reap_workers=self._reap_workers,
+                        manage_workers=self._manage_workers,
+                        stop=lambda orig, graceful=True: self._stop(orig, graceful),
+                        handle_hup=self._handle_hup)
         self.server = server
         self.instance = self.instance or os.environ.get("INSTANCE") or f"{os.uname().nodename}:{os.getpid()}"
-        orig_spawn, orig_reap, orig_manage = server.spawn_worker, server.reap_workers, server.manage_workers
-        orig_stop, orig_hup = server.stop, server.handle_hup
-        server.spawn_worker = lambda: self._spawn_worker(orig_spawn)
-        server.reap_workers = lambda: self._reap_workers(orig_reap)
-        server.manage_workers = lambda: self._manage_workers(orig_manage)
-        server.stop = lambda graceful=True: self._stop(orig_stop, graceful)
-        server.handle_hup = lambda: self._handle_hup(orig_hup)
         hub = self.hub
         hub.handler(STATS)(self._on_stats)
         hub.handler(EXITING)(self._on_exiting)
@@ -187,7 +173,7 @@ class Supervisor:
         if self.settings.control_socket:
             self._start_control(server)
 
-    def _start_control(self, server: Any) -> None:
+    def _start_control(self, server: gi.GunicornArbiter) -> None:
         from .control import ControlServer, socket_path
 
         try:
@@ -208,29 +194,49 @@ class Supervisor:
 
     # --------------------------------------------------- arbiter method wraps
 
-    def worker_in_slot(self, slot: int) -> Any:
-        for w in list(self.server.WORKERS.values()):
-            if getattr(w, "ext_slot", None) == slot and not getattr(w, "ext_retired", False):
-                return w
-        return None
+    # RolloutHost (restart/rolling.py): what a rolling reload asks, main thread
 
-    def spawn_into(self, slot: int) -> int | None:
+    def worker_in_slot(self, slot: int) -> WorkerRecord | None:
+        return self.workers.in_slot(slot)
+
+    def spawn_into(self, slot: int) -> WorkerRecord | None:
         """Fork a worker into ``slot`` now (rolling reload), bypassing backoff."""
         self._force_slot = slot
         try:
-            return self.server.spawn_worker()  # type: ignore[no-any-return]
+            pid = self.server.spawn_worker()
         finally:
             self._force_slot = None
+        return self.workers.get(pid) if pid is not None else None
 
-    def next_slot(self, server: Any) -> int | None:
+    def running(self, rec: WorkerRecord) -> bool:
+        return rec.pid is not None and gi.worker_for(self.server, rec.pid) is not None
+
+    def retire(self, rec: WorkerRecord, rolling_old: bool = False) -> None:
+        rec.retired = True
+        rec.rolling_old = rolling_old
+        if not rolling_old:
+            self.hub.retire([rec.worker])
+
+    def unretire(self, rec: WorkerRecord) -> None:
+        rec.retired = False
+        rec.rolling_old = False
+        self.hub.unretire(rec.worker)
+
+    def terminate(self, rec: WorkerRecord) -> None:
+        rec.planned = True
+        if rec.pid is not None:
+            self._kill(rec.pid, signal.SIGTERM)
+
+    # the slots
+
+    def next_slot(self, server: gi.GunicornArbiter) -> int | None:
         """The lowest free slot that may spawn now; None while all are held back."""
         if self._force_slot is not None:
             return self._force_slot
         if self._halt:
             return None
-        used = {getattr(w, "ext_slot", None) for w in list(server.WORKERS.values())
-                if not getattr(w, "ext_retired", False)}
-        now = time.monotonic()
+        used = self.workers.used_slots()
+        now = self.clock()
         for slot in range(server.num_workers):
             if slot in used:
                 continue
@@ -259,14 +265,12 @@ class Supervisor:
         slot = self.next_slot(server)
         if slot is None:
             return None
-        if not self.gate.open(server.LISTENERS, server.log):
+        if not self.gate.open(gi.listeners(server), server.log):
             return None  # a worker must never inherit a listener that does not listen
         self._pending_slot = slot
         rolling = self._force_slot is not None
         pid = orig()
-        worker = server.WORKERS.get(pid)
-        if worker is not None:
-            worker.ext_rollout_new = rolling
+        self.workers.forked()
         b = self.breaker(slot)
         if b.state == HALF_OPEN and b.probe_pid is None and not rolling:
             b.probe_pid = pid
@@ -278,8 +282,8 @@ class Supervisor:
         self.gate.release(server.log)
         # After USR2 the other master holds the same listening sockets: shutting them down
         # would stop it listening too, so the old generation only closes its copies.
-        shared = bool(getattr(server, "reexec_pid", 0) or getattr(server, "master_pid", 0))
-        if graceful and server.LISTENERS and server.WORKERS and not shared:
+        shared = gi.shares_listeners(server)
+        if graceful and gi.listeners(server) and gi.workers(server) and not shared:
             if self.dispatcher is not None:
                 self._drain_backlog(server)
             else:
@@ -288,16 +292,17 @@ class Supervisor:
                 # stops at once), then refuse new clients instead of leaving them queued.
                 server.kill_workers(signal.SIGTERM)
                 time.sleep(_STOP_ACCEPT_PAUSE)
-                refuse_new(server.LISTENERS, server.log)
+                refuse_new(gi.listeners(server), server.log)
         orig(graceful)
 
-    def _drain_backlog(self, server: Any) -> None:
+    def _drain_backlog(self, server: gi.GunicornArbiter) -> None:
         """Before Gunicorn closes the listeners and TERMs the workers: the dispatcher
         takes what is queued and stops listening (new clients are refused), then hands
         the held connections out; wait until workers have them all, or graceful_timeout."""
         deadline = time.monotonic() + server.cfg.graceful_timeout
-        held = self.dispatcher.drain(server.LISTENERS, timeout=max(1.0, deadline - time.monotonic()))
-        while not self.dispatcher.drained() and time.monotonic() < deadline and server.WORKERS:
+        held = self.dispatcher.drain(gi.listeners(server),
+                                     timeout=max(1.0, deadline - time.monotonic()))
+        while not self.dispatcher.drained() and time.monotonic() < deadline and gi.workers(server):
             server.reap_workers()
             time.sleep(0.01)
         left = self.dispatcher.undelivered()
@@ -329,13 +334,11 @@ class Supervisor:
             server.log.error("gunicorn-ext: SIGHUP refused: %s; the config in use is unchanged "
                              "and the old workers keep serving", why)
             return
-        dirty = getattr(server, "dirty_arbiter_pid", 0)  # Gunicorn >= 26
-        if dirty:
-            server.kill_dirty_arbiter(signal.SIGHUP)
+        gi.forward_hup_to_dirty_arbiter(server)
         self._reset_restarts()
         self._start_rollout(self.settings.reload_batch)
 
-    def _reread_config(self, server: Any) -> str | None:
+    def _reread_config(self, server: gi.GunicornArbiter) -> str | None:
         """Gunicorn's Arbiter.reload() up to the spawning: the new config, or why not.
 
         Uses the arbiter's ``app.reload()`` (which runs the config file again, so its
@@ -345,19 +348,9 @@ class Supervisor:
         old_cfg, old_settings, old_env = server.cfg, self.settings, dict(os.environ)
         old_frame = (self.hub.max_frame, self.hub.max_backlog)
         configured = self._configured
-        for k in old_cfg.env:  # as Gunicorn's reload(): the environment from before raw_env
-            if k in old_cfg.env_orig:
-                os.environ[k] = old_cfg.env_orig[k]
-            else:
-                os.environ.pop(k, None)
-        why = None
-        try:
-            server.app.reload()
-        except SystemExit:  # Gunicorn exits on a config it can't read (it printed why)
-            why = "the config could not be read (see the error above)"
-        except Exception as exc:
-            why = f"the config could not be read: {exc}"
-        new_cfg = server.app.cfg
+        gi.reset_environment(old_cfg)
+        why = gi.reread_config(server)
+        new_cfg = gi.new_config(server)
         if why is None and self._configured == configured:
             why = "the re-read config does not call gunicorn_ext.enable()"
         if why is None:
@@ -365,129 +358,111 @@ class Supervisor:
             if changes:
                 why = "these settings need a restart: " + "; ".join(changes)
         if why is not None:
-            server.app.cfg = old_cfg
+            gi.keep_config(server, old_cfg)
             os.environ.clear()
             os.environ.update(old_env)
             if self.settings is not old_settings:
                 self.configure(old_settings)
             self.hub.max_frame, self.hub.max_backlog = old_frame
             return why
-        server.setup(server.app)  # Gunicorn's: logger, num_workers, timeout, env, proc_name
-        server.log.reopen_files()
+        gi.apply_config(server)
         self.hup_rolling = True
         try:
-            server.cfg.on_reload(server)
+            gi.run_on_reload(server)
         finally:
             self.hup_rolling = False
-        if server.pidfile is not None:
-            server.pidfile.unlink()
-        if server.cfg.pidfile is not None:
-            from gunicorn.pidfile import Pidfile
-
-            server.pidfile = Pidfile(server.cfg.pidfile)
-            server.pidfile.create(server.pid)
+        gi.renew_pidfile(server)
         server.log.info("gunicorn-ext: SIGHUP: config re-read (%s workers, reload_batch %s)",
                         server.num_workers, self.settings.reload_batch)
         return None
 
-    def assign_slot(self, server: Any, worker: Any) -> int:
+    def assign_slot(self, server: gi.GunicornArbiter, worker: Any) -> int:
         """Called from pre_fork: the slot chosen by the wrapped spawn_worker."""
         slot, self._pending_slot = self._pending_slot, None
         if slot is None:  # a spawn that did not go through our wrapper
-            used = {getattr(w, "ext_slot", None) for w in server.WORKERS.values()
-                    if not getattr(w, "ext_retired", False)}
+            used = self.workers.used_slots()
             slot = next(i for i in range(len(used) + 1) if i not in used)
         # Export the slot's restart counter from 0, so increase() sees its first restart.
         self.metrics.set_restarts(slot, self.policy(slot).restarts)
-        worker.ext_slot = slot
-        worker.ext_retired = False
-        worker.ext_rolling_old = False
-        worker.ext_planned = False
-        worker.ext_started = time.monotonic()
+        self.workers.spawned(slot, worker, self.clock(), rollout_new=self._force_slot is not None)
         return slot
 
-    def _reap_workers(self, orig: Callable[[], None]) -> None:
-        from gunicorn.errors import HaltServer
+    def retire_all(self, server: gi.GunicornArbiter) -> None:
+        """Gunicorn's HUP (on_reload): every running worker is about to be replaced."""
+        old = gi.workers(server)
+        for w in old:
+            rec = self.workers.of(w)
+            if rec is not None:
+                rec.retired = True
+        self.hub.retire(old)
 
+    def scale_down(self, server: gi.GunicornArbiter, new: int) -> None:
+        """nworkers_changed to fewer: make Gunicorn stop the highest slots, keeping 0..N-1."""
+        live = [rec for rec in self.workers.live() if not rec.retired]
+        extra = len(live) - new
+        if extra <= 0:
+            return
+        victims = sorted(live, key=lambda rec: rec.slot, reverse=True)[:extra]
+        gi.stop_first(server, [rec.worker for rec in victims])
+        for rec in victims:
+            rec.retired = True
+        self.hub.retire([rec.worker for rec in victims])
+
+    def _reap_workers(self, orig: Callable[[], None]) -> None:
         server = self.server
-        for pid in list(server.WORKERS):
-            try:
-                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                continue
-            if info is None:
-                continue
-            if info.si_code == os.CLD_EXITED:
-                self._statuses[pid] = (info.si_status, None)
-            else:
-                self._statuses[pid] = (None, info.si_status)
-        while True:
-            before = dict(server.WORKERS)
-            try:
-                orig()
-                return
-            except HaltServer as exc:
-                if self.settings.halt_on_boot_error and not self.rollout.running:
-                    raise
-                # Gunicorn reaped the worker and would shut down: keep going instead.
-                for pid, worker in before.items():
-                    if getattr(worker, "ext_reaped", False):
-                        continue
-                    if pid in server.WORKERS:
-                        # Gunicorn < 27 raises before it pops the worker it reaped.
-                        if not _reaped(pid):
-                            continue
-                        server.WORKERS.pop(pid, None)
-                    server.log.error("gunicorn-ext: %s (pid %s); not shutting down (%s)",
-                                     exc.reason, pid, "rolling reload in progress"
-                                     if self.rollout.running else "halt_on_boot_error=False")
-                    try:
-                        worker.tmp.close()
-                    except OSError:
-                        pass
-                    server.cfg.child_exit(server, worker)
+        for pid in [w.pid for w in gi.workers(server)]:
+            status = gi.peek_exit(pid)
+            rec = self.workers.get(pid) if status is not None else None
+            if rec is not None:
+                rec.exit_status = status
+        gi.reap_past_boot_errors(server, orig, self._past_boot_error, self._reaped)
+
+    def _past_boot_error(self) -> str | None:
+        """Why a boot error does not shut the arbiter down; None: it does."""
+        if self.settings.halt_on_boot_error and not self.rollout.running:
+            return None
+        return "rolling reload in progress" if self.rollout.running else "halt_on_boot_error=False"
+
+    def _reaped(self, worker: Any) -> bool:
+        """Whether child_exit ran for ``worker`` (its record was dropped)."""
+        rec = self.workers.of(worker)
+        return rec is not None and rec.exited
 
     def _manage_workers(self, orig: Callable[[], None]) -> None:
-        from gunicorn.errors import HaltServer
-
         server = self.server
         if self._halt:
-            raise HaltServer(self._halt, 1)
+            gi.halt(self._halt)
         while self._actions:
             action = self._actions.popleft()
             try:
                 action()
             except Exception:
                 server.log.exception("gunicorn-ext: operator action failed")
-        self.rollout.tick(self, server, self.ready_pids, self.settings.reload_ready_timeout)
+        self.rollout.tick(self, server.log, self.settings.reload_ready_timeout, self.clock())
         self._close_stable_probes(server)
-        extra = sum(1 for w in list(server.WORKERS.values()) if getattr(w, "ext_rolling_old", False))
-        if not extra:
+        # Old workers of a rollout stay until their replacement is ready, and the new
+        # workers of a stopped rollout are on their way out (TERMed): don't let Gunicorn
+        # count them against num_workers and stop a worker that keeps its slot.
+        extra = sum(1 for rec in self.workers.live()
+                    if rec.rolling_old or (rec.retired and rec.planned))
+        with gi.counting_extra(server, extra):
             orig()
-        else:
-            # Old workers of a rollout stay until their replacement is ready: don't
-            # let Gunicorn count them against num_workers and stop someone else.
-            server._num_workers += extra
-            try:
-                orig()
-            finally:
-                server._num_workers -= extra
-        if not server.WORKERS and server.LISTENERS and not self._stopping:
+        if not gi.workers(server) and gi.listeners(server) and not self._stopping:
             # Nobody to accept and nobody about to be forked: refuse, don't queue.
-            self.gate.close(server.LISTENERS, server.log, self._held_because())
+            self.gate.close(gi.listeners(server), server.log, self._held_because())
 
-    def _close_stable_probes(self, server: Any) -> None:
+    def _close_stable_probes(self, server: gi.GunicornArbiter) -> None:
         """Close each half-open breaker whose worker has been ready restart_min_uptime."""
-        now = time.monotonic()
+        now = self.clock()
         need = self.settings.restart_min_uptime
         for slot, b in self._all_breakers():
             if b.state != HALF_OPEN or b.probe_pid is None:
                 continue
-            ready_at = self._ready_at.get(b.probe_pid)
+            probe = self.workers.get(b.probe_pid)
+            ready_at = probe.ready_at if probe is not None else None
             if ready_at is None or now - ready_at < need:
                 continue
-            worker = server.WORKERS.get(b.probe_pid)
-            where = f"slot {getattr(worker, 'ext_slot', slot)}"
+            where = f"slot {probe.slot if probe is not None else slot}"
             server.log.warning(
                 "gunicorn-ext: restart breaker closed: the worker in %s (pid %s) stayed up %.1fs "
                 "after it was ready; respawning normally", where, b.probe_pid, now - ready_at)
@@ -498,39 +473,31 @@ class Supervisor:
 
     # ------------------------------------------------------------------ exits
 
-    def worker_exited(self, server: Any, worker: Any) -> None:
+    def worker_exited(self, server: gi.GunicornArbiter, worker: Any) -> None:
         """child_exit: account for the exit, choose the backoff, maybe open the breaker."""
-        worker.ext_reaped = True
-        pid = worker.pid
-        slot = getattr(worker, "ext_slot", None)
-        was_ready = pid in self.ready_pids
-        self.ready_pids.discard(pid)
-        ready_at = self._ready_at.pop(pid, None)
-        self._stats.pop(pid, None)
-        self._procs.pop(pid, None)
-        self._sampled.pop(pid, None)
-        self._hard_kills.pop(pid, None)
-        if slot is None:
+        rec = self.workers.of(worker)
+        if rec is None or rec.exited:
             return
+        was_ready = rec.ready
+        self.workers.drop(rec)  # the one place a record goes
+        pid, slot = worker.pid, rec.slot
         self.metrics.worker_exited(slot, pid)
-        code, sig = self._statuses.pop(pid, (None, None))
-        note = self._notes.pop(pid, None)
-        reason = self._describe(worker, code, sig, note)
-        self._exit_reasons[pid] = reason
-        if len(self._exit_reasons) > 1000:
-            self._exit_reasons.pop(next(iter(self._exit_reasons)))
-        if getattr(worker, "ext_retired", False):
+        code, sig = rec.exit_status or (None, None)
+        note = rec.exit_note
+        reason = self._describe(rec, code, sig, note)
+        rec.exit_reason = reason
+        if rec.retired:
             return  # a replaced worker: its slot already has a successor
-        if getattr(worker, "ext_rollout_new", False) and not was_ready:
+        if rec.rollout_new and not was_ready:
             return  # the rollout stops and gives the slot back to the old worker
-        planned = bool(getattr(worker, "ext_planned", False) or code == 0
+        planned = bool(rec.planned or code == 0
                        or sig in _STOP_SIGNALS  # someone asked it to stop
                        or self._stopping  # the arbiter is shutting down
                        or (note is not None and note.get("planned")))
-        now = time.monotonic()
-        uptime = now - getattr(worker, "ext_started", now)
+        now = self.clock()
+        uptime = now - rec.started
         self.last_exit[slot] = reason
-        unstable = not planned and self.unstable(code, sig, ready_at, now)
+        unstable = not planned and self.unstable(code, sig, rec.ready_at, now)
         policy = self.policy(slot)
         policy.exited(now, uptime, crashed=not planned, unstable=unstable)
         self.metrics.set_restarts(slot, policy.restarts)
@@ -567,7 +534,7 @@ class Supervisor:
     def unstable(self, code: int | None, sig: int | None, ready_at: float | None,
                  now: float) -> bool:
         """Does this crash count toward the breaker? (see restart/breaker.py)"""
-        if code in _BOOT_ERROR_CODES or ready_at is None:
+        if code in gi.BOOT_ERRORS or ready_at is None:
             return True  # it never got as far as serving
         if sig is not None:
             return False  # it served, then was killed (OOM killer, operator, chaos)
@@ -580,7 +547,7 @@ class Supervisor:
         self.metrics.set_restart_state(slot, policy.backoff_left(now) if policy else 0.0,
                                        state == OPEN, half_open=state == HALF_OPEN)
 
-    def _open_breaker(self, server: Any, slot: int, b: Breaker, reason: str,
+    def _open_breaker(self, server: gi.GunicornArbiter, slot: int, b: Breaker, reason: str,
                       note: dict[str, Any] | None) -> None:
         s = self.settings
         scope = "any slot" if s.restart_breaker_scope == "instance" else f"slot {slot}"
@@ -602,25 +569,21 @@ class Supervisor:
             self._halt = f"restart breaker open for slot {slot}: {reason}"
             server.wakeup()
 
-    def _describe(self, worker: Any, code: int | None, sig: int | None,
+    def _describe(self, rec: WorkerRecord, code: int | None, sig: int | None,
                   note: dict[str, Any] | None) -> str:
-        forced = getattr(worker, "ext_exit_reason", None)
-        if forced:
-            return str(forced)
-        if getattr(worker, "aborted", False):
+        if rec.stop_reason:
+            return rec.stop_reason
+        if gi.timed_out(rec.worker):
             return f"timed out (no heartbeat for {self.server.timeout}s), killed by the arbiter"
         if note is not None and note.get("reason"):
             return str(note["reason"])
         if sig is not None:
             return f"killed by {_signame(sig)}"
         if code is not None:
-            if code in _BOOT_ERROR_CODES:
-                return f"exit code {code} ({_BOOT_ERROR_CODES[code]})"
+            if code in gi.BOOT_ERRORS:
+                return f"exit code {code} ({gi.BOOT_ERRORS[code]})"
             return f"exit code {code}"
         return "exited"
-
-    def exit_reason_of(self, pid: int) -> str | None:
-        return self._exit_reasons.get(pid)
 
     # ----------------------------------------------------- bus handlers (hub)
 
@@ -631,17 +594,22 @@ class Supervisor:
         pid = snap.get("pid")
         if not isinstance(pid, int):
             return
-        self._stats[pid] = snap
+        rec = self.workers.find(pid, msg.src)
+        if rec is not None:
+            rec.stats = snap
         self.metrics.update(msg.src, pid, snap)
 
     def _on_exiting(self, msg: Message) -> None:
         note = msg.payload
         if isinstance(note, dict) and isinstance(note.get("pid"), int):
-            self._notes[note["pid"]] = note
+            rec = self.workers.find(note["pid"], msg.src)
+            if rec is not None:
+                rec.exit_note = note
 
     def _on_ready(self, slot: int, pid: int) -> None:
-        self._ready_at[pid] = time.monotonic()
-        self.ready_pids.add(pid)
+        rec = self.workers.find(pid, slot)
+        if rec is not None:
+            rec.ready_at = self.clock()
         if self.server is not None and any(b.probe_pid == pid for _, b in self._all_breakers()):
             self.hub.call_later(self.settings.restart_min_uptime + 0.01, self.server.wakeup)
         if self.rollout.running and self.server is not None:
@@ -657,42 +625,40 @@ class Supervisor:
         if server is None:
             return
         s = self.settings
-        now = time.monotonic()
-        live = set()
-        for w in list(server.WORKERS.values()):
+        now = self.clock()
+        live = gi.workers(server)
+        for w in live:
             pid = w.pid
-            live.add(pid)
-            proc = self._procs.get(pid)
+            rec = self.workers.get(pid)
+            if rec is None:
+                continue
+            proc = rec.proc
             try:
                 if proc is None:
-                    proc = self._procs[pid] = psutil.Process(pid)
+                    proc = rec.proc = psutil.Process(pid)
                     proc.cpu_percent(None)
                 rss = int(proc.memory_info().rss)
                 cpu = float(proc.cpu_percent(None))
             except (psutil.Error, OSError):
                 continue
-            self._sampled[pid] = (rss, cpu)
-            slot = getattr(w, "ext_slot", None)
-            if slot is not None:
-                self.metrics.set_process(slot, pid, rss, cpu)
+            rec.sampled = (rss, cpu)
+            slot = rec.slot
+            self.metrics.set_process(slot, pid, rss, cpu)
             if s.memory_hard_limit and rss > s.memory_hard_limit:
-                first = self._hard_kills.get(pid)
+                first = rec.hard_kill_at
                 if first is None:
-                    self._hard_kills[pid] = now
-                    w.ext_exit_reason = (f"stopped by the primary: RSS {rss >> 20} MiB over "
-                                         f"memory_hard_limit {s.memory_hard_limit >> 20} MiB")
-                    w.ext_planned = True
+                    rec.hard_kill_at = now
+                    rec.stop_reason = (f"stopped by the primary: RSS {rss >> 20} MiB over "
+                                       f"memory_hard_limit {s.memory_hard_limit >> 20} MiB")
+                    rec.planned = True
                     server.log.warning("gunicorn-ext: worker slot %s (pid %s) %s; TERM now, KILL "
-                                       "in %.0fs", slot, pid, w.ext_exit_reason, s.memory_hard_grace)
+                                       "in %.0fs", slot, pid, rec.stop_reason, s.memory_hard_grace)
                     self._kill(pid, signal.SIGTERM)
                 elif now - first > s.memory_hard_grace:
                     server.log.error("gunicorn-ext: worker slot %s (pid %s) still over "
                                      "memory_hard_limit after %.0fs: KILL", slot, pid, now - first)
                     self._kill(pid, signal.SIGKILL)
-                    self._hard_kills[pid] = float("inf")
-        for pid in list(self._procs):
-            if pid not in live:
-                self._procs.pop(pid, None)
+                    rec.hard_kill_at = float("inf")
         target = server.num_workers
         self.metrics.set_workers(target, len(live))
         for slot in list(self.policies):
@@ -711,24 +677,22 @@ class Supervisor:
         server = self.server
         if server is None:
             return {"error": "the primary is not running"}
-        now = time.monotonic()
+        now = self.clock()
         rows = []
         seen = set()
-        for w in sorted(list(server.WORKERS.values()), key=lambda w: (getattr(w, "ext_slot", 0), w.age)):
-            slot = getattr(w, "ext_slot", None)
-            pid = w.pid
-            retired = getattr(w, "ext_retired", False)
-            if not retired:
+        for rec in sorted(self.workers.live(), key=lambda rec: (rec.slot, rec.generation)):
+            slot, pid = rec.slot, rec.pid
+            if not rec.retired:
                 seen.add(slot)
-            stats = self._stats.get(pid, {})
-            rss, cpu = self._sampled.get(pid, (int(stats.get("rss", 0) or 0), 0.0))
-            policy = self.policies.get(slot) if slot is not None else None
+            stats = rec.stats
+            rss, cpu = rec.sampled or (int(stats.get("rss", 0) or 0), 0.0)
+            policy = self.policies.get(slot)
             breaker = self._breaker_state(slot)
             rows.append({
                 "slot": slot,
                 "pid": pid,
-                "state": "draining" if retired else ("ready" if pid in self.ready_pids else "booting"),
-                "uptime": round(now - getattr(w, "ext_started", now), 3),
+                "state": rec.state,
+                "uptime": round(now - rec.started, 3),
                 "requests": int(stats.get("requests", 0) or 0),
                 "inflight": int(stats.get("inflight", 0) or 0),
                 "rss": rss,
@@ -813,8 +777,7 @@ class Supervisor:
 
     def _start_rollout(self, batch: int) -> None:
         self._reset_restarts()
-        slots = sorted({w.ext_slot for w in self.server.WORKERS.values()
-                        if not getattr(w, "ext_retired", False)})
+        slots = sorted(self.workers.used_slots())
         self.rollout.start(slots, batch)
         self.server.log.info("gunicorn-ext: rolling reload: %s", self.rollout.message)
 

@@ -6,7 +6,10 @@ reaped worker, 27 after), so only the versions ``make test`` runs the suite on
 are known to work: the oldest that ``pyproject.toml`` allows (``make
 test-oldest``) and the newest (``make test``).
 
-At startup (``on_starting``) a Gunicorn older than :data:`OLDEST` is refused:
+At startup (``on_starting``: gunicorn_internals.py's ``wrap_arbiter`` calls
+:func:`check_gunicorn` before it touches the arbiter, so the seam to Gunicorn's
+internals and the versions it was checked on stay together) a Gunicorn older than
+:data:`OLDEST` is refused:
 it is outside the dependency range, reachable only by forcing the install, and
 the arbiter wraps are not known to hold on it. A Gunicorn newer than
 :data:`NEWEST` (a major release not tested yet) gets one warning line and

@@ -18,6 +18,9 @@ from typing import Any
 
 from gunicorn import sock as gsock
 
+from . import gunicorn_internals as gi
+from .worker_record import slot_of
+
 
 def bind_host(bind: list[str]) -> str:
     """The host of Gunicorn's first TCP bind address (127.0.0.1 when there is none)."""
@@ -47,7 +50,8 @@ def open_worker_port(worker: Any, host: str, port: int) -> bool:
                          "serves the shared port only", host, port, exc)
         return False
     cls = gsock.TCP6Socket if family == socket.AF_INET6 else gsock.TCPSocket
-    worker.sockets.append(cls((host, port), worker.cfg, worker.log, fd=sock.detach()))
+    listener = cls((host, port), worker.cfg, worker.log, fd=sock.detach())
+    gi.set_sockets(worker, [*gi.sockets_of(worker), listener])
     worker.log.info("gunicorn-ext: worker slot %s also listens on %s:%s",
-                    getattr(worker, "ext_slot", "?"), host, port)
+                    slot_of(worker, "?"), host, port)
     return True

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,29 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 # What redis-py raises (RedisClusterException is not a RedisError), mapped by RedisStore._mapped.
 _REDIS_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
+
+
+def bound_unacked_writes(opts: dict[str, Any]) -> None:
+    """Make a command that timed out unable to reach Redis later (TCP connections only).
+
+    When the link to Redis is cut, a write already handed to the kernel stays in its send
+    queue after redis-py times out and closes the connection; the kernel retransmits it
+    for minutes, and when the link comes back it lands, after the client was told 503
+    and went on elsewhere: a session set back to an older value. ``TCP_USER_TIMEOUT`` (a
+    TCP option redis-py's ``socket_keepalive_options`` applies) makes the kernel drop
+    unacknowledged data and the connection once 90% of ``socket_timeout`` has passed, so
+    a write either lands before its command times out or never. Redis acknowledges at the
+    TCP level at once, however slow the command, so only a dead link trips it. Explicit
+    ``socket_keepalive_options`` win; no effect without a ``socket_timeout``.
+    """
+    timeout = opts.get("socket_timeout")
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if not timeout or option is None:
+        return
+    keepalive = dict(opts.get("socket_keepalive_options") or {})
+    keepalive.setdefault(option, max(1, int(float(timeout) * 900)))
+    opts["socket_keepalive_options"] = keepalive
+    opts.setdefault("socket_keepalive", True)
 
 
 def redact_url(url: str) -> str:
@@ -189,6 +213,8 @@ class RedisStore(Store):
                     opts[name] = value
         opts.update(options)
         opts["decode_responses"] = False
+        if scheme != "unix":
+            bound_unacked_writes(opts)
         userinfo, _, hostpart = parts.netloc.rpartition("@")
         username = unquote(userinfo.split(":", 1)[0]) if userinfo else ""
         password = unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -75,6 +76,28 @@ def test_busy_gthread_worker_gets_no_new_connection(gunicorn_factory: Any) -> No
         holder.join(timeout=20)
     assert still_holding, "the held request ended before the others were answered"
     assert held["pid"] not in pids and len(set(pids)) == 1, (held, pids)
+
+
+def test_connections_without_a_request_leave_no_worker_looking_busy(
+        gunicorn_factory: Any) -> None:
+    """A gthread worker counts a connection as busy from the moment it receives it (it
+    queues for a thread) until Gunicorn settles it. Connections that end without a
+    request (a TCP health check, a client that gives up, garbage answered with 400)
+    must not leave a count behind: with one thread per worker a leaked count would
+    make that worker look full for good, and every request would go to the other."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="1")
+    host, port = "127.0.0.1", g.port
+    for i in range(12):
+        with socket.create_connection((host, port), timeout=5) as s:
+            if i % 3 == 1:
+                s.sendall(b"NOT HTTP\r\n\r\n")
+                s.recv(1024)  # Gunicorn's 400
+            elif i % 3 == 2:
+                s.sendall(b"GET /pid HTTP/1.1\r\nHost: x\r\n")  # gives up mid-request
+    time.sleep(0.5)  # every worker settled those connections
+    pids = collections.Counter(fresh(g, "/pid").text for _ in range(20))
+    assert set(pids) == {str(p) for p in g.worker_pids()}, pids
+    assert min(pids.values()) >= 7, pids
 
 
 @pytest.mark.parametrize("worker_class", ["gthread", "sync"])

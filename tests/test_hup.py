@@ -6,6 +6,8 @@ line while the old workers keep serving; a broken deploy stops the rollout."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -162,6 +164,30 @@ def test_rolling_hup_of_a_broken_deploy_stops_and_old_workers_keep_serving(
     assert g.alive()
     wait_for(lambda: ready_pids(g) == before, 10, what="old workers back in their slots")
     assert status(g)["rollout"]["state"] == "failed"
+
+
+def test_a_rollout_whose_new_worker_never_gets_ready_keeps_every_old_worker(
+        gunicorn_factory: Any, tmp_path: Path) -> None:
+    """The stopped rollout TERMs its hung new worker; until that one is gone, Gunicorn
+    must not count it against ``workers`` and stop an old worker instead."""
+    version = tmp_path / "VERSION"
+    version.write_text("1")
+    g = gunicorn_factory("life_app:app", config=APPS / "life_conf.py", cwd=APPS, workers=2,
+                         env={"APP_VERSION_FILE": str(version), "HUP": "rolling",
+                              "READY_TIMEOUT": "2"})
+    before = wait_ready(g, 2)
+    version.write_text("hang")
+    log = hup_and_wait(g, "rolling reload rollout stopped")
+    assert "did not report ready within 2s" in log and "2 old worker(s) keep serving" in log
+    time.sleep(1.5)
+    assert ready_pids(g) == before
+    hung = [w["pid"] for w in status(g)["workers"] if w["pid"] not in before.values()]
+    assert len(hung) == 1  # TERMed, but stuck in its app import (Gunicorn's timeout
+    os.kill(hung[0], signal.SIGKILL)  # starts with the first heartbeat, after the import)
+    wait_for(lambda: len(status(g)["workers"]) == 2, 20, what="the hung worker gone")
+    time.sleep(0.5)
+    assert ready_pids(g) == before  # and nothing replaced an old one meanwhile
+    assert requests.get(g.url("/"), timeout=10).status_code == 200
 
 
 def test_the_hup_setting_is_validated() -> None:

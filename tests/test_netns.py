@@ -14,7 +14,11 @@ Checked on that topology: ``POST /broadcast`` and Socket.IO messages reach every
 of both instances once, over one Redis connection per primary (``CLIENT LIST`` shows
 them coming from the two instance hosts); ``/hits`` is shared; redis-server killed, then
 restarted, and the Redis host's link cut, then restored: local delivery goes on, the
-sender is told, one log line at loss and one at recovery, no restart needed.
+sender is told, one log line at loss and one at recovery, no restart needed. And an
+instance host's link cut under load behind the rendered nginx: only the requests in
+flight on that host fail, its clients are re-pinned to the other instance with their
+sessions, and the restored host serves again with the same processes; a silent WebSocket
+to that host is ended by TCP keepalive (``proxy_socket_keepalive``) and stays open without.
 
 Needs root (``ip netns add``): skipped with the reason otherwise.
 """
@@ -26,19 +30,20 @@ import ctypes
 import os
 import re
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from harness import Gunicorn, RedisServer, find_binary, free_port, serves, wait_for
-from test_chat import SioClient, _assert_each_gets_it_once, _warm_up
+from test_chat import RawClient, SioClient, _assert_each_gets_it_once, _warm_up
 
-from gunicorn_ext.nginx import render
+from gunicorn_ext.nginx import Failover, render, route_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -47,6 +52,9 @@ NET = "10.213.14"
 HOSTS = {"redis": f"{NET}.1", "east": f"{NET}.2", "west": f"{NET}.3", "client": f"{NET}.9"}
 PORT = 8000
 WORKER_PORTS = 9000
+#: nginx's ports on the clients' host, for the WebSocket tests (the namespace is private:
+#: nothing else listens there), allowed as browser origins by the example's chat.
+WS_NGINX_PORTS = (8080, 8081)
 TIMEOUT = 15.0
 CLONE_NEWNET = 0x40000000
 IP = find_binary("ip")
@@ -185,7 +193,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                                cwd=EXAMPLE, workers=2, host=HOSTS[name], port=PORT,
                                log_dir=tmp_path / name, name=f"gunicorn-{name}",
                                env={"WORKER_PORTS_BASE": str(WORKER_PORTS), "INSTANCE": name,
-                                    "STATE_URL": state, "SECRET_KEY": "k" * 32})
+                                    "STATE_URL": state, "SECRET_KEY": "k" * 32,
+                                    "CHAT_ALLOWED_ORIGINS": ",".join(
+                                        f"http://127.0.0.1:{p}" for p in WS_NGINX_PORTS)})
                 started.append(g)
                 instances.append(g.start())
             for g in instances:
@@ -335,3 +345,195 @@ def test_the_redis_hosts_link_cut_then_restored(cluster: Cluster) -> None:
         assert _broadcast(*east_ports[0], text).status_code == 202
         _reaches(east_ports + west_ports, text)
         print(f"link cut noticed after {noticed:.1f}s; bridge back {healed:.1f}s after restore")
+
+
+# ------------------------------------------------------- an instance host's link cut
+
+#: The rendered defaults but for a shorter plain-HTTP read timeout (bounded test time);
+#: next_upstream_timeout stays below it, as in the defaults: a read timeout is a 504.
+CUT_FAILOVER = Failover(read_timeout=6.0, next_upstream_timeout=3.5)
+CLIENTS = 8
+
+
+@dataclass
+class _Client:
+    """One closed-loop user of ``/counter`` through nginx, with its own session."""
+
+    url: str
+    http: requests.Session = field(default_factory=requests.Session)
+    # (sent, answered, status, count or None, route cookie after the answer)
+    log: list[tuple[float, float, int, int | None, str | None]] = field(default_factory=list)
+
+    def once(self) -> None:
+        sent = time.monotonic()
+        try:
+            r = self.http.get(f"{self.url}/counter", timeout=20)
+            status, count = r.status_code, (r.json()["count"] if r.status_code == 200 else None)
+        except requests.RequestException:
+            status, count = 0, None
+        self.log.append((sent, time.monotonic(), status, count, self.http.cookies.get("gx_route")))
+
+    def run(self, stop: threading.Event, limit: int = 2000) -> None:
+        while not stop.is_set() and len(self.log) < limit:
+            self.once()
+            time.sleep(0.01)
+
+    @property
+    def route(self) -> str | None:
+        return self.http.cookies.get("gx_route")
+
+
+def _pids(ports: list[tuple[str, int]]) -> set[int]:
+    return {requests.get(f"http://{h}:{p}/whoami", timeout=5).json()["pid"] for h, p in ports}
+
+
+@pytest.mark.nginx
+def test_an_instance_hosts_link_cut_under_load_is_survived_and_it_rejoins(
+        cluster: Cluster, nginx_site: Any) -> None:
+    """nginx on the clients' host, in front of the worker ports of both instance hosts,
+    8 clients on ``/counter`` (their sessions in Redis, on its own host). East's link is
+    cut at the switch (no RST, no FIN): only requests in flight on east may fail, at most
+    one per client pinned there; each of those clients is answered by west within the
+    connect timeout and re-pinned, its count going on. The link restored, new clients land
+    on east again, served by the same primary and workers (no restart)."""
+    with inside(cluster.net.ns["client"]):
+        east, west = cluster.worker_ports()[:2], cluster.worker_ports()[2:]
+        east_routes = {route_name(f"{h}:{p}") for h, p in east}
+        west_routes = {route_name(f"{h}:{p}") for h, p in west}
+        east_pids = _pids(east)
+        listen = free_port()
+        conf = render([f"{h}:{p}" for h, p in east + west], listen, "127.0.0.1",
+                      default_server=False, failover=CUT_FAILOVER)
+        with nginx_site(conf, listen) as prefix:
+            url = f"http://127.0.0.1:{listen}"
+            clients = [_Client(url) for _ in range(CLIENTS)]
+            for c in clients:
+                c.once()  # through the pool: round robin over the four ports pins them
+            assert all(c.log[-1][2] == 200 for c in clients), [c.log for c in clients]
+            on_east = [c for c in clients if c.route in east_routes]
+            assert on_east and len(on_east) < CLIENTS, [c.route for c in clients]
+            stop = threading.Event()
+            threads = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in clients]
+            for t in threads:
+                t.start()
+            try:
+                time.sleep(1.5)
+                pinned = {id(c): c.route for c in clients}
+                cut = time.monotonic()
+                cluster.net.link("east", up=False)
+
+                def all_on_west() -> bool:
+                    return all(c.route in west_routes and any(
+                        e[0] > cut and e[2] == 200 and e[4] in west_routes for e in c.log)
+                        for c in clients)
+
+                wait_for(all_on_west, CUT_FAILOVER.read_timeout + 15, interval=0.2,
+                         what="every client answered by west after the cut")
+                time.sleep(1.0)  # more load on the survivors
+                restored = time.monotonic()
+                cluster.net.link("east", up=True)
+                # Fresh clients (no cookie) land on the pool: east is in rotation again.
+                newcomers: list[_Client] = []
+
+                def east_serves() -> bool:
+                    c = _Client(url)
+                    c.once()
+                    newcomers.append(c)
+                    return c.log[-1][2] == 200 and c.route in east_routes
+
+                wait_for(east_serves, 20, interval=0.3, what="a new client served by east")
+                rejoined = time.monotonic() - restored
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=30)
+            errors = (prefix / "error.log").read_text()
+
+        failures = [(c, e) for c in clients for e in c.log if e[2] != 200]
+        during = [e for c in clients for e in c.log if e[0] >= cut and e[2] == 200]
+        # Failures: only clients pinned to east when the link went, at most one each, and
+        # only requests sent before that client's first answer from west.
+        assert all(pinned[id(c)] in east_routes for c, _ in failures), \
+            [(pinned[id(c)], e) for c, e in failures]
+        per_client = {id(c): sum(1 for d, _ in failures if d is c) for c, _ in failures}
+        n_east = sum(1 for r in pinned.values() if r in east_routes)
+        seen = [(e[2], round(e[0] - cut, 2), round(e[1] - cut, 2), e[4]) for _, e in failures]
+        assert all(n <= 1 for n in per_client.values()), (per_client, seen)
+        assert len(failures) <= n_east, seen
+        # Read timeouts: a 504, or a response cut after its headers (Gunicorn sends the
+        # headers and the body in two writes; nginx had passed the headers on): status 0.
+        assert all(e[2] in (504, 0) for _, e in failures), seen
+        # ... of requests on the wire to east when it went: sent before the cut, or just
+        # after on a connection nginx still had open to east (closed after idle_timeout).
+        late = cut + CUT_FAILOVER.idle_timeout + 1.0
+        assert all(e[0] < late for _, e in failures), seen
+        assert "upstream timed out" in errors and "no live upstreams" not in errors
+        # No session lost: every client's count goes on across the move (a request lost in
+        # flight may have counted on east before the cut: one step more, never a reset).
+        # Before the store bounded unacknowledged writes (TCP_USER_TIMEOUT, state/redis.py),
+        # the write of the request in flight on east landed after the restore and set the
+        # count back to its value at the cut (3 of 16 runs).
+        for c in clients:
+            last = None
+            for i, (sent, _, status, count, route) in enumerate(c.log):
+                if status != 200:
+                    continue
+                why = (f"count {last} then {count}, sent {sent - cut:.2f}s after the cut "
+                       f"({sent - restored:.2f}s after the restore) via {route}, pinned "
+                       f"{pinned[id(c)]}: "
+                       f"{[(e[3], e[2], round(e[0] - cut, 1)) for e in c.log[max(0, i - 3):i + 2]]}; "
+                       f"failures {[(e[2], round(e[0] - cut, 1)) for e in c.log if e[2] != 200]}")
+                assert count is not None, why
+                assert last is None or last < count <= last + 2, why
+                last = count
+            assert c.route in west_routes  # re-pinned (stays on west: sticky)
+        # The restored host: same primary, same workers, serving again.
+        assert cluster.east.alive()
+        assert _pids(east) == east_pids
+        assert newcomers[-1].log[-1][3] == 1
+        moved = [next(e[1] for e in c.log if e[0] > cut and e[2] == 200 and e[4] in west_routes)
+                 - cut for c in clients if pinned[id(c)] in east_routes]
+        slowest = max(e[1] - e[0] for e in during)
+        print(f"link cut under load: {len(failures)} failed of {len(during) + len(failures)} "
+              f"requests after the cut ({n_east} clients were on east, bound {n_east}); "
+              f"east's clients answered by west {min(moved):.1f}-{max(moved):.1f}s after the "
+              f"cut; slowest answered request {slowest:.1f}s; east served a new client "
+              f"{rejoined:.1f}s after the restore")
+
+
+
+
+@pytest.mark.nginx
+def test_tcp_keepalive_ends_a_websocket_to_a_host_that_vanished(
+        cluster: Cluster, nginx_site: Any) -> None:
+    """A WebSocket whose client stays silent carries nothing towards its backend, so when
+    that backend's host vanishes nothing tells nginx: it holds the connection until the
+    stream timeout (60 s). ``proxy_socket_keepalive on`` (the default) lets the kernel
+    find it dead, on the system's keepalive timing, lowered here on nginx's host (2 s
+    idle, 2 probes 1 s apart: the README's advice, scaled down): the client sees its
+    WebSocket end and can reconnect. Rendered without it, the same WebSocket stays open."""
+    ns = cluster.net.ns["client"]
+    for key, value in (("time", 2), ("intvl", 1), ("probes", 2)):
+        path = f"/proc/sys/net/ipv4/tcp_keepalive_{key}"  # per network namespace
+        _ip("netns", "exec", ns, "sh", "-c", f"echo {value} > {path}")
+    with inside(ns):
+        assert Path("/proc/sys/net/ipv4/tcp_keepalive_time").read_text().strip() == "2"
+        east = [f"{h}:{p}" for h, p in cluster.worker_ports()[:2]]
+        clients = {}
+        with contextlib.ExitStack() as stack:
+            for keepalive, listen in zip((True, False), WS_NGINX_PORTS, strict=True):
+                conf = render(east, listen, "127.0.0.1", default_server=False,
+                              failover=Failover(socket_keepalive=keepalive))
+                assert ("proxy_socket_keepalive on;" in conf) is keepalive
+                stack.enter_context(nginx_site(conf, listen))
+                clients[keepalive] = RawClient(f"ws://127.0.0.1:{listen}/ws")
+                stack.callback(clients[keepalive].close)
+            assert {c.instance for c in clients.values()} == {"east"}
+            cut = time.monotonic()
+            cluster.net.link("east", up=False)
+            assert clients[True].ended(timeout=20), "nginx kept the WebSocket to a vanished host"
+            ended = time.monotonic() - cut
+            assert not clients[False].ended(timeout=3)  # nothing told this one
+            print(f"WebSocket to a vanished host: ended {ended:.1f}s after the cut with TCP "
+                  "keepalive (2 s idle, 2 probes 1 s apart); still open "
+                  f"{time.monotonic() - cut:.1f}s after it without")

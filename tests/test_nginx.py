@@ -120,7 +120,22 @@ def test_templates_content() -> None:
     assert "sticky learn" in text and "1.29.6" in text
     assert "#proxy_cache_path" in text and "#proxy_cache gx_cache;" in text
     assert "#limit_req_zone" in text and "#limit_req zone=gx_req" in text
-    assert "location /socket.io/" in text and "proxy_read_timeout 1h;" in text
+    assert "location /socket.io/" in text
+    # Failover timeouts (gunicorn_ext.nginx.Failover's defaults): a vanished host is seen
+    # by a 1 s connect timeout; plain HTTP reads 30 s, WebSockets and long-polls 60 s.
+    d = gx.Failover()
+    server = text[text.index("\nserver {"):]
+    assert "proxy_connect_timeout 1s;" in server
+    assert server.index("proxy_read_timeout 30s;") < server.index("location / {")
+    for loc in ("/socket.io/", "/ws"):
+        block = server[server.index(f"location {loc} {{"):]
+        block = block[:block.index("}")]
+        assert "proxy_read_timeout 60s;" in block and "proxy_send_timeout 60s;" in block
+    assert "proxy_next_upstream_tries 3;" in text and "proxy_next_upstream_timeout 10s;" in text
+    assert "proxy_socket_keepalive on;" in text
+    upstreams = re.findall(r"^upstream \S+ \{(.*?)^\}", text, re.M | re.S)
+    assert upstreams and all("keepalive_timeout 1s;" in u for u in upstreams)
+    assert d.connect_timeout == 1 and d.read_timeout == 30 and d.stream_timeout == 60
     assert "proxy_set_header Host $host;" in text
     # The only proxy targets are upstream names chosen by the whitelist map.
     assert set(re.findall(r"proxy_pass\s+([^;]+);", text)) == {"http://$gx_backend"}
@@ -160,6 +175,84 @@ def test_render_tls_and_routes_via_cli(tmp_path: Path, cert: Any, nginx_bin: str
     bad.write_text("server { listen 8080; location / { proxy_pass http://nowhere.invalid; }\n")
     assert main(["nginx", "check", str(bad)]) == 1
     assert "nginx:" in capsys.readouterr().out
+
+
+def test_failover_defaults_hold_their_reasons() -> None:
+    """The reasons written beside each default, checked against the libraries' own."""
+    import inspect
+
+    import engineio
+    import gunicorn.config
+
+    d = gx.Failover()
+    # Every connect timeout of a request's retries fits before the retries stop, and a
+    # read timeout comes after that: it is a 504, never replayed on another backend.
+    assert (d.next_upstream_tries - 1) * d.connect_timeout < d.next_upstream_timeout
+    assert d.next_upstream_timeout < d.read_timeout
+    # Plain HTTP waits as long as Gunicorn lets a silent sync worker live.
+    assert d.read_timeout == gunicorn.config.Timeout.default
+    # A WebSocket or long-poll carries something every ping_interval: one may be late.
+    params = inspect.signature(engineio.Server.__init__).parameters
+    ping = params["ping_interval"].default
+    assert d.stream_timeout >= ping + params["ping_timeout"].default + 10
+    assert d.stream_timeout > 2 * ping
+    chat = (EXAMPLE / "chat.py").read_text()
+    assert d.stream_timeout > 2 * int(re.search(r"^PING_INTERVAL = (\d+)", chat, re.M).group(1))
+    # nginx drops an idle upstream connection before Gunicorn would.
+    assert d.idle_timeout < gunicorn.config.Keepalive.default
+    assert d.max_fails == 0  # see test_a_killed_worker_is_retried_elsewhere_and_its_instance_stays
+
+
+def test_render_failover_options_via_cli_and_check(tmp_path: Path, nginx_bin: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["nginx", "render", "--backend", "127.0.0.1:8000", "--backend", "127.0.0.1:8001",
+               "--listen", "8080", "--server-name", SERVER_NAME, "--connect-timeout", "0.5",
+               "--read-timeout", "12", "--stream-timeout", "120", "--next-upstream-tries", "5",
+               "--next-upstream-timeout", "0", "--max-fails", "3", "--fail-timeout", "20",
+               "--idle-timeout", "1.5", "--no-socket-keepalive"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "proxy_connect_timeout 500ms;" in out
+    assert "proxy_read_timeout 12s;" in out and "proxy_send_timeout 12s;" in out
+    assert out.count("proxy_read_timeout 120s;") == 2
+    assert "proxy_next_upstream_tries 5;" in out and "proxy_next_upstream_timeout 0;" in out
+    servers = re.findall(r"^\s*server (\S+:\d+)([^;]*);", out, re.M)
+    assert len(servers) == 6 and all("max_fails=3 fail_timeout=20s" in o for _, o in servers)
+    assert out.count("keepalive_timeout 1500ms;") == 3
+    assert "proxy_socket_keepalive" not in out
+    conf = tmp_path / "f.conf"
+    conf.write_text(out)
+    assert gx.check(str(conf)) == []
+    # No option: the defaults, the same text as render() without a Failover.
+    assert main(["nginx", "render", "--backend", "127.0.0.1:8000", "--listen", "8080",
+                 "--server-name", SERVER_NAME]) == 0
+    assert capsys.readouterr().out == gx.render(["127.0.0.1:8000"], 8080, SERVER_NAME)
+
+
+@pytest.mark.parametrize("kw", [
+    {"connect_timeout": 0}, {"connect_timeout": -1}, {"connect_timeout": "1s"},
+    {"connect_timeout": True}, {"read_timeout": float("nan")}, {"read_timeout": 1e9},
+    {"stream_timeout": 0.0001}, {"next_upstream_tries": -1}, {"next_upstream_tries": 1.5},
+    {"max_fails": -1}, {"max_fails": "2"}, {"fail_timeout": 0}, {"idle_timeout": None},
+    {"next_upstream_timeout": -1}, {"next_upstream_timeout": 0.5},  # <= connect_timeout
+    {"socket_keepalive": "yes"},
+])
+def test_failover_refuses_bad_values(kw: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        gx.Failover(**kw)
+
+
+def test_render_and_cli_refuse_bad_failover(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="failover"):
+        gx.render(["127.0.0.1:8000"], 8080, SERVER_NAME, failover="fast")  # type: ignore[arg-type]
+    base = ["nginx", "render", "--backend", "127.0.0.1:8000", "--listen", "8080",
+            "--server-name", SERVER_NAME]
+    assert main([*base, "--next-upstream-timeout", "0.5"]) == 2
+    assert "longer than connect_timeout" in capsys.readouterr().err
+    for bad in (["--read-timeout", "soon"], ["--max-fails", "-2"]):
+        assert main([*base, *bad]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and f"argument {bad[0]}: expected" in captured.err
 
 
 def test_check_reports_gixy_findings(tmp_path: Path, nginx_bin: str) -> None:
@@ -439,3 +532,63 @@ def test_a_sent_post_is_never_retried(faulty_pair: Any) -> None:
     a.stop()
     status, _, body = _request(port, "POST", "/ok", to_a)
     assert status == 200 and json.loads(body)["bind"] == b.bind, (status, body)
+
+
+# --------------------------------------------------- a backend that never answers
+
+
+@pytest.fixture
+def silent_backend() -> Iterator[str]:
+    """A loopback listener that accepts and reads but never answers: a live connection to
+    a backend that went silent (what a vanished host looks like once connected)."""
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    t.join(timeout=5)
+    for s in held:
+        s.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("next_timeout, replayed", [(0.5, False), (0, True)])
+def test_a_read_timeout_is_a_504_not_a_replay(silent_backend: str, gunicorn_factory: Any,
+                                              nginx_factory: Any, tmp_path: Path,
+                                              next_timeout: float, replayed: bool) -> None:
+    """A GET pinned to a backend that went silent waits read_timeout, then: with
+    next_upstream_timeout below read_timeout (the defaults' shape) a 504, never sent to
+    another backend (it may still be running on a live one); with no limit (0), the
+    replay nginx would do otherwise."""
+    d = tmp_path / "fault"
+    d.mkdir()
+    (d / "fault_app.py").write_text(FAULT_APP)
+    b = gunicorn_factory("fault_app:app", cwd=d, workers=1, name="b")
+    failover = gx.Failover(connect_timeout=0.2, read_timeout=1.5,
+                           next_upstream_timeout=next_timeout)
+    _, port = nginx_factory([silent_backend, b.bind], failover=failover)
+    to_silent = {"Cookie": f"gx_route={gx.route_name(silent_backend)}"}
+    status, _, body = _request(port, "GET", "/slow", to_silent)
+    if replayed:
+        assert status == 200 and json.loads(body)["bind"] == b.bind, (status, body)
+    else:
+        assert status == 504, (status, body)
+        assert "/slow" not in b.log_text()
+    # A POST is never replayed once sent, whatever the limit.
+    status, _, _ = _request(port, "POST", "/slow-post", to_silent)
+    assert status == 504 and "/slow-post" not in b.log_text()

@@ -1,12 +1,16 @@
-"""gunicorn_ext.socketio.BusManager: python-socketio / Flask-SocketIO across workers.
+"""gunicorn_ext.socketio: python-socketio / Flask-SocketIO across workers.
 
-A unit part (the manager publishes and listens through the bus, its messages are
-msgpack values) and a real part: Gunicorn with two gthread workers, websocket clients
+A unit part (the managers, BusManager and AsyncBusManager, publish and listen through
+the bus, their messages are msgpack values; async_mode() follows gevent) and a real part: Gunicorn with two gthread workers, websocket clients
 on both, one broadcast reaching every client.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +22,7 @@ import socketio
 from harness import free_port_pair, serves, wait_for
 
 import gunicorn_ext
-from gunicorn_ext.socketio import BusManager
+from gunicorn_ext.socketio import AsyncBusManager, BusManager, async_mode
 
 APPS = Path(__file__).resolve().parent / "apps"
 
@@ -74,6 +78,61 @@ def test_listen_yields_what_the_bus_delivers() -> None:
         assert len(bus._topics[channel]) == 1
     finally:
         bus.unsubscribe(channel)
+
+
+def test_async_manager_publishes_with_apublish(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[str, Any]] = []
+
+    async def apublish(topic: str, payload: Any = None) -> None:
+        sent.append((topic, payload))
+
+    monkeypatch.setattr(gunicorn_ext.worker, "apublish", apublish)
+    mgr = AsyncBusManager(channel="asio-unit")
+    asyncio.run(mgr.close_room("r1", namespace="/chat"))
+    assert sent == [("asio-unit", {"method": "close_room", "room": "r1", "namespace": "/chat",
+                                   "host_id": mgr.host_id})]
+
+
+def test_async_publish_without_a_bus_logs_instead_of_raising(
+        caplog: pytest.LogCaptureFixture) -> None:
+    mgr = AsyncBusManager(channel="asio-nobus")
+    asyncio.run(mgr._publish({"method": "emit"}))
+    assert "Cannot publish on the gunicorn-ext bus" in caplog.text
+
+
+def test_async_listen_yields_in_order_what_the_async_subscriber_gets() -> None:
+    channel = "asio-unit-listen"
+    mgr = AsyncBusManager(channel=channel)
+    bus = gunicorn_ext.worker
+
+    async def scenario() -> list[Any]:
+        gen = mgr._listen()
+        first = asyncio.ensure_future(gen.__anext__())  # subscribes, then waits on its queue
+        await asyncio.sleep(0)
+        (subscriber,) = bus._topics[channel]
+        assert inspect.iscoroutinefunction(subscriber)  # the bus runs it on its loop
+        for n in range(3):
+            await subscriber(gunicorn_ext.Message(channel, {"method": "emit", "n": n}, 0))
+        got = [await first, await gen.__anext__(), await gen.__anext__()]
+        mgr._subscribe()  # once per manager
+        assert len(bus._topics[channel]) == 1
+        await gen.aclose()
+        return got
+
+    try:
+        assert asyncio.run(scenario()) == [{"method": "emit", "n": n} for n in range(3)]
+    finally:
+        bus.unsubscribe(channel)
+
+
+def test_async_mode_follows_gevent_patching() -> None:
+    # This process is not patched (patching it would patch the test run): threading.
+    assert async_mode() == "threading"
+    out = subprocess.run(
+        [sys.executable, "-c", "from gevent import monkey; monkey.patch_all()\n"
+         "from gunicorn_ext.socketio import async_mode; print(async_mode())"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "gevent"
 
 
 # ----------------------------------------------------------------------------- real

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -430,6 +431,30 @@ def test_open_store_dispatch(redis_server: RedisServer) -> None:
     store.set("a", b"1")
     assert store.get("a") == b"1"
     store.close()
+
+
+def test_unacknowledged_writes_are_dropped_before_the_command_times_out(
+        redis_server: RedisServer) -> None:
+    # A write on a cut link must land before its command times out or never (the link-cut
+    # test in test_netns.py shows the lost update it prevents): the kernel's send queue is
+    # bounded by TCP_USER_TIMEOUT, 90% of socket_timeout, on every pooled connection.
+    store = RedisStore(redis_server.url, socket_timeout=1.5)
+    store.set("a", b"1")
+    pool = store.client.connection_pool
+    conn = pool.get_connection()
+    try:
+        sock = conn._sock  # the connected socket: what the kernel enforces
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 1350
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        pool.release(conn)
+        store.close()
+    # The user's own keepalive options win.
+    own = RedisStore(redis_server.url, socket_keepalive_options={socket.TCP_USER_TIMEOUT: 700})
+    assert own.client.connection_pool.connection_kwargs["socket_keepalive_options"] == {
+        socket.TCP_USER_TIMEOUT: 700}
+    own.close()
 
 
 def test_unix_socket(redis_server_factory: Callable[..., RedisServer], tmp_path: Path) -> None:

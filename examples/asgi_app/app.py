@@ -11,6 +11,16 @@ event loop, and the broadcast handler is an ``async def`` run on the worker's lo
     POST /broadcast        {"message": ...} to every worker's inbox
     GET  /inbox            what this worker received by broadcast
     GET  /metrics          Prometheus text of the whole instance
+    /socket.io/            Socket.IO, namespace /chat (python-socketio's AsyncServer)
+
+The Socket.IO namespace ``/chat`` is the Flask example's: ``where`` is acknowledged with
+this worker's slot, pid and instance; ``say {"text": ...}`` sends ``said`` (the message
+and the worker that took it) to every client of every worker, through the bus
+(:class:`gunicorn_ext.socketio.AsyncBusManager`), and is acknowledged with its
+``{"id": ...}``, or ``{"error": ...}`` for bad input, which is not sent to anyone.
+Long-polling clients need every request on one worker: per-worker ports
+(``WORKER_PORTS_BASE``) behind the nginx ``gunicorn-ext nginx render`` gives, which the
+route cookie pins; websocket-only clients need nothing.
 """
 
 from __future__ import annotations
@@ -18,15 +28,23 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
+import socketio
+
 import gunicorn_ext
 from gunicorn_ext import worker
+from gunicorn_ext.socketio import AsyncBusManager
 
 INSTANCE = os.environ.get("INSTANCE", "local")
 MAX_BODY = 8 * 1024 * 1024
+#: Largest chat message (UTF-8 bytes of its text), and largest Socket.IO packet read.
+MAX_MESSAGE = 4096
+MAX_PACKET = 64 * 1024
 #: Messages this worker received by broadcast, newest last (bounded).
 _inbox: collections.deque[object] = collections.deque(maxlen=1000)
 
@@ -138,7 +156,7 @@ async def route(scope: Scope, receive: Receive) -> tuple[int, Any, str]:
     raise HTTPError(404, f"no route {method} {path}")
 
 
-async def app(scope: Scope, receive: Receive, send: Send) -> None:
+async def http_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -154,3 +172,32 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     except HTTPError as exc:
         status, body, content_type = exc.status, {"error": str(exc), "slot": worker.slot}, ""
     await respond(send, status, body, content_type or "application/json")
+
+
+# -- Socket.IO: the namespace /chat, every worker's clients sharing each message -----------
+
+sio = socketio.AsyncServer(async_mode="asgi", max_http_buffer_size=MAX_PACKET,
+                           client_manager=AsyncBusManager(channel="gunicorn-ext-example:socketio"))
+
+
+@sio.on("where", namespace="/chat")
+async def where(sid: str, *_: Any) -> dict[str, Any]:
+    return {"slot": worker.slot, "pid": os.getpid(), "instance": INSTANCE}
+
+
+@sio.on("say", namespace="/chat")
+async def say(sid: str, data: Any = None) -> dict[str, Any]:
+    text = data.get("text") if isinstance(data, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        return {"error": 'expected a JSON object {"text": "..."} with a non-empty string'}
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE:
+        return {"error": f"text too large: at most {MAX_MESSAGE} bytes"}
+    message = {"type": "message", "id": uuid.uuid4().hex, "text": text, "slot": worker.slot,
+               "pid": os.getpid(), "instance": INSTANCE, "time": round(time.time(), 3)}
+    # To this worker's clients at once, and over the bus to every other worker's.
+    await sio.emit("said", message, namespace="/chat")
+    return {"id": message["id"]}
+
+
+#: What Gunicorn serves: Socket.IO at /socket.io/, everything else (lifespan too) http_app.
+app = socketio.ASGIApp(sio, other_asgi_app=http_app)

@@ -51,8 +51,9 @@ Threads: with Gunicorn's gthread worker, an open WebSocket (``/ws``, or Socket.I
 websocket transport) holds one of the worker's ``threads`` for as long as it lasts, and
 simple-websocket adds a reader thread of its own. ``/ws`` takes at most
 ``CHAT_MAX_CLIENTS`` clients per worker (default half of ``THREADS``) and answers 503
-beyond, so plain requests keep threads to run on. The sync worker cannot hold a
-WebSocket (``/ws`` answers 503 there). Each client is written to by its own request
+beyond, so plain requests keep threads to run on. With ``WORKER_CLASS=gevent`` threads
+are greenlets (Socket.IO runs with ``async_mode="gevent"``), so the cap only keeps a
+worker's share fair. The sync worker cannot hold a WebSocket (``/ws`` answers 503 there). Each client is written to by its own request
 thread from its own queue: a slow client never holds up the bus listener, the Redis
 subscriber or the other clients; one that falls :data:`MAX_BACKLOG` messages behind is
 disconnected (code 1008). A worker told to stop (TERM, QUIT, INT) closes its raw
@@ -91,7 +92,7 @@ from redis.retry import Retry
 
 import gunicorn_ext
 from gunicorn_ext import worker
-from gunicorn_ext.socketio import BusManager
+from gunicorn_ext.socketio import BusManager, async_mode
 
 __all__ = ["Chat", "BadMessage", "MAX_MESSAGE", "init_app", "parse_message"]
 
@@ -440,8 +441,9 @@ class Chat:
                 manager = socketio.RedisManager(self.url, channel=SOCKETIO_CHANNEL,
                                                 redis_options={"socket_connect_timeout": 2.0})
         # manage_session=False: Flask sessions are server-side already (gunicorn_ext.state.flask), and
-        # a Socket.IO event should not load one it never reads.
-        self.socketio = SocketIO(app, async_mode="threading", client_manager=manager,
+        # a Socket.IO event should not load one it never reads. async_mode(): "gevent" under
+        # WORKER_CLASS=gevent, "threading" under gthread (and sync).
+        self.socketio = SocketIO(app, async_mode=async_mode(), client_manager=manager,
                                  cors_allowed_origins=("*" if "*" in self.allowed_origins
                                                        else self.origin_allowed),
                                  max_http_buffer_size=MAX_FRAME, manage_session=False)

@@ -31,6 +31,8 @@ import os
 import socket
 from typing import Any
 
+from .. import gunicorn_internals as gi
+
 _SUFFIX = ".gunicorn-ext-paused"
 
 
@@ -52,7 +54,7 @@ class Gate:
         names = []
         for lnr in listeners:
             try:
-                if self._close_one(lnr):
+                if self._close_one(lnr, log):
                     names.append(str(lnr))
             except OSError as exc:
                 log.warning("gunicorn-ext: could not stop listening on %s: %s", lnr, exc)
@@ -94,24 +96,24 @@ class Gate:
 
     # ------------------------------------------------------------------
 
-    def _close_one(self, lnr: Any) -> bool:
-        sock = getattr(lnr, "sock", None)
+    def _close_one(self, lnr: Any, log: Any) -> bool:
+        sock = gi.listener_socket(lnr)
         if sock is None:
             return False
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            if _port(lnr) == 0:
-                self._warn_once(lnr, "bound to port 0")
+            if gi.listener_port(lnr) == 0:
+                self._warn_once(lnr, log, "bound to port 0")
                 return False
             sock.shutdown(socket.SHUT_RD)
             if _listening(sock):  # not Linux: shutdown did not stop it
-                self._warn_once(lnr, "this kernel keeps it listening after shutdown()")
+                self._warn_once(lnr, log, "this kernel keeps it listening after shutdown()")
                 return False
             self._shut.add(id(lnr))
             return True
         if sock.family == socket.AF_UNIX:
             path = sock.getsockname()
             if not isinstance(path, str) or not path or path.startswith("\0"):
-                self._warn_once(lnr, "an abstract or unnamed unix socket")
+                self._warn_once(lnr, log, "an abstract or unnamed unix socket")
                 return False
             aside = path + _SUFFIX
             os.rename(path, aside)
@@ -123,9 +125,9 @@ class Gate:
     def _open_one(self, lnr: Any) -> bool:
         key = id(lnr)
         if key in self._shut:
-            sock = lnr.sock
+            sock = gi.listener_socket(lnr)
             before = sock.getsockname()
-            sock.listen(lnr.conf.backlog)
+            sock.listen(gi.listener_backlog(lnr))
             if sock.getsockname() != before:  # pragma: no cover - the port was not locked
                 raise OSError(errno.EADDRNOTAVAIL, f"the port changed to {sock.getsockname()}")
             self._shut.discard(key)
@@ -138,10 +140,10 @@ class Gate:
             return True
         return False
 
-    def _warn_once(self, lnr: Any, why: str) -> None:
+    def _warn_once(self, lnr: Any, log: Any, why: str) -> None:
         if not self._warned:
             self._warned = True
-            lnr.log.warning("gunicorn-ext: %s stays open while no worker runs (%s)", lnr, why)
+            log.warning("gunicorn-ext: %s stays open while no worker runs (%s)", lnr, why)
 
 
 def _listening(sock: socket.socket) -> bool:
@@ -162,18 +164,13 @@ def refuse_new(listeners: list[Any], log: Any) -> None:
     the workers stopped accepting (a worker polling a shut-down listener fails).
     """
     for lnr in listeners:
-        sock = getattr(lnr, "sock", None)
+        sock = gi.listener_socket(lnr)
         if sock is None or sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
             continue
         try:
             sock.shutdown(socket.SHUT_RD)
         except OSError as exc:
             log.warning("gunicorn-ext: graceful stop: could not stop listening on %s: %s", lnr, exc)
-
-
-def _port(lnr: Any) -> int | None:
-    addr = getattr(lnr, "cfg_addr", None)
-    return addr[1] if isinstance(addr, tuple) and len(addr) >= 2 else None
 
 
 def _drain(sock: socket.socket) -> None:

@@ -11,19 +11,45 @@ Runs in the arbiter's main thread (driven by the supervisor's tick).
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from ..worker_record import WorkerRecord
+
+
+class RolloutHost(Protocol):
+    """What a rollout asks of the supervisor (supervisor.py implements it)."""
+
+    def worker_in_slot(self, slot: int) -> WorkerRecord | None:
+        """The worker holding ``slot`` now, if any."""
+
+    def spawn_into(self, slot: int) -> WorkerRecord | None:
+        """Fork a worker into ``slot`` now, bypassing backoff; None if it can't."""
+
+    def running(self, rec: WorkerRecord) -> bool:
+        """Whether the arbiter still has the worker (not reaped)."""
+
+    def retire(self, rec: WorkerRecord, rolling_old: bool = False) -> None:
+        """Free ``rec``'s slot for a successor; ``rolling_old``: it keeps serving (and its
+        bus messages) until the successor is ready."""
+
+    def unretire(self, rec: WorkerRecord) -> None:
+        """Give ``rec`` its slot back (a stopped rollout)."""
+
+    def terminate(self, rec: WorkerRecord) -> None:
+        """SIGTERM the worker, as a planned exit (it finishes its in-flight requests)."""
 
 
 @dataclass
 class _Step:
-    old: Any  # the arbiter's Worker being replaced (None if the slot was empty)
-    new_pid: int
+    old: WorkerRecord | None  # the worker being replaced (None if the slot was empty)
+    new: WorkerRecord
     started: float
     termed: bool = False
+
+    @property
+    def new_pid(self) -> int | None:
+        return self.new.pid
 
 
 @dataclass
@@ -53,79 +79,63 @@ class Rollout:
         self.steps = {}
         self.message = f"replacing {self.total} workers, {batch} at a time"
 
-    def tick(self, sup: Any, server: Any, ready_pids: set[int], timeout: float) -> None:
-        """Advance the rollout by whatever has happened since the last tick."""
+    def tick(self, host: RolloutHost, log: Any, timeout: float, now: float) -> None:
+        """Advance the rollout by whatever has happened since the last tick (``now``:
+        monotonic time)."""
         if not self.running:
             return
-        now = time.monotonic()
         if not self.steps:
             if not self.plan:
                 self.state = "done"
                 self.message = f"replaced {self.done} of {self.total} workers"
-                server.log.info("gunicorn-ext: rolling reload done: %s", self.message)
+                log.info("gunicorn-ext: rolling reload done: %s", self.message)
                 return
             batch, self.plan = self.plan[: self.batch], self.plan[self.batch :]
             for slot in batch:
-                old = sup.worker_in_slot(slot)
+                old = host.worker_in_slot(slot)
                 if old is not None:
-                    old.ext_retired = True
-                    old.ext_rolling_old = True
-                pid = sup.spawn_into(slot)
-                if pid is None:
-                    self._fail(sup, server, f"could not start a new worker for slot {slot}")
+                    host.retire(old, rolling_old=True)
+                new = host.spawn_into(slot)
+                if new is None:
+                    self._fail(host, log, f"could not start a new worker for slot {slot}")
                     if old is not None:
-                        self._restore(sup, old)
+                        host.unretire(old)
                     return
-                self.steps[slot] = _Step(old, pid, now)
+                self.steps[slot] = _Step(old, new, now)
             return
         for slot, step in list(self.steps.items()):
             if step.termed:
                 continue
-            if step.new_pid in ready_pids:
+            if step.new.ready:
                 if step.old is not None:
-                    step.old.ext_planned = True
-                    try:
-                        os.kill(step.old.pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+                    host.terminate(step.old)
                 step.termed = True
                 self.done += 1
-                server.log.info("gunicorn-ext: rolling reload: slot %s now served by pid %s "
-                                "(%s/%s)", slot, step.new_pid, self.done, self.total)
-            elif step.new_pid not in server.WORKERS:
-                why = sup.exit_reason_of(step.new_pid) or "it exited before reporting ready"
-                self._fail(sup, server, f"the new worker for slot {slot} (pid {step.new_pid}) "
-                                        f"failed: {why}")
+                log.info("gunicorn-ext: rolling reload: slot %s now served by pid %s "
+                         "(%s/%s)", slot, step.new_pid, self.done, self.total)
+            elif not host.running(step.new):
+                why = step.new.exit_reason or "it exited before reporting ready"
+                self._fail(host, log, f"the new worker for slot {slot} (pid {step.new_pid}) "
+                                      f"failed: {why}")
                 return
             elif now - step.started > timeout:
-                self._fail(sup, server, f"the new worker for slot {slot} (pid {step.new_pid}) did "
-                                        f"not report ready within {timeout:.0f}s")
+                self._fail(host, log, f"the new worker for slot {slot} (pid {step.new_pid}) did "
+                                      f"not report ready within {timeout:.0f}s")
                 return
         if all(s.termed for s in self.steps.values()):
             self.steps = {}
-            self.tick(sup, server, ready_pids, timeout)  # start the next batch now
+            self.tick(host, log, timeout, now)  # start the next batch now
 
-    def _restore(self, sup: Any, old: Any) -> None:
-        old.ext_retired = False
-        old.ext_rolling_old = False
-        sup.hub.unretire(old)
-
-    def _fail(self, sup: Any, server: Any, why: str) -> None:
+    def _fail(self, host: RolloutHost, log: Any, why: str) -> None:
         kept = 0
         for step in self.steps.values():
             if step.termed:
                 continue
-            new = server.WORKERS.get(step.new_pid)
-            if new is not None:
-                new.ext_retired = True
-                new.ext_planned = True
-                sup.hub.retire([new])
-                try:
-                    os.kill(step.new_pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            if host.running(step.new):
+                host.retire(step.new)
+                host.terminate(step.new)
             if step.old is not None:
-                self._restore(sup, step.old)
+                host.unretire(step.old)
                 kept += 1
         kept += len(self.plan)
         self.steps = {}
@@ -133,4 +143,4 @@ class Rollout:
         self.state = "failed"
         self.message = (f"rollout stopped after {self.done} of {self.total}: {why}; "
                         f"{kept} old worker(s) keep serving")
-        server.log.error("gunicorn-ext: rolling reload %s", self.message)
+        log.error("gunicorn-ext: rolling reload %s", self.message)

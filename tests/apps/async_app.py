@@ -9,7 +9,8 @@ import os
 import threading
 import time
 from typing import Any
-from urllib.parse import parse_qs
+
+from asgi_parts import query, serve
 
 import gunicorn_ext
 from gunicorn_ext import worker
@@ -88,14 +89,6 @@ def _error(exc: Exception) -> dict[str, Any]:
     return {"error": type(exc).__name__, "message": str(exc), "slot": worker.slot}
 
 
-async def _json(send: Any, body: Any, status: int = 200) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
-
-
 async def _flood(n: int, name: str, payload: Any, to: int) -> dict[str, Any]:
     """``n`` requests at once from this worker's loop; every reply must reach its asker."""
     t0 = time.perf_counter()
@@ -159,30 +152,14 @@ async def handle(path: str, q: dict[str, str]) -> Any:
     return None
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
-        return
-    path = scope["path"]
-    if path == "/healthz":
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-        return
-    q = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+async def route(scope: dict[str, Any]) -> tuple[int, Any]:
+    if scope["path"] == "/healthz":
+        return 200, "ok"
     try:
-        body = await handle(path, q)
+        body = await handle(scope["path"], query(scope))
     except (gunicorn_ext.IPCError, RuntimeError, ValueError) as exc:
-        await _json(send, _error(exc), 500 if isinstance(exc, RuntimeError) else 409)
-        return
-    if body is None:
-        await _json(send, {"error": "no route"}, 404)
-    else:
-        await _json(send, body)
+        return (500 if isinstance(exc, RuntimeError) else 409), _error(exc)
+    return (404, {"error": "no route"}) if body is None else (200, body)
+
+
+app = serve(route)

@@ -22,7 +22,7 @@ _forks = [0]
 
 def post_fork(server, worker):  # a user hook: enable() must keep it
     _forks[0] += 1
-    server.log.info("user post_fork hook ran for slot %s", getattr(worker, "ext_slot", None))
+    server.log.info("user post_fork hook ran for slot %s", gunicorn_ext.worker.slot)
 
 
 @primary.handler("echo")

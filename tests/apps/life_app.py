@@ -17,6 +17,8 @@ VERSION_FILE = os.environ.get("APP_VERSION_FILE")
 VERSION = Path(VERSION_FILE).read_text().strip() if VERSION_FILE else "1"
 if VERSION == "broken" or MODE == "import_error":
     raise ImportError("this deploy is broken on purpose (life_app)")
+if VERSION == "hang":  # a deploy whose workers never get to serve
+    time.sleep(3600)
 
 _leak: list[bytes] = []
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+
+from asgi_parts import query, serve
 
 from gunicorn_ext import worker
 
@@ -22,27 +22,15 @@ def block_the_loop(seconds: float) -> None:
     time.sleep(seconds)  # a blocking call in async code: the hung worker under test
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
-        return
-    path = scope["path"]
-    q = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+async def route(scope: dict[str, Any]) -> tuple[int, Any]:
+    path, q = scope["path"], query(scope)
     if path == "/leak":
         _leak.append(os.urandom(int(q.get("mb", "1")) << 20))
     elif path == "/hang":
         block_the_loop(float(q.get("s", "30")))
     elif path == "/slow":
         await asyncio.sleep(float(q.get("s", "1")))
-    body = json.dumps({"pid": os.getpid(), "slot": worker.slot, "version": VERSION}).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    return 200, {"pid": os.getpid(), "slot": worker.slot, "version": VERSION}
+
+
+app = serve(route)

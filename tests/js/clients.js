@@ -15,6 +15,10 @@
 //   {"cmd": "say", "kind": K, "text": T}  the first connected client of kind K sends T
 //   {"cmd": "where", "times": N}          every Socket.IO client asks `where` N times
 //   {"cmd": "status"}                     the state of every client
+//   {"cmd": "flood", "kind": K, "text": T, "n": N}  the first connected client of kind K
+//                                         sends T-0 .. T-(N-1) at once, then waits for the acks
+//   {"cmd": "counts", "prefix": P}        per client: how many distinct texts starting with P
+//                                         it got, and how many in all (duplicates included)
 //   {"cmd": "quit"}                       close everything and exit
 "use strict";
 
@@ -136,6 +140,24 @@ async function handle(line) {
       }
     }));
     out({ event: "where" });
+  } else if (cmd.cmd === "flood") {
+    const sender = clients.find((c) => c.kind === cmd.kind && c.connected && c.where);
+    if (!sender || !sender.sock) {
+      return out({ event: "flooded", error: `no connected Socket.IO ${cmd.kind} client` });
+    }
+    const acks = [];
+    for (let i = 0; i < cmd.n; i++) {
+      acks.push(sender.sock.timeout(30000).emitWithAck("say", { text: `${cmd.text}-${i}` })
+        .then((a) => (a && a.error ? 1 : 0), () => 1));
+    }
+    const failed = (await Promise.all(acks)).reduce((a, b) => a + b, 0);
+    out({ event: "flooded", id: sender.id, where: sender.where, failed });
+  } else if (cmd.cmd === "counts") {
+    out({ event: "counts", clients: clients.map((c) => {
+      const texts = Object.keys(c.received).filter((t) => t.startsWith(cmd.prefix));
+      return { id: c.id, kind: c.kind, distinct: texts.length,
+               total: texts.reduce((n, t) => n + c.received[t], 0) };
+    }) });
   } else if (cmd.cmd === "status") {
     out({ event: "status", clients: status() });
   } else if (cmd.cmd === "quit") {
