@@ -31,6 +31,8 @@ from .sticky import ASGIApp, Receive, Scope, Send
 
 __all__ = ["ClusterMiddleware", "LoopWatch", "app_attribute"]
 
+_perf_counter = time.perf_counter
+
 
 def app_attribute(worker: Any) -> str | None:
     """The attribute holding this worker's ASGI app, or None for a WSGI worker."""
@@ -82,15 +84,13 @@ class ClusterMiddleware:
         if reporter is None or scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        stats = reporter.stats
-        t0 = time.perf_counter()
-        stats.request_started()
+        t0 = _perf_counter()
+        reporter.stats.request_started()
         try:
             await self.app(scope, receive, send)
         finally:
-            stats.request_finished(time.perf_counter() - t0)
             self.bus.flush()
-            reporter.check_memory()
+            reporter.request_finished(_perf_counter() - t0)  # and the soft memory limit
 
 
 class LoopWatch:

@@ -31,7 +31,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 _RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -41,14 +40,33 @@ _RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; cha
 EXIT_GRACE = 2.0
 
 
-@dataclass
 class _Request:
-    start: float
-    line: str
-    sock: Any
-    responded: bool = False  # start_response was called: part of a response may be out
-    expired: bool = False
-    greenlet: Any = None  # under gevent: the request's greenlet (no thread of its own)
+    """One request in flight. Made on every request, so a plain slotted class keeping
+    references only; the request line for the log is formatted if the request expires."""
+
+    __slots__ = ("start", "method", "path", "query", "sock", "start_response", "responded",
+                 "expired", "greenlet")
+
+    def __init__(self, start: float, environ: dict[str, Any],
+                 start_response: Callable[..., Any], greenlet: Any) -> None:
+        self.start = start
+        # As the request came in (middleware may rewrite PATH_INFO later).
+        self.method = environ.get("REQUEST_METHOD", "?")
+        self.path = environ.get("PATH_INFO", "")
+        self.query = environ.get("QUERY_STRING")
+        self.sock = environ.get("gunicorn.socket")
+        self.start_response = start_response
+        self.responded = False  # start_response was called: part of a response may be out
+        self.expired = False
+        self.greenlet = greenlet  # under gevent: the request's greenlet (no thread of its own)
+
+    @property
+    def line(self) -> str:
+        return f"{self.method} {self.path}{'?' + self.query if self.query else ''}"
+
+    def tracked_start_response(self, *args: Any, **kw: Any) -> Any:
+        self.responded = True
+        return self.start_response(*args, **kw)
 
 
 class Deadlines:
@@ -80,30 +98,27 @@ class Deadlines:
     def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
         """*app* with its requests registered (removed in :meth:`finished`)."""
 
+        # The request path takes no lock: one dict store here and one pop in finished(),
+        # each atomic under the GIL; the watchdog copies the dict under its own lock.
+        inflight = self._inflight
+        green = self.green
+        monotonic = time.monotonic
+        get_ident = threading.get_ident
+
         def with_deadline(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-            if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            upgrade = environ.get("HTTP_UPGRADE")
+            if upgrade and upgrade.lower() == "websocket":
                 return app(environ, start_response)
-            query = environ.get("QUERY_STRING")
-            line = (f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"
-                    f"{'?' + query if query else ''}")
-            entry = _Request(time.monotonic(), line, environ.get("gunicorn.socket"))
-            if self.green:
-                entry.greenlet = self.green()
-            with self._lock:
-                self._inflight[threading.get_ident()] = entry
-
-            def tracked_start_response(*args: Any, **kw: Any) -> Any:
-                entry.responded = True
-                return start_response(*args, **kw)
-
-            return app(environ, tracked_start_response)
+            entry = _Request(monotonic(), environ, start_response,
+                             green() if green is not None else None)
+            inflight[get_ident()] = entry
+            return app(environ, entry.tracked_start_response)
 
         return with_deadline
 
     def finished(self) -> None:
         """``post_request``: the response is complete (body included)."""
-        with self._lock:
-            self._inflight.pop(threading.get_ident(), None)
+        self._inflight.pop(threading.get_ident(), None)
 
     # -- the watchdog
 
@@ -123,7 +138,7 @@ class Deadlines:
 
     def check(self, now: float) -> None:
         with self._lock:
-            live = [(ident, r) for ident, r in self._inflight.items() if not r.expired]
+            live = [(ident, r) for ident, r in list(self._inflight.items()) if not r.expired]
             expired = [(ident, r) for ident, r in live if now - r.start > self.timeout]
             for _, r in expired:
                 r.expired = True

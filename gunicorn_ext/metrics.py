@@ -21,10 +21,11 @@ The ``gunicorn_ext_`` prefix is reserved: app metrics named so are not exported.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import math
 import threading
+from _thread import get_ident as _get_ident  # the real thread, also under gevent
+from bisect import bisect_left as _bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -93,13 +94,27 @@ def _bounds(buckets: Sequence[float]) -> tuple[float, ...]:
 # -- worker side ---------------------------------------------------------------
 
 
+class _Cell:
+    """One thread's request counts: written by that thread only, so without a lock."""
+
+    __slots__ = ("counts", "sum", "started", "finished")
+
+    def __init__(self, n: int) -> None:
+        self.counts = [0] * n  # per bucket, not cumulative; their sum is the request count
+        self.sum = 0.0
+        self.started = 0
+        self.finished = 0
+
+
 class WorkerStats:
     """A worker's request statistics, and the source of its snapshots.
 
-    ``request_started``/``request_finished`` take one lock and do a few integer
-    operations, so they are safe from every thread of a gthread worker and
-    cheap enough for every request. ``registry`` is where the app's own
-    prometheus_client metrics live (None: no app metrics).
+    ``request_started``/``request_finished`` run on every request, from every thread
+    of a gthread worker, so they take no lock: each thread counts into its own cell
+    (threads are told apart by the real thread id, also under gevent's monkey-patching,
+    where every greenlet runs on the worker's one thread; a new thread reusing an
+    ident reuses its cell), and a snapshot adds the cells up. ``registry`` is where the
+    app's own prometheus_client metrics live (None: no app metrics).
     """
 
     def __init__(self, buckets: Sequence[float] = DEFAULT_BUCKETS,
@@ -107,37 +122,55 @@ class WorkerStats:
         #: Latency bucket upper bounds in seconds, ``+Inf`` implicit.
         self.buckets: tuple[float, ...] = _bounds(buckets)
         self.registry = registry
-        self._lock = threading.Lock()
-        self._counts = [0] * (len(self.buckets) + 1)
-        self._sum = 0.0
-        self._requests = 0
-        self._inflight = 0
+        self._cells: dict[int, _Cell] = {}
+        self._new_cell = threading.Lock()
+
+    def _cell(self) -> _Cell:
+        ident = _get_ident()
+        with self._new_cell:
+            cell = self._cells.get(ident)
+            if cell is None:
+                cell = self._cells[ident] = _Cell(len(self.buckets) + 1)
+            return cell
+
+    def _totals(self) -> tuple[list[int], float, int, int]:
+        counts = [0] * (len(self.buckets) + 1)
+        total = 0.0
+        started = finished = 0
+        for cell in list(self._cells.values()):
+            for i, c in enumerate(cell.counts):
+                counts[i] += c
+            total += cell.sum
+            started += cell.started
+            finished += cell.finished
+        return counts, total, started, finished
 
     @property
     def requests(self) -> int:
         """Requests completed."""
-        return self._requests
+        return sum(self._totals()[0])
 
     @property
     def inflight(self) -> int:
         """Requests started and not finished."""
-        return self._inflight
+        _, _, started, finished = self._totals()
+        return max(0, started - finished)
 
     def request_started(self) -> None:
-        with self._lock:
-            self._inflight += 1
+        cell = self._cells.get(_get_ident()) or self._cell()
+        cell.started += 1
 
     def request_finished(self, seconds: float) -> None:
-        """Count a finished request that took ``seconds`` (NaN or negative counts as 0)."""
+        """Count a finished request that took ``seconds`` (NaN or negative counts as 0).
+
+        It may run on another thread than its start. ``inflight`` is started minus
+        finished, never below 0."""
         if not seconds > 0.0:
             seconds = 0.0
-        i = bisect.bisect_left(self.buckets, seconds)  # first bound >= seconds: Prometheus' "le"
-        with self._lock:
-            self._counts[i] += 1
-            self._sum += seconds
-            self._requests += 1
-            if self._inflight > 0:
-                self._inflight -= 1
+        cell = self._cells.get(_get_ident()) or self._cell()
+        cell.counts[_bisect_left(self.buckets, seconds)] += 1  # first bound >= seconds: "le"
+        cell.sum += seconds
+        cell.finished += 1
 
     def snapshot(self, include_app: bool = True) -> dict[str, Any]:
         """The worker's numbers as a msgpack-able dict, for :meth:`ClusterMetrics.update`.
@@ -147,14 +180,11 @@ class WorkerStats:
         ``{"name", "type", "help", "samples": [[name, {labels}, value], ...]}``;
         a collector that raises or yields junk loses only its own families.
         """
-        with self._lock:
-            counts = list(self._counts)
-            total = self._sum
-            requests = self._requests
-            inflight = self._inflight
+        counts, total, started, finished = self._totals()
+        requests = sum(counts)
         return {
             "requests": requests,
-            "inflight": inflight,
+            "inflight": max(0, started - finished),
             "latency": {"buckets": counts, "sum": total, "count": requests},
             "app": _collect_app(self.registry) if include_app and self.registry is not None else [],
         }

@@ -234,6 +234,9 @@ class RouteCookie:
         self.max_age = max_age
         self._plain = self._build_set_cookie(False)
         self._secure = self._build_set_cookie(True)
+        #: The request cookie that needs no pin, as a pinned client sends it alone or first.
+        self._pinned = f"{cookie_name}={value}"
+        self._pinned_first = self._pinned + ";"
 
     def _build_set_cookie(self, secure: bool) -> str:
         parts = [f"{self.cookie_name}={self.route}", "Path=/"]
@@ -251,12 +254,22 @@ class RouteCookie:
 
     def needs_pin(self, environ: dict[str, Any]) -> bool:
         """True unless the request's route cookie already names this backend."""
-        return read_cookie(environ.get("HTTP_COOKIE", ""), self.cookie_name) != self.route
+        header = environ.get("HTTP_COOKIE")
+        if not header:
+            return True
+        # Fast path (every request of a pinned client): ours is the first cookie, as
+        # read_cookie would find it; anything else takes the full parse.
+        if header == self._pinned or header.startswith(self._pinned_first):
+            return False
+        return read_cookie(header, self.cookie_name) != self.route
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Call the app; add the ``Set-Cookie`` header to its response if needed."""
         environ[ENVIRON_KEY] = self  # a RouteCookie inside the app takes over from this one
-        if not self.needs_pin(environ):
+        header = environ.get("HTTP_COOKIE")
+        # needs_pin(), with its fast path inlined: a pinned client sends ours first or alone.
+        if header and (header == self._pinned or header.startswith(self._pinned_first)
+                       or read_cookie(header, self.cookie_name) == self.route):
             return self.app(environ, start_response)
         prefix = self.cookie_name + "="
 
@@ -297,15 +310,30 @@ class AsgiRouteCookie:
         self._prefix = (cookie_name + "=").encode()
         self._plain = self._wsgi._plain.encode("latin-1")
         self._secure = self._wsgi._secure.encode("latin-1")
+        self._pinned = self._wsgi._pinned.encode("latin-1")
+        self._pinned_first = self._pinned + b";"
+
+    def _pinned_here(self, scope: Scope) -> bool:
+        """True when the request's route cookie already names this backend."""
+        found: list[bytes] = []
+        for k, v in scope.get("headers", ()):
+            if k == b"cookie" or k.lower() == b"cookie":
+                found.append(v)
+        if not found:
+            return False
+        first = found[0]
+        # Fast path (every request of a pinned client): ours is the first cookie.
+        if first == self._pinned or first.startswith(self._pinned_first):
+            return True
+        cookies = "; ".join(bytes(v).decode("latin-1") for v in found)
+        return read_cookie(cookies, self.cookie_name) == self.route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cookies = "; ".join(v.decode("latin-1") for k, v in scope.get("headers", ())
-                            if k.lower() == b"cookie")
         scope[ENVIRON_KEY] = self  # a route cookie inside the app takes over from this one
-        if read_cookie(cookies, self.cookie_name) == self.route:
+        if self._pinned_here(scope):
             await self.app(scope, receive, send)
             return
         secure = self._wsgi.secure

@@ -56,3 +56,48 @@ def test_no_deadline_by_default(gunicorn_factory: Any) -> None:
     (pid,) = g.wait_workers(1)
     assert requests.get(g.url("/hold?s=2.5"), timeout=15).status_code == 200
     assert g.worker_pids() == [pid]
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.critical_lines: list[str] = []
+
+    def critical(self, msg: str, *args: Any) -> None:
+        self.critical_lines.append(msg % args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        pass
+
+    exception = warning
+
+
+def test_an_expired_request_is_logged_as_it_came_in() -> None:
+    """Unit level: the request path keeps references only (no lock, no formatting); the
+    line in the log is the request as it arrived, even if middleware rewrote the environ."""
+    from types import SimpleNamespace
+
+    from gunicorn_ext.deadlines import Deadlines
+
+    worker = type("ThreadWorker", (), {})()
+    worker.cfg = SimpleNamespace(graceful_timeout=30)
+    log, reasons, seen = _Log(), [], {}
+    dl = Deadlines(5.0, worker, reasons.append, lambda: None, log)
+    exits: list[bool] = []
+    dl._exit = lambda: exits.append(True)  # type: ignore[method-assign]  # not os._exit here
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["PATH_INFO"] = "/rewritten"
+        dl.check(time.monotonic() + 1.0)  # not yet due
+        seen["before"] = (list(log.critical_lines), list(reasons))
+        dl.check(time.monotonic() + 6.0)  # past the deadline, while in the app
+        return [b""]
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/orig", "QUERY_STRING": "q=1"}
+    dl.wrap(app)(environ, lambda *a: None)
+    assert seen["before"] == ([], [])
+    assert len(log.critical_lines) == 1 and "GET /orig?q=1 ran" in log.critical_lines[0]
+    assert "test_an_expired_request_is_logged_as_it_came_in" in log.critical_lines[0]  # its stack
+    assert reasons == ["request deadline: GET /orig?q=1 ran over request_timeout=5s"]
+    assert exits == [True]  # no other request in flight: the worker would exit now
+    dl.finished()
+    assert dl._inflight == {}

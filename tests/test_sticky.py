@@ -12,6 +12,7 @@ no sticky code; the example behind nginx is in test_socketio_nginx.py and test_c
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -447,6 +448,7 @@ def test_sticky_settings_are_validated() -> None:
 # -- (e) the setting: the worker hooks pin any WSGI app ------------------------------------
 
 PLAIN_APP = """\
+import asyncio
 import os
 
 
@@ -463,6 +465,7 @@ app = RouteCookie(plain, route="mine")
 """
 
 CONF = """\
+import asyncio
 import os
 import gunicorn_ext
 
@@ -632,3 +635,40 @@ def test_nginx_render_cli_takes_the_cookie_name(capsys: pytest.CaptureFixture[st
     assert "map $cookie_route $gx_backend {" in capsys.readouterr().out
     assert main([*base, "--cookie", "gx-route"]) == 2
     assert "cookie 'gx-route': expected 1-64 characters of [A-Za-z0-9_]" in capsys.readouterr().err
+
+
+def test_the_fast_path_for_a_pinned_client_judges_as_the_full_parse() -> None:
+    # The middleware compares the header with "gx_route=<route>" (alone, or first before a
+    # ";") before parsing it; every other header takes read_cookie, as nginx reads it.
+    mw = RouteCookie(_echo_app(), route="a")
+    for cookie in ("gx_route=a", "gx_route=a;gx_route=b", "gx_route=a; x=1", "gx_route=a ; x=1",
+                   " gx_route=a", "x=1;gx_route=a"):
+        assert _set_cookies(_call(mw, cookie)) == [], cookie
+    for cookie in ("gx_route=ab", "gx_route=ab; x=1", "gx_route=a_", "gx_route=b;gx_route=a",
+                   "xgx_route=a", "gx_route"):
+        assert _set_cookies(_call(mw, cookie)) == [PIN_A], cookie
+
+
+def test_the_asgi_fast_path_reads_every_cookie_header() -> None:
+    app = AsgiRouteCookie(_asgi_echo, route="a")
+    pin = (b"set-cookie", PIN_A.encode())
+
+    def call(*cookies: tuple[bytes, bytes]) -> list[Any]:
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request"}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/", "scheme": "http", "headers": list(cookies)}
+        asyncio.run(app(scope, receive, send))
+        return list(sent[0]["headers"])
+
+    assert pin not in call((b"cookie", b"gx_route=a; x=1"))
+    assert pin not in call((b"Cookie", b"gx_route=a"))  # a server that keeps the case
+    assert pin not in call((b"cookie", b"x=1"), (b"cookie", b"gx_route=a"))  # HTTP/2 style
+    assert pin in call((b"cookie", b"x=1"), (b"cookie", b"gx_route=b"))
+    assert pin in call((b"cookie", b"gx_route=ab"))
+    assert pin in call()

@@ -1,0 +1,76 @@
+"""The worker reporter's per-request work (gunicorn_ext/reporter.py), unit level: the RSS
+read it does after every request when memory_soft_limit is set, across a fork, and the
+recycle it triggers. The whole path with real Gunicorn is in test_lifecycle.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import psutil
+
+from gunicorn_ext.ipc.bus import Bus
+from gunicorn_ext.reporter import Reporter, current_rss
+from gunicorn_ext.settings import Settings
+
+MIB = 1 << 20
+
+
+def test_current_rss_is_this_process_s_even_after_a_fork() -> None:
+    before = current_rss()  # opens the kept descriptor in this (the parent) process
+    assert abs(before - psutil.Process().memory_info().rss) < 16 * MIB
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: grow by 64 MiB; its reading must show it, not the parent's
+        try:
+            ballast = bytearray(64 * MIB)
+            for i in range(0, len(ballast), 4096):
+                ballast[i] = 1
+            os.write(w, f"{current_rss()} {psutil.Process().memory_info().rss}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 100).decode().split()
+    os.close(r)
+    os.waitpid(pid, 0)
+    child, child_psutil = int(got[0]), int(got[1])
+    assert abs(child - child_psutil) < 16 * MIB
+    assert child > before + 48 * MIB
+    assert current_rss() < child - 48 * MIB  # the parent's own descriptor still reads its own
+
+
+class _Recorder(Reporter):
+    def __init__(self, limit: int) -> None:
+        super().__init__(Bus(), Settings(memory_soft_limit=limit), logging.getLogger("t"))
+        self.reasons: list[str] = []
+
+    def recycle(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self._exiting = True
+
+
+def test_a_request_over_the_soft_limit_recycles_and_one_under_does_not() -> None:
+    under = _Recorder(current_rss() + 512 * MIB)
+    under.pre_request()
+    under.post_request()
+    assert under.reasons == [] and under.stats.requests == 1 and under.stats.inflight == 0
+    over = _Recorder(1 * MIB)
+    for _ in range(3):
+        over.pre_request()
+        over.post_request()
+    assert len(over.reasons) == 1 and "memory_soft_limit 1 MiB" in over.reasons[0]
+    assert over.stats.requests == 3  # counted all the same
+
+
+def test_no_limit_reads_no_rss(monkeypatch: Any) -> None:
+    import gunicorn_ext.reporter as reporter
+
+    def boom() -> int:
+        raise AssertionError("read RSS with memory_soft_limit=0")
+
+    monkeypatch.setattr(reporter._STATM, "rss", boom)
+    rep = _Recorder(0)
+    rep.pre_request()
+    rep.post_request()
+    assert rep.stats.requests == 1
