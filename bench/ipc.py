@@ -14,10 +14,7 @@ One run measures, each figure beside its baseline:
 4. ``multiprocessing.Pipe`` ping-pong round trip (and one-way throughput);
 5. Node.js ``cluster`` ``process.send`` one-way throughput and round trip
    (bench/node_cluster.js; null when ``node`` is not on PATH);
-6. hello-world req/s, plain Gunicorn vs the same config with gunicorn-ext, for each
-   worker class (BENCH_HELLO_CLASSES, default sync, gthread, gevent, asgi and
-   uvicorn_worker.UvicornWorker; ``wrk`` when on PATH, else a bounded Python load
-   generator).
+Hello-world req/s beside plain Gunicorn, per worker class, is bench/hello.py's.
 
 The machine is small and noisy, so the bus and its baselines are measured in
 alternating rounds and the medians reported. Writes bench/results/ipc.json and
@@ -26,7 +23,7 @@ Targets print as PASS/FAIL; a miss does not fail the run, a crash does.
 
 The run also measures how much CPU other processes took meanwhile and warns when
 the figures are unreliable. Sizes can be overridden for quick checks:
-BENCH_RTT_N, BENCH_ONEWAY_N, BENCH_ROUNDS, BENCH_HELLO_ROUNDS, BENCH_HELLO_SECONDS.
+BENCH_RTT_N, BENCH_ONEWAY_N, BENCH_ROUNDS.
 """
 
 from __future__ import annotations
@@ -58,7 +55,6 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
-import _wrk  # noqa: E402
 from harness import Gunicorn, running_gunicorn  # noqa: E402
 from plot import Bar, Panel, write_svg  # noqa: E402
 
@@ -69,18 +65,12 @@ ONEWAY_N = int(os.environ.get("BENCH_ONEWAY_N", "300000"))
 #: multiprocessing.Pipe (pickle) is slow; fewer messages keep its rounds short.
 PIPE_ONEWAY_N = max(ONEWAY_N // 3, 1)
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-HELLO_ROUNDS = int(os.environ.get("BENCH_HELLO_ROUNDS", "5"))
-HELLO_SECONDS = float(os.environ.get("BENCH_HELLO_SECONDS", "3"))
-HELLO_CONNECTIONS = 4
 #: Hard bound on any one child process measurement.
 CHILD_TIMEOUT = 60.0
 
 TARGET_RTT_VS_FLOOR = 1.3  # bus p50 <= 1.3x floor p50
 TARGET_ONEWAY_VS_NODE = 2.0  # bus msgs/s >= 2x node
-TARGET_HELLO_VS_PLAIN = 0.97  # ext req/s >= 97% of plain
 TARGET_ASYNC_RTT_VS_SYNC = 1.5  # async bus p50 <= 1.5x the sync bus p50
-HELLO_CLASSES = [c for c in os.environ.get(
-    "BENCH_HELLO_CLASSES", "sync,gthread,gevent,asgi,uvicorn_worker.UvicornWorker").split(",") if c]
 ASGI_CLASSES = ("asgi", "uvicorn_worker.UvicornWorker")
 
 
@@ -363,37 +353,6 @@ def _py_load_worker(host: str, port: int, seconds: float, max_requests: int, out
     out.send((ok, bad, time.monotonic() - t0))
 
 
-def _py_rps(url: str, seconds: float, connections: int) -> dict[str, Any]:
-    """A bounded load generator: `connections` forked clients, one connection per request."""
-    host, port = url.split("//", 1)[1].rstrip("/").split(":")
-    ctx = mp.get_context("fork")
-    pipes, procs = [], []
-    for _ in range(connections):
-        r, w = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_py_load_worker, args=(host, int(port), seconds, 1_000_000, w),
-                        daemon=True)
-        pipes.append(r)
-        procs.append(p)
-    try:
-        for p in procs:
-            p.start()
-        ok = bad = 0
-        elapsed = 0.0
-        for r in pipes:
-            if not r.poll(seconds + 15):
-                raise TimeoutError("python load generator did not finish")
-            o, b, e = r.recv()
-            ok, bad, elapsed = ok + o, bad + b, max(elapsed, e)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    return {"rps": ok / elapsed if elapsed else 0.0, "requests": ok, "non_2xx": bad,
-            "socket_errors": {}}
-
-
 # ----------------------------------------------------------------- measurements
 
 
@@ -470,64 +429,6 @@ def measure_ipc(log_dir: Path, node: str | None, errors: list[str]) -> dict[str,
         for srv in (g, ag):
             if "Traceback" in srv.log_text():
                 errors.append("traceback in the ipc gunicorn log:\n" + srv.log_text_tail())
-    return rounds
-
-
-def _server_cpu(g: Gunicorn) -> float | None:
-    """User+system seconds used so far by a Gunicorn master and its live workers."""
-    import psutil
-
-    try:
-        master = psutil.Process(g.master_pid)
-        procs = [master, *master.children(recursive=True)]
-    except psutil.Error:
-        return None
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            return None  # a worker went away mid-round: no figure for this round
-        total += t.user + t.system
-    return total
-
-
-def measure_hello(log_dir: Path, wrk: str | None, worker_class: str = "sync") -> dict[str, Any]:
-    if wrk:
-        def load(url: str, seconds: float) -> dict[str, Any]:
-            return _wrk.run(wrk, url, seconds, HELLO_CONNECTIONS)
-    else:
-        def load(url: str, seconds: float) -> dict[str, Any]:
-            return _py_rps(url, seconds, HELLO_CONNECTIONS)
-    rounds: dict[str, list[dict[str, Any]]] = {"plain": [], "ext": []}
-    app = "hello_asgi_app:app" if worker_class in ASGI_CLASSES else "hello_app:app"
-    env = {"HELLO_WORKER_CLASS": worker_class}
-    tag = worker_class.rsplit(".", 1)[-1].lower()
-    with _server(app, "hello_plain_conf.py", log_dir, f"hello-plain-{tag}", env) as plain, \
-            _server(app, "hello_ext_conf.py", log_dir, f"hello-ext-{tag}", env) as ext:
-        plain.wait_workers(2)
-        ext.wait_workers(2)
-        servers = {"plain": plain, "ext": ext}
-        for g in servers.values():  # warm up both
-            load(g.url("/"), 1)
-        log(f"hello world, {worker_class}, {HELLO_ROUNDS} rounds of {HELLO_SECONDS:g}s each, plain/ext alternating "
-            f"({'wrk' if wrk else 'python load generator'}, {HELLO_CONNECTIONS} connections)")
-        for r in range(HELLO_ROUNDS):
-            order = ["plain", "ext"] if r % 2 == 0 else ["ext", "plain"]
-            for key in order:
-                g = servers[key]
-                cpu0 = _server_cpu(g)
-                res = load(g.url("/"), HELLO_SECONDS)
-                cpu1 = _server_cpu(g)
-                # CPU time of the master and its workers per request: far less sensitive
-                # to other load on the machine than req/s.
-                if res.get("requests") and cpu0 is not None and cpu1 is not None:
-                    res["server_cpu_us_per_req"] = (cpu1 - cpu0) / res["requests"] * 1e6
-                rounds[key].append(res)
-            log(f"  round {r + 1}: plain {rounds['plain'][-1]['rps']:,.0f} req/s "
-                f"({rounds['plain'][-1].get('server_cpu_us_per_req', float('nan')):.0f} us CPU/req), "
-                f"ext {rounds['ext'][-1]['rps']:,.0f} req/s "
-                f"({rounds['ext'][-1].get('server_cpu_us_per_req', float('nan')):.0f} us CPU/req)")
     return rounds
 
 
@@ -645,8 +546,6 @@ def write_png(path: Path, res: dict[str, Any]) -> bool:
         ("one-way (msgs/s)", ["gunicorn-ext", "node cluster", "socketpair floor", "mp.Pipe"],
          [res["oneway_msgs_per_s"], res["node_oneway_msgs_per_s"], res["floor_oneway_msgs_per_s"],
           res["pipe_oneway_msgs_per_s"]]),
-        ("hello world (req/s)", ["gunicorn-ext", "plain gunicorn"],
-         [res["hello_rps"], res["plain_hello_rps"]]),
     ]
     for ax, (title, labels, values) in zip(axes, panels, strict=True):
         vals = [v if v is not None else 0 for v in values]
@@ -686,10 +585,6 @@ def main() -> int:
         fl = ForeignLoad()
         ipc = measure_ipc(log_dir, node, errors)
         foreign["ipc"], steal["ipc"] = fl.fraction(), fl.steal
-        fl = ForeignLoad()
-        hello_by_class = {c: measure_hello(log_dir, wrk, c) for c in HELLO_CLASSES}
-        hello = hello_by_class.get("sync") or next(iter(hello_by_class.values()))
-        foreign["hello"], steal["hello"] = fl.fraction(), fl.steal
     except Exception:
         traceback.print_exc()
         print(f"bench/ipc.py: crashed; server logs kept in {log_dir}", file=sys.stderr)
@@ -714,23 +609,7 @@ def main() -> int:
         "node_oneway_msgs_per_s": m("node", "oneway_msgs_per_s") if node else None,
         "node_rtt_p50_us": m("node", "rtt_p50_us") if node else None,
         "node_rtt_p99_us": m("node", "rtt_p99_us") if node else None,
-        "hello_rps": median([r["rps"] for r in hello["ext"]]),
-        "plain_hello_rps": median([r["rps"] for r in hello["plain"]]),
-        "hello_cpu_us_per_req": median([r["server_cpu_us_per_req"] for r in hello["ext"]
-                                        if "server_cpu_us_per_req" in r]),
-        "plain_hello_cpu_us_per_req": median([r["server_cpu_us_per_req"] for r in hello["plain"]
-                                              if "server_cpu_us_per_req" in r]),
     }
-    res["hello_by_class"] = {
-        c: {"plain_rps": median([x["rps"] for x in h["plain"]]),
-            "ext_rps": median([x["rps"] for x in h["ext"]]),
-            "plain_cpu_us_per_req": median([x["server_cpu_us_per_req"] for x in h["plain"]
-                                            if "server_cpu_us_per_req" in x]),
-            "ext_cpu_us_per_req": median([x["server_cpu_us_per_req"] for x in h["ext"]
-                                          if "server_cpu_us_per_req" in x])}
-        for c, h in hello_by_class.items()}
-    for h in res["hello_by_class"].values():
-        h["ext_vs_plain"] = _ratio(h["ext_rps"], h["plain_rps"])
     res["ratios"] = {
         "async_rtt_p50_vs_sync": _ratio(res["async_rtt_p50_us"], res["rtt_p50_us"]),
         "async_rtt_p50_vs_floor": _ratio(res["async_rtt_p50_us"], res["floor_rtt_p50_us"]),
@@ -742,9 +621,6 @@ def main() -> int:
         "oneway_vs_node": _ratio(res["oneway_msgs_per_s"], res["node_oneway_msgs_per_s"]),
         "oneway_vs_floor": _ratio(res["oneway_msgs_per_s"], res["floor_oneway_msgs_per_s"]),
         "oneway_vs_pipe": _ratio(res["oneway_msgs_per_s"], res["pipe_oneway_msgs_per_s"]),
-        "hello_vs_plain": _ratio(res["hello_rps"], res["plain_hello_rps"]),
-        "hello_cpu_per_req_vs_plain": _ratio(res["hello_cpu_us_per_req"],
-                                             res["plain_hello_cpu_us_per_req"]),
         # Bus vs floor within each round (they ran back to back), for context: the
         # floor itself moves by +-30% between rounds on this kind of machine.
         "rtt_p50_vs_floor_per_round": [
@@ -756,21 +632,9 @@ def main() -> int:
         else r["rtt_p50_vs_floor"] <= TARGET_RTT_VS_FLOOR,
         "oneway_at_least_2x_node": None if r["oneway_vs_node"] is None
         else r["oneway_vs_node"] >= TARGET_ONEWAY_VS_NODE,
-        "hello_at_least_97pct_plain": None if r["hello_vs_plain"] is None
-        else r["hello_vs_plain"] >= TARGET_HELLO_VS_PLAIN,
         "async_rtt_p50_within_1.5x_sync": None if r["async_rtt_p50_vs_sync"] is None
         else r["async_rtt_p50_vs_sync"] <= TARGET_ASYNC_RTT_VS_SYNC,
-        **{f"hello_{c}_at_least_97pct_plain": None if h["ext_vs_plain"] is None
-           else h["ext_vs_plain"] >= TARGET_HELLO_VS_PLAIN
-           for c, h in res["hello_by_class"].items()},
     }
-    # A sync worker closes every connection after its response; wrk may count those
-    # EOFs as read errors, so only connect/write/timeout errors matter.
-    bad_http = sum(x.get("non_2xx", 0) + sum(v for k, v in x.get("socket_errors", {}).items()
-                                            if k != "read")
-                   for h in hello_by_class.values() for rs in h.values() for x in rs)
-    if bad_http:
-        errors.append(f"hello world: {bad_http} failed requests (non-2xx, connect/write/timeout)")
 
     # ---- print, each figure beside its baseline
     log("")
@@ -794,19 +658,6 @@ def main() -> int:
         log(f"  {label:<28} {_fmt(res[k], 'msgs/s')}")
     log(f"  bus/node {_x(r['oneway_vs_node'])}, bus/floor {_x(r['oneway_vs_floor'])}, "
         f"bus/pipe {_x(r['oneway_vs_pipe'])}, async/sync {_x(r['async_oneway_vs_sync'])}")
-    log(f"== hello world, 2 sync workers (median of {HELLO_ROUNDS} rounds of {HELLO_SECONDS:g}s, "
-        f"{info['load_generator']})")
-    log(f"  {'plain gunicorn':<28} {_fmt(res['plain_hello_rps'], 'req/s')}   "
-        f"server CPU {_fmt(res['plain_hello_cpu_us_per_req'], 'us', 6)}/req")
-    log(f"  {'gunicorn-ext enabled':<28} {_fmt(res['hello_rps'], 'req/s')}   "
-        f"server CPU {_fmt(res['hello_cpu_us_per_req'], 'us', 6)}/req")
-    log(f"  ext/plain: req/s {_pct(r['hello_vs_plain'])}, server CPU per request "
-        f"{_x(r['hello_cpu_per_req_vs_plain'])}")
-    log(f"== hello world per worker class, 2 workers (median of {HELLO_ROUNDS} rounds)")
-    for c, h in res["hello_by_class"].items():
-        log(f"  {c:<30} plain {_fmt(h['plain_rps'], 'req/s')}   ext {_fmt(h['ext_rps'], 'req/s')}"
-            f"   ext/plain {_pct(h['ext_vs_plain'])}   server CPU/req plain "
-            f"{_fmt(h['plain_cpu_us_per_req'], 'us', 6)} ext {_fmt(h['ext_cpu_us_per_req'], 'us', 6)}")
     log("")
     info["foreign_cpu_fraction"] = foreign
     info["steal_fraction"] = steal
@@ -818,24 +669,15 @@ def main() -> int:
                  f"RTT p50 <= {TARGET_RTT_VS_FLOOR}x floor: {_x(r['rtt_p50_vs_floor'])}"))
     log(_verdict(targets["oneway_at_least_2x_node"],
                  f"one-way >= {TARGET_ONEWAY_VS_NODE:g}x node: {_x(r['oneway_vs_node'])}"))
-    log(_verdict(targets["hello_at_least_97pct_plain"],
-                 f"hello >= {TARGET_HELLO_VS_PLAIN:.0%} of plain: {_pct(r['hello_vs_plain'])}"))
     log(_verdict(targets["async_rtt_p50_within_1.5x_sync"],
                  f"async RTT p50 <= {TARGET_ASYNC_RTT_VS_SYNC}x sync: {_x(r['async_rtt_p50_vs_sync'])}"))
-    for c, h in res["hello_by_class"].items():
-        log(_verdict(targets[f"hello_{c}_at_least_97pct_plain"],
-                     f"hello ({c}) >= {TARGET_HELLO_VS_PLAIN:.0%} of plain: {_pct(h['ext_vs_plain'])}"))
 
     info["loadavg_at_end"] = list(os.getloadavg())
     res.update({
         "targets": targets,
         "machine": info,
-        "params": {"rtt_n": RTT_N, "oneway_n": ONEWAY_N, "pipe_oneway_n": PIPE_ONEWAY_N, "rounds": ROUNDS,
-                   "hello_rounds": HELLO_ROUNDS, "hello_seconds": HELLO_SECONDS,
-                   "hello_connections": HELLO_CONNECTIONS, "hello_workers": 2,
-                   "hello_worker_class": "sync", "hello_classes": HELLO_CLASSES},
-        "rounds": {**ipc, "hello_plain": hello["plain"], "hello_ext": hello["ext"],
-                   "hello_by_class": hello_by_class},
+        "params": {"rtt_n": RTT_N, "oneway_n": ONEWAY_N, "pipe_oneway_n": PIPE_ONEWAY_N, "rounds": ROUNDS},
+        "rounds": ipc,
         "errors": errors,
         "seconds": round(time.monotonic() - t_start, 1),
     })
@@ -860,10 +702,6 @@ def main() -> int:
                   Bar("node cluster", res["node_oneway_msgs_per_s"]),
                   Bar("socketpair floor", res["floor_oneway_msgs_per_s"]),
                   Bar("mp.Pipe", res["pipe_oneway_msgs_per_s"])]),
-        ]),
-        Panel("hello world, 2 sync workers", "req/s (higher is better)", [
-            ("", [Bar("gunicorn-ext", res["hello_rps"], ours=True),
-                  Bar("plain gunicorn", res["plain_hello_rps"])]),
         ]),
     ], panel_width=340)
     plots = [svg]
