@@ -101,6 +101,7 @@ RETRY_AFTER = 5
 VERIFIED_CACHE = 4096  # signed cookie values remembered as verified, per process
 GONE_CACHE = 4096      # ids known to have no session (expired, deleted), per process
 _PERMANENT = "_permanent"
+_IMMUTABLE = (str, int, float, bool, type(None))  # values whose serialized form can be kept
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{20,512}")
 _FLAGS = {"p": True, "s": False}
 # What describes the view's body, replaced by the 503's; other headers are kept.
@@ -161,6 +162,9 @@ class ServerSession(SessionMixin):
         self._failed = False               # the load raised StoreUnavailable
         self._discard: str | None = None   # an old id to delete at save (regenerate)
         self._sizes: dict[str, int] = {}   # field -> serialized size, for the early check
+        # field -> (an immutable value, its serialized form), so a save needn't
+        # serialize again what was just loaded or assigned
+        self._dumped: dict[str, tuple[Any, bytes]] = {}
         # Keys assigned before the session was loaded (a write without a read): saved
         # without loading it, or laid over the stored data if it loads after all.
         self._pending: dict[str, Any] = {}
@@ -192,11 +196,15 @@ class ServerSession(SessionMixin):
             self._refreshed = refresh and bool(raw)
         data: dict[str, Any] = {}
         self._raw = dict(raw)
+        dumped = self._dumped
         for field, value in raw.items():
             try:
-                data[field] = codec.loads(value)
+                data[field] = decoded = codec.loads(value)
             except Exception:  # a corrupt field is dropped (and deleted at save), not fatal
                 log.warning("session field %r could not be decoded; dropped", field)
+                continue
+            if type(decoded) in _IMMUTABLE and field not in dumped:
+                dumped[field] = (decoded, value)
         if raw:
             self._new = False
         else:  # no cookie, or an unknown or expired id: never reuse an id the client brought
@@ -260,7 +268,8 @@ class ServerSession(SessionMixin):
         # trip); the size check then covers the keys this request assigned.
         data = self._pending if not self._loaded and self._sid is not None else self._load()
         limit = self._interface.max_size
-        size = len(key.encode()) + len(codec.dumps(value))
+        raw = codec.dumps(value)
+        size = len(key.encode()) + len(raw)
         total = size + sum(n for k, n in self._sizes.items() if k != key)
         if total > limit:  # early, in the view, where an errorhandler can catch it
             log.error("session too large: setting %r makes it %d bytes serialized, "
@@ -268,12 +277,26 @@ class ServerSession(SessionMixin):
             raise SessionTooLarge(total, limit)
         data[key] = value
         self._sizes[key] = size
+        if type(value) in _IMMUTABLE:
+            self._dumped[key] = (value, raw)
+        else:
+            self._dumped.pop(key, None)
         self.modified = True
 
     def __delitem__(self, key: str) -> None:
         del self._load()[key]
         self._sizes.pop(key, None)
         self.modified = True
+
+    def _serialized(self, data: Mapping[str, Any]) -> dict[str, bytes]:
+        """``data`` as stored (what was assigned or loaded as an immutable value is
+        reused: the same object serializes the same)."""
+        dumped = self._dumped
+        out = {}
+        for k, v in data.items():
+            d = dumped.get(k)
+            out[k] = d[1] if d is not None and d[0] is v else codec.dumps(v)
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._load())
@@ -457,7 +480,7 @@ class StoreSessionInterface(SessionInterface):
         response.set_cookie(self.get_cookie_name(app), value,
                             expires=self.get_expiration_time(app, session),
                             **self._cookie_params(app))
-        response.vary.add("Cookie")
+        _vary_cookie(response)
 
     # -- Flask's interface
     def open_session(self, app: Flask, request: Request) -> ServerSession | None:
@@ -480,7 +503,7 @@ class StoreSessionInterface(SessionInterface):
             return
         s = session
         if s.accessed:
-            response.vary.add("Cookie")
+            _vary_cookie(response)
         if s._failed:
             return  # its load failed: the request got its 503 (or the app handled that)
         if not s._loaded:
@@ -495,7 +518,7 @@ class StoreSessionInterface(SessionInterface):
             except StoreUnavailable as exc:
                 _answer_unavailable(response, exc)
                 return
-        current = {k: codec.dumps(v) for k, v in s._data.items()}
+        current = s._serialized(s._data)
         self._check_size(current)
         assert s._sid is not None
         key = self.key_prefix + s._sid
@@ -546,7 +569,7 @@ class StoreSessionInterface(SessionInterface):
         if empty:  # Flask: a session modified to empty deletes its cookie
             if s.modified or deleted:
                 response.delete_cookie(self.get_cookie_name(app), **self._cookie_params(app))
-                response.vary.add("Cookie")
+                _vary_cookie(response)
             return
         self._send_cookie(app, s, response)
 
@@ -574,7 +597,7 @@ class StoreSessionInterface(SessionInterface):
         the key just made is deleted and the keys are stored under a fresh id, in a
         second round trip: an id the client brought is never given a new session.
         """
-        fields = {k: codec.dumps(v) for k, v in s._pending.items()}
+        fields = s._serialized(s._pending)
         self._check_size(fields)
         assert s._sid is not None
         key = self.key_prefix + s._sid
@@ -635,6 +658,16 @@ class StoreSessionInterface(SessionInterface):
         self._set_cookie(app, s, response, cookie.value)
 
 
+def _vary_cookie(response: Response) -> None:
+    """Add ``Vary: Cookie``, as Flask does (parsing the header only when it has other
+    values: the parse costs as much as the rest of the save)."""
+    vary = response.headers.get("Vary")
+    if vary is None:
+        response.headers["Vary"] = "Cookie"
+    elif vary != "Cookie":
+        response.vary.add("Cookie")
+
+
 def _answer_unavailable(response: Response, exc: StoreUnavailable) -> None:
     """Turn ``response`` (already built by the view and the after-request functions)
     into the 503, keeping the headers that don't describe the view's body (CORS, HSTS,
@@ -647,7 +680,7 @@ def _answer_unavailable(response: Response, exc: StoreUnavailable) -> None:
     response.set_data(other.get_data())
     for name in ("Content-Type", "Retry-After", "Cache-Control"):
         response.headers[name] = other.headers[name]
-    response.vary.add("Cookie")
+    _vary_cookie(response)
 
 
 def _on_store_unavailable(exc: StoreUnavailable) -> Response:
