@@ -29,22 +29,28 @@ session wherever an app can tell, with none of Flask-Session's pickle:
 
 A session is one hash in the store, ``SESSION_KEY_PREFIX + id``, one field per top-level
 key, each value in :mod:`gunicorn_ext.state.codec` (plain JSON, or Flask's tagged JSON
-for Markup, datetime, bytes, tuple, UUID). It loads lazily, on first access, in one
+for Markup, datetime, bytes, tuple, UUID). It loads lazily, on first read, in one
 round trip (``HGETALL``). At the end of the request only the fields whose serialized
 value changed are written, in one round trip (``HSET`` changed fields, ``HDEL`` removed
-ones, ``EXPIRE``), so nested mutations are saved without ``session.modified``, and two
-concurrent requests changing different keys both survive. An empty session stores
-nothing and sets no cookie.
+ones, and ``EXPIRE ... NX``, so a key is never left without a TTL), so nested mutations
+are saved without ``session.modified``, and two concurrent requests changing different
+keys both survive. Keys assigned before any read don't load the session: they are saved
+in one round trip (``HSET`` + ``EXPIRE ... NX``, whose answer says whether the session
+still existed; if it didn't, they move to a fresh id in a second one), and the size
+limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
 
 Expiry follows Flask: the store keeps a session ``PERMANENT_SESSION_LIFETIME`` after it
 was last written and, for a permanent session with ``SESSION_REFRESH_EACH_REQUEST``
 (Flask's default), after it was last used, by any request carrying its cookie, also one
 that never touches ``session``; the cookie of such a session is re-sent on every
 request, as Flask does. The TTL is refreshed at most once per ``SESSION_REFRESH_INTERVAL``
-(default 60 s, or a tenth of the lifetime if shorter; 0: every request): the cookie
-carries, signed, when it last was, so a refresh costs nothing in a request that loads
-the session (``EXPIRE`` rides with ``HGETALL``), one ``EXPIRE`` round trip per interval
-in requests that don't, and no store access at all in between.
+(default 60 s, or a tenth of the lifetime if shorter; 0: every request), by reads and
+writes alike: the cookie carries, signed, when it last was (to the second), so a refresh
+costs no round trip in a request that uses the session (``EXPIRE`` rides with
+``HGETALL`` or the write), one ``EXPIRE`` round trip per interval in requests that
+don't, and no store access at all in between. A session that isn't permanent or isn't
+refreshed on each request has its TTL set again on every write (its lifetime restarts
+when it is modified). Needs Redis 7.0 or later (``EXPIRE ... NX``).
 
 The cookie is ``id.flag.timestamp.signature`` (itsdangerous ``TimestampSigner`` with the
 app's secret key, salt ``"gunicorn-ext-session"``; the flag says whether the session is
