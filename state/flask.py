@@ -29,22 +29,28 @@ session wherever an app can tell, with none of Flask-Session's pickle:
 
 A session is one hash in the store, ``SESSION_KEY_PREFIX + id``, one field per top-level
 key, each value in :mod:`gunicorn_ext.state.codec` (plain JSON, or Flask's tagged JSON
-for Markup, datetime, bytes, tuple, UUID). It loads lazily, on first access, in one
+for Markup, datetime, bytes, tuple, UUID). It loads lazily, on first read, in one
 round trip (``HGETALL``). At the end of the request only the fields whose serialized
 value changed are written, in one round trip (``HSET`` changed fields, ``HDEL`` removed
-ones, ``EXPIRE``), so nested mutations are saved without ``session.modified``, and two
-concurrent requests changing different keys both survive. An empty session stores
-nothing and sets no cookie.
+ones, and ``EXPIRE ... NX``, so a key is never left without a TTL), so nested mutations
+are saved without ``session.modified``, and two concurrent requests changing different
+keys both survive. Keys assigned before any read don't load the session: they are saved
+in one round trip (``HSET`` + ``EXPIRE ... NX``, whose answer says whether the session
+still existed; if it didn't, they move to a fresh id in a second one), and the size
+limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
 
 Expiry follows Flask: the store keeps a session ``PERMANENT_SESSION_LIFETIME`` after it
 was last written and, for a permanent session with ``SESSION_REFRESH_EACH_REQUEST``
 (Flask's default), after it was last used, by any request carrying its cookie, also one
 that never touches ``session``; the cookie of such a session is re-sent on every
 request, as Flask does. The TTL is refreshed at most once per ``SESSION_REFRESH_INTERVAL``
-(default 60 s, or a tenth of the lifetime if shorter; 0: every request): the cookie
-carries, signed, when it last was, so a refresh costs nothing in a request that loads
-the session (``EXPIRE`` rides with ``HGETALL``), one ``EXPIRE`` round trip per interval
-in requests that don't, and no store access at all in between.
+(default 60 s, or a tenth of the lifetime if shorter; 0: every request), by reads and
+writes alike: the cookie carries, signed, when it last was (to the second), so a refresh
+costs no round trip in a request that uses the session (``EXPIRE`` rides with
+``HGETALL`` or the write), one ``EXPIRE`` round trip per interval in requests that
+don't, and no store access at all in between. A session that isn't permanent or isn't
+refreshed on each request has its TTL set again on every write (its lifetime restarts
+when it is modified). Needs Redis 7.0 or later (``EXPIRE ... NX``).
 
 The cookie is ``id.flag.timestamp.signature`` (itsdangerous ``TimestampSigner`` with the
 app's secret key, salt ``"gunicorn-ext-session"``; the flag says whether the session is
@@ -101,6 +107,7 @@ RETRY_AFTER = 5
 VERIFIED_CACHE = 4096  # signed cookie values remembered as verified, per process
 GONE_CACHE = 4096      # ids known to have no session (expired, deleted), per process
 _PERMANENT = "_permanent"
+_IMMUTABLE = (str, int, float, bool, type(None))  # values whose serialized form can be kept
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{20,512}")
 _FLAGS = {"p": True, "s": False}
 # What describes the view's body, replaced by the 503's; other headers are kept.
@@ -161,7 +168,13 @@ class ServerSession(SessionMixin):
         self._failed = False               # the load raised StoreUnavailable
         self._discard: str | None = None   # an old id to delete at save (regenerate)
         self._sizes: dict[str, int] = {}   # field -> serialized size, for the early check
-        self.new = True
+        # field -> (an immutable value, its serialized form), so a save needn't
+        # serialize again what was just loaded or assigned
+        self._dumped: dict[str, tuple[Any, bytes]] = {}
+        # Keys assigned before the session was loaded (a write without a read): saved
+        # without loading it, or laid over the stored data if it loads after all.
+        self._pending: dict[str, Any] = {}
+        self._new: bool | None = None if cookie is not None else True  # None: not known yet
         self.modified = False
         self.accessed = False
 
@@ -189,19 +202,28 @@ class ServerSession(SessionMixin):
             self._refreshed = refresh and bool(raw)
         data: dict[str, Any] = {}
         self._raw = dict(raw)
+        dumped = self._dumped
         for field, value in raw.items():
             try:
-                data[field] = codec.loads(value)
+                data[field] = decoded = codec.loads(value)
             except Exception:  # a corrupt field is dropped (and deleted at save), not fatal
                 log.warning("session field %r could not be decoded; dropped", field)
+                continue
+            if type(decoded) in _IMMUTABLE and field not in dumped:
+                dumped[field] = (decoded, value)
         if raw:
-            self.new = False
+            self._new = False
         else:  # no cookie, or an unknown or expired id: never reuse an id the client brought
             if sid is not None:
                 iface._forget(sid)
             self._sid = iface.generate_sid()
-            self.new = True
-        self._sizes = {k: len(k.encode()) + len(self._raw[k]) for k in data}
+            self._new = True
+        sizes = {k: len(k.encode()) + len(self._raw[k]) for k in data}
+        if self._pending:  # assigned before the load: they win over what was stored
+            data.update(self._pending)
+            sizes.update(self._sizes)
+            self._pending = {}
+        self._sizes = sizes
         self._data = data
         self._loaded = True
         self.accessed = True  # Flask 3.1.3 sets it on the proxy; before, the session did
@@ -215,11 +237,26 @@ class ServerSession(SessionMixin):
         return self._sid
 
     @property
+    def new(self) -> bool:
+        """True for a session not yet stored (this loads the session when the store
+        hasn't been asked yet)."""
+        if self._new is None:
+            self._load()
+        return bool(self._new)
+
+    @new.setter
+    def new(self, value: bool) -> None:
+        self._new = value
+
+    @property
     def permanent(self) -> bool:
         """The ``_permanent`` key, else ``SESSION_PERMANENT``. Before the session is
         loaded, what its cookie says (so an untouched request needn't load it)."""
-        if not self._loaded and self._cookie is not None:
-            return self._cookie.permanent
+        if not self._loaded:
+            if _PERMANENT in self._pending:
+                return bool(self._pending[_PERMANENT])
+            if self._cookie is not None:
+                return self._cookie.permanent
         return bool(self._load().get(_PERMANENT, self._interface.permanent))
 
     @permanent.setter
@@ -233,9 +270,12 @@ class ServerSession(SessionMixin):
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__}")
-        data = self._load()
+        # A write before any read doesn't load the session (it is saved in one round
+        # trip); the size check then covers the keys this request assigned.
+        data = self._pending if not self._loaded and self._sid is not None else self._load()
         limit = self._interface.max_size
-        size = len(key.encode()) + len(codec.dumps(value))
+        raw = codec.dumps(value)
+        size = len(key.encode()) + len(raw)
         total = size + sum(n for k, n in self._sizes.items() if k != key)
         if total > limit:  # early, in the view, where an errorhandler can catch it
             log.error("session too large: setting %r makes it %d bytes serialized, "
@@ -243,12 +283,26 @@ class ServerSession(SessionMixin):
             raise SessionTooLarge(total, limit)
         data[key] = value
         self._sizes[key] = size
+        if type(value) in _IMMUTABLE:
+            self._dumped[key] = (value, raw)
+        else:
+            self._dumped.pop(key, None)
         self.modified = True
 
     def __delitem__(self, key: str) -> None:
         del self._load()[key]
         self._sizes.pop(key, None)
         self.modified = True
+
+    def _serialized(self, data: Mapping[str, Any]) -> dict[str, bytes]:
+        """``data`` as stored (what was assigned or loaded as an immutable value is
+        reused: the same object serializes the same)."""
+        dumped = self._dumped
+        out = {}
+        for k, v in data.items():
+            d = dumped.get(k)
+            out[k] = d[1] if d is not None and d[0] is v else codec.dumps(v)
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._load())
@@ -294,11 +348,11 @@ class ServerSession(SessionMixin):
     def regenerate(self) -> None:
         """Keep the data under a new id and delete the old one (at login: against fixation)."""
         self._load()
-        if not self.new and self._discard is None:
+        if not self._new and self._discard is None:
             self._discard = self._sid
         self._sid = self._interface.generate_sid()
         self._raw = {}  # everything is written under the new id
-        self.new = True
+        self._new = True
         self.modified = True
 
     def destroy(self) -> None:
@@ -432,7 +486,7 @@ class StoreSessionInterface(SessionInterface):
         response.set_cookie(self.get_cookie_name(app), value,
                             expires=self.get_expiration_time(app, session),
                             **self._cookie_params(app))
-        response.vary.add("Cookie")
+        _vary_cookie(response)
 
     # -- Flask's interface
     def open_session(self, app: Flask, request: Request) -> ServerSession | None:
@@ -455,10 +509,13 @@ class StoreSessionInterface(SessionInterface):
             return
         s = session
         if s.accessed:
-            response.vary.add("Cookie")
+            _vary_cookie(response)
         if s._failed:
             return  # its load failed: the request got its 503 (or the app handled that)
         if not s._loaded:
+            if s._pending:  # written without a read
+                self._save_unread(app, s, response)
+                return
             if not s.modified:
                 self._refresh_untouched(app, s, response)
                 return
@@ -467,12 +524,8 @@ class StoreSessionInterface(SessionInterface):
             except StoreUnavailable as exc:
                 _answer_unavailable(response, exc)
                 return
-        current = {k: codec.dumps(v) for k, v in s._data.items()}
-        size = sum(len(k.encode()) + len(v) for k, v in current.items())
-        if size > self.max_size:
-            log.error("session too large: %d bytes serialized, SESSION_MAX_SIZE is %d; "
-                      "not saved", size, self.max_size)
-            raise SessionTooLarge(size, self.max_size)
+        current = s._serialized(s._data)
+        self._check_size(current)
         assert s._sid is not None
         key = self.key_prefix + s._sid
         empty = not current
@@ -483,7 +536,7 @@ class StoreSessionInterface(SessionInterface):
             ops += 1
         deleted = touched = False
         if empty:
-            if not s.new:
+            if not s._new:
                 batch.delete(key)
                 ops += 1
                 deleted = True
@@ -492,18 +545,19 @@ class StoreSessionInterface(SessionInterface):
             removed = [k for k in s._raw if k not in current]
             if changed:
                 batch.hset(key, changed)
+                ops += 1
             if removed:
                 batch.hdel(key, *removed)
-            due = s._refresh_due and not s._refreshed
-            if changed or removed:
-                touched = True
-            elif s.modified:  # Flask restarts the lifetime on a modification; a sliding
-                touched = due or not (s.permanent and s._refresh_each)  # TTL is fresh
-            else:
-                touched = due and self.should_set_cookie(app, s)
+                ops += 1
+            if changed or removed or s.modified:
+                touched = self._ttl_due(s)
+            else:  # read only: its refresh, if due and not done by the load
+                touched = s._refresh_due and not s._refreshed and self.should_set_cookie(app, s)
             if touched:
                 batch.expire(key, s._ttl)
                 ops += 1
+            elif changed:  # HSET keeps the TTL; this gives one only to a key HSET created
+                batch.expire(key, s._ttl, if_no_ttl=True)  # (deleted meanwhile, or new)
         if ops:
             try:
                 batch.execute()
@@ -516,22 +570,77 @@ class StoreSessionInterface(SessionInterface):
         if deleted:
             self._forget(s._sid)
         s._raw = current
-        s.new = empty
+        s._new = empty
         s._refreshed = s._refreshed or touched
         if empty:  # Flask: a session modified to empty deletes its cookie
             if s.modified or deleted:
                 response.delete_cookie(self.get_cookie_name(app), **self._cookie_params(app))
-                response.vary.add("Cookie")
+                _vary_cookie(response)
             return
+        self._send_cookie(app, s, response)
+
+    def _ttl_due(self, s: ServerSession) -> bool:
+        """Whether a write sets the TTL again: once per interval for a sliding session
+        (permanent, refreshed each request: its TTL is at most an interval old), on every
+        write otherwise (its lifetime restarts when it is modified, as in Flask)."""
+        if not (s.permanent and s._refresh_each):
+            return True
+        return s._refresh_due and not s._refreshed
+
+    def _check_size(self, fields: Mapping[str, bytes]) -> None:
+        size = sum(len(k.encode()) + len(v) for k, v in fields.items())
+        if size > self.max_size:
+            log.error("session too large: %d bytes serialized, SESSION_MAX_SIZE is %d; "
+                      "not saved", size, self.max_size)
+            raise SessionTooLarge(size, self.max_size)
+
+    def _save_unread(self, app: Flask, s: ServerSession, response: Response) -> None:
+        """Save the keys assigned to a session that was never loaded, in one round trip:
+        ``HSET`` them, and ``EXPIRE ... NX``, which says whether the key existed (a
+        stored session always has a TTL). The TTL is set again first when it is due.
+
+        If it didn't (the session expired or was deleted since the cookie was signed),
+        the key just made is deleted and the keys are stored under a fresh id, in a
+        second round trip: an id the client brought is never given a new session.
+        """
+        fields = s._serialized(s._pending)
+        self._check_size(fields)
+        assert s._sid is not None
+        key = self.key_prefix + s._sid
+        refresh = self._ttl_due(s)
+        batch = self.store.batch()
+        if refresh:
+            batch.expire(key, s._ttl)
+        batch.hset(key, fields).expire(key, s._ttl, if_no_ttl=True)
+        try:
+            created = batch.execute()[-1]
+            if created:
+                self._forget(s._sid)
+                s._sid = self.generate_sid()
+                old, key = key, self.key_prefix + s._sid
+                (self.store.batch().delete(old).hset(key, fields).expire(key, s._ttl)
+                 .execute())
+                refresh = True
+        except StoreUnavailable as exc:
+            _answer_unavailable(response, exc)
+            return
+        s._new = False
+        s._refreshed = s._refreshed or refresh
+        self._send_cookie(app, s, response)
+        s._pending = {}  # stored: a later load reads them back
+
+    def _send_cookie(self, app: Flask, s: ServerSession, response: Response) -> None:
+        """The cookie of a stored session, after its save: Flask's hook decides whether
+        it is sent; it is signed again when the TTL was set again (the cookie carries
+        when), for a new id, a change of permanence or a fallback key's signature."""
+        assert s._sid is not None
         cookie = s._cookie
-        # A new or regenerated id, or one signed with a fallback key, always gets its
-        # cookie; otherwise Flask's hook decides (modified, or permanent and refreshed).
         if cookie is None or cookie.sid != s._sid or not cookie.current:
             cookie = None
         elif not self.should_set_cookie(app, s):
             return
         permanent = s.permanent
-        if cookie is None or touched or cookie.permanent != permanent:
+        if cookie is None or s._refreshed or cookie.permanent != permanent:
             cookie = s._cookie = self._sign(app, s._sid, permanent)
         self._set_cookie(app, s, response, cookie.value)
 
@@ -555,6 +664,16 @@ class StoreSessionInterface(SessionInterface):
         self._set_cookie(app, s, response, cookie.value)
 
 
+def _vary_cookie(response: Response) -> None:
+    """Add ``Vary: Cookie``, as Flask does (parsing the header only when it has other
+    values: the parse costs as much as the rest of the save)."""
+    vary = response.headers.get("Vary")
+    if vary is None:
+        response.headers["Vary"] = "Cookie"
+    elif vary != "Cookie":
+        response.vary.add("Cookie")
+
+
 def _answer_unavailable(response: Response, exc: StoreUnavailable) -> None:
     """Turn ``response`` (already built by the view and the after-request functions)
     into the 503, keeping the headers that don't describe the view's body (CORS, HSTS,
@@ -567,7 +686,7 @@ def _answer_unavailable(response: Response, exc: StoreUnavailable) -> None:
     response.set_data(other.get_data())
     for name in ("Content-Type", "Retry-After", "Cache-Control"):
         response.headers[name] = other.headers[name]
-    response.vary.add("Cookie")
+    _vary_cookie(response)
 
 
 def _on_store_unavailable(exc: StoreUnavailable) -> Response:

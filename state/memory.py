@@ -68,8 +68,8 @@ class MemoryBatch(Batch):
     def incr(self, key: str, amount: int = 1) -> MemoryBatch:
         return self._add("incr", key, check_amount(amount))
 
-    def expire(self, key: str, ttl: float) -> MemoryBatch:
-        return self._add("expire", key, check_ttl(ttl, allow_zero=True))
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> MemoryBatch:
+        return self._add("expire", key, check_ttl(ttl, allow_zero=True), bool(if_no_ttl))
 
     def hgetall(self, key: str) -> MemoryBatch:
         return self._add("hgetall", key)
@@ -162,9 +162,9 @@ class MemoryStore(Store):
         entry.value = str(new).encode()
         return new
 
-    def _expire(self, now: float, key: str, ttl: float) -> bool:
+    def _expire(self, now: float, key: str, ttl: float, if_no_ttl: bool = False) -> bool:
         entry = self._live(key, now)
-        if entry is None:
+        if entry is None or (if_no_ttl and entry.expires is not None):
             return False
         if ttl <= 0:
             del self._data[key]
@@ -221,8 +221,9 @@ class MemoryStore(Store):
     def incr(self, key: str, amount: int = 1) -> int:
         return self._call("incr", key, check_amount(amount))  # type: ignore[no-any-return]
 
-    def expire(self, key: str, ttl: float) -> bool:
-        return self._call("expire", key, check_ttl(ttl, allow_zero=True))  # type: ignore[no-any-return]
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> bool:
+        return self._call("expire", key, check_ttl(ttl, allow_zero=True),  # type: ignore[no-any-return]
+                          bool(if_no_ttl))
 
     def ttl(self, key: str) -> float | None:
         return self._call("ttl", key)  # type: ignore[no-any-return]

@@ -312,6 +312,9 @@ class RedisStore(Store):
                 return StoreUnavailable(self._message(exc))
             if "WRONGTYPE" in text:
                 return WrongType(f"redis store {self.safe_url}: {text}")
+            if "arguments for 'pexpire'" in text:  # PEXPIRE NX before Redis 7.0
+                return StoreError(f"redis store {self.safe_url}: {text} (EXPIRE NX, which "
+                                  "the Flask session's writes use, needs Redis 7.0 or later)")
             if "not an integer" in text or "would overflow" in text:
                 return NotAnInteger(f"redis store {self.safe_url}: {text}")
             return StoreError(f"redis store {self.safe_url}: {text}")
@@ -354,9 +357,11 @@ class RedisStore(Store):
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
-    def expire(self, key: str, ttl: float) -> bool:
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> bool:
         ms = _ms(check_ttl(ttl, allow_zero=True))
         try:
+            if if_no_ttl:  # PEXPIRE ... NX: Redis 7.0+
+                return bool(self.client.pexpire(key, ms, nx=True))
             return bool(self.client.pexpire(key, ms))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
@@ -550,8 +555,11 @@ class RedisBatch(Batch):
     def incr(self, key: str, amount: int = 1) -> RedisBatch:
         return self._add(_int, "incrby", key, check_amount(amount))
 
-    def expire(self, key: str, ttl: float) -> RedisBatch:
-        return self._add(_bool, "pexpire", key, _ms(check_ttl(ttl, allow_zero=True)))
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> RedisBatch:
+        ms = _ms(check_ttl(ttl, allow_zero=True))
+        if if_no_ttl:  # PEXPIRE ... NX: Redis 7.0+
+            return self._add(_bool, "pexpire", key, ms, nx=True)
+        return self._add(_bool, "pexpire", key, ms)
 
     def ttl(self, key: str) -> RedisBatch:
         """Not in the :class:`Batch` interface, but handy: PTTL as seconds or None."""

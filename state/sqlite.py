@@ -112,8 +112,8 @@ class SQLiteBatch(Batch):
     def incr(self, key: str, amount: int = 1) -> SQLiteBatch:
         return self._add("incr", key, check_amount(amount))
 
-    def expire(self, key: str, ttl: float) -> SQLiteBatch:
-        return self._add("expire", key, check_ttl(ttl, allow_zero=True))
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> SQLiteBatch:
+        return self._add("expire", key, check_ttl(ttl, allow_zero=True), bool(if_no_ttl))
 
     def hgetall(self, key: str) -> SQLiteBatch:
         return self._add("hgetall", key)
@@ -337,8 +337,10 @@ class SQLiteStore(Store):
         conn.execute("UPDATE kv SET value = ? WHERE key = ?", (str(new).encode(), key))
         return new
 
-    def _expire(self, conn: sqlite3.Connection, now: float, key: str, ttl: float) -> bool:
-        if self._live_for_write(conn, now, key) is None:
+    def _expire(self, conn: sqlite3.Connection, now: float, key: str, ttl: float,
+                if_no_ttl: bool = False) -> bool:
+        row = self._live_for_write(conn, now, key)
+        if row is None or (if_no_ttl and row[1] is not None):
             return False
         if ttl <= 0:
             self._purge(conn, key)
@@ -407,9 +409,10 @@ class SQLiteStore(Store):
         check_amount(amount)
         return self._write(lambda c, now: self._incr(c, now, key, amount))
 
-    def expire(self, key: str, ttl: float) -> bool:
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> bool:
         check_ttl(ttl, allow_zero=True)
-        return self._write(lambda c, now: self._expire(c, now, key, ttl))
+        nx = bool(if_no_ttl)
+        return self._write(lambda c, now: self._expire(c, now, key, ttl, nx))
 
     def ttl(self, key: str) -> float | None:
         return self._read(lambda c, now: self._ttl(c, now, key))

@@ -4,7 +4,8 @@ Apps and the Flask session use only this surface, so the same code runs on
 Redis (many machines) and SQLite (one machine, the embedded default):
 
 * strings: :meth:`Store.get`, :meth:`Store.set` (with TTL), :meth:`Store.delete`,
-  :meth:`Store.incr` (atomic), :meth:`Store.expire` (touch), :meth:`Store.ttl`;
+  :meth:`Store.incr` (atomic), :meth:`Store.expire` (touch; or only if no TTL yet),
+  :meth:`Store.ttl`;
 * hashes: :meth:`Store.hgetall`, :meth:`Store.hset`, :meth:`Store.hdel`;
 * :meth:`Store.lock`, a lock with a timeout that frees itself if its holder dies;
 * :meth:`Store.batch`, several commands in one round trip where the backend allows.
@@ -19,6 +20,7 @@ One semantics on every backend (Redis's, pinned by ``tests/store_contract.py``):
   a TTL covers a whole hash; removing a hash's last field removes the key;
 * a TTL given to ``set`` (and a lock's ``timeout``) must be a finite number > 0, else
   :class:`ValueError` before anything is sent; ``expire(key, 0)`` (or less) deletes;
+  ``expire(key, ttl, if_no_ttl=True)`` leaves a key that has a TTL as it is;
 * a value that is not ``bytes`` raises :class:`TypeError` before anything is sent;
 * using a string as a hash or the reverse raises :class:`WrongType`;
 * ``incr`` of a value that is not a canonical decimal integer, or past the signed
@@ -146,7 +148,7 @@ class Batch(abc.ABC):
     def incr(self, key: str, amount: int = 1) -> Batch: ...
 
     @abc.abstractmethod
-    def expire(self, key: str, ttl: float) -> Batch: ...
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> Batch: ...
 
     @abc.abstractmethod
     def hgetall(self, key: str) -> Batch: ...
@@ -183,8 +185,14 @@ class Store(abc.ABC):
         """Atomically add ``amount`` (a missing key counts as 0); return the new value."""
 
     @abc.abstractmethod
-    def expire(self, key: str, ttl: float) -> bool:
-        """Set the key's time to live (seconds); False if it does not exist."""
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> bool:
+        """Set the key's time to live (seconds); False if it does not exist.
+
+        With ``if_no_ttl``, only a key that has no TTL gets one (Redis's ``EXPIRE NX``):
+        True if it was set, False for a missing key or one that already had a TTL. A
+        write that must not leave a key without a TTL queues it after the write, and
+        learns from it whether the write created the key.
+        """
 
     @abc.abstractmethod
     def ttl(self, key: str) -> float | None:

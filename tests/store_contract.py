@@ -189,6 +189,38 @@ def check_hash_ttl(store: Store) -> None:
     assert store.ttl("contract:ht:a") is None
 
 
+def check_expire_if_no_ttl(store: Store) -> None:
+    """``expire(..., if_no_ttl=True)`` (Redis's NX) gives a TTL only to a key without one,
+    and says whether it did: what tells a blind hash write that it created the key."""
+    assert store.expire("contract:nx:missing", 100, if_no_ttl=True) is False
+    assert store.get("contract:nx:missing") is None
+    store.hset("contract:nx:h", {"f": b"v"})  # created: no TTL
+    assert store.expire("contract:nx:h", 100, if_no_ttl=True) is True
+    left = store.ttl("contract:nx:h")
+    assert left is not None and 99 < left <= 100
+    assert store.expire("contract:nx:h", 5, if_no_ttl=True) is False  # kept as it was
+    left = store.ttl("contract:nx:h")
+    assert left is not None and 99 < left <= 100
+    store.set("contract:nx:s", b"x", ttl=SHORT)
+    assert store.expire("contract:nx:s", 0, if_no_ttl=True) is False  # has a TTL: not deleted
+    assert store.get("contract:nx:s") == b"x"
+    store.set("contract:nx:z", b"x")
+    assert store.expire("contract:nx:z", 0, if_no_ttl=True) is True  # no TTL: 0 deletes
+    assert store.get("contract:nx:z") is None
+    # In a batch: a write, then the guard, as the Flask session's write does.
+    store.hset("contract:nx:old", {"a": b"1"})
+    store.expire("contract:nx:old", 100)
+    got = (store.batch()
+           .hset("contract:nx:old", {"b": b"2"}).expire("contract:nx:old", 100, if_no_ttl=True)
+           .hset("contract:nx:new", {"b": b"2"}).expire("contract:nx:new", 100, if_no_ttl=True)
+           .execute())
+    assert got == [None, False, None, True]
+    left = store.ttl("contract:nx:new")
+    assert left is not None and 99 < left <= 100
+    time.sleep(WAIT)
+    assert store.expire("contract:nx:s", 100, if_no_ttl=True) is False  # expired: missing
+
+
 def check_batch(store: Store) -> None:
     store.set("contract:b:old", b"o")
     results = (store.batch()
@@ -436,6 +468,7 @@ ALL_CHECKS: list[Callable[[Store], None]] = [
     check_incr_threads,
     check_hashes,
     check_hash_ttl,
+    check_expire_if_no_ttl,
     check_batch,
     check_lock,
     check_lock_expiry,

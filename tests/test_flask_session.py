@@ -49,8 +49,8 @@ class RecordingBatch(Batch):
     def incr(self, key: str, amount: int = 1) -> Batch:
         return self._add("incr", key, amount)
 
-    def expire(self, key: str, ttl: float) -> Batch:
-        return self._add("expire", key, ttl)
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> Batch:
+        return self._add("expire", key, ttl, *(("if_no_ttl",) if if_no_ttl else ()))
 
     def hgetall(self, key: str) -> Batch:
         return self._add("hgetall", key)
@@ -66,7 +66,10 @@ class RecordingBatch(Batch):
         self.owner.calls.append(("batch", self.ops))
         inner = self.owner.inner.batch()
         for name, *args in self.ops:
-            getattr(inner, name)(*args)
+            if args[-1:] == ["if_no_ttl"]:
+                getattr(inner, name)(*args[:-1], if_no_ttl=True)
+            else:
+                getattr(inner, name)(*args)
         return inner.execute()
 
 
@@ -100,7 +103,11 @@ class RecordingStore(Store):
     def incr(self, key: str, amount: int = 1) -> int:
         return self._do("incr", key, amount)  # type: ignore[no-any-return]
 
-    def expire(self, key: str, ttl: float) -> bool:
+    def expire(self, key: str, ttl: float, if_no_ttl: bool = False) -> bool:
+        if if_no_ttl:
+            self._check()
+            self.calls.append(("expire", key, ttl, "if_no_ttl"))
+            return self.inner.expire(key, ttl, if_no_ttl=True)
         return self._do("expire", key, ttl)  # type: ignore[no-any-return]
 
     def ttl(self, key: str) -> float | None:
@@ -154,6 +161,12 @@ def make_app(store: Store, **config: Any) -> Flask:
 
     @app.get("/set/<key>/<value>")
     def set_(key: str, value: str) -> str:
+        session[key] = value
+        return "ok"
+
+    @app.get("/rmw/<key>/<value>")
+    def rmw(key: str, value: str) -> str:
+        session.get(key)  # reads first: loads, then saves what changed
         session[key] = value
         return "ok"
 
@@ -282,23 +295,81 @@ def test_one_batch_to_load_one_to_save_only_changed_keys(app: Flask,
     client.get("/set/b/2")
     sid = sid_of(app, client)
     key = "session:" + sid
-    store.calls.clear()
-    client.get("/set/b/3")
     ttl = app.permanent_session_lifetime.total_seconds()
+    store.calls.clear()
+    client.get("/rmw/b/3")
     assert store.calls == [  # the cookie is fresh: no TTL refresh due
         ("batch", [("hgetall", key)]),
-        ("batch", [("hset", key, {"b": b'"3"'}), ("expire", key, ttl)]),
+        # HSET keeps the TTL; EXPIRE NX only guards against a key left without one
+        ("batch", [("hset", key, {"b": b'"3"'}), ("expire", key, ttl, "if_no_ttl")]),
     ]
     store.calls.clear()
-    client.get("/set/b/3")  # same value: nothing to write (the sliding TTL is fresh)
+    client.get("/rmw/b/3")  # same value: nothing to write (the sliding TTL is fresh)
     assert store.calls == [("batch", [("hgetall", key)])]
     store.calls.clear()
-    client.get("/del/a")
-    assert store.calls[1] == ("batch", [("hdel", key, "a"), ("expire", key, ttl)])
+    client.get("/del/a")  # HDEL never creates the key: no guard
+    assert store.calls[1] == ("batch", [("hdel", key, "a")])
     assert store.inner.hgetall(key) == {"b": b'"3"'}
+    left = store.inner.ttl(key)
+    assert left is not None and left > ttl - 60
     store.calls.clear()
     client.get("/plain")  # never touched: no store access at all
     assert store.calls == []
+
+
+def test_a_write_without_a_read_is_one_batch(app: Flask, store: RecordingStore) -> None:
+    """Assigning keys without reading the session first saves them without loading it:
+    HSET, and EXPIRE NX which finds whether the session still existed."""
+    seen: dict[str, Any] = {}
+
+    @app.get("/write-then-read")
+    def write_then_read() -> str:
+        session["a"] = "new"
+        seen.update(dict(session), new=session.new)  # type: ignore[attr-defined]
+        return "ok"
+
+    client = app.test_client()
+    client.get("/set/a/1")
+    key = "session:" + sid_of(app, client)
+    cookie = cookie_of(client)
+    ttl = app.permanent_session_lifetime.total_seconds()
+    store.calls.clear()
+    r = client.get("/set/b/2")
+    assert store.calls == [
+        ("batch", [("hset", key, {"b": b'"2"'}), ("expire", key, ttl, "if_no_ttl")])]
+    assert cookie_of(client) == cookie  # re-sent (Flask: modified), not re-signed
+    assert "Expires=" in r.headers["Set-Cookie"] and "Cookie" in r.vary
+    assert store.inner.hgetall(key) == {"a": b'"1"', "b": b'"2"'}
+    # A read after the write in the same request loads, and the write wins.
+    store.calls.clear()
+    client.get("/write-then-read")
+    assert seen == {"a": "new", "b": "2", "new": False}
+    assert store.calls == [("batch", [("hgetall", key)]),
+                           ("batch", [("hset", key, {"a": b'"new"'}),
+                                      ("expire", key, ttl, "if_no_ttl")])]
+    assert store.inner.hgetall(key) == {"a": b'"new"', "b": b'"2"'}
+
+
+def test_a_write_without_a_read_to_a_gone_session_gets_a_new_id(
+        app: Flask, store: RecordingStore) -> None:
+    """The session expired (or was deleted) since its cookie was signed: the write
+    finds out from EXPIRE NX, and moves to a fresh id (one more round trip): an id the
+    client brought is never given a new session."""
+    client = app.test_client()
+    client.get("/set/a/1")
+    old_sid = sid_of(app, client)
+    store.inner.delete("session:" + old_sid)  # expired
+    store.calls.clear()
+    client.get("/set/b/2")
+    new_sid = sid_of(app, client)
+    assert new_sid != old_sid
+    assert [c[0] for c in store.calls] == ["batch", "batch"]
+    assert store.inner.hgetall("session:" + old_sid) == {}
+    assert store.inner.hgetall("session:" + new_sid) == {"b": b'"2"'}
+    left = store.inner.ttl("session:" + new_sid)
+    assert left is not None and left > 30 * 86400
+    assert client.get("/get/a").json == {"value": None}
+    assert client.get("/get/b").json == {"value": "2"}
 
 
 def test_concurrent_requests_changing_different_keys_both_survive(

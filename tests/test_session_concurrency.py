@@ -224,3 +224,103 @@ def test_untouched_requests_with_a_session_ride_out_an_outage(
     assert s.get(g.url("/nosession"), timeout=10).status_code == 200
     assert _redis_commands(client) == {"expire": 1}
     assert client.exists(key)
+
+
+def _reads(client: Any) -> int:
+    """Reads redis-server has processed: one per client round trip (INFO's own included)."""
+    return int(client.info("stats")["total_reads_processed"])
+
+
+@pytest.mark.parametrize("interval", ["3600", "0"])
+def test_round_trips_per_request_kind(gunicorn_factory: Any, redis_server: Any,
+                                      repo_root: Path, interval: str) -> None:
+    """Redis round trips per request, counted by redis-server, with the commands each
+    kind sends: never touched 0 (one EXPIRE when a refresh is due), a read 1, a write
+    that doesn't read first 1, a read-modify-write 2 (the load, then the save). With
+    interval 0 a refresh is due on every request and rides in the same round trips.
+    Flask-Session, in the same run, makes 2 for every kind."""
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    kinds = {"untouched": "/nosession", "read": "/get", "write without a read": "/put/b",
+             "read-modify-write": "/set/c"}
+    n = 10
+    trips: dict[str, dict[str, float]] = {}
+    commands: dict[str, dict[str, int]] = {}
+    for impl in ("ours", "flask_session"):
+        extra = {"SESSION_REFRESH_INTERVAL": interval} if impl == "ours" else {}
+        g = _start(gunicorn_factory, impl, redis_server.url, repo_root, **extra)
+        s = requests.Session()
+        s.get(g.url("/put/a"), timeout=10).raise_for_status()  # the session exists
+        for kind, path in kinds.items():
+            r.config_resetstat()
+            before = _reads(r)
+            for i in range(n):  # a new value each time: each write has something to save
+                s.get(g.url(path), params={"v": f"{kind} {i}"}, timeout=10).raise_for_status()
+            got = _reads(r) - before - 1  # less the INFO that reads the count
+            trips.setdefault(impl, {})[kind] = got / n
+            if impl == "ours":
+                commands[kind] = _redis_commands(r)
+        data = s.get(g.url("/get"), timeout=10).json()
+        data.pop("_permanent", None)  # Flask-Session stores it
+        assert data == {
+            "a": "1", "b": f"write without a read {n - 1}", "c": f"read-modify-write {n - 1}"}
+        g.stop()
+        r.flushall()
+    print(f"Redis round trips per request (interval {interval}s): {trips}; ours sent {commands}")
+    refresh = 0 if interval == "3600" else 1
+    assert trips["ours"] == {"untouched": refresh, "read": 1, "write without a read": 1,
+                             "read-modify-write": 2}, trips
+    assert all(v == 2 for v in trips["flask_session"].values()), trips
+    if interval == "3600":
+        assert commands == {
+            "untouched": {},
+            "read": {"hgetall": n},
+            "write without a read": {"hset": n, "expire": n},  # EXPIRE NX: did it exist?
+            "read-modify-write": {"hgetall": n, "hset": n, "expire": n},  # NX, the guard
+        }, commands
+    else:  # the refresh's EXPIRE rides with the load, or before the blind HSET
+        assert commands == {
+            "untouched": {"expire": n},
+            "read": {"hgetall": n, "expire": n},
+            "write without a read": {"hset": n, "expire": 2 * n},
+            "read-modify-write": {"hgetall": n, "hset": n, "expire": 2 * n},
+        }, commands
+
+
+def test_sliding_expiry_with_a_refresh_interval(gunicorn_factory: Any, redis_server: Any,
+                                                repo_root: Path) -> None:
+    """A 3 s lifetime, refreshed at most every 1 s: a session kept busy for more than
+    twice its lifetime by requests that never touch it, then by writes that don't read
+    it, then by reads, is still there with its data, and the store saw at most one TTL
+    refresh per interval; left alone for its lifetime, it is gone. (The cookie's
+    timestamp has 1 s resolution: a shorter interval refreshes more often, never less.)"""
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    lifetime, interval, phase = 3.0, 1.0, 2.5
+    g = _start(gunicorn_factory, "ours", redis_server.url, repo_root,
+               SESSION_LIFETIME=str(int(lifetime)), SESSION_REFRESH_INTERVAL=str(interval))
+    s = requests.Session()
+    s.get(g.url("/put/a"), timeout=10).raise_for_status()
+    (key,) = r.keys("session:*")
+    for path in ("/nosession", "/put/b", "/get"):
+        r.config_resetstat()
+        t0 = time.monotonic()
+        sent = 0
+        while time.monotonic() - t0 < phase and sent < 400:
+            s.get(g.url(path), timeout=10).raise_for_status()
+            sent += 1
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        refreshes = _redis_commands(r).get("expire", 0)
+        if path == "/put/b":
+            refreshes -= sent  # each blind write's EXPIRE NX, which sets nothing here
+        assert 1 <= refreshes <= elapsed / interval + 2, (path, refreshes, sent, elapsed)
+        assert sent > refreshes
+        left = r.pttl(key)
+        assert 0 < left <= lifetime * 1000
+    assert s.get(g.url("/get"), timeout=10).json() == {"a": "1", "b": "1"}
+    time.sleep(lifetime + 0.5)  # nothing for a lifetime: gone
+    assert r.exists(key) == 0
+    assert s.get(g.url("/get"), timeout=10).json() == {}

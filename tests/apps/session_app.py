@@ -45,6 +45,13 @@ def set_key(key: str):  # type: ignore[no-untyped-def]
     return jsonify(ok=True, pid=os.getpid())
 
 
+@app.get("/put/<key>")
+def put_key(key: str):  # type: ignore[no-untyped-def]
+    """Change one key without reading the session first."""
+    session[key] = request.args.get("v", "1")
+    return jsonify(ok=True)
+
+
 @app.get("/get")
 def get_all():  # type: ignore[no-untyped-def]
     return jsonify(dict(session))
