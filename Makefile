@@ -20,7 +20,8 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed
 GUNICORN_OLDEST = $(shell sed -n 's/^ *"gunicorn>=\([0-9.]*\)[,"].*/\1/p' pyproject.toml)
 OLDEST_TESTS := tests/test_versions.py tests/test_lifecycle.py tests/test_ipc.py \
   tests/test_dispatch.py tests/test_deadlines.py tests/test_worker_ports.py \
-  tests/test_sticky.py tests/test_example.py
+  tests/test_sticky.py tests/test_example.py tests/test_supervisor.py tests/test_hup.py \
+  tests/test_graceful_stop.py
 
 JS     := tests/js
 JS_STAMP := $(JS)/node_modules/.installed
