@@ -22,6 +22,9 @@ EXAMPLE = Path(__file__).parent.parent / "examples/flask_app"
 CLI = str(Path(sys.executable).parent / "gunicorn-ext")
 
 
+_GUNICORN_MAJOR = int(__import__("gunicorn").__version__.split(".")[0])
+
+
 class MixedLoad:
     """GET and POST requests from a few threads until stopped (bounded in count and time).
 
@@ -35,6 +38,12 @@ class MixedLoad:
                  get: str = "/whoami", post: str | None = "/broadcast") -> None:
         self.base, self.limit, self.seconds = base, limit, seconds
         self.headers = {"Host": host} if host else {}
+        if _GUNICORN_MAJOR < 27:
+            # Gunicorn before 27 drops a stopping gthread worker's idle kept-alive
+            # connections (27 answers a request arriving on one with "Connection: close"),
+            # so a client reusing one at that instant is reset: there, every request has
+            # its own connection (as the rolling-reload load in test_lifecycle.py does).
+            self.headers["Connection"] = "close"
         self.get_path, self.post_path = get, post
         self.ok = 0
         self.posts = 0
