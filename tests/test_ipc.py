@@ -617,3 +617,31 @@ def test_async_sends_refuse_what_the_bus_cannot_carry_before_writing(
     asyncio.run(p.bus.apublish("news", "small"))
     assert [f.payload for f in p.read_all(1)] == ["small"]  # only what could be carried
     assert p.signals == [] and p.bus.connected
+
+
+def test_a_cancelled_async_send_still_leaves_whole_frames_on_the_bus(
+        fake_primary: _FakePrimary) -> None:
+    import asyncio
+
+    p = fake_primary
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(p.bus.apublish("news", {"i": i, "blob": b"x" * _BIG}))
+                 for i in range(8)]
+        await asyncio.sleep(0.2)  # the socket is full: most of them wait
+        assert not all(t.done() for t in tasks)
+        for t in tasks[2:]:
+            t.cancel()
+        await asyncio.sleep(0)
+        # Whatever was handed to the writer thread goes out whole; then the bus works on.
+        reader = asyncio.get_running_loop().run_in_executor(None, p.read_all, 8 + 1)
+        await asyncio.sleep(0.2)
+        await p.bus.apublish("news", {"i": "after"})
+        await asyncio.wait_for(reader, 20)
+
+    _run_with_watchdog(main(), lambda: p.read_all(9))
+    assert p.reader.error is None
+    got = [f.payload["i"] for f in p.got]
+    assert got[:2] == [0, 1] and got[-1] == "after", got
+    assert sorted(got[:-1]) == list(range(8)), got  # cancelled or not, each arrived whole
+    assert p.signals == [] and p.bus.connected

@@ -90,6 +90,12 @@ def _wake(fut: asyncio.Future[None]) -> None:
 _Write = tuple["concurrent.futures.Future[None]", Callable[..., None], tuple[Any, ...]]
 
 
+async def _finished(fut: concurrent.futures.Future[None]) -> None:
+    """Wait for the writer thread's write ``fut``, shielded: a cancelled coroutine leaves
+    the write to finish (and the write lock to be released), never half a frame sent."""
+    await asyncio.shield(asyncio.wrap_future(fut))
+
+
 def _forget_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     try:
         loop.remove_reader(fd)
@@ -552,12 +558,21 @@ class Bus:
         with every other write, and the loop is never blocked on the socket."""
         if self._sock is None:
             raise BusClosed(self._closed_reason)
-        await self._awrite_bytes(frames.encode(frame, self.max_frame), oneway)
+        fut = self._write_or_hand_over(frames.encode(frame, self.max_frame), oneway)
+        if fut is not None:
+            await _finished(fut)
 
     async def _awrite_bytes(self, data: bytes, oneway: bool = False) -> None:
-        """Write what the socket takes now; when it is full (the primary is slow to
-        read) or another thread is writing, the rest goes from the writer thread, and
-        the coroutine waits for it there, not in the loop.
+        """:meth:`_write_bytes` for coroutines (see :meth:`_awrite`)."""
+        fut = self._write_or_hand_over(data, oneway)
+        if fut is not None:
+            await _finished(fut)
+
+    def _write_or_hand_over(self, data: bytes,
+                            oneway: bool) -> concurrent.futures.Future[None] | None:
+        """Write what the socket takes now; None when that was all. When it is full (the
+        primary is slow to read) or another thread is writing, the rest goes from the
+        writer thread: its future, for the coroutine to wait on there, not in the loop.
 
         Under gevent (no event loop in the way) it is :meth:`_write_bytes`.
         """
@@ -566,44 +581,33 @@ class Bus:
             raise BusClosed(self._closed_reason)
         if self._green:
             self._write_bytes(data, oneway)
-            return
-        fut: concurrent.futures.Future[None] | None
+            return None
         with self._writes_lock:
             # Behind writes the writer thread has still to do, or a thread writing now,
             # it queues (so a rest handed over below is never behind one that waits for it).
             if self._queued or not self._wlock.acquire(False):
-                fut = self._to_writer(self._write_bytes, data, oneway)
-            else:
-                fut = self._write_nowait(sock, data, oneway)
-        if fut is not None:
-            # Shielded: a cancelled coroutine leaves the write to finish (and the write
-            # lock to be released), never half a frame on the socket.
-            await asyncio.shield(asyncio.wrap_future(fut))
-
-    def _write_nowait(self, sock: socket.socket, data: bytes,
-                      oneway: bool) -> concurrent.futures.Future[None] | None:
-        """With both locks: write what the socket takes now; None when that was all,
-        else the writer thread's future for the rest (the write lock goes with it)."""
-        try:
-            data = self._take(data, oneway)
-            view = memoryview(data)
-            while view:
-                try:
-                    view = view[sock.send(view, socket.MSG_DONTWAIT):]
-                except BlockingIOError:
-                    break
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    self._lost(f"writing to the primary failed ({exc})")
-                    raise BusClosed(self._closed_reason) from None
-            if view:  # partly written: nobody may write before its rest
-                return self._to_writer(self._finish_locked, sock, view)
-        except BaseException:
+                return self._to_writer(self._write_bytes, data, oneway)
+            try:
+                data = self._take(data, oneway)
+                sent = 0
+                while sent < len(data):
+                    try:
+                        sent += sock.send(data[sent:] if sent else data, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    except InterruptedError:
+                        continue
+                    except OSError as exc:
+                        self._lost(f"writing to the primary failed ({exc})")
+                        raise BusClosed(self._closed_reason) from None
+                if sent < len(data):  # partly written: nobody may write before its rest,
+                    # so the write lock goes with the rest to the writer thread
+                    return self._to_writer(self._finish_locked, sock, memoryview(data)[sent:])
+            except BaseException:
+                self._wlock.release()
+                raise
             self._wlock.release()
-            raise
-        self._wlock.release()
-        return None
+            return None
 
     def _finish_locked(self, sock: socket.socket, rest: memoryview) -> None:
         """In the writer thread: the rest of a frame whose write lock it was handed."""
