@@ -500,6 +500,19 @@ def _run_with_watchdog(coro: Any, unblock: Any, seconds: float = 10) -> Any:
         timer.cancel()
 
 
+async def _loop_turns(count: int, seconds: float = 10) -> int:
+    """Let the loop turn ``count`` times (a coroutine sleeping 1 ms a turn), ``seconds``
+    at most; how many turns it made. A loop blocked elsewhere makes none."""
+    import asyncio
+
+    turns = 0
+    deadline = time.monotonic() + seconds
+    while turns < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+        turns += 1
+    return turns
+
+
 def test_async_sends_wait_for_a_primary_that_stops_reading_without_blocking_the_loop(
         fake_primary: _FakePrimary) -> None:
     import asyncio
@@ -508,14 +521,6 @@ def test_async_sends_wait_for_a_primary_that_stops_reading_without_blocking_the_
     n = 12  # 3 MiB for a 16 KiB socket buffer: most of it waits for the primary
 
     async def main() -> tuple[int, bool]:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.001)
-
         async def publisher(tag: str) -> None:
             for i in range(n):
                 await p.bus.apublish("news", {"tag": tag, "i": i, "blob": b"x" * _BIG})
@@ -524,20 +529,15 @@ def test_async_sends_wait_for_a_primary_that_stops_reading_without_blocking_the_
             for i in range(n):
                 await p.bus.asend("job", i)
 
-        tick = asyncio.create_task(ticker())
         work = asyncio.gather(publisher("a"), publisher("b"), sender())
         # The primary reads nothing yet: the senders wait, the loop turns on.
-        start = ticks
-        deadline = time.monotonic() + 10
-        while ticks < start + 200 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        turns = await _loop_turns(200)
         blocked_meanwhile = not work.done()
         # Now it reads (in a thread, as the real primary would from its own process).
         reader = asyncio.get_running_loop().run_in_executor(None, p.read_all, 3 * n)
         await asyncio.wait_for(work, 20)
         await asyncio.wait_for(reader, 20)
-        tick.cancel()
-        return ticks - start, blocked_meanwhile
+        return turns, blocked_meanwhile
 
     turns, blocked_meanwhile = _run_with_watchdog(main(), lambda: p.read_all(3 * n))
     assert blocked_meanwhile  # the socket was full: the sends really had to wait
@@ -562,33 +562,19 @@ def test_an_async_send_waiting_on_a_primary_that_goes_away_raises_bus_closed(
     p = fake_primary
 
     async def main() -> tuple[BaseException | None, int]:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.001)
-
         async def publisher() -> None:
             for _i in range(50):
                 await p.bus.apublish("news", b"x" * _BIG)
 
-        tick = asyncio.create_task(ticker())
         pub = asyncio.create_task(publisher())
-        start = ticks
-        deadline = time.monotonic() + 10
-        while ticks < start + 100 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        turns = await _loop_turns(100)
         assert not pub.done()
         p.call.close()  # the primary is gone
         try:
             await asyncio.wait_for(pub, 20)
         except BaseException as exc:  # noqa: BLE001 - what it raised is the point
-            return exc, ticks - start
-        finally:
-            tick.cancel()
-        return None, ticks - start
+            return exc, turns
+        return None, turns
 
     err, turns = _run_with_watchdog(main(), p.call.close)
     assert isinstance(err, BusClosed) and "writing to the primary failed" in str(err), repr(err)
