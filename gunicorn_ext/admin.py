@@ -263,10 +263,8 @@ class AdminServer:
         self._sock: socket.socket | None = None
         self._sel: selectors.BaseSelector | None = None
         self._conns: dict[int, _Conn] = {}
-        self._wake_r = self._wake_w = -1
         self._running = False
-        self._parking = ForkParking("admin endpoint", self._wake,
-                                    after_child=self._after_fork_child)
+        self._parking = ForkParking("admin endpoint", after_child=self._after_fork_child)
         self._retry_at = 0.0
         self._arbiter_listened = False
 
@@ -314,10 +312,7 @@ class AdminServer:
                              self.host, self.port, take_over)
             sock = None
         self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._sel.register(self._parking.pipe.open(), selectors.EVENT_READ, _WAKE)
         if sock is not None:
             self._serve_on(sock)
         self._running = True
@@ -364,7 +359,7 @@ class AdminServer:
         if not self._running:
             return
         self._running = False
-        self._parking.stop()
+        self._parking.stop()  # closes the wake-up pipe
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -377,22 +372,10 @@ class AdminServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass  # pipe full (a wake-up is pending) or closed
 
     def _after_fork_child(self) -> None:
-        """In a worker: the listener and connections are the primary's; close our copies."""
+        """In a worker: the listener and connections are the primary's; close our copies
+        (the parking closes the wake-up pipe)."""
         if not self._running:
             return
         self._running = False
@@ -419,10 +402,7 @@ class AdminServer:
             for key, mask in events:
                 try:
                     if key.data is _WAKE:
-                        try:
-                            os.read(self._wake_r, 4096)
-                        except OSError:
-                            pass
+                        self._parking.pipe.drain()
                     elif key.data is _LISTENER:
                         self._accept()
                     elif mask & selectors.EVENT_READ:

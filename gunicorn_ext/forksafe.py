@@ -16,6 +16,9 @@ its thread the same way). So each such thread owns a :class:`ForkParking`:
 
 :meth:`ForkParking.start` starts the thread, :meth:`ForkParking.stop` ends it; the
 thread's loop calls :meth:`ForkParking.park` whenever :attr:`ForkParking.requested` is set.
+The thread waits on :attr:`ForkParking.pipe` (a :class:`WakePipe`) beside its own
+descriptors, so a fork, a stop or the owner (:meth:`WakePipe.wake`) can wake it; the
+parking opens the pipe at start and closes it at stop and in the child.
 """
 
 from __future__ import annotations
@@ -29,21 +32,71 @@ from typing import Any
 PARK_TIMEOUT = 5.0
 
 
+class WakePipe:
+    """A non-blocking self-pipe that wakes a thread waiting in select/epoll.
+
+    :meth:`open` makes it and returns the descriptor to wait on (readable once woken);
+    :meth:`wake` (any thread) writes a byte, :meth:`drain` (the woken thread) empties
+    it, :meth:`close` closes both ends. Waking a pipe that is full (a wake-up is
+    pending anyway) or not open (before start, after stop, in a forked child) does
+    nothing; closing one that is closed does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._r = self._w = -1
+
+    def fileno(self) -> int:
+        """The end to wait on for reading (-1 while not open)."""
+        return self._r
+
+    def open(self) -> int:
+        """Make the pipe (once; again after :meth:`close`); return :meth:`fileno`."""
+        if self._r < 0:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._r, self._w = r, w
+        return self._r
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except OSError:
+            pass  # full (a wake-up is pending anyway), or not open
+
+    def drain(self) -> None:
+        try:
+            while len(os.read(self._r, 4096)) == 4096:
+                pass
+        except OSError:
+            pass  # empty, or not open
+
+    def close(self) -> None:
+        fds = (self._r, self._w)
+        self._r = self._w = -1  # first: a wake from another thread now does nothing
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
 class ForkParking:
     """Runs one background thread and parks it around every fork; see the module docstring.
 
-    ``what`` names the thread in the warning ("hub", "bus bridge"); ``wake`` makes the
-    thread's loop look at :attr:`requested` now (write to its wake-up pipe).
+    ``what`` names the thread in the warning ("hub", "bus bridge").
     ``after_parent`` and ``after_child`` are the owner's fork handlers, called in the
     forking thread; ``after_parent`` only while a thread runs, ``after_child`` always
-    (it decides what there is to close).
+    (it decides what there is to close), before :attr:`pipe` is closed there.
     """
 
-    def __init__(self, what: str, wake: Callable[[], None],
-                 after_parent: Callable[[], None] | None = None,
+    def __init__(self, what: str, after_parent: Callable[[], None] | None = None,
                  after_child: Callable[[], None] | None = None) -> None:
         self.what = what
-        self._wake = wake
+        #: The thread's wake-up pipe: opened by :meth:`start` (or by the owner before,
+        #: to wait on it), closed by :meth:`stop` and in a forked child.
+        self.pipe = WakePipe()
         self._after_parent = after_parent
         self._after_child = after_child
         #: Set by the forking thread: the background thread must :meth:`park` now.
@@ -64,6 +117,7 @@ class ForkParking:
         (its owner's flag says so) and call :meth:`park` whenever :attr:`requested`.
         """
         self.log = log
+        self.pipe.open()
         self._active = True
         if not self._registered:
             self._registered = True
@@ -73,15 +127,17 @@ class ForkParking:
         self._thread.start()
 
     def stop(self) -> None:
-        """End the thread: let it out of a park, wake it, wait for it (5 s at most);
-        forks no longer wait for it. Its owner has told ``run`` to return first."""
+        """End the thread: let it out of a park, wake it, wait for it (5 s at most),
+        close the pipe; forks no longer wait for it. Its owner has told ``run`` to
+        return first."""
         with self._cond:
             self._active = False
             self._cond.notify_all()
-        self._wake()
+        self.pipe.wake()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
+        self.pipe.close()
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -102,7 +158,7 @@ class ForkParking:
             return
         with self._cond:
             self.requested = True
-            self._wake()
+            self.pipe.wake()
             if not self._cond.wait_for(lambda: self._parked or not self._active,
                                        timeout=PARK_TIMEOUT):
                 if self.log is not None:
@@ -123,5 +179,8 @@ class ForkParking:
         self.requested = self._parked = False
         self._cond = threading.Condition()
         self._thread = None
-        if self._after_child is not None:
-            self._after_child()
+        try:
+            if self._after_child is not None:
+                self._after_child()
+        finally:
+            self.pipe.close()

@@ -49,7 +49,7 @@ from .metrics import ClusterMetrics
 from .reporter import EXITING, STATS
 from .restart.backoff import SlotPolicy
 from .restart.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
-from .restart.gate import Gate, refuse_new
+from .restart.gate import Gate, refuse_new, wait_stopped_accepting
 from .restart.hup import restart_only_changes
 from .restart.rolling import Rollout
 from .settings import Settings
@@ -60,9 +60,10 @@ METRICS = "gunicorn_ext.metrics"
 #: Request name: the same document as ``gunicorn-ext status --json``.
 STATUS = "gunicorn_ext.status"
 
-#: Graceful stop without even spread: how long TERMed workers get to stop accepting
-#: before the listeners refuse new connections.
-_STOP_ACCEPT_PAUSE = 0.1
+#: Graceful stop without even spread: how long TERMed workers get at most to stop
+#: accepting (gevent and asyncio workers look once a second) before the listeners
+#: refuse new connections.
+_STOP_ACCEPT_WAIT = 3.0
 #: A worker killed by one of these was told to stop (by the arbiter, the
 #: operator or a rollout): an exit, not a crash.
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
@@ -288,10 +289,13 @@ class Supervisor:
                 self._drain_backlog(server)
             else:
                 # The workers accept themselves: TERM them first (Gunicorn's TERM below is
-                # then a no-op for them), give them a moment to stop accepting (gthread
-                # stops at once), then refuse new clients instead of leaving them queued.
+                # then a no-op for them), wait until they stopped accepting (a listener
+                # shut down under a worker's accept fails it), then refuse new clients
+                # instead of leaving them queued.
                 server.kill_workers(signal.SIGTERM)
-                time.sleep(_STOP_ACCEPT_PAUSE)
+                wait_stopped_accepting(server.worker_class.__name__, gi.listeners(server),
+                                       [w.pid for w in gi.workers(server)],
+                                       min(_STOP_ACCEPT_WAIT, float(server.cfg.graceful_timeout)))
                 refuse_new(gi.listeners(server), server.log)
         orig(graceful)
 

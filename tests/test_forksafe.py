@@ -1,9 +1,12 @@
-"""Fork parking (gunicorn_ext/forksafe.py), shared by the hub's reactor, the bus bridge and
-the admin endpoint: a real background thread and real os.fork() calls, without Gunicorn."""
+"""Fork parking and the wake-up pipe (gunicorn_ext/forksafe.py), shared by the hub's reactor,
+the bus bridge and the admin endpoint: a real background thread and real os.fork() calls,
+without Gunicorn."""
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +16,7 @@ from harness import wait_for
 from logs import RecordingLog
 
 from gunicorn_ext import forksafe
-from gunicorn_ext.forksafe import ForkParking
+from gunicorn_ext.forksafe import ForkParking, WakePipe
 
 
 class Looper:
@@ -25,7 +28,7 @@ class Looper:
         self.running = True
         self.stuck = threading.Event()  # set: the thread stops looking at the parking
         self.log = RecordingLog()
-        self.parking = ForkParking("test loop", lambda: None, after_parent=after_parent,
+        self.parking = ForkParking("test loop", after_parent=after_parent,
                                    after_child=after_child)
         self.parking.start(self.log, self._run, "test-loop")
         assert self.parking.thread is not None
@@ -147,3 +150,97 @@ def test_stop_releases_a_parked_thread(looper: Callable[..., Looper]) -> None:
     lp.running = False
     lp.parking.stop()  # would wait 5 s for a thread still parked
     assert not lp.thread.is_alive()
+
+
+# ---------------------------------------------------------------- WakePipe
+
+
+def readable(pipe: WakePipe) -> bool:
+    return bool(select.select([pipe], [], [], 0)[0])
+
+
+def closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
+
+
+def test_a_wake_makes_the_pipe_readable_until_drained() -> None:
+    pipe = WakePipe()
+    pipe.wake()  # not open yet: nothing happens
+    assert pipe.fileno() == -1
+    fd = pipe.open()
+    assert fd >= 0 and pipe.open() == fd  # once
+    try:
+        assert not readable(pipe)
+        pipe.wake()
+        pipe.wake()
+        assert readable(pipe)
+        pipe.drain()
+        assert not readable(pipe)
+        pipe.drain()  # empty: nothing happens
+    finally:
+        pipe.close()
+
+
+def test_wakes_beyond_what_the_pipe_holds_neither_block_nor_raise_and_one_drain_empties_it() -> None:
+    pipe = WakePipe()
+    pipe.open()
+    try:
+        for _ in range(100_000):  # a pipe holds 64 KiB: the rest are dropped
+            pipe.wake()
+        assert readable(pipe)
+        pipe.drain()
+        assert not readable(pipe)
+    finally:
+        pipe.close()
+
+
+def test_close_twice_and_wake_or_drain_after_close_do_nothing() -> None:
+    pipe = WakePipe()
+    fd = pipe.open()
+    pipe.close()
+    assert pipe.fileno() == -1 and closed(fd)
+    pipe.close()
+    pipe.wake()
+    pipe.drain()
+    fd2 = pipe.open()  # opens again after close
+    try:
+        pipe.wake()
+        assert readable(pipe)
+    finally:
+        pipe.close()
+    assert closed(fd2)
+
+
+def test_stop_closes_the_parkings_pipe(looper: Callable[..., Looper]) -> None:
+    lp = looper()
+    fd = lp.parking.pipe.fileno()
+    assert fd >= 0 and not closed(fd)
+    lp.stop()
+    assert lp.parking.pipe.fileno() == -1 and closed(fd)
+
+
+def test_in_the_child_the_pipe_is_closed_after_the_owners_handler_and_the_parents_still_works(
+        looper: Callable[..., Looper]) -> None:
+    seen: list[int] = []
+    lp: Looper
+
+    def after_child() -> None:
+        seen.append(lp.parking.pipe.fileno())  # still open for the owner's handler
+
+    lp = looper(after_child=after_child)
+    fd = lp.parking.pipe.fileno()
+
+    def in_child() -> bool:
+        pipe = lp.parking.pipe
+        pipe.wake()  # closed: nothing happens, nothing raises
+        return seen == [fd] and pipe.fileno() == -1 and closed(fd)
+
+    assert fork_and_wait(in_child) == 0
+    assert lp.parking.pipe.fileno() == fd and not closed(fd)
+    lp.parking.pipe.drain()  # the fork's own wake-up (the test loop does not read the pipe)
+    lp.parking.pipe.wake()
+    assert readable(lp.parking.pipe)

@@ -157,6 +157,30 @@ def test_sigterm_without_even_spread_refuses_new_clients_instead_of_queueing(
     assert g.proc is not None and g.proc.wait(20) == 0
 
 
+@pytest.mark.parametrize("worker_class,app", [("gevent", "life_app:app"),
+                                              ("asgi", "life_asgi_app:app")])
+def test_sigterm_refuses_new_clients_only_once_the_workers_stopped_accepting(
+        gunicorn_factory: Any, worker_class: str, app: str) -> None:
+    """gevent and the asyncio workers stop accepting up to a second after their TERM; the
+    listeners are shut down only then, so no worker's accept() fails (EINVAL) on one, and
+    the requests in flight are served."""
+    g = gunicorn_factory(app, config=CONF, cwd=APPS, workers=2, env={"WORKER_CLASS": worker_class})
+    wait_for(lambda: g.log_text().count("Booting worker") >= 2 and len(g.worker_pids()) == 2,
+             20, what="workers up")
+    time.sleep(1.0)  # both booted through (a TERM while booting is Gunicorn's business)
+    results, threads = _slow_burst(g, 4, 1.5)
+    time.sleep(0.4)
+    g.signal(15)
+    wait_for(lambda: _refused_now(g), 15, interval=0.1, what="new clients refused")
+    for t in threads:
+        t.join(30)
+    assert results == [200] * 4
+    assert g.proc is not None and g.proc.wait(20) == 0
+    text = g.log_text()
+    assert "Errno 22" not in text and "Invalid argument" not in text, g.log_text_tail()
+    assert "Traceback" not in text, g.log_text_tail()
+
+
 def _nginx_for(backends: list[Gunicorn], port: int) -> str:
     args = [CLI, "nginx", "render", "--listen", str(port), "--server-name", "app.test"]
     for g in backends:

@@ -421,3 +421,213 @@ def _usr2(g: Gunicorn) -> None:
     os.kill(old_master, signal.SIGTERM)
     wait_for(lambda: ask(g, "echo", 1).get("ok", {}).get("pid") not in (None, old_master), 20)
     wait_slots(g, 2)
+
+
+# -- async sends and a primary that stops reading (one Bus over socketpairs, no Gunicorn) ---
+
+#: Each publication; with the socket buffers below, a few fill the call channel.
+_BIG = 256 * 1024
+
+
+class _FakePrimary:
+    """The primary's end of one worker's bus, which reads only when told to."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import socket
+
+        from gunicorn_ext.ipc import bus as bus_module
+        from gunicorn_ext.ipc import frames
+
+        self.frames = frames
+        self.call, worker_call = socket.socketpair()
+        self.push, worker_push = socket.socketpair()
+        worker_call.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        self.call.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        self.signals: list[int] = []
+        real_kill = os.kill
+
+        def kill(pid: int, sig: int) -> None:  # a lost bus SIGTERMs its own worker: record it
+            if pid == os.getpid():
+                self.signals.append(sig)
+            else:
+                real_kill(pid, sig)
+
+        monkeypatch.setattr(bus_module.os, "kill", kill)
+        self.bus = bus_module.Bus()
+        self.bus.attach(worker_call, worker_push, 0, frozenset({"job"}), _NoLog(),
+                        frames.DEFAULT_MAX_FRAME)
+        self.reader = frames.FrameReader()
+        self.got: list[Any] = []
+
+    def read_all(self, count: int, timeout: float = 20) -> list[Any]:
+        """Read (in the calling thread) until ``count`` frames came in all."""
+        self.call.settimeout(timeout)
+        while len(self.got) < count:
+            data = self.call.recv(1 << 20)
+            assert data, "the worker closed its end"
+            self.got += self.reader.feed(data)
+        return self.got
+
+    def close(self) -> None:
+        self.bus.close()
+        self.call.close()
+        self.push.close()
+
+
+class _NoLog:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+@pytest.fixture
+def fake_primary(monkeypatch: pytest.MonkeyPatch) -> Any:
+    p = _FakePrimary(monkeypatch)
+    yield p
+    p.close()
+
+
+def _run_with_watchdog(coro: Any, unblock: Any, seconds: float = 10) -> Any:
+    """asyncio.run(coro), bounded: should the loop block anyway, ``unblock()`` runs in a
+    thread after ``seconds`` (the test then fails on what it sees instead of hanging)."""
+    import asyncio
+
+    timer = threading.Timer(seconds, unblock)
+    timer.daemon = True
+    timer.start()
+    try:
+        return asyncio.run(asyncio.wait_for(coro, seconds + 10))
+    finally:
+        timer.cancel()
+
+
+async def _loop_turns(count: int, seconds: float = 10) -> int:
+    """Let the loop turn ``count`` times (a coroutine sleeping 1 ms a turn), ``seconds``
+    at most; how many turns it made. A loop blocked elsewhere makes none."""
+    import asyncio
+
+    turns = 0
+    deadline = time.monotonic() + seconds
+    while turns < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+        turns += 1
+    return turns
+
+
+def test_async_sends_wait_for_a_primary_that_stops_reading_without_blocking_the_loop(
+        fake_primary: _FakePrimary) -> None:
+    import asyncio
+
+    p = fake_primary
+    n = 12  # 3 MiB for a 16 KiB socket buffer: most of it waits for the primary
+
+    async def main() -> tuple[int, bool]:
+        async def publisher(tag: str) -> None:
+            for i in range(n):
+                await p.bus.apublish("news", {"tag": tag, "i": i, "blob": b"x" * _BIG})
+
+        async def sender() -> None:
+            for i in range(n):
+                await p.bus.asend("job", i)
+
+        work = asyncio.gather(publisher("a"), publisher("b"), sender())
+        # The primary reads nothing yet: the senders wait, the loop turns on.
+        turns = await _loop_turns(200)
+        blocked_meanwhile = not work.done()
+        # Now it reads (in a thread, as the real primary would from its own process).
+        reader = asyncio.get_running_loop().run_in_executor(None, p.read_all, 3 * n)
+        await asyncio.wait_for(work, 20)
+        await asyncio.wait_for(reader, 20)
+        return turns, blocked_meanwhile
+
+    turns, blocked_meanwhile = _run_with_watchdog(main(), lambda: p.read_all(3 * n))
+    assert blocked_meanwhile  # the socket was full: the sends really had to wait
+    assert turns >= 200  # ...and the loop ran on meanwhile
+    # Everything arrived whole, each sender's frames in the order sent.
+    kinds = [(type(f).__name__, f.payload["tag"] if type(f).__name__ == "Pub" else None)
+             for f in p.got]
+    for tag in ("a", "b"):
+        got = [f.payload for f in p.got if type(f).__name__ == "Pub" and f.payload["tag"] == tag]
+        assert [g["i"] for g in got] == list(range(n)), kinds
+        assert all(g["blob"] == b"x" * _BIG for g in got)
+    assert [f.payload for f in p.got if type(f).__name__ == "Msg"] == list(range(n))
+    assert p.signals == [] and p.bus.connected
+
+
+def test_an_async_send_waiting_on_a_primary_that_goes_away_raises_bus_closed(
+        fake_primary: _FakePrimary) -> None:
+    import asyncio
+
+    from gunicorn_ext.ipc.errors import BusClosed
+
+    p = fake_primary
+
+    async def main() -> tuple[BaseException | None, int]:
+        async def publisher() -> None:
+            for _i in range(50):
+                await p.bus.apublish("news", b"x" * _BIG)
+
+        pub = asyncio.create_task(publisher())
+        turns = await _loop_turns(100)
+        assert not pub.done()
+        p.call.close()  # the primary is gone
+        try:
+            await asyncio.wait_for(pub, 20)
+        except BaseException as exc:  # noqa: BLE001 - what it raised is the point
+            return exc, turns
+        return None, turns
+
+    err, turns = _run_with_watchdog(main(), p.call.close)
+    assert isinstance(err, BusClosed) and "writing to the primary failed" in str(err), repr(err)
+    assert turns >= 100
+    assert p.signals == [signal.SIGTERM] and not p.bus.connected  # the worker would exit
+
+
+def test_async_sends_refuse_what_the_bus_cannot_carry_before_writing(
+        fake_primary: _FakePrimary) -> None:
+    import asyncio
+
+    from gunicorn_ext.ipc.errors import MessageTooLarge, NoHandler, UnencodableMessage
+
+    p = fake_primary
+    huge = b"x" * (p.frames.DEFAULT_MAX_FRAME + 1)
+    for call_it, error in [
+        (lambda: p.bus.apublish("news", huge), MessageTooLarge),
+        (lambda: p.bus.asend("job", huge), MessageTooLarge),
+        (lambda: p.bus.abroadcast("job", object()), UnencodableMessage),
+        (lambda: p.bus.asend("nobody", 1), NoHandler),
+    ]:
+        with pytest.raises(error):
+            asyncio.run(call_it())
+    with pytest.raises(MessageTooLarge):
+        p.bus.publish("news", huge)  # the same error as the sync send's
+    asyncio.run(p.bus.apublish("news", "small"))
+    assert [f.payload for f in p.read_all(1)] == ["small"]  # only what could be carried
+    assert p.signals == [] and p.bus.connected
+
+
+def test_a_cancelled_async_send_still_leaves_whole_frames_on_the_bus(
+        fake_primary: _FakePrimary) -> None:
+    import asyncio
+
+    p = fake_primary
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(p.bus.apublish("news", {"i": i, "blob": b"x" * _BIG}))
+                 for i in range(8)]
+        await asyncio.sleep(0.2)  # the socket is full: most of them wait
+        assert not all(t.done() for t in tasks)
+        for t in tasks[2:]:
+            t.cancel()
+        await asyncio.sleep(0)
+        # Whatever was handed to the writer thread goes out whole; then the bus works on.
+        reader = asyncio.get_running_loop().run_in_executor(None, p.read_all, 8 + 1)
+        await asyncio.sleep(0.2)
+        await p.bus.apublish("news", {"i": "after"})
+        await asyncio.wait_for(reader, 20)
+
+    _run_with_watchdog(main(), lambda: p.read_all(9))
+    assert p.reader.error is None
+    got = [f.payload["i"] for f in p.got]
+    assert got[:2] == [0, 1] and got[-1] == "after", got
+    assert sorted(got[:-1]) == list(range(8)), got  # cancelled or not, each arrived whole
+    assert p.signals == [] and p.bus.connected

@@ -1,4 +1,5 @@
-"""How both ends of the bus run handlers (gunicorn_ext/ipc/message.py: Handlers).
+"""How both ends of the bus run handlers and subscribers (gunicorn_ext/ipc/message.py:
+Handlers, Subscribers).
 
 The primary and the workers answer requests and one-way messages through the one
 :class:`Handlers`; these cases pin what goes back for each outcome, sync and async,
@@ -19,7 +20,7 @@ from gunicorn_ext.ipc import frames
 from gunicorn_ext.ipc.errors import NoHandler, RequestTimeout, WorkerGone
 from gunicorn_ext.ipc.frames import Err, Msg, Rep, Req
 from gunicorn_ext.ipc.hub import Hub
-from gunicorn_ext.ipc.message import Handlers, Message
+from gunicorn_ext.ipc.message import Handlers, Message, Subscribers
 
 MAX = 4096
 WHERE = ["the primary", "worker slot 3"]
@@ -183,3 +184,61 @@ def test_without_a_log_nothing_is_logged_and_the_reply_is_the_same() -> None:
     req = Req(5, "x", 1, -1)
     assert quiet.handle(req, MAX) == loud.handle(req, MAX)
     quiet.report("x", NoHandler("nobody"))  # no log, no callbacks: nothing to do, no crash
+
+
+# -- subscribers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_a_publication_reaches_every_subscriber_even_after_one_that_raises(where: str) -> None:
+    subs = Subscribers(where, allow_async=where != "the primary")
+    subs.log = log = RecordingLog()
+    got: list[tuple[str, Message]] = []
+
+    def boom(msg: Message) -> None:
+        raise ValueError("bad subscriber")
+
+    assert subs.add("news", lambda m: got.append(("first", m))) is True
+    assert subs.add("news", boom) is False  # not the first: no new Sub frame
+    assert subs.add("news", lambda m: got.append(("third", m))) is False
+    subs.deliver("news", {"n": 1}, 2)
+    subs.deliver("other", "nobody", 2)  # no subscriber: nothing happens
+    message = Message("news", {"n": 1}, 2)
+    assert got == [("first", message), ("third", message)]
+    assert log.lines == [("exception", f"gunicorn-ext: subscriber of 'news' in {where} raised")]
+    assert subs.remove("news") is True and subs.remove("news") is False
+    subs.deliver("news", 1, 2)
+    assert len(got) == 2
+
+
+def test_a_workers_async_subscriber_runs_where_run_async_says_and_its_failure_is_logged() -> None:
+    subs = Subscribers("worker slot 3", allow_async=True)
+    subs.log = log = RecordingLog()
+    ran: list[Any] = []
+
+    async def sub(msg: Message) -> None:
+        ran.append(msg.payload)
+        if msg.payload == "boom":
+            raise RuntimeError("late")
+
+    subs.run_async = lambda result, topic: asyncio.run(subs.arun(result, topic))
+    subs.add("news", sub)
+    subs.deliver("news", "ok", 0)
+    subs.deliver("news", "boom", 0)
+    assert ran == ["ok", "boom"]
+    assert log.lines == [("exception", "gunicorn-ext: subscriber of 'news' in worker slot 3 raised")]
+
+
+def test_the_primary_closes_an_awaitable_a_subscriber_returns_and_says_why() -> None:
+    subs = Subscribers("the primary", allow_async=False)
+    subs.log = log = RecordingLog()
+    ran: list[str] = []
+
+    async def later() -> None:
+        ran.append("ran")
+
+    subs.add("news", lambda m: later())  # sync itself: registration can't tell
+    subs.deliver("news", None, 1)
+    assert ran == []
+    assert log.lines == [("error", "gunicorn-ext: a subscriber of 'news' in the primary returned an "
+                                   "awaitable; the primary has no event loop to run it")]

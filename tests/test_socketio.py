@@ -67,15 +67,15 @@ def test_listen_yields_what_the_bus_delivers() -> None:
         t = threading.Thread(target=lambda: got.append(next(gen)), daemon=True)
         t.start()  # subscribes, then blocks on the queue
         deadline = time.monotonic() + 5
-        while channel not in bus._topics and time.monotonic() < deadline:
+        while channel not in bus._subscribers.topics and time.monotonic() < deadline:
             time.sleep(0.01)
-        handlers = bus._topics[channel]
+        handlers = bus._subscribers.topics[channel]
         assert len(handlers) == 1
         handlers[0](gunicorn_ext.Message(channel, {"method": "emit", "x": 1}, 0))
         t.join(5)
         assert got == [{"method": "emit", "x": 1}]
         mgr._subscribe()  # a restarted _listen does not subscribe twice
-        assert len(bus._topics[channel]) == 1
+        assert len(bus._subscribers.topics[channel]) == 1
     finally:
         bus.unsubscribe(channel)
 
@@ -109,13 +109,13 @@ def test_async_listen_yields_in_order_what_the_async_subscriber_gets() -> None:
         gen = mgr._listen()
         first = asyncio.ensure_future(gen.__anext__())  # subscribes, then waits on its queue
         await asyncio.sleep(0)
-        (subscriber,) = bus._topics[channel]
+        (subscriber,) = bus._subscribers.topics[channel]
         assert inspect.iscoroutinefunction(subscriber)  # the bus runs it on its loop
         for n in range(3):
             await subscriber(gunicorn_ext.Message(channel, {"method": "emit", "n": n}, 0))
         got = [await first, await gen.__anext__(), await gen.__anext__()]
         mgr._subscribe()  # once per manager
-        assert len(bus._topics[channel]) == 1
+        assert len(bus._subscribers.topics[channel]) == 1
         await gen.aclose()
         return got
 

@@ -572,7 +572,7 @@ def test_pin_worker_wraps_the_wsgi_app_and_says_so_for_other_workers() -> None:
     from gunicorn_ext.sticky import pin_worker
 
     log = logging.getLogger("test.sticky")
-    worker = SimpleNamespace(wsgi=_echo_app(), log=log, ext_slot=0)
+    worker = SimpleNamespace(wsgi=_echo_app(), log=log)
     assert pin_worker(worker, "a") is True
     assert isinstance(worker.wsgi, RouteCookie) and worker.wsgi.route == "a"
     assert _call(worker.wsgi) == [("Content-Type", "text/plain"), ("Set-Cookie", PIN_A)]

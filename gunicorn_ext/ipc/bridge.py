@@ -36,7 +36,6 @@ it), and never uses it.
 from __future__ import annotations
 
 import collections
-import os
 import select
 import threading
 import time
@@ -129,18 +128,15 @@ class Bridge:
         self._out_lock = threading.Lock()  # guards _out_bytes (both threads change it)
         self._pool: Any = None
         self._conn: Any = None
-        self._wake_r = self._wake_w = -1
         self._running = False
-        self._parking = ForkParking("bus bridge", self._wake, after_child=self._after_fork_child)
+        self._parking = ForkParking("bus bridge", after_child=self._after_fork_child)
+        self._pipe = self._parking.pipe
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         if self._running:
             return
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self._running = True
         # A connect in progress ends within socket_connect_timeout, before the park's limit.
         self._parking.start(self.log, self._run, "gunicorn-ext-bridge")
@@ -149,12 +145,8 @@ class Bridge:
         if not self._running:
             return
         self._running = False
-        self._parking.stop()
+        self._parking.stop()  # closes the wake-up pipe
         self._drop_conn()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     def status(self) -> dict[str, Any]:
         return {"url": self.safe_url, "channel": self.channel, "up": self.up,
@@ -178,7 +170,7 @@ class Bridge:
         with self._out_lock:
             self._out_bytes += len(data)
         self._out.append((src, topic, data))
-        self._wake()
+        self._pipe.wake()
         return None
 
     def down_text(self, topic: str) -> str:
@@ -187,18 +179,6 @@ class Bridge:
                 f"{self.safe_url} is down ({since:.1f}s: {self._down_reason})")
 
     # ------------------------------------------------------ bridge thread
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass  # full: a wake-up is pending anyway
-
-    def _drain_wake(self) -> None:
-        try:
-            os.read(self._wake_r, 4096)
-        except OSError:
-            pass
 
     def _run(self) -> None:
         delay = RETRY_MIN
@@ -231,8 +211,8 @@ class Bridge:
             left = end - time.monotonic()
             if left <= 0:
                 return
-            select.select([self._wake_r], [], [], left)
-            self._drain_wake()
+            select.select([self._pipe], [], [], left)
+            self._pipe.drain()
 
     def _connect(self) -> None:
         client = self._store.client
@@ -322,9 +302,9 @@ class Bridge:
                 continue
             if self._out:
                 wait = 0.0
-            readable, _, _ = select.select([sock, self._wake_r], [], [], wait)
-            if self._wake_r in readable:
-                self._drain_wake()
+            readable, _, _ = select.select([sock, self._pipe], [], [], wait)
+            if self._pipe in readable:
+                self._pipe.drain()
             if sock in readable or conn.can_read(timeout=0):
                 while True:
                     resp = conn.read_response(push_request=True, disconnect_on_error=False)
@@ -368,7 +348,8 @@ class Bridge:
     # -------------------------------------------------------- fork safety
 
     def _after_fork_child(self) -> None:
-        """In a worker: close the bridge's descriptors; never use its connection."""
+        """In a worker: close the bridge's descriptors (the parking closes the wake-up
+        pipe); never use its connection."""
         self._running = False
         self._out.clear()
         conn, self._conn = self._conn, None
@@ -377,13 +358,6 @@ class Bridge:
                 conn.disconnect()  # closes only: redis-py shuts down sockets of its own pid
             except Exception:
                 pass
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
 
 
 def _kind(resp: list[Any]) -> str:

@@ -32,15 +32,16 @@ serves on without a bus.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import concurrent.futures
 import itertools
 import os
+import queue
 import signal
 import socket
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from . import frames
@@ -54,7 +55,7 @@ from .errors import (
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Handlers, Message
+from .message import ErrorCallback, Handler, Handlers, Message, Subscribers
 
 _RECV_SIZE = 64 * 1024
 #: One-way sends closer together than this (seconds) are batched...
@@ -83,6 +84,16 @@ class _Pending:
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+#: A write for the writer thread: its future, and what to call.
+_Write = tuple["concurrent.futures.Future[None]", Callable[..., None], tuple[Any, ...]]
+
+
+async def _finished(fut: concurrent.futures.Future[None]) -> None:
+    """Wait for the writer thread's write ``fut``, shielded: a cancelled coroutine leaves
+    the write to finish (and the write lock to be released), never half a frame sent."""
+    await asyncio.shield(asyncio.wrap_future(fut))
 
 
 def _forget_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -118,7 +129,9 @@ class Bus:
             "of the Gunicorn config?"
         )
         self._handlers = Handlers("worker slot -1", allow_async=True)
-        self._topics: dict[str, list[Callable[[Message], None]]] = {}
+        self._subscribers = Subscribers("worker slot -1", allow_async=True)
+        self._subscribers.run_async = lambda result, topic: self._on_loop(
+            self._subscribers.arun(result, topic), None)
         self._primary_names: frozenset[str] | None = None
         self.max_frame = frames.DEFAULT_MAX_FRAME
         #: Makes :meth:`close` happen once when several threads see the bus fail.
@@ -145,6 +158,11 @@ class Bus:
         self._early: list[Any] = []
         self._early_lock = threading.Lock()
         self._green = False
+        #: What the writer thread is to write: async writes the socket could not take at once.
+        self._writes: queue.SimpleQueue[_Write] | None = None
+        #: Writes given to the writer thread and not done yet; both guarded by this lock.
+        self._queued = 0
+        self._writes_lock = threading.Lock()
 
     # ------------------------------------------------------------ registration
 
@@ -172,9 +190,7 @@ class Bus:
         frames.check_address(topic, what="a topic")
 
         def register(fn: Callable[[Message], None]) -> Callable[[Message], None]:
-            first = topic not in self._topics
-            self._topics.setdefault(topic, []).append(fn)
-            if first and self._sock is not None:
+            if self._subscribers.add(topic, fn) and self._sock is not None:
                 self._write(Sub(topic))
             return fn
 
@@ -183,7 +199,7 @@ class Bus:
     def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic``; drops every handler registered for it."""
         frames.check_address(topic, what="a topic")
-        if self._topics.pop(topic, None) is not None and self._sock is not None:
+        if self._subscribers.remove(topic) and self._sock is not None:
             self._write(Unsub(topic))
 
     def on_error(self, fn: ErrorCallback) -> ErrorCallback:
@@ -205,13 +221,13 @@ class Bus:
         self._sock = sock
         self._push = push
         self.slot = slot
-        self.log = self._handlers.log = log
-        self._handlers.where = f"worker slot {slot}"
+        self.log = self._handlers.log = self._subscribers.log = log
+        self._handlers.where = self._subscribers.where = f"worker slot {slot}"
         self._primary_names = primary_names
         self.max_frame = max_frame
         self._reader = frames.FrameReader(max_frame)
         self._push_reader = frames.FrameReader(max_frame)
-        for topic in self._topics:  # subscriptions made before the fork (preload)
+        for topic in self._subscribers.topics:  # subscriptions made before the fork (preload)
             self._write(Sub(topic))
         os.register_at_fork(after_in_child=self._after_fork_child)
 
@@ -338,6 +354,9 @@ class Bus:
         self._closed_reason = "this process was forked from a worker; it has no bus"
         self._listener = None
         self._loop = None
+        self._writes = None  # its thread stayed in the worker
+        self._queued = 0
+        self._writes_lock = threading.Lock()
 
     # --------------------------------------------------------------- sending
 
@@ -444,7 +463,7 @@ class Bus:
         self._pending[rid] = pending
         timer = loop.call_later(timeout, _wake, fut)
         try:
-            self._write(Req(rid, name, to, self.slot, payload))
+            await self._awrite(Req(rid, name, to, self.slot, payload))
             await fut
         finally:
             timer.cancel()
@@ -456,16 +475,22 @@ class Bus:
         return pending.value
 
     async def asend(self, name: str, payload: Any = None, to: int = PRIMARY) -> None:
-        """:meth:`send` for async code (a local socket write: it never waits on the peer's handler)."""
-        self.send(name, payload, to)
+        """:meth:`send` for async code: the same arguments and errors.
+
+        It never waits on the peer's handler; when the primary is slow to read, it
+        waits (without blocking the loop) until the message is in the socket.
+        """
+        self._check_target(name, to)
+        await self._awrite(Msg(next(self._ids), name, to, self.slot, payload), True)
 
     async def abroadcast(self, name: str, payload: Any = None) -> None:
-        """:meth:`broadcast` for async code."""
-        self.send(name, payload, ALL)
+        """:meth:`broadcast` for async code (see :meth:`asend`)."""
+        await self.asend(name, payload, ALL)
 
     async def apublish(self, topic: str, payload: Any = None) -> None:
-        """:meth:`publish` for async code."""
-        self.publish(topic, payload)
+        """:meth:`publish` for async code (see :meth:`asend`)."""
+        frames.check_address(topic, what="a topic")
+        await self._awrite(Pub(topic, self.slot, payload), True)
 
     def _check_target(self, name: str, to: int) -> None:
         frames.check_address(name, to)
@@ -496,27 +521,136 @@ class Bus:
         if sock is None:
             raise BusClosed(self._closed_reason)
         with self._wlock:
-            obuf = self._obuf
-            if oneway:
-                now = time.perf_counter()
-                burst = now - self._last_oneway < _BURST_GAP
-                self._last_oneway = now
-                if burst and self._flusher is not None:
-                    if not obuf:
-                        self._flusher_cv.notify()
-                    obuf += data
-                    if len(obuf) < _BURST_BYTES:
-                        return
-                    data = b""
-            if obuf:
+            data = self._take(data, oneway)
+            if data:
+                self._sendall(sock, data)
+
+    def _take(self, data: bytes, oneway: bool) -> bytes:
+        """With the write lock: what to write now, held-back frames first (b"": held back)."""
+        obuf = self._obuf
+        if oneway:
+            now = time.perf_counter()
+            burst = now - self._last_oneway < _BURST_GAP
+            self._last_oneway = now
+            if burst and self._flusher is not None:
+                if not obuf:
+                    self._flusher_cv.notify()
                 obuf += data
-                data = bytes(obuf)
-                obuf.clear()
+                if len(obuf) < _BURST_BYTES:
+                    return b""
+                data = b""
+        if obuf:
+            obuf += data
+            data = bytes(obuf)
+            obuf.clear()
+        return data
+
+    def _sendall(self, sock: socket.socket, data: bytes | memoryview) -> None:
+        """With the write lock: write all of ``data``; a failure loses the bus (BusClosed)."""
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self._lost(f"writing to the primary failed ({exc})")
+            raise BusClosed(self._closed_reason) from None
+
+    async def _awrite(self, frame: frames.Frame, oneway: bool = False) -> None:
+        """:meth:`_write` for coroutines: the same refusals and errors, the same order
+        with every other write, and the loop is never blocked on the socket."""
+        if self._sock is None:
+            raise BusClosed(self._closed_reason)
+        fut = self._write_or_hand_over(frames.encode(frame, self.max_frame), oneway)
+        if fut is not None:
+            await _finished(fut)
+
+    async def _awrite_bytes(self, data: bytes, oneway: bool = False) -> None:
+        """:meth:`_write_bytes` for coroutines (see :meth:`_awrite`)."""
+        fut = self._write_or_hand_over(data, oneway)
+        if fut is not None:
+            await _finished(fut)
+
+    def _write_or_hand_over(self, data: bytes,
+                            oneway: bool) -> concurrent.futures.Future[None] | None:
+        """Write what the socket takes now; None when that was all. When it is full (the
+        primary is slow to read) or another thread is writing, the rest goes from the
+        writer thread: its future, for the coroutine to wait on there, not in the loop.
+
+        Under gevent (no event loop in the way) it is :meth:`_write_bytes`.
+        """
+        sock = self._sock
+        if sock is None:
+            raise BusClosed(self._closed_reason)
+        if self._green:
+            self._write_bytes(data, oneway)
+            return None
+        with self._writes_lock:
+            # Behind writes the writer thread has still to do, or a thread writing now,
+            # it queues (so a rest handed over below is never behind one that waits for it).
+            if self._queued or not self._wlock.acquire(False):
+                return self._to_writer(self._write_bytes, data, oneway)
             try:
-                sock.sendall(data)
-            except OSError as exc:
-                self._lost(f"writing to the primary failed ({exc})")
-                raise BusClosed(self._closed_reason) from None
+                data = self._take(data, oneway)
+                sent = 0
+                while sent < len(data):
+                    try:
+                        sent += sock.send(data[sent:] if sent else data, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    except InterruptedError:
+                        continue
+                    except OSError as exc:
+                        self._lost(f"writing to the primary failed ({exc})")
+                        raise BusClosed(self._closed_reason) from None
+                if sent < len(data):  # partly written: nobody may write before its rest,
+                    # so the write lock goes with the rest to the writer thread
+                    return self._to_writer(self._finish_locked, sock, memoryview(data)[sent:])
+            except BaseException:
+                self._wlock.release()
+                raise
+            self._wlock.release()
+            return None
+
+    def _finish_locked(self, sock: socket.socket, rest: memoryview) -> None:
+        """In the writer thread: the rest of a frame whose write lock it was handed."""
+        try:
+            self._sendall(sock, rest)
+        finally:
+            self._wlock.release()
+
+    def _to_writer(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+        """With ``_writes_lock``: have the writer thread run ``fn(*args)`` after what it has.
+
+        One thread (made at the first such write), so what it is given goes out in the
+        order given; a daemon, so a primary that never reads again can't hold up the
+        worker's exit.
+        """
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        writes = self._writes
+        if writes is None:
+            writes = self._writes = queue.SimpleQueue()
+            threading.Thread(target=self._write_in_turn, args=(writes,),
+                             name="gunicorn-ext-writer", daemon=True).start()
+        self._queued += 1
+        writes.put((fut, fn, args))
+        return fut
+
+    def _write_in_turn(self, writes: queue.SimpleQueue[_Write]) -> None:
+        """The writer thread: each write in turn, for good."""
+        while True:
+            fut, fn, args = writes.get()
+            wanted = fut.set_running_or_notify_cancel()
+            error: BaseException | None = None
+            try:
+                fn(*args)  # even when nobody waits: it may hold the write lock to release
+            except BaseException as exc:
+                error = exc
+            with self._writes_lock:
+                self._queued -= 1
+            if wanted:
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(None)
+            del fut, fn, args, error
 
     def flush(self) -> None:
         """Write one-way messages held back by a burst now (cheap when there are none)."""
@@ -707,13 +841,7 @@ class Bus:
                 self._write_bytes(back)
         elif kind is Pub:
             assert isinstance(frame, Pub)
-            for fn in list(self._topics.get(frame.topic, ())):
-                try:
-                    result = fn(Message(frame.topic, frame.payload, frame.src))
-                    if inspect.isawaitable(result):
-                        self._on_loop(self._run_subscriber(result, frame.topic), None)
-                except Exception:
-                    self._log("exception", "gunicorn-ext: subscriber of %r raised", frame.topic)
+            self._subscribers.deliver(frame.topic, frame.payload, frame.src)
         elif kind is Err:
             assert isinstance(frame, Err)
             if frame.id == 0 and frame.code == BusClosed.code:  # the primary's goodbye
@@ -747,15 +875,9 @@ class Bus:
         back = await self._handlers.ahandle(frame, self.max_frame)
         if back is not None:
             try:
-                self._write_bytes(back)
+                await self._awrite_bytes(back)
             except BusClosed:
                 pass
-
-    async def _run_subscriber(self, result: Awaitable[Any], topic: str) -> None:
-        try:
-            await result
-        except Exception:
-            self._log("exception", "gunicorn-ext: subscriber of %r raised", topic)
 
     def _log(self, level: str, msg: str, *args: Any) -> None:
         if self.log is not None:

@@ -22,7 +22,6 @@ while a thread holds a lock).
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import os
 import select
@@ -43,7 +42,7 @@ from .errors import (
     error_from_code,
 )
 from .frames import ALL, PRIMARY, Err, Msg, Pub, Ready, Rep, Req, Sub, Unsub
-from .message import ErrorCallback, Handler, Handlers, Message
+from .message import ErrorCallback, Handler, Handlers, Message, Subscribers
 from .reactor import READ as _READ
 from .reactor import WRITE as _WRITE
 from .reactor import Reactor
@@ -152,7 +151,8 @@ class Hub:
         self._handlers = Handlers("the primary", allow_async=False)
         self._handlers.log = self.log
         self._ready_callbacks: list[Callable[[int, int], None]] = []
-        self._local_subs: dict[str, list[Callable[[Message], None]]] = {}
+        self._local_subs = Subscribers("the primary", allow_async=False)
+        self._local_subs.log = self.log
         #: The thread, its epoll, timers and fork parking.
         self.reactor = Reactor("gunicorn-ext-hub", "hub", after_fork_parent=self._after_fork_parent,
                                after_fork_child=self._after_fork_child,
@@ -220,10 +220,7 @@ class Hub:
         """
 
         def register(fn: Callable[[Message], None]) -> Callable[[Message], None]:
-            if inspect.iscoroutinefunction(fn):
-                raise TypeError(f"the primary runs its subscribers in its hub thread, which has "
-                                f"no event loop: the subscriber of {topic!r} can't be async def")
-            self._local_subs.setdefault(topic, []).append(fn)
+            self._local_subs.add(topic, fn)
             return fn
 
         return register
@@ -234,7 +231,7 @@ class Hub:
 
     def start(self, log: Any) -> None:
         """Start the hub thread (from ``on_starting``); idempotent across HUP."""
-        self.log = self._handlers.log = log
+        self.log = self._handlers.log = self._local_subs.log = log
         was_running = self.reactor.running
         self.reactor.start(log)
         if not was_running:
@@ -764,11 +761,7 @@ class Hub:
             data = frames.encode(frame, self.max_frame + frames.ROUTING_SLACK)
             for conn in list(subs):
                 self._queue_bytes(conn, data, False)
-        for fn in self._local_subs.get(frame.topic, ()):
-            try:
-                fn(Message(frame.topic, frame.payload, frame.src))
-            except Exception:
-                self.log.exception("gunicorn-ext: primary subscriber of %r raised", frame.topic)
+        self._local_subs.deliver(frame.topic, frame.payload, frame.src)
 
 
 #: The process's hub. Import it as ``gunicorn_ext.primary``.

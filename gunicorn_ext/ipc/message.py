@@ -1,4 +1,5 @@
-"""What a bus handler receives, and the one way both ends of the bus run handlers.
+"""What a bus handler receives, and the one way both ends of the bus run handlers
+and subscribers.
 
 The primary (``ipc/hub.py``) and every worker (``ipc/bus.py``) keep their handlers
 in a :class:`Handlers`: it registers them, runs the handler for a request or a
@@ -6,13 +7,16 @@ one-way message (sync, or ``async def`` on a worker's event loop), maps what
 happened to the frame that goes back (a :class:`~gunicorn_ext.ipc.frames.Rep`, or
 an :class:`~gunicorn_ext.ipc.frames.Err` with the error's code), logs a handler's
 failure in the receiver, and, at the sender, hands failure notices to the
-``on_error`` callbacks. Only the transport differs between the two ends.
+``on_error`` callbacks. They keep their subscribers in a :class:`Subscribers`,
+which registers them and delivers a publication to each. Only the transport
+differs between the two ends (and the hub's routing of a publication to the
+subscribed workers, which is the hub's own).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, overload
 
 import msgspec
@@ -39,6 +43,8 @@ class Message(msgspec.Struct, frozen=True):
 Handler = Callable[[Message], Any]
 #: Called with ``(name, error)`` when a one-way message could not be handled.
 ErrorCallback = Callable[[str, Exception], None]
+#: A subscriber takes the publication (a :class:`Message` named after its topic).
+Subscriber = Callable[[Message], Any]
 
 
 class Handlers:
@@ -160,3 +166,70 @@ class Handlers:
             except Exception:
                 if self.log is not None:
                     self.log.exception("gunicorn-ext: on_error callback failed")
+
+
+class Subscribers:
+    """The subscribers of one end of the bus, by topic, and how a publication reaches them.
+
+    ``where`` and ``allow_async`` as for :class:`Handlers`. ``run_async(awaitable,
+    topic)``, set by a worker's bus, runs what an ``async def`` subscriber returned on
+    the worker's event loop (awaited with :meth:`arun`).
+    """
+
+    def __init__(self, where: str, allow_async: bool) -> None:
+        self.where = where
+        self.log: Any = None
+        self.allow_async = allow_async
+        self.run_async: Callable[[Awaitable[Any], str], None] | None = None
+        #: topic -> its subscribers, in the order registered (changed by add/remove only).
+        self.topics: dict[str, list[Subscriber]] = {}
+
+    def add(self, topic: str, fn: Subscriber) -> bool:
+        """Deliver ``topic`` to ``fn`` too from now on; True when nobody had it before."""
+        if inspect.iscoroutinefunction(fn) and not self.allow_async:
+            raise TypeError(f"{self.where} runs its subscribers in its hub thread, which has "
+                            f"no event loop: the subscriber of {topic!r} can't be async def")
+        first = topic not in self.topics
+        self.topics.setdefault(topic, []).append(fn)
+        return first
+
+    def remove(self, topic: str) -> bool:
+        """Drop every subscriber of ``topic``; True when it had any."""
+        return self.topics.pop(topic, None) is not None
+
+    def deliver(self, topic: str, payload: Any, src: int) -> None:
+        """Call each subscriber of ``topic`` with the publication, in this thread; one
+        that raises is logged with its traceback and the others still get it."""
+        fns = self.topics.get(topic)
+        if not fns:
+            return
+        for fn in list(fns):
+            try:
+                result = fn(Message(topic, payload, src))
+                if inspect.isawaitable(result):
+                    self._awaitable(result, topic)
+            except Exception:
+                self._raised(topic)
+
+    async def arun(self, result: Awaitable[Any], topic: str) -> None:
+        """Await what an ``async def`` subscriber of ``topic`` returned (on the loop)."""
+        try:
+            await result
+        except Exception:
+            self._raised(topic)
+
+    def _awaitable(self, result: Awaitable[Any], topic: str) -> None:
+        if self.run_async is not None:
+            self.run_async(result, topic)
+            return
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()  # a coroutine nothing will run: no "never awaited" warning
+        if self.log is not None:
+            self.log.error("gunicorn-ext: a subscriber of %r in %s returned an awaitable; %s "
+                           "has no event loop to run it", topic, self.where, self.where)
+
+    def _raised(self, topic: str) -> None:
+        # Called in the except block, so the log line carries the traceback.
+        if self.log is not None:
+            self.log.exception("gunicorn-ext: subscriber of %r in %s raised", topic, self.where)

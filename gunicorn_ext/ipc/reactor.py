@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-import os
 import select
 import threading
 import time
@@ -59,14 +58,13 @@ class Reactor:
         #: Set in the thread to have ``on_turn_end`` run at the end of this turn.
         self.turn_end_wanted = False
         self._ep: select.epoll | None = None
-        self._wake_r = self._wake_w = -1
         self._handlers: dict[int, FdHandler] = {}
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._ids = itertools.count(1)
         self._child_callbacks: list[Callable[[], None]] = []
         self._thread_ident = 0
-        self._parking = ForkParking(what, self._wake, after_parent=after_fork_parent,
+        self._parking = ForkParking(what, after_parent=after_fork_parent,
                                     after_child=self._after_fork_child)
 
     # ------------------------------------------------------------- lifecycle
@@ -77,15 +75,13 @@ class Reactor:
         if self.running:
             return
         self._ep = select.epoll()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._ep.register(self._wake_r, READ)
+        self._ep.register(self._parking.pipe.open(), READ)
         self.running = True
         self._parking.start(log, self._run, self.name)
 
     def stop(self, cleanup: Callable[[], None] | None = None) -> None:
-        """Stop the thread; run ``cleanup`` (in the caller, the thread gone); close the epoll."""
+        """Stop the thread (the parking closes its pipe); run ``cleanup`` (in the caller,
+        the thread gone); close the epoll."""
         if not self.running:
             return
         self.running = False
@@ -95,10 +91,6 @@ class Reactor:
         if self._ep is not None:
             self._ep.close()
             self._ep = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     def in_thread(self) -> bool:
         """True when called from the reactor's own thread."""
@@ -112,7 +104,7 @@ class Reactor:
             fn()
         else:
             self._calls.append(fn)
-            self._wake()
+            self._parking.pipe.wake()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` in the thread after ``delay`` seconds (any thread may call)."""
@@ -172,18 +164,13 @@ class Reactor:
 
     # ------------------------------------------------------------ the thread
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass  # pipe full (a wake-up is pending anyway), or not made yet
-
     def _run(self) -> None:
         self._thread_ident = threading.get_ident()
         ep = self._ep
         assert ep is not None
         handlers = self._handlers
-        wake_r = self._wake_r
+        pipe = self._parking.pipe
+        wake_r = pipe.fileno()
         timers = self._timers
         calls = self._calls
         parking = self._parking
@@ -207,10 +194,7 @@ class Reactor:
                     except Exception:
                         self.log.exception("gunicorn-ext: watcher of fd %s failed", fd)
                 elif fd == wake_r:
-                    try:
-                        os.read(wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                    pipe.drain()
             while calls:
                 fn = calls.popleft()
                 try:
@@ -232,7 +216,8 @@ class Reactor:
                     self.log.exception("gunicorn-ext: timer failed")
 
     def _after_fork_child(self) -> None:
-        """In the new process: drop the thread's state and close the reactor's fds."""
+        """In the new process: drop the thread's state and close the reactor's fds (the
+        parking closes the pipe)."""
         self.running = False
         self._thread_ident = 0
         if self._after_fork_child_owner is not None:
@@ -251,10 +236,3 @@ class Reactor:
             except OSError:
                 pass
             self._ep = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1

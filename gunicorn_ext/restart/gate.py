@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from typing import Any
 
 from .. import gunicorn_internals as gi
@@ -154,6 +155,72 @@ def _listening(sock: socket.socket) -> bool:
         return False
 
 
+#: Worker classes that stop accepting as soon as they get their TERM (the sync and
+#: gthread workers); a short pause covers them.
+STOP_AT_ONCE = ("SyncWorker", "ThreadWorker")
+#: ...how short.
+STOP_PAUSE = 0.1
+
+
+def wait_stopped_accepting(worker_class: str, listeners: list[Any], pids: list[int],
+                           timeout: float) -> None:
+    """After TERMing the workers ``pids``: wait until they stopped accepting on the
+    listeners, so that :func:`refuse_new` can shut those down (``timeout`` at most).
+
+    A listener shut down while a worker still polls it fails that worker's ``accept()``
+    with EINVAL, logged with a traceback (over and over under asyncio, whose loop then
+    sees the listener readable every turn). The sync and gthread workers stop at once
+    (a short pause); gevent and the asyncio workers (``-k asgi``, uvicorn) notice the TERM
+    when their loop next looks, up to a second later, and then close their copies of
+    the listeners, which :func:`wait_released` sees.
+    """
+    if worker_class in STOP_AT_ONCE:
+        time.sleep(min(STOP_PAUSE, timeout))
+    else:
+        wait_released(listeners, pids, timeout)
+
+
+def wait_released(listeners: list[Any], pids: list[int], timeout: float) -> bool:
+    """Wait until none of ``pids`` holds a copy of a listener's socket; False at timeout.
+
+    Reads ``/proc/<pid>/fd`` (Linux, where :func:`refuse_new` stops a listener); an
+    exited process holds nothing; without ``/proc`` it returns True at once.
+    """
+    if not os.path.isdir("/proc/self/fd"):
+        return True
+    inodes = set()
+    for lnr in listeners:
+        sock = gi.listener_socket(lnr)
+        if sock is not None:
+            try:
+                inodes.add(f"socket:[{os.fstat(sock.fileno()).st_ino}]")
+            except (OSError, ValueError):  # closed already
+                pass
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while True:
+        left = [pid for pid in left if _holds(pid, inodes)]
+        if not left:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _holds(pid: int, inodes: set[str]) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # exited (or not ours to read)
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
+
+
 def refuse_new(listeners: list[Any], log: Any) -> None:
     """Graceful stop without even spread: make the listeners refuse new connections.
 
@@ -161,7 +228,8 @@ def refuse_new(listeners: list[Any], log: Any) -> None:
     until they exit, so closing the arbiter's copy (all Gunicorn does) leaves new
     clients waiting in the backlog until the last worker exits and resets them. A
     shut-down listener refuses them at once, so a balancer moves on. Call it after
-    the workers stopped accepting (a worker polling a shut-down listener fails).
+    the workers stopped accepting (:func:`wait_stopped_accepting`: a worker polling a
+    shut-down listener fails).
     """
     for lnr in listeners:
         sock = gi.listener_socket(lnr)
