@@ -529,41 +529,53 @@ class StoreSessionInterface(SessionInterface):
         assert s._sid is not None
         key = self.key_prefix + s._sid
         empty = not current
-        batch = self.store.batch()
-        ops = 0
-        if s._discard is not None:
-            batch.delete(self.key_prefix + s._discard)
-            ops += 1
         deleted = touched = False
+        raw = s._raw
+        changed = {k: v for k, v in current.items() if raw.get(k) != v}
+        removed = [k for k in raw if k not in current]
         if empty:
-            if not s._new:
-                batch.delete(key)
-                ops += 1
-                deleted = True
-        else:
-            changed = {k: v for k, v in current.items() if s._raw.get(k) != v}
-            removed = [k for k in s._raw if k not in current]
-            if changed:
-                batch.hset(key, changed)
-                ops += 1
-            if removed:
-                batch.hdel(key, *removed)
-                ops += 1
-            if changed or removed or s.modified:
-                touched = self._ttl_due(s)
-            else:  # read only: its refresh, if due and not done by the load
-                touched = s._refresh_due and not s._refreshed and self.should_set_cookie(app, s)
-            if touched:
-                batch.expire(key, s._ttl)
-                ops += 1
-            elif changed:  # HSET keeps the TTL; this gives one only to a key HSET created
-                batch.expire(key, s._ttl, if_no_ttl=True)  # (deleted meanwhile, or new)
-        if ops:
-            try:
-                batch.execute()
-            except StoreUnavailable as exc:
-                _answer_unavailable(response, exc)
-                return
+            pass
+        elif changed or removed or s.modified:
+            touched = self._ttl_due(s)
+        else:  # read only: its refresh, if due and not done by the load
+            touched = s._refresh_due and not s._refreshed and self.should_set_cookie(app, s)
+        # The fields HSET should create: those not loaded. A larger reply means the key
+        # vanished (expired, deleted) since the load, and HSET made it again, without a
+        # TTL: a second round trip gives it one. When every changed field is new, the
+        # reply can't tell, so ``EXPIRE ... NX`` rides with the write instead.
+        expected = sum(1 for k in changed if k not in raw)
+        by_reply = not touched and expected < len(changed)
+        try:
+            if (by_reply and not removed and s._discard is None and not empty):
+                # the common read-modify-write: one plain command, checked by its reply
+                created = self.store.hset(key, changed)
+            else:
+                batch = self.store.batch()
+                ops = 0
+                if s._discard is not None:
+                    batch.delete(self.key_prefix + s._discard)
+                    ops += 1
+                if empty:
+                    if not s._new:
+                        batch.delete(key)
+                        ops += 1
+                        deleted = True
+                else:
+                    if changed:
+                        batch.hset(key, changed)  # its reply is results[ops]
+                    if removed:
+                        batch.hdel(key, *removed)
+                    if touched:
+                        batch.expire(key, s._ttl)
+                    elif changed and not by_reply:
+                        batch.expire(key, s._ttl, if_no_ttl=True)
+                results = batch.execute() if ops or changed or removed or touched else []
+                created = results[ops] if by_reply else 0
+            if by_reply and created > expected:
+                touched = self.store.expire(key, s._ttl, if_no_ttl=True)
+        except StoreUnavailable as exc:
+            _answer_unavailable(response, exc)
+            return
         if s._discard is not None:
             self._forget(s._discard)
             s._discard = None
@@ -580,11 +592,10 @@ class StoreSessionInterface(SessionInterface):
         self._send_cookie(app, s, response)
 
     def _ttl_due(self, s: ServerSession) -> bool:
-        """Whether a write sets the TTL again: once per interval for a sliding session
-        (permanent, refreshed each request: its TTL is at most an interval old), on every
-        write otherwise (its lifetime restarts when it is modified, as in Flask)."""
-        if not (s.permanent and s._refresh_each):
-            return True
+        """Whether a write sets the TTL again: at most once per interval, for every
+        session (its TTL is at most an interval old; the cookie carries, signed, when it
+        was last set). A session's lifetime thus restarts when it is modified, as in
+        Flask, give or take an interval."""
         return s._refresh_due and not s._refreshed
 
     def _check_size(self, fields: Mapping[str, bytes]) -> None:

@@ -380,13 +380,13 @@ class RedisStore(Store):
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
-    def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+    def hset(self, key: str, mapping: dict[str, bytes]) -> int:
         for value in mapping.values():
             check_value(value)
         if not mapping:
-            return
+            return 0
         try:
-            self.client.hset(key, mapping=mapping)
+            return int(self.client.hset(key, mapping=mapping))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -572,8 +572,8 @@ class RedisBatch(Batch):
         for value in mapping.values():
             check_value(value)
         if not mapping:
-            return self._const(_none)
-        return self._add(_none, "hset", key, mapping=mapping)
+            return self._const(_zero)
+        return self._add(_int, "hset", key, mapping=mapping)
 
     def hdel(self, key: str, *fields: str) -> RedisBatch:
         if not fields:
