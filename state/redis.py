@@ -99,7 +99,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _REDIS_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
 
 
-def bound_unacked_writes(opts: dict[str, Any]) -> None:
+def _bound_unacked_writes(opts: dict[str, Any]) -> None:
     """Make a command that timed out unable to reach Redis later (TCP connections only).
 
     When the link to Redis is cut, a write already handed to the kernel stays in its send
@@ -214,7 +214,7 @@ class RedisStore(Store):
         opts.update(options)
         opts["decode_responses"] = False
         if scheme != "unix":
-            bound_unacked_writes(opts)
+            _bound_unacked_writes(opts)
         userinfo, _, hostpart = parts.netloc.rpartition("@")
         username = unquote(userinfo.split(":", 1)[0]) if userinfo else ""
         password = unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else None
@@ -258,6 +258,8 @@ class RedisStore(Store):
                     sentinel_kwargs.setdefault(key, opts[key])
             if sentinel_password:
                 sentinel_kwargs.setdefault("password", sentinel_password)
+            # the connections to the sentinels too, from their own socket_timeout
+            _bound_unacked_writes(sentinel_kwargs)
             opts.pop("db", None)
             self._sentinel = Sentinel(self.hosts, sentinel_kwargs=sentinel_kwargs, **opts)
             self._client = self._sentinel.master_for(self.service_name, db=self.db)

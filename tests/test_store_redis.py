@@ -455,6 +455,18 @@ def test_unacknowledged_writes_are_dropped_before_the_command_times_out(
     assert own.client.connection_pool.connection_kwargs["socket_keepalive_options"] == {
         socket.TCP_USER_TIMEOUT: 700}
     own.close()
+    # The connections to Sentinel itself get it too, from the sentinels' own timeout
+    # (nothing connects before first use).
+    for sentinel_kwargs, want in (({}, 1350), ({"socket_timeout": 0.5}, 450),
+                                  ({"socket_keepalive_options": {socket.TCP_USER_TIMEOUT: 99}},
+                                   99)):
+        sentinel = RedisStore("redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster",
+                              socket_timeout=1.5, sentinel_kwargs=sentinel_kwargs)
+        for client in sentinel._sentinel.sentinels:
+            kwargs = client.connection_pool.connection_kwargs
+            assert kwargs["socket_keepalive_options"] == {socket.TCP_USER_TIMEOUT: want}
+            assert kwargs["socket_keepalive"] is True
+        sentinel.close()
 
 
 def test_unix_socket(redis_server_factory: Callable[..., RedisServer], tmp_path: Path) -> None:
@@ -715,6 +727,13 @@ def test_sentinel_live(redis_server_factory: Callable[..., RedisServer], tmp_pat
         assert master.client(password=PASSWORD, db=1).get("k") == b"v"
         assert store.batch().incr("n").hset("h", {"a": b"1"}).hgetall("h").execute() == [
             1, 1, {"a": b"1"}]
+        # the connection to the sentinel itself is bounded like the master's (2 s timeout)
+        spool = store._sentinel.sentinels[0].connection_pool
+        sconn = spool.get_connection()
+        try:
+            assert sconn._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 1800
+        finally:
+            spool.release(sconn)
         token = store.acquire("l", timeout=5)
         assert token and store.release("l", token)
         store.after_fork()
