@@ -31,10 +31,14 @@ A session is one hash in the store, ``SESSION_KEY_PREFIX + id``, one field per t
 key, each value in :mod:`gunicorn_ext.state.codec` (plain JSON, or Flask's tagged JSON
 for Markup, datetime, bytes, tuple, UUID). It loads lazily, on first read, in one
 round trip (``HGETALL``). At the end of the request only the fields whose serialized
-value changed are written, in one round trip (``HSET`` changed fields, ``HDEL`` removed
-ones, and ``EXPIRE ... NX``, so a key is never left without a TTL), so nested mutations
-are saved without ``session.modified``, and two concurrent requests changing different
-keys both survive. Keys assigned before any read don't load the session: they are saved
+value changed are written, in one round trip, so nested mutations are saved without
+``session.modified``, and two concurrent requests changing different keys both survive.
+Commonly that is one plain ``HSET`` of the changed fields: it keeps the TTL, and its
+reply (the fields it created) says whether the key was still there; more than the
+changed fields the load lacked means it vanished meanwhile, and a second round trip
+(``EXPIRE ... NX``) gives the key made again its TTL, so a key is never left without
+one. When every changed field is new the reply can't tell, and ``EXPIRE ... NX`` rides
+with the ``HSET``; removed fields add an ``HDEL``. Keys assigned before any read don't load the session: they are saved
 in one round trip (``HSET`` + ``EXPIRE ... NX``, whose answer says whether the session
 still existed; if it didn't, they move to a fresh id in a second one), and the size
 limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
@@ -49,8 +53,9 @@ writes alike: the cookie carries, signed, when it last was (to the second), so a
 costs no round trip in a request that uses the session (``EXPIRE`` rides with
 ``HGETALL`` or the write), one ``EXPIRE`` round trip per interval in requests that
 don't, and no store access at all in between. A session that isn't permanent or isn't
-refreshed on each request has its TTL set again on every write (its lifetime restarts
-when it is modified). Needs Redis 7.0 or later (``EXPIRE ... NX``).
+refreshed on each request has its TTL set again by a write at most once per interval
+too (its lifetime restarts when it is modified, give or take an interval), never by a
+read. Needs Redis 7.0 or later (``EXPIRE ... NX``).
 
 The cookie is ``id.flag.timestamp.signature`` (itsdangerous ``TimestampSigner`` with the
 app's secret key, salt ``"gunicorn-ext-session"``; the flag says whether the session is
@@ -177,6 +182,7 @@ class ServerSession(SessionMixin):
         self._new: bool | None = None if cookie is not None else True  # None: not known yet
         self.modified = False
         self.accessed = False
+        self._varied = False  # the save added Vary: Cookie already
 
     # -- loading
     def _load(self) -> dict[str, Any]:
@@ -191,11 +197,12 @@ class ServerSession(SessionMixin):
             # A permanent session due for a refresh has it in the same round trip.
             refresh = (self._refresh_due and self._refresh_each and cookie is not None
                        and cookie.permanent)
-            batch = iface.store.batch().hgetall(key)
-            if refresh:
-                batch.expire(key, self._ttl)
             try:
-                raw = batch.execute()[0] or {}
+                if refresh:
+                    raw = (iface.store.batch().hgetall(key).expire(key, self._ttl)
+                           .execute()[0] or {})
+                else:  # one plain command
+                    raw = iface.store.hgetall(key)
             except StoreUnavailable:
                 self._failed = True
                 raise
@@ -486,7 +493,8 @@ class StoreSessionInterface(SessionInterface):
         response.set_cookie(self.get_cookie_name(app), value,
                             expires=self.get_expiration_time(app, session),
                             **self._cookie_params(app))
-        _vary_cookie(response)
+        if not session._varied:
+            _vary_cookie(response)
 
     # -- Flask's interface
     def open_session(self, app: Flask, request: Request) -> ServerSession | None:
@@ -508,6 +516,7 @@ class StoreSessionInterface(SessionInterface):
         if not isinstance(session, ServerSession):
             return
         s = session
+        s._varied = s.accessed
         if s.accessed:
             _vary_cookie(response)
         if s._failed:

@@ -299,7 +299,7 @@ def test_one_batch_to_load_one_to_save_only_changed_keys(app: Flask,
     store.calls.clear()
     client.get("/rmw/b/3")
     assert store.calls == [  # the cookie is fresh: no TTL refresh due
-        ("batch", [("hgetall", key)]),
+        ("hgetall", key),
         # one plain HSET: it keeps the TTL, and its reply (0 fields created: b was
         # loaded) says the key was still there
         ("hset", key, {"b": b'"3"'}),
@@ -312,7 +312,7 @@ def test_one_batch_to_load_one_to_save_only_changed_keys(app: Flask,
     client.get("/del/c")
     store.calls.clear()
     client.get("/rmw/b/3")  # same value: nothing to write (the sliding TTL is fresh)
-    assert store.calls == [("batch", [("hgetall", key)])]
+    assert store.calls == [("hgetall", key)]
     store.calls.clear()
     client.get("/del/a")  # HDEL never creates the key: no guard
     assert store.calls[1] == ("batch", [("hdel", key, "a")])
@@ -351,7 +351,7 @@ def test_a_write_without_a_read_is_one_batch(app: Flask, store: RecordingStore) 
     store.calls.clear()
     client.get("/write-then-read")
     assert seen == {"a": "new", "b": "2", "new": False}
-    assert store.calls == [("batch", [("hgetall", key)]), ("hset", key, {"a": b'"new"'})]
+    assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"new"'})]
     assert store.inner.hgetall(key) == {"a": b'"new"', "b": b'"2"'}
 
 
@@ -924,7 +924,7 @@ def test_no_refresh_where_flask_does_none(store: RecordingStore, monkeypatch: py
     clock.advance(3600)
     assert "Set-Cookie" not in client.get("/plain").headers
     assert client.get("/get/a").json == {"value": "1"}
-    assert store.calls == [("batch", [("hgetall", "session:" + sid_of(app, client))])]
+    assert store.calls == [("hgetall", "session:" + sid_of(app, client))]
 
 
 @pytest.mark.parametrize("config", [{"SESSION_PERMANENT": False},
@@ -949,9 +949,9 @@ def test_writes_set_the_ttl_again_at_most_once_per_interval(
         clock.advance(10)
         r = client.get(f"/rmw/a/{i}")
         assert "Set-Cookie" in r.headers and cookie_of(client) == first
-    assert store.calls == [("batch", [("hgetall", key)]), ("hset", key, {"a": b'"0"'})] + [
-        ("batch", [("hgetall", key)]), ("hset", key, {"a": b'"1"'}),
-        ("batch", [("hgetall", key)]), ("hset", key, {"a": b'"2"'})]
+    assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"0"'})] + [
+        ("hgetall", key), ("hset", key, {"a": b'"1"'}),
+        ("hgetall", key), ("hset", key, {"a": b'"2"'})]
     clock.advance(31)  # 61 s since the cookie was signed: due
     store.calls.clear()
     client.get("/rmw/a/3")
@@ -959,7 +959,7 @@ def test_writes_set_the_ttl_again_at_most_once_per_interval(
         assert store.calls == [("batch", [("hgetall", key), ("expire", key, ttl)]),
                                ("hset", key, {"a": b'"3"'})]
     else:
-        assert store.calls == [("batch", [("hgetall", key)]),
+        assert store.calls == [("hgetall", key),
                                ("batch", [("hset", key, {"a": b'"3"'}), ("expire", key, ttl)])]
     second = cookie_of(client)
     assert second != first and sid_of(app, client) == key.split(":", 1)[1]
@@ -983,7 +983,7 @@ def test_writes_set_the_ttl_again_at_most_once_per_interval(
         assert store.calls == [("batch", [("hgetall", key), ("expire", key, ttl)])]
         assert cookie_of(client) != third
     else:
-        assert store.calls == [("batch", [("hgetall", key)])]
+        assert store.calls == [("hgetall", key)]
         assert "Set-Cookie" not in r.headers and cookie_of(client) == third
     left = store.inner.ttl(key)  # (SQLite's clock is the one moved; memory's is not)
     assert left is not None and left > ttl - (30 if sliding else 90)
@@ -1007,7 +1007,7 @@ def test_a_key_gone_between_load_and_save_gets_its_ttl_back(
     ttl = app.permanent_session_lifetime.total_seconds()
     store.calls.clear()
     client.get("/rmw-gone")
-    assert store.calls == [("batch", [("hgetall", key)]), ("hset", key, {"a": b'"1+"'}),
+    assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"1+"'}),
                            ("expire", key, ttl, "if_no_ttl")]
     assert store.inner.hgetall(key) == {"a": b'"1+"'}
     left = store.inner.ttl(key)
