@@ -38,10 +38,10 @@ reply (the fields it created) says whether the key was still there; more than th
 changed fields the load lacked means it vanished meanwhile, and a second round trip
 (``EXPIRE ... NX``) gives the key made again its TTL, so a key is never left without
 one. When every changed field is new the reply can't tell, and ``EXPIRE ... NX`` rides
-with the ``HSET``; removed fields add an ``HDEL``. Keys assigned before any read don't load the session: they are saved
-in one round trip (``HSET`` + ``EXPIRE ... NX``, whose answer says whether the session
-still existed; if it didn't, they move to a fresh id in a second one), and the size
-limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
+with the ``HSET``; removed fields add an ``HDEL``. Keys assigned before any read don't
+load the session: they are saved in one round trip (``HSET`` + ``EXPIRE ... NX``, whose
+answer says whether the session still existed; if it didn't, they move to a fresh id in
+a second one), and the size limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
 
 Expiry follows Flask: the store keeps a session ``PERMANENT_SESSION_LIFETIME`` after it
 was last written and, for a permanent session with ``SESSION_REFRESH_EACH_REQUEST``
@@ -555,7 +555,7 @@ class StoreSessionInterface(SessionInterface):
         expected = sum(1 for k in changed if k not in raw)
         by_reply = not touched and expected < len(changed)
         try:
-            if (by_reply and not removed and s._discard is None and not empty):
+            if by_reply and not removed and s._discard is None and not empty:
                 # the common read-modify-write: one plain command, checked by its reply
                 created = self.store.hset(key, changed)
             else:
