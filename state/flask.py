@@ -31,13 +31,17 @@ A session is one hash in the store, ``SESSION_KEY_PREFIX + id``, one field per t
 key, each value in :mod:`gunicorn_ext.state.codec` (plain JSON, or Flask's tagged JSON
 for Markup, datetime, bytes, tuple, UUID). It loads lazily, on first read, in one
 round trip (``HGETALL``). At the end of the request only the fields whose serialized
-value changed are written, in one round trip (``HSET`` changed fields, ``HDEL`` removed
-ones, and ``EXPIRE ... NX``, so a key is never left without a TTL), so nested mutations
-are saved without ``session.modified``, and two concurrent requests changing different
-keys both survive. Keys assigned before any read don't load the session: they are saved
-in one round trip (``HSET`` + ``EXPIRE ... NX``, whose answer says whether the session
-still existed; if it didn't, they move to a fresh id in a second one), and the size
-limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
+value changed are written, in one round trip, so nested mutations are saved without
+``session.modified``, and two concurrent requests changing different keys both survive.
+Commonly that is one plain ``HSET`` of the changed fields: it keeps the TTL, and its
+reply (the fields it created) says whether the key was still there; more than the
+changed fields the load lacked means it vanished meanwhile, and a second round trip
+(``EXPIRE ... NX``) gives the key made again its TTL, so a key is never left without
+one. When every changed field is new the reply can't tell, and ``EXPIRE ... NX`` rides
+with the ``HSET``; removed fields add an ``HDEL``. Keys assigned before any read don't
+load the session: they are saved in one round trip (``HSET`` + ``EXPIRE ... NX``, whose
+answer says whether the session still existed; if it didn't, they move to a fresh id in
+a second one), and the size limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
 
 Expiry follows Flask: the store keeps a session ``PERMANENT_SESSION_LIFETIME`` after it
 was last written and, for a permanent session with ``SESSION_REFRESH_EACH_REQUEST``
@@ -49,8 +53,9 @@ writes alike: the cookie carries, signed, when it last was (to the second), so a
 costs no round trip in a request that uses the session (``EXPIRE`` rides with
 ``HGETALL`` or the write), one ``EXPIRE`` round trip per interval in requests that
 don't, and no store access at all in between. A session that isn't permanent or isn't
-refreshed on each request has its TTL set again on every write (its lifetime restarts
-when it is modified). Needs Redis 7.0 or later (``EXPIRE ... NX``).
+refreshed on each request has its TTL set again by a write at most once per interval
+too (its lifetime restarts when it is modified, give or take an interval), never by a
+read. Needs Redis 7.0 or later (``EXPIRE ... NX``).
 
 The cookie is ``id.flag.timestamp.signature`` (itsdangerous ``TimestampSigner`` with the
 app's secret key, salt ``"gunicorn-ext-session"``; the flag says whether the session is
@@ -177,6 +182,7 @@ class ServerSession(SessionMixin):
         self._new: bool | None = None if cookie is not None else True  # None: not known yet
         self.modified = False
         self.accessed = False
+        self._varied = False  # the save added Vary: Cookie already
 
     # -- loading
     def _load(self) -> dict[str, Any]:
@@ -191,11 +197,12 @@ class ServerSession(SessionMixin):
             # A permanent session due for a refresh has it in the same round trip.
             refresh = (self._refresh_due and self._refresh_each and cookie is not None
                        and cookie.permanent)
-            batch = iface.store.batch().hgetall(key)
-            if refresh:
-                batch.expire(key, self._ttl)
             try:
-                raw = batch.execute()[0] or {}
+                if refresh:
+                    raw = (iface.store.batch().hgetall(key).expire(key, self._ttl)
+                           .execute()[0] or {})
+                else:  # one plain command
+                    raw = iface.store.hgetall(key)
             except StoreUnavailable:
                 self._failed = True
                 raise
@@ -486,7 +493,8 @@ class StoreSessionInterface(SessionInterface):
         response.set_cookie(self.get_cookie_name(app), value,
                             expires=self.get_expiration_time(app, session),
                             **self._cookie_params(app))
-        _vary_cookie(response)
+        if not session._varied:
+            _vary_cookie(response)
 
     # -- Flask's interface
     def open_session(self, app: Flask, request: Request) -> ServerSession | None:
@@ -508,6 +516,7 @@ class StoreSessionInterface(SessionInterface):
         if not isinstance(session, ServerSession):
             return
         s = session
+        s._varied = s.accessed
         if s.accessed:
             _vary_cookie(response)
         if s._failed:
@@ -529,41 +538,53 @@ class StoreSessionInterface(SessionInterface):
         assert s._sid is not None
         key = self.key_prefix + s._sid
         empty = not current
-        batch = self.store.batch()
-        ops = 0
-        if s._discard is not None:
-            batch.delete(self.key_prefix + s._discard)
-            ops += 1
         deleted = touched = False
+        raw = s._raw
+        changed = {k: v for k, v in current.items() if raw.get(k) != v}
+        removed = [k for k in raw if k not in current]
         if empty:
-            if not s._new:
-                batch.delete(key)
-                ops += 1
-                deleted = True
-        else:
-            changed = {k: v for k, v in current.items() if s._raw.get(k) != v}
-            removed = [k for k in s._raw if k not in current]
-            if changed:
-                batch.hset(key, changed)
-                ops += 1
-            if removed:
-                batch.hdel(key, *removed)
-                ops += 1
-            if changed or removed or s.modified:
-                touched = self._ttl_due(s)
-            else:  # read only: its refresh, if due and not done by the load
-                touched = s._refresh_due and not s._refreshed and self.should_set_cookie(app, s)
-            if touched:
-                batch.expire(key, s._ttl)
-                ops += 1
-            elif changed:  # HSET keeps the TTL; this gives one only to a key HSET created
-                batch.expire(key, s._ttl, if_no_ttl=True)  # (deleted meanwhile, or new)
-        if ops:
-            try:
-                batch.execute()
-            except StoreUnavailable as exc:
-                _answer_unavailable(response, exc)
-                return
+            pass
+        elif changed or removed or s.modified:
+            touched = self._ttl_due(s)
+        else:  # read only: its refresh, if due and not done by the load
+            touched = s._refresh_due and not s._refreshed and self.should_set_cookie(app, s)
+        # The fields HSET should create: those not loaded. A larger reply means the key
+        # vanished (expired, deleted) since the load, and HSET made it again, without a
+        # TTL: a second round trip gives it one. When every changed field is new, the
+        # reply can't tell, so ``EXPIRE ... NX`` rides with the write instead.
+        expected = sum(1 for k in changed if k not in raw)
+        by_reply = not touched and expected < len(changed)
+        try:
+            if by_reply and not removed and s._discard is None and not empty:
+                # the common read-modify-write: one plain command, checked by its reply
+                created = self.store.hset(key, changed)
+            else:
+                batch = self.store.batch()
+                ops = 0
+                if s._discard is not None:
+                    batch.delete(self.key_prefix + s._discard)
+                    ops += 1
+                if empty:
+                    if not s._new:
+                        batch.delete(key)
+                        ops += 1
+                        deleted = True
+                else:
+                    if changed:
+                        batch.hset(key, changed)  # its reply is results[ops]
+                    if removed:
+                        batch.hdel(key, *removed)
+                    if touched:
+                        batch.expire(key, s._ttl)
+                    elif changed and not by_reply:
+                        batch.expire(key, s._ttl, if_no_ttl=True)
+                results = batch.execute() if ops or changed or removed or touched else []
+                created = results[ops] if by_reply else 0
+            if by_reply and created > expected:
+                touched = self.store.expire(key, s._ttl, if_no_ttl=True)
+        except StoreUnavailable as exc:
+            _answer_unavailable(response, exc)
+            return
         if s._discard is not None:
             self._forget(s._discard)
             s._discard = None
@@ -580,11 +601,10 @@ class StoreSessionInterface(SessionInterface):
         self._send_cookie(app, s, response)
 
     def _ttl_due(self, s: ServerSession) -> bool:
-        """Whether a write sets the TTL again: once per interval for a sliding session
-        (permanent, refreshed each request: its TTL is at most an interval old), on every
-        write otherwise (its lifetime restarts when it is modified, as in Flask)."""
-        if not (s.permanent and s._refresh_each):
-            return True
+        """Whether a write sets the TTL again: at most once per interval, for every
+        session (its TTL is at most an interval old; the cookie carries, signed, when it
+        was last set). A session's lifetime thus restarts when it is modified, as in
+        Flask, give or take an interval."""
         return s._refresh_due and not s._refreshed
 
     def _check_size(self, fields: Mapping[str, bytes]) -> None:

@@ -182,14 +182,16 @@ class MemoryStore(Store):
         h = self._hash(key, now)
         return {} if h is None else dict(h)
 
-    def _hset(self, now: float, key: str, mapping: dict[str, bytes]) -> None:
+    def _hset(self, now: float, key: str, mapping: dict[str, bytes]) -> int:
         if not mapping:
-            return
+            return 0
         h = self._hash(key, now)
         if h is None:
             self._data[key] = _Entry({f: bytes(v) for f, v in mapping.items()})
-        else:
-            h.update((f, bytes(v)) for f, v in mapping.items())
+            return len(mapping)
+        created = sum(1 for f in mapping if f not in h)
+        h.update((f, bytes(v)) for f, v in mapping.items())
+        return created
 
     def _hdel(self, now: float, key: str, *fields: str) -> int:
         h = self._hash(key, now)
@@ -232,10 +234,10 @@ class MemoryStore(Store):
     def hgetall(self, key: str) -> dict[str, bytes]:
         return self._call("hgetall", key)  # type: ignore[no-any-return]
 
-    def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+    def hset(self, key: str, mapping: dict[str, bytes]) -> int:
         for value in mapping.values():
             check_value(value)
-        self._call("hset", key, dict(mapping))
+        return self._call("hset", key, dict(mapping))  # type: ignore[no-any-return]
 
     def hdel(self, key: str, *fields: str) -> int:
         return self._call("hdel", key, *fields)  # type: ignore[no-any-return]

@@ -99,7 +99,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _REDIS_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
 
 
-def bound_unacked_writes(opts: dict[str, Any]) -> None:
+def _bound_unacked_writes(opts: dict[str, Any]) -> None:
     """Make a command that timed out unable to reach Redis later (TCP connections only).
 
     When the link to Redis is cut, a write already handed to the kernel stays in its send
@@ -214,7 +214,7 @@ class RedisStore(Store):
         opts.update(options)
         opts["decode_responses"] = False
         if scheme != "unix":
-            bound_unacked_writes(opts)
+            _bound_unacked_writes(opts)
         userinfo, _, hostpart = parts.netloc.rpartition("@")
         username = unquote(userinfo.split(":", 1)[0]) if userinfo else ""
         password = unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else None
@@ -258,6 +258,8 @@ class RedisStore(Store):
                     sentinel_kwargs.setdefault(key, opts[key])
             if sentinel_password:
                 sentinel_kwargs.setdefault("password", sentinel_password)
+            # the connections to the sentinels too, from their own socket_timeout
+            _bound_unacked_writes(sentinel_kwargs)
             opts.pop("db", None)
             self._sentinel = Sentinel(self.hosts, sentinel_kwargs=sentinel_kwargs, **opts)
             self._client = self._sentinel.master_for(self.service_name, db=self.db)
@@ -380,13 +382,13 @@ class RedisStore(Store):
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
-    def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+    def hset(self, key: str, mapping: dict[str, bytes]) -> int:
         for value in mapping.values():
             check_value(value)
         if not mapping:
-            return
+            return 0
         try:
-            self.client.hset(key, mapping=mapping)
+            return int(self.client.hset(key, mapping=mapping))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -572,8 +574,8 @@ class RedisBatch(Batch):
         for value in mapping.values():
             check_value(value)
         if not mapping:
-            return self._const(_none)
-        return self._add(_none, "hset", key, mapping=mapping)
+            return self._const(_zero)
+        return self._add(_int, "hset", key, mapping=mapping)
 
     def hdel(self, key: str, *fields: str) -> RedisBatch:
         if not fields:

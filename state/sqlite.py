@@ -366,16 +366,26 @@ class SQLiteStore(Store):
         return {field: bytes(value) for _, field, value in rows if field is not None}
 
     def _hset(self, conn: sqlite3.Connection, now: float, key: str,
-              mapping: dict[str, bytes]) -> None:
+              mapping: dict[str, bytes]) -> int:
         if not mapping:
-            return
+            return 0
         row = self._live_for_write(conn, now, key)
         if row is None:
             conn.execute("INSERT INTO kv (key, value, expires) VALUES (?, NULL, NULL)", (key,))
+            created = len(mapping)
         elif row[0] is not None:
             raise _wrongtype(key)
+        else:
+            fields = list(mapping)
+            created = len(fields)
+            for i in range(0, len(fields), 500):  # within SQLite's limit on parameters
+                chunk = fields[i:i + 500]
+                created -= conn.execute(
+                    "SELECT COUNT(*) FROM hash WHERE key = ? AND field IN "
+                    f"({','.join('?' * len(chunk))})", (key, *chunk)).fetchone()[0]
         conn.executemany("INSERT OR REPLACE INTO hash (key, field, value) VALUES (?, ?, ?)",
                          [(key, f, bytes(v)) for f, v in mapping.items()])
+        return created
 
     def _hdel(self, conn: sqlite3.Connection, now: float, key: str, *fields: str) -> int:
         row = self._live_for_write(conn, now, key)
@@ -421,11 +431,12 @@ class SQLiteStore(Store):
     def hgetall(self, key: str) -> dict[str, bytes]:
         return self._read(lambda c, now: self._hgetall(c, now, key))
 
-    def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+    def hset(self, key: str, mapping: dict[str, bytes]) -> int:
         for value in mapping.values():
             check_value(value)
-        if mapping:
-            self._write(lambda c, now: self._hset(c, now, key, dict(mapping)))
+        if not mapping:
+            return 0
+        return self._write(lambda c, now: self._hset(c, now, key, dict(mapping)))
 
     def hdel(self, key: str, *fields: str) -> int:
         return self._write(lambda c, now: self._hdel(c, now, key, *fields))

@@ -17,7 +17,8 @@ Values are bytes, keys are str. Every backend raises :class:`StoreUnavailable`
 One semantics on every backend (Redis's, pinned by ``tests/store_contract.py``):
 
 * ``set`` replaces a key of any type and clears its TTL; ``incr`` and ``hset`` keep it;
-  a TTL covers a whole hash; removing a hash's last field removes the key;
+  a TTL covers a whole hash; removing a hash's last field removes the key; ``hset``
+  returns how many of its fields it created (0 for an empty mapping);
 * a TTL given to ``set`` (and a lock's ``timeout``) must be a finite number > 0, else
   :class:`ValueError` before anything is sent; ``expire(key, 0)`` (or less) deletes;
   ``expire(key, ttl, if_no_ttl=True)`` leaves a key that has a TTL as it is;
@@ -203,7 +204,10 @@ class Store(abc.ABC):
     def hgetall(self, key: str) -> dict[str, bytes]: ...
 
     @abc.abstractmethod
-    def hset(self, key: str, mapping: dict[str, bytes]) -> None: ...
+    def hset(self, key: str, mapping: dict[str, bytes]) -> int:
+        """Set the fields of hash ``key`` (its TTL is kept); return how many of them
+        did not exist before (Redis's ``HSET`` reply), so a writer that knows which
+        fields it loaded learns from it whether the key vanished meanwhile."""
 
     @abc.abstractmethod
     def hdel(self, key: str, *fields: str) -> int: ...

@@ -140,9 +140,13 @@ def check_incr_threads(store: Store) -> None:
 
 def check_hashes(store: Store) -> None:
     assert store.hgetall("contract:h:missing") == {}
-    store.hset("contract:h:a", {"x": b"1", "y": b"2"})
+    assert store.hset("contract:h:a", {"x": b"1", "y": b"2"}) == 2  # fields created
     assert store.hgetall("contract:h:a") == {"x": b"1", "y": b"2"}
-    store.hset("contract:h:a", {"y": b"22", "z": b""})
+    assert store.hset("contract:h:a", {"y": b"22", "z": b""}) == 1  # y only updated
+    assert store.hset("contract:h:a", {"y": b"22"}) == 0  # unchanged: still counted as 0
+    assert store.hset("contract:h:a", {}) == 0
+    assert store.hset("contract:h:missing", {}) == 0
+    assert store.hgetall("contract:h:missing") == {}
     assert store.hgetall("contract:h:a") == {"x": b"1", "y": b"22", "z": b""}
     assert store.hdel("contract:h:a", "x", "missing") == 1
     assert store.hgetall("contract:h:a") == {"y": b"22", "z": b""}
@@ -160,8 +164,12 @@ def check_hashes(store: Store) -> None:
     assert store.get("contract:h:c") == b"str"
     store.delete("contract:h:c")
     assert store.hgetall("contract:h:c") == {}
-    store.hset("contract:h:c", {"g": b"w"})
+    assert store.hset("contract:h:c", {"g": b"w"}) == 1
     assert store.hgetall("contract:h:c") == {"g": b"w"}
+    # Many fields at once (past SQLite's limit on parameters of one statement).
+    many = {f"f{i}": b"v" for i in range(1200)}
+    assert store.hset("contract:h:many", many) == 1200
+    assert store.hset("contract:h:many", {**many, "extra": b"x"}) == 1
 
 
 def check_hash_ttl(store: Store) -> None:
@@ -183,9 +191,11 @@ def check_hash_ttl(store: Store) -> None:
     assert store.expire("contract:ht:a", 10) is False
     assert store.hdel("contract:ht:a", "f") == 0
     assert store.hgetall("contract:ht:kept") == {"f": b"1"}
-    # A hash written after expiring starts empty: the old fields are gone.
-    store.hset("contract:ht:a", {"new": b"3"})
-    assert store.hgetall("contract:ht:a") == {"new": b"3"}
+    # A hash written after expiring starts empty: the old fields are gone, and its
+    # fields count as created (what tells a session save that its key vanished).
+    assert store.hset("contract:ht:kept", {"f": b"1"}) == 0
+    assert store.hset("contract:ht:a", {"new": b"3", "f": b"1"}) == 2
+    assert store.hgetall("contract:ht:a") == {"new": b"3", "f": b"1"}
     assert store.ttl("contract:ht:a") is None
 
 
@@ -214,7 +224,7 @@ def check_expire_if_no_ttl(store: Store) -> None:
            .hset("contract:nx:old", {"b": b"2"}).expire("contract:nx:old", 100, if_no_ttl=True)
            .hset("contract:nx:new", {"b": b"2"}).expire("contract:nx:new", 100, if_no_ttl=True)
            .execute())
-    assert got == [None, False, None, True]
+    assert got == [1, False, 1, True]
     left = store.ttl("contract:nx:new")
     assert left is not None and 99 < left <= 100
     time.sleep(WAIT)
@@ -237,7 +247,7 @@ def check_batch(store: Store) -> None:
                .get("contract:b:old")
                .set("contract:b:t", b"t", ttl=SHORT)
                .execute())
-    assert results == [None, b"1", 5, 6, True, False, None, {"f": b"v"}, 1, 1, None, None]
+    assert results == [None, b"1", 5, 6, True, False, 1, {"f": b"v"}, 1, 1, None, None]
     assert store.get("contract:b:a") == b"1"
     left = store.ttl("contract:b:a")
     assert left is not None and 99 < left <= 100

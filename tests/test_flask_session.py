@@ -116,8 +116,8 @@ class RecordingStore(Store):
     def hgetall(self, key: str) -> dict[str, bytes]:
         return self._do("hgetall", key)  # type: ignore[no-any-return]
 
-    def hset(self, key: str, mapping: dict[str, bytes]) -> None:
-        self._do("hset", key, mapping)
+    def hset(self, key: str, mapping: dict[str, bytes]) -> int:
+        return self._do("hset", key, mapping)  # type: ignore[no-any-return]
 
     def hdel(self, key: str, *fields: str) -> int:
         return self._do("hdel", key, *fields)  # type: ignore[no-any-return]
@@ -299,13 +299,20 @@ def test_one_batch_to_load_one_to_save_only_changed_keys(app: Flask,
     store.calls.clear()
     client.get("/rmw/b/3")
     assert store.calls == [  # the cookie is fresh: no TTL refresh due
-        ("batch", [("hgetall", key)]),
-        # HSET keeps the TTL; EXPIRE NX only guards against a key left without one
-        ("batch", [("hset", key, {"b": b'"3"'}), ("expire", key, ttl, "if_no_ttl")]),
+        ("hgetall", key),
+        # one plain HSET: it keeps the TTL, and its reply (0 fields created: b was
+        # loaded) says the key was still there
+        ("hset", key, {"b": b'"3"'}),
     ]
     store.calls.clear()
+    client.get("/rmw/c/4")  # only a new field: the reply can't tell, EXPIRE NX rides along
+    assert store.calls[1] == (
+        "batch", [("hset", key, {"c": b'"4"'}), ("expire", key, ttl, "if_no_ttl")])
+    store.calls.clear()
+    client.get("/del/c")
+    store.calls.clear()
     client.get("/rmw/b/3")  # same value: nothing to write (the sliding TTL is fresh)
-    assert store.calls == [("batch", [("hgetall", key)])]
+    assert store.calls == [("hgetall", key)]
     store.calls.clear()
     client.get("/del/a")  # HDEL never creates the key: no guard
     assert store.calls[1] == ("batch", [("hdel", key, "a")])
@@ -344,9 +351,7 @@ def test_a_write_without_a_read_is_one_batch(app: Flask, store: RecordingStore) 
     store.calls.clear()
     client.get("/write-then-read")
     assert seen == {"a": "new", "b": "2", "new": False}
-    assert store.calls == [("batch", [("hgetall", key)]),
-                           ("batch", [("hset", key, {"a": b'"new"'}),
-                                      ("expire", key, ttl, "if_no_ttl")])]
+    assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"new"'})]
     assert store.inner.hgetall(key) == {"a": b'"new"', "b": b'"2"'}
 
 
@@ -919,7 +924,94 @@ def test_no_refresh_where_flask_does_none(store: RecordingStore, monkeypatch: py
     clock.advance(3600)
     assert "Set-Cookie" not in client.get("/plain").headers
     assert client.get("/get/a").json == {"value": "1"}
-    assert store.calls == [("batch", [("hgetall", "session:" + sid_of(app, client))])]
+    assert store.calls == [("hgetall", "session:" + sid_of(app, client))]
+
+
+@pytest.mark.parametrize("config", [{"SESSION_PERMANENT": False},
+                                    {"SESSION_REFRESH_EACH_REQUEST": False}, {}])
+def test_writes_set_the_ttl_again_at_most_once_per_interval(
+        store: RecordingStore, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any]) -> None:
+    """Every session's TTL is set again at most once per SESSION_REFRESH_INTERVAL (60 s
+    here) by writes, permanent or not: within it a read-modify-write is one plain HSET
+    and the cookie is re-sent as it was; once it has passed, the write sets the TTL
+    too and the cookie is signed again (it says when). A session Flask doesn't refresh
+    on each request never slides on reads."""
+    clock = Clock(monkeypatch)
+    app = make_app(store, **config)
+    sliding = not config  # permanent, refreshed on each request
+    client = app.test_client()
+    client.get("/set/a/1")
+    key = "session:" + sid_of(app, client)
+    ttl = app.permanent_session_lifetime.total_seconds()
+    first = cookie_of(client)
+    store.calls.clear()
+    for i in range(3):
+        clock.advance(10)
+        r = client.get(f"/rmw/a/{i}")
+        assert "Set-Cookie" in r.headers and cookie_of(client) == first
+    assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"0"'})] + [
+        ("hgetall", key), ("hset", key, {"a": b'"1"'}),
+        ("hgetall", key), ("hset", key, {"a": b'"2"'})]
+    clock.advance(31)  # 61 s since the cookie was signed: due
+    store.calls.clear()
+    client.get("/rmw/a/3")
+    if sliding:  # the refresh rides with the load
+        assert store.calls == [("batch", [("hgetall", key), ("expire", key, ttl)]),
+                               ("hset", key, {"a": b'"3"'})]
+    else:
+        assert store.calls == [("hgetall", key),
+                               ("batch", [("hset", key, {"a": b'"3"'}), ("expire", key, ttl)])]
+    second = cookie_of(client)
+    assert second != first and sid_of(app, client) == key.split(":", 1)[1]
+    store.calls.clear()
+    client.get("/set/a/4")  # a write without a read, within the new interval: no refresh
+    assert store.calls == [
+        ("batch", [("hset", key, {"a": b'"4"'}), ("expire", key, ttl, "if_no_ttl")])]
+    assert cookie_of(client) == second
+    clock.advance(61)
+    store.calls.clear()
+    client.get("/set/a/5")  # due: the refresh goes first, in the same round trip
+    assert store.calls == [("batch", [("expire", key, ttl), ("hset", key, {"a": b'"5"'}),
+                                      ("expire", key, ttl, "if_no_ttl")])]
+    third = cookie_of(client)
+    assert third != second
+    clock.advance(61)
+    store.calls.clear()
+    r = client.get("/get/a")  # a read: only a sliding session is refreshed
+    assert r.json == {"value": "5"}
+    if sliding:
+        assert store.calls == [("batch", [("hgetall", key), ("expire", key, ttl)])]
+        assert cookie_of(client) != third
+    else:
+        assert store.calls == [("hgetall", key)]
+        assert "Set-Cookie" not in r.headers and cookie_of(client) == third
+    left = store.inner.ttl(key)  # (SQLite's clock is the one moved; memory's is not)
+    assert left is not None and left > ttl - (30 if sliding else 90)
+
+
+def test_a_key_gone_between_load_and_save_gets_its_ttl_back(
+        app: Flask, store: RecordingStore) -> None:
+    """The session vanished (expired, deleted) between its load and its save: the
+    HSET reply counts more fields created than the load lacked, and a second round
+    trip gives the key made again its TTL (never a key without one)."""
+    @app.get("/rmw-gone")
+    def rmw_gone() -> str:
+        session["a"] = session.get("a", "") + "+"
+        store.inner.delete(key)  # meanwhile, elsewhere
+        return "ok"
+
+    client = app.test_client()
+    client.get("/set/a/1")
+    client.get("/set/b/2")
+    key = "session:" + sid_of(app, client)
+    ttl = app.permanent_session_lifetime.total_seconds()
+    store.calls.clear()
+    client.get("/rmw-gone")
+    assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"1+"'}),
+                           ("expire", key, ttl, "if_no_ttl")]
+    assert store.inner.hgetall(key) == {"a": b'"1+"'}
+    left = store.inner.ttl(key)
+    assert left is not None and left > ttl - 30
 
 
 def test_refresh_interval_zero_is_every_request(store: RecordingStore) -> None:

@@ -111,7 +111,7 @@ def test_batch_results(store: RedisStore) -> None:
     out = (b.get("k").set("k", b"new", ttl=10).get("k").incr("c", 5).hset("h", {"x": b"1"})
            .hset("h", {}).hgetall("h").expire("h", 20).expire("missing", 1).hdel("h", "x")
            .delete("k", "c", "zz").delete().execute())
-    assert out == [b"old", None, b"new", 5, None, None, {"x": b"1"}, True, False, 1, 2, 0]
+    assert out == [b"old", None, b"new", 5, 1, 0, {"x": b"1"}, True, False, 1, 2, 0]
     assert store.batch().execute() == []
     assert store.get("k") is None
 
@@ -204,7 +204,7 @@ def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     assert _server_reads(observer) - before - 1 == 1
     before = _server_reads(observer)
     out = store.batch().hgetall("s").hset("s", {"a": b"1"}).expire("s", 60).get("t").execute()
-    assert out == [{}, None, True, None]
+    assert out == [{}, 1, True, None]
     assert _server_reads(observer) - before - 1 == 1
     # an error reply in the middle: every command ran, the error is raised, and the
     # connection (every reply read) works next time
@@ -280,7 +280,7 @@ def test_resp3(redis_server: RedisServer) -> None:
     # Through redis-py, RESP3 replies (maps, booleans) come out as on RESP2.
     store = RedisStore(redis_server.url, protocol=3)
     out = store.batch().hset("h", {"a": b"1"}).hgetall("h").expire("h", 10).incr("n").ttl("h").execute()
-    assert out[:4] == [None, {"a": b"1"}, True, 1] and 0 < out[4] <= 10
+    assert out[:4] == [1, {"a": b"1"}, True, 1] and 0 < out[4] <= 10
     assert store.batch().hgetall("missing").execute() == [{}]
     assert store.hgetall("h") == {"a": b"1"} and store.expire("h", 5) is True
     token = store.acquire("l", timeout=5)
@@ -455,6 +455,18 @@ def test_unacknowledged_writes_are_dropped_before_the_command_times_out(
     assert own.client.connection_pool.connection_kwargs["socket_keepalive_options"] == {
         socket.TCP_USER_TIMEOUT: 700}
     own.close()
+    # The connections to Sentinel itself get it too, from the sentinels' own timeout
+    # (nothing connects before first use).
+    for sentinel_kwargs, want in (({}, 1350), ({"socket_timeout": 0.5}, 450),
+                                  ({"socket_keepalive_options": {socket.TCP_USER_TIMEOUT: 99}},
+                                   99)):
+        sentinel = RedisStore("redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster",
+                              socket_timeout=1.5, sentinel_kwargs=sentinel_kwargs)
+        for client in sentinel._sentinel.sentinels:
+            kwargs = client.connection_pool.connection_kwargs
+            assert kwargs["socket_keepalive_options"] == {socket.TCP_USER_TIMEOUT: want}
+            assert kwargs["socket_keepalive"] is True
+        sentinel.close()
 
 
 def test_unix_socket(redis_server_factory: Callable[..., RedisServer], tmp_path: Path) -> None:
@@ -537,7 +549,7 @@ def test_tls_server(tls_server: tuple[RedisServer, int, Path]) -> None:
     assert store.get("k") == b"over tls"
     assert server.client().get("k") == b"over tls"  # the same server, seen in plain
     assert store.batch().hset("h", {"a": b"1"}).expire("h", 30).hgetall("h").incr("n").execute() == [
-        None, True, {"a": b"1"}, 1]
+        1, True, {"a": b"1"}, 1]
     token = store.acquire("l", timeout=5)
     assert token and store.release("l", token)
     for check in (check_batch, check_lock):
@@ -714,7 +726,14 @@ def test_sentinel_live(redis_server_factory: Callable[..., RedisServer], tmp_pat
         assert store.get("k") == b"v"
         assert master.client(password=PASSWORD, db=1).get("k") == b"v"
         assert store.batch().incr("n").hset("h", {"a": b"1"}).hgetall("h").execute() == [
-            1, None, {"a": b"1"}]
+            1, 1, {"a": b"1"}]
+        # the connection to the sentinel itself is bounded like the master's (2 s timeout)
+        spool = store._sentinel.sentinels[0].connection_pool
+        sconn = spool.get_connection()
+        try:
+            assert sconn._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 1800
+        finally:
+            spool.release(sconn)
         token = store.acquire("l", timeout=5)
         assert token and store.release("l", token)
         store.after_fork()
@@ -772,7 +791,7 @@ def test_cluster_live(redis_server_factory: Callable[..., RedisServer]) -> None:
     session = "session:{abc}"
     out = (store.batch().hset(session, {"a": b"1", "b": b"2"}).expire(session, 30)
            .hgetall(session).hdel(session, "a").execute())
-    assert out == [None, True, {"a": b"1", "b": b"2"}, 1]
+    assert out == [2, True, {"a": b"1", "b": b"2"}, 1]
     assert store.batch().delete("x1", "x2", session).execute() == [1]  # per-key DELs
     assert store.incr("counter", 3) == 3
     token = store.acquire("job", timeout=5)
