@@ -28,6 +28,21 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   leaves it in the kernel's listen backlog (as without gunicorn-ext), raises a flag on
   the board and stops watching; a worker that frees a thread while the flag is up wakes
   it with one message. So messages flow only while connections wait for a thread.
+* Kept-alive connections: a connection stays with the worker that got it, so a few
+  busy clients (or a balancer's keep-alive pool) can load one worker while another
+  idles. Each worker also keeps its recent load on the board (its requests, each
+  weighing ``exp(-age / LOAD_TAU)``). A gthread worker whose recent load is clearly
+  above the mean (:data:`SHED_ABOVE`, :data:`SHED_MARGIN`) answers one request on a
+  kept-alive connection with ``Connection: close`` (:meth:`DispatchedListener.rebalance`):
+  the client's next request opens a connection, which the primary gives to the worker
+  with the most room, then the least recent load. Bounded: one close per
+  :data:`SHED_COOLDOWN` at most, never on a connection's first request, never on a
+  request asking to upgrade (WebSocket), and the closes already made count as load
+  gone (so a worker closes about as many connections as its excess needs). The close
+  is announced in a whole response, never mid-request, and never races a client's next
+  request as closing an idle connection would. Sync workers close every connection
+  after its request anyway. Behind nginx the upstream keep-alive pool opens another.
+  The board costs no system call; a request reads the cells of the workers there are.
 * A worker that stops gracefully (TERM, max_requests, recycling) says so, the primary
   acknowledges and sends it nothing more, and the worker hands back any connection it
   had not accepted yet; the primary gives those to another worker. A worker killed
@@ -52,6 +67,7 @@ from __future__ import annotations
 
 import array
 import errno
+import math
 import mmap
 import os
 import socket
@@ -75,11 +91,31 @@ STOP_ACK_TIMEOUT = 1.0
 #: wake-up costs at most this long).
 WAIT_POLL = 0.02
 
-# The board: a header (the primary's "waiting for room" flag), then one cell per worker:
-# capacity (0 until the worker is ready), running requests, connections received.
-_HEADER = struct.Struct("=I")
-_CELL = struct.Struct("=iiI")
+# The board: a header (the primary's "waiting for room" flag, and how many cells have
+# ever been handed out, so a worker reads only those), then one cell per worker: capacity
+# (0 until the worker is ready), running requests, connections received, kept-alive
+# connections it closed to rebalance, and its recent load (requests, decayed with
+# LOAD_TAU) with the monotonic time it was last updated.
+_HEADER = struct.Struct("=II")
+_FLAG = struct.Struct("=I")  # at offset 0 of the header
+_CELLS_USED = struct.Struct("=I")  # at offset 4
+_CELL = struct.Struct("=iiIIdd")
+_COUNTS = struct.Struct("=iiI")  # the first three fields of a cell
 CELLS = 4096
+
+#: The recent load of a worker is its requests, each weighing exp(-age / LOAD_TAU).
+LOAD_TAU = 1.0
+#: A gthread worker closes a kept-alive connection (``Connection: close`` on a response)
+#: only while its recent load is above SHED_ABOVE times the workers' mean ...
+SHED_ABOVE = 1.2
+#: ... and by at least SHED_MARGIN requests (a trickle of requests is left alone) ...
+SHED_MARGIN = 4.0
+#: ... and at most one per SHED_COOLDOWN seconds.
+SHED_COOLDOWN = 0.1
+
+
+def _decayed(load: float, stamp: float, now: float) -> float:
+    return load * math.exp(-(now - stamp) / LOAD_TAU) if now > stamp else load
 
 
 def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
@@ -181,7 +217,9 @@ class Dispatcher:
                                "kernel", CELLS)
                 return
             cell = self._free_cells.pop()
-        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0)
+        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0, 0, 0.0, 0.0)
+        if cell >= _CELLS_USED.unpack_from(self.board, 4)[0]:
+            _CELLS_USED.pack_into(self.board, 4, cell + 1)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setblocking(False)
         with self._lock:
@@ -255,7 +293,7 @@ class Dispatcher:
         if board is None:
             return len(self._returned)
         return len(self._returned) + sum(
-            max(0, w.sent - _CELL.unpack_from(board, _offset(w.cell))[2])
+            max(0, w.sent - _COUNTS.unpack_from(board, _offset(w.cell))[2])
             for w in list(self._workers.values()))
 
     # -- the hub thread
@@ -323,14 +361,14 @@ class Dispatcher:
         self.hub.unwatch(w.sock.fileno())
         w.sock.close()
         assert self.board is not None
-        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0)
+        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0)
         with self._lock:
             self._free_cells.append(w.cell)
         self._update()
 
     def _room(self, w: _Worker) -> int:
         assert self.board is not None
-        capacity, running, received = _CELL.unpack_from(self.board, _offset(w.cell))
+        capacity, running, received = _COUNTS.unpack_from(self.board, _offset(w.cell))
         if capacity <= 0:
             return 0  # not ready yet
         return capacity - max(0, running) - (w.sent - received)
@@ -388,7 +426,7 @@ class Dispatcher:
             return
         if waiting != self._waiting:
             self._waiting = waiting
-            _HEADER.pack_into(self.board, 0, 1 if waiting else 0)
+            _FLAG.pack_into(self.board, 0, 1 if waiting else 0)
         if waiting and not self._poll_armed:
             # A worker may free room between our look and the flag: look again soon, and
             # keep looking while waiting, so a missed wake-up costs WAIT_POLL at most.
@@ -408,17 +446,27 @@ class Dispatcher:
                 self.hub.unwatch(lst.fileno())
             self._watching = False
 
+    def _load(self, w: _Worker, now: float) -> float:
+        assert self.board is not None
+        *_, load, stamp = _CELL.unpack_from(self.board, _offset(w.cell))
+        return _decayed(load, stamp, now)
+
     def _pick(self) -> _Worker | None:
+        """The worker with the most room; on a tie the least recent load (requests in
+        the last second or so: where a client that a busy worker's ``Connection:
+        close`` sent back lands), then the longest-waiting."""
         best: _Worker | None = None
-        best_room = 0
+        best_key: tuple[int, float, float] | None = None
+        now = time.monotonic()
         for w in self._workers.values():
             if w.stopping:
                 continue
             room = self._room(w)
             if room <= 0:
                 continue
-            if best is None or room > best_room or (room == best_room and w.since < best.since):
-                best, best_room = w, room
+            key = (-room, round(self._load(w, now), 1), w.since)
+            if best_key is None or key < best_key:
+                best, best_key = w, key
         return best
 
     def _on_listener(self, index: int) -> None:
@@ -492,6 +540,12 @@ class DispatchedListener:
         self.offset = _offset(cell)
         self.received = 0
         self.running = 0
+        self.load = 0.0  # recent requests (decayed with LOAD_TAU) ...
+        self.stamp = time.monotonic()  # ... as of this time
+        self.shed = 0  # kept-alive connections closed to rebalance
+        self._credit = 0.0  # the load those closes will take away (decaying like load)
+        self._credit_stamp = self.stamp
+        self._next_shed = 0.0
         self._lock = threading.Lock()
         self._last = 0
         self._stopping = False
@@ -565,7 +619,12 @@ class DispatchedListener:
     # -- the board
 
     def ready(self) -> None:
-        """The worker booted: it can take *capacity* requests."""
+        """The worker booted: it can take *capacity* requests. It starts with the mean
+        recent load of the others, so the primary does not send a newcomer every new
+        connection until its load catches up."""
+        with self._lock:
+            self.stamp = time.monotonic()
+            self.load = self._others(self.stamp)[0]
         self._publish(ready=True)
 
     def stop_soon(self) -> None:
@@ -583,8 +642,57 @@ class DispatchedListener:
             self._publish(busy=0)
 
     def finished(self) -> None:
-        if self.threaded:
-            self._publish(busy=-1)  # this one is done; Gunicorn counts it until finish_request
+        """A request ended: it counts in the recent load (a gthread worker's connection
+        stays busy until Gunicorn settles it)."""
+        self._publish(busy=-1 if self.threaded else None, served=True)
+
+    def rebalance(self, req: Any) -> None:
+        """Before a gthread worker handles a request on a kept-alive connection: when this
+        worker's recent load is clearly above the workers' mean, the response will say
+        ``Connection: close`` (and Gunicorn closes the connection after it), so the
+        client's next request comes back through the primary to the least loaded worker.
+
+        Bounded: never the first request of a connection (the primary just chose this
+        worker), never a request that asked to upgrade the connection (WebSocket, h2c),
+        one close per SHED_COOLDOWN at most, and only while the load above the mean, less
+        what earlier closes will take away, exceeds SHED_ABOVE and SHED_MARGIN. The close
+        is announced in a response, so it never cuts a request short, and a client never
+        sends a request on a connection the server is closing."""
+        now = time.monotonic()
+        if now < self._next_shed or self._stopping or self._closed \
+                or not gi.may_close_after(req):
+            return
+        mine, mean = self._loads(now)
+        credit = _decayed(self._credit, self._credit_stamp, now)
+        if mine - credit <= max(mean * SHED_ABOVE, mean + SHED_MARGIN):
+            return
+        gi.close_after(req)
+        with self._lock:
+            self._next_shed = now + SHED_COOLDOWN
+            # This connection's share of the load leaves with it, over about LOAD_TAU.
+            self._credit = credit + (mine - credit) / max(1, gi.gthread_connections(self.worker))
+            self._credit_stamp = now
+            self.shed += 1
+        self._publish()
+
+    def _loads(self, now: float) -> tuple[float, float]:
+        """This worker's recent load, and the mean of every ready worker's."""
+        mine = _decayed(self.load, self.stamp, now)
+        others, n = self._others(now)
+        return mine, (others * n + mine) / (n + 1)
+
+    def _others(self, now: float) -> tuple[float, int]:
+        """The mean recent load of the other ready workers, and how many they are."""
+        board = self.board
+        total, n = 0.0, 0
+        for cell in range(min(CELLS, _CELLS_USED.unpack_from(board, 4)[0])):
+            offset = _offset(cell)
+            if offset == self.offset:
+                continue
+            capacity, _, _, _, load, stamp = _CELL.unpack_from(board, offset)
+            if capacity > 0:
+                total, n = total + _decayed(load, stamp, now), n + 1
+        return (total / n if n else 0.0), n
 
     def settled(self) -> None:
         """A gthread worker's main thread finished a connection's request (kept it
@@ -593,9 +701,10 @@ class DispatchedListener:
         self._publish(busy=0)
 
     def _publish(self, received: int = 0, running: int | None = None, busy: int | None = None,
-                 ready: bool = False) -> None:
+                 ready: bool = False, served: bool = False) -> None:
         """Update this worker's cell; wake the primary if it waits for room. *busy*: for
-        a gthread worker, set running to its busy connections plus *busy*."""
+        a gthread worker, set running to its busy connections plus *busy*; *served*: one
+        more request in the recent load."""
         with self._lock:
             before = self.running
             self.received += received
@@ -603,10 +712,15 @@ class DispatchedListener:
                 running = gi.gthread_busy(self.worker) + busy
             if running is not None:
                 self.running = max(0, running)
+            if served:
+                now = time.monotonic()
+                self.load = _decayed(self.load, self.stamp, now) + 1.0
+                self.stamp = now
             freed = self.running < before
-            _CELL.pack_into(self.board, self.offset, self.capacity, self.running, self.received)
+            _CELL.pack_into(self.board, self.offset, self.capacity, self.running, self.received,
+                            self.shed, self.load, self.stamp)
         if (ready or freed or received) and not self._stopping \
-                and not self._closed and _HEADER.unpack_from(self.board, 0)[0]:
+                and not self._closed and _FLAG.unpack_from(self.board, 0)[0]:
             try:
                 self.sock.send(b"W", socket.MSG_DONTWAIT)
             except OSError:
@@ -621,6 +735,7 @@ def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.m
     dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell, worker)
     if threaded:
         gi.after_finish_request(worker, dl.settled)
+        gi.before_handle_request(worker, dl.rebalance)
     shared = {id(lst) for lst in listeners}
     gi.set_sockets(worker, [dl] + [s for s in gi.sockets_of(worker) if id(s) not in shared])
     return dl

@@ -63,7 +63,11 @@ Internals touched, each for one reason:
 * In a gthread worker, for even spread (dispatch.py): ``ThreadWorker.nr_conns``,
   ``keepalived_conns`` and ``pending_conns`` (27) are read (:func:`gthread_busy`), and
   ``ThreadWorker.finish_request`` is wrapped on the instance
-  (:func:`after_finish_request`).
+  (:func:`after_finish_request`); to close a kept-alive connection of a worker busier
+  than its siblings, ``ThreadWorker.handle_request`` is wrapped on the instance
+  (:func:`before_handle_request`), and ``Request.req_number``, ``headers``,
+  ``should_close()`` and ``force_close()`` are used (:func:`may_close_after`,
+  :func:`close_after`).
 """
 
 from __future__ import annotations
@@ -430,13 +434,53 @@ def after_finish_request(worker: Any, then: Callable[[], None]) -> None:
     worker.finish_request = settle
 
 
+def gthread_connections(worker: Any) -> int:
+    """Connections a gthread worker holds (``ThreadWorker.nr_conns``), kept-alive ones too."""
+    return int(worker.nr_conns)
+
+
+def before_handle_request(worker: Any, first: Callable[[Any], None]) -> None:
+    """Call ``first(req)`` in a gthread worker's thread before each HTTP/1 request is
+    handled, before its response exists. Wraps ``ThreadWorker.handle_request`` on the
+    instance (``handle`` looks it up there for each request; HTTP/2 streams go through
+    ``handle_http2_request``, untouched): ``pre_request`` is the user's hook."""
+    handle_request = worker.handle_request
+
+    def handle(req: Any, conn: Any) -> Any:
+        first(req)
+        return handle_request(req, conn)
+
+    worker.handle_request = handle
+
+
+def may_close_after(req: Any) -> bool:
+    """Whether a request's connection would stay open after its response and may be
+    closed instead: a request after the first on its connection (``Request.req_number``)
+    that neither asks for the close itself (``Request.should_close()``) nor asks to
+    upgrade the connection (an ``Upgrade`` header, or ``upgrade`` in ``Connection``)."""
+    if getattr(req, "req_number", 1) <= 1 or req.should_close():
+        return False
+    for name, value in req.headers:
+        if name == "UPGRADE" or (name == "CONNECTION" and "upgrade" in value.lower()):
+            return False
+    return True
+
+
+def close_after(req: Any) -> None:
+    """Close the connection after this request's response, announcing it in the
+    response (``Connection: close``): ``Request.force_close()``, as Gunicorn's own
+    workers call it, before the response is made."""
+    req.force_close()
+
+
 def set_sockets(worker: Any, sockets: list[Any]) -> None:
     """The sockets the worker's accept loop uses (``post_fork``, before ``init_process``)."""
     worker.sockets = sockets
 
 
 __all__ = [
-    "APP_LOAD_ERROR", "ATTRIBUTE", "after_finish_request", "gthread_busy", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
+    "APP_LOAD_ERROR", "ATTRIBUTE", "after_finish_request", "before_handle_request",
+    "close_after", "gthread_busy", "gthread_connections", "may_close_after", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
     "WORKER_BOOT_ERROR", "WRAPPED", "app_of", "apply_config", "attach", "attached",
     "counting_extra", "event_loop_of", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",
     "listener_socket", "listeners",
