@@ -131,7 +131,7 @@ def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
 
 def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
     """One message and the descriptor it carries (None if it carries none)."""
-    data, ancdata, _, _ = sock.recvmsg(64, _CMSG)
+    data, ancdata, _, _ = sock.recvmsg(256, _CMSG)
     fd = None
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -141,6 +141,26 @@ def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
                 os.close(extra)  # never more than one; close anything else
             fd = fds[0] if fds else None
     return data, fd
+
+
+def _pack_addr(addr: Any) -> bytes:
+    """The client address ``accept()`` gave the primary, for the message carrying the
+    connection: the worker then needs no ``getpeername()`` (on its main thread each
+    system call is a turn at the GIL, behind the request threads)."""
+    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+        return b"T" + "\0".join(str(x) for x in addr).encode()
+    return b""
+
+
+def _unpack_addr(data: bytes) -> Any:
+    """The address :func:`_pack_addr` packed, or None (the worker asks the socket)."""
+    if data[:1] != b"T":
+        return None
+    try:
+        host, *rest = data[1:].decode().split("\0")
+        return (host, *(int(x) for x in rest))
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def _offset(cell: int) -> int:
@@ -181,7 +201,8 @@ class Dispatcher:
         self._waiting = False
         self._poll_armed = False
         self._workers: dict[int, _Worker] = {}  # fd of the primary's end -> worker
-        self._returned: list[tuple[int, int]] = []  # (fd, listener index) given back by workers
+        # (fd, listener index, packed client address) given back by workers, or drained
+        self._returned: list[tuple[int, int, bytes]] = []
         self._forking: tuple[socket.socket, socket.socket, Any, int] | None = None
         self._child: tuple[socket.socket, int] | None = None
         self._child_listeners: list[Any] = []
@@ -241,7 +262,7 @@ class Dispatcher:
         for w in self._workers.values():
             w.sock.close()
         self._workers.clear()
-        for fd, _ in self._returned:
+        for fd, _, _ in self._returned:
             os.close(fd)
         self._returned.clear()
         self._listeners = []
@@ -324,14 +345,14 @@ class Dispatcher:
         n = 0
         while n < 100000:  # bounded by the backlog in practice
             try:
-                conn, _addr = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 break
-            self._returned.append((conn.detach(), index))
+            self._returned.append((conn.detach(), index, _pack_addr(addr)))
             n += 1
         return n
 
@@ -393,8 +414,8 @@ class Dispatcher:
                 except OSError:
                     self._drop(w)
                     return
-            elif kind == b"R" and fd is not None and len(data) == 2:
-                self._returned.append((fd, data[1]))
+            elif kind == b"R" and fd is not None and len(data) >= 2:
+                self._returned.append((fd, data[1], data[2:]))
             elif fd is not None:
                 os.close(fd)
             # b"W" (room freed while we waited) needs nothing but the update below.
@@ -407,8 +428,8 @@ class Dispatcher:
             w = self._pick()
             if w is None:
                 break
-            fd, index = self._returned.pop(0)
-            self._give(w, fd, index)
+            fd, index, addr = self._returned.pop(0)
+            self._give(w, fd, index, addr)
         if self._returned:  # held connections (given back, or drained at stop) wait for room
             self._set_waiting(True)
         elif self._pick() is not None or not self._listeners:
@@ -481,7 +502,7 @@ class Dispatcher:
                 self._set_waiting(True)
                 break
             try:
-                conn, _addr = listener.accept()
+                conn, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -498,15 +519,15 @@ class Dispatcher:
                 self._unwatch()
                 self.hub.call_later(0.1, self._update)
                 return
-            self._give(w, conn.detach(), index)
+            self._give(w, conn.detach(), index, _pack_addr(addr))
         self._update()
 
-    def _give(self, w: _Worker, fd: int, index: int) -> None:
+    def _give(self, w: _Worker, fd: int, index: int, addr: bytes = b"") -> None:
         try:
-            _send_fd(w.sock, b"C" + bytes([index]), fd)
+            _send_fd(w.sock, b"C" + bytes([index]) + addr, fd)
         except OSError:
             # The worker is gone or stopping: another worker takes the connection.
-            self._returned.append((fd, index))
+            self._returned.append((fd, index, addr))
             self._drop(w)
             return
         os.close(fd)
@@ -548,6 +569,7 @@ class DispatchedListener:
         self._next_shed = 0.0
         self._lock = threading.Lock()
         self._last = 0
+        self._names: dict[int, Any] = {}  # listener index -> its address (asked once)
         self._stopping = False
         self._closed = False
 
@@ -561,8 +583,12 @@ class DispatchedListener:
             self.sock.setblocking(flag)
 
     def getsockname(self) -> Any:
-        """The address of the shared listener the last connection came in on."""
-        return self.listeners[self._last].sock.getsockname()
+        """The address of the shared listener the last connection came in on (asked of
+        the socket once: Gunicorn asks for each connection, on its main thread)."""
+        name = self._names.get(self._last)
+        if name is None:
+            name = self._names[self._last] = self.listeners[self._last].sock.getsockname()
+        return name
 
     def accept(self) -> tuple[socket.socket, Any]:
         """The next connection the primary sent; ``BlockingIOError`` when there is none."""
@@ -579,16 +605,18 @@ class DispatchedListener:
                 if not data:
                     raise BlockingIOError(errno.EAGAIN, "the primary closed the dispatch socket")
                 continue  # an acknowledgement: nothing to accept
-            self._last = data[1] if len(data) == 2 and data[1] < len(self.listeners) else 0
+            self._last = data[1] if len(data) >= 2 and data[1] < len(self.listeners) else 0
             # Busy from now: a gthread worker queues it for a thread at once (Gunicorn
             # counts it after accept() returns, hence the + 1).
             self._publish(received=1, busy=1 if self.threaded else None,
                           running=None if self.threaded else 1)
             client = socket.socket(fileno=fd)
-            try:
-                addr = client.getpeername()
-            except OSError:
-                addr = ""
+            addr = _unpack_addr(data[2:])
+            if addr is None:
+                try:
+                    addr = client.getpeername()
+                except OSError:
+                    addr = ""
             return client, addr
 
     def close(self) -> None:
@@ -606,7 +634,7 @@ class DispatchedListener:
                 data, fd = _recv(sock)
                 if fd is not None:
                     try:
-                        _send_fd(sock, b"R" + (data[1:2] or b"\0"), fd)
+                        _send_fd(sock, b"R" + (data[1:] or b"\0"), fd)
                     finally:
                         os.close(fd)
                 elif data == b"A" or not data:
@@ -736,6 +764,7 @@ def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.m
     if threaded:
         gi.after_finish_request(worker, dl.settled)
         gi.before_handle_request(worker, dl.rebalance)
+        gi.close_in_request_thread(worker)
     shared = {id(lst) for lst in listeners}
     gi.set_sockets(worker, [dl] + [s for s in gi.sockets_of(worker) if id(s) not in shared])
     return dl

@@ -67,7 +67,10 @@ Internals touched, each for one reason:
   than its siblings, ``ThreadWorker.handle_request`` is wrapped on the instance
   (:func:`before_handle_request`), and ``Request.req_number``, ``headers``,
   ``should_close()`` and ``force_close()`` are used (:func:`may_close_after`,
-  :func:`close_after`).
+  :func:`close_after`); ``ThreadWorker.handle`` is wrapped on the instance and a
+  finished ``TConn``'s ``close`` called in its request thread, then replaced by a
+  no-op, so the main thread never waits on a client's close
+  (:func:`close_in_request_thread`).
 """
 
 from __future__ import annotations
@@ -434,6 +437,62 @@ def after_finish_request(worker: Any, then: Callable[[], None]) -> None:
     worker.finish_request = settle
 
 
+def close_in_request_thread(worker: Any) -> None:
+    """Close a gthread worker's finished connections in the thread that served them,
+    not on the worker's main thread.
+
+    Gunicorn closes a connection it will not keep alive in ``finish_request``, on the
+    main thread that also accepts; 27 closes it gracefully (``TConn.close(graceful=True)``:
+    shut the write side, read until the client closes, up to 2 s), so the main thread
+    waits for each client's FIN, and under load every system call there is also a wait
+    for the GIL behind the request threads, while connections sent to this worker wait
+    to be accepted. Wraps ``ThreadWorker.handle`` on the instance (``enqueue_req``
+    submits it by name for each connection): when it returns False (close), the
+    thread calls ``TConn.close`` itself, Gunicorn's own close and graceful as in the
+    version running, and the connection's ``close`` becomes a no-op for
+    ``finish_request``, which still does its counting.
+    """
+    handle = worker.handle
+
+    def run(conn: Any) -> Any:
+        result = handle(conn)
+        if result is False:
+            close = conn.close
+            try:
+                if _graceful_close(type(conn)):
+                    close(graceful=True)
+                else:
+                    close()
+            except OSError:
+                pass  # Gunicorn's close ignores these too; the socket is closed below
+            finally:
+                with contextlib.suppress(OSError):
+                    conn.sock.close()
+                conn.close = _closed
+        return result
+
+    worker.handle = run
+
+
+def _closed(graceful: bool = False) -> None:
+    """``TConn.close`` of a connection already closed by its thread."""
+
+
+_GRACEFUL: dict[Any, bool] = {}
+
+
+def _graceful_close(tconn: Any) -> bool:
+    """Whether ``TConn.close`` takes ``graceful`` (Gunicorn 27; 25 closes at once)."""
+    if tconn not in _GRACEFUL:
+        import inspect
+
+        try:
+            _GRACEFUL[tconn] = "graceful" in inspect.signature(tconn.close).parameters
+        except (TypeError, ValueError):
+            _GRACEFUL[tconn] = False
+    return _GRACEFUL[tconn]
+
+
 def gthread_connections(worker: Any) -> int:
     """Connections a gthread worker holds (``ThreadWorker.nr_conns``), kept-alive ones too."""
     return int(worker.nr_conns)
@@ -480,7 +539,7 @@ def set_sockets(worker: Any, sockets: list[Any]) -> None:
 
 __all__ = [
     "APP_LOAD_ERROR", "ATTRIBUTE", "after_finish_request", "before_handle_request",
-    "close_after", "gthread_busy", "gthread_connections", "may_close_after", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
+    "close_after", "close_in_request_thread", "gthread_busy", "gthread_connections", "may_close_after", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
     "WORKER_BOOT_ERROR", "WRAPPED", "app_of", "apply_config", "attach", "attached",
     "counting_extra", "event_loop_of", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",
     "listener_socket", "listeners",

@@ -270,3 +270,42 @@ def test_kept_alive_connections_stay_when_off(gunicorn_factory: Any) -> None:
     assert errors == [], errors
     assert [c.closes for c in clients] == [0, 0]
     assert [len(c) for c in counts] == [1, 1], counts
+
+
+def test_a_client_slow_to_close_does_not_stall_the_worker(gunicorn_factory: Any) -> None:
+    """Gunicorn 27 closes a connection gracefully, reading until the client closes too
+    (up to 2 s). It does so on the worker's main thread, which also takes the
+    connections the primary sends: one client slow to close would stall every other
+    client of that worker. Dispatched, the thread that served the request closes it:
+    another request to the same worker is answered while the first client's
+    connection is still open."""
+    import inspect
+
+    from gunicorn.workers.gthread import TConn
+
+    if "graceful" not in inspect.signature(TConn.close).parameters:
+        pytest.skip("this Gunicorn closes a connection at once (no graceful close)")
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="2", WORKERS="1")
+    slow = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    try:
+        slow.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        f = slow.makefile("rb")
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        while f.readline() not in (b"\r\n", b""):
+            pass
+        assert f.read(len(str(g.worker_pids()[0]))) == str(g.worker_pids()[0]).encode()
+        # The response is whole; the server shut its side (FIN), and reads on until
+        # this client closes. This one does not; another client asks meanwhile:
+        assert fresh(g, "/pid").status_code == 200
+        # Still read (drained) by the server: a byte sent now draws no reset. Had the
+        # worker answered only after giving up on this client, it would.
+        slow.sendall(b"x")
+        time.sleep(0.3)
+        try:
+            slow.sendall(b"y")
+            reset = slow.recv(1) != b""
+        except (ConnectionResetError, BrokenPipeError):
+            reset = True
+        assert not reset, "the other request was answered only after the slow client's close"
+    finally:
+        slow.close()
