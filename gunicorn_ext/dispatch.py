@@ -32,7 +32,8 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   busy clients (or a balancer's keep-alive pool) can load one worker while another
   idles. Each worker also keeps its recent load on the board (its requests, each
   weighing ``exp(-age / LOAD_TAU)``). A gthread worker whose recent load is clearly
-  above the mean (:data:`SHED_ABOVE`, :data:`SHED_MARGIN`) answers one request on a
+  above the mean, or above the mean and clearly above the least loaded worker's
+  (:data:`SHED_ABOVE`, :data:`SHED_ABOVE_LEAST`, :data:`SHED_MARGIN`), answers one request on a
   kept-alive connection with ``Connection: close`` (:meth:`DispatchedListener.rebalance`):
   the client's next request opens a connection, which the primary gives to the worker
   with the most room, then the least recent load. Bounded: one close per
@@ -106,8 +107,10 @@ CELLS = 4096
 #: The recent load of a worker is its requests, each weighing exp(-age / LOAD_TAU).
 LOAD_TAU = 1.0
 #: A gthread worker closes a kept-alive connection (``Connection: close`` on a response)
-#: only while its recent load is above SHED_ABOVE times the workers' mean ...
+#: only while its recent load is above SHED_ABOVE times the workers' mean, or above the
+#: mean and SHED_ABOVE_LEAST times the least loaded worker's ...
 SHED_ABOVE = 1.2
+SHED_ABOVE_LEAST = 1.3
 #: ... and by at least SHED_MARGIN requests (a trickle of requests is left alone) ...
 SHED_MARGIN = 4.0
 #: ... and at most one per SHED_COOLDOWN seconds.
@@ -682,17 +685,20 @@ class DispatchedListener:
 
         Bounded: never the first request of a connection (the primary just chose this
         worker), never a request that asked to upgrade the connection (WebSocket, h2c),
-        one close per SHED_COOLDOWN at most, and only while the load above the mean, less
-        what earlier closes will take away, exceeds SHED_ABOVE and SHED_MARGIN. The close
+        one close per SHED_COOLDOWN at most, and only while the load, less what earlier
+        closes will take away, exceeds the mean by SHED_ABOVE and SHED_MARGIN, or the
+        mean and the least loaded worker's by SHED_ABOVE_LEAST and SHED_MARGIN. The close
         is announced in a response, so it never cuts a request short, and a client never
         sends a request on a connection the server is closing."""
         now = time.monotonic()
         if now < self._next_shed or self._stopping or self._closed \
                 or not gi.may_close_after(req):
             return
-        mine, mean = self._loads(now)
+        mine, mean, low = self._loads(now)
         credit = _decayed(self._credit, self._credit_stamp, now)
-        if mine - credit <= max(mean * SHED_ABOVE, mean + SHED_MARGIN):
+        eff = mine - credit
+        if eff <= max(mean * SHED_ABOVE, mean + SHED_MARGIN) and not (
+                eff > mean and eff > max(low * SHED_ABOVE_LEAST, low + SHED_MARGIN)):
             return
         gi.close_after(req)
         with self._lock:
@@ -703,24 +709,27 @@ class DispatchedListener:
             self.shed += 1
         self._publish()
 
-    def _loads(self, now: float) -> tuple[float, float]:
-        """This worker's recent load, and the mean of every ready worker's."""
+    def _loads(self, now: float) -> tuple[float, float, float]:
+        """This worker's recent load, the mean of every ready worker's, and the least of
+        the others' (inf when there is no other)."""
         mine = _decayed(self.load, self.stamp, now)
-        others, n = self._others(now)
-        return mine, (others * n + mine) / (n + 1)
+        others, n, low = self._others(now)
+        return mine, (others * n + mine) / (n + 1), low
 
-    def _others(self, now: float) -> tuple[float, int]:
-        """The mean recent load of the other ready workers, and how many they are."""
+    def _others(self, now: float) -> tuple[float, int, float]:
+        """The mean recent load of the other ready workers, how many they are, and the
+        least of their loads."""
         board = self.board
-        total, n = 0.0, 0
+        total, n, low = 0.0, 0, float("inf")
         for cell in range(min(CELLS, _CELLS_USED.unpack_from(board, 4)[0])):
             offset = _offset(cell)
             if offset == self.offset:
                 continue
             capacity, _, _, _, load, stamp = _CELL.unpack_from(board, offset)
             if capacity > 0:
-                total, n = total + _decayed(load, stamp, now), n + 1
-        return (total / n if n else 0.0), n
+                x = _decayed(load, stamp, now)
+                total, n, low = total + x, n + 1, min(low, x)
+        return (total / n if n else 0.0), n, low
 
     def settled(self) -> None:
         """A gthread worker's main thread finished a connection's request (kept it
