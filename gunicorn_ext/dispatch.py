@@ -33,8 +33,9 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   idles. Each worker also keeps its recent load on the board (its requests, each
   weighing ``exp(-age / LOAD_TAU)``). A gthread worker whose recent load is clearly
   above the mean, or above the mean and clearly above the least loaded worker's
-  (:data:`SHED_ABOVE`, :data:`SHED_ABOVE_LEAST`, :data:`SHED_MARGIN`), answers one request on a
-  kept-alive connection with ``Connection: close`` (:meth:`DispatchedListener.rebalance`):
+  (:data:`SHED_ABOVE`, :data:`SHED_ABOVE_LEAST`, :data:`SHED_MARGIN`), answers one
+  request on a kept-alive connection with ``Connection: close``
+  (:meth:`DispatchedListener.rebalance`):
   the client's next request opens a connection, which the primary gives to the worker
   with the most room, then the least recent load. Bounded: one close per
   :data:`SHED_COOLDOWN` at most, never on a connection's first request, never on a
@@ -688,8 +689,8 @@ class DispatchedListener:
         one close per SHED_COOLDOWN at most, and only while the load, less what earlier
         closes will take away, exceeds the mean by SHED_ABOVE and SHED_MARGIN, or the
         mean and the least loaded worker's by SHED_ABOVE_LEAST and SHED_MARGIN. The close
-        is announced in a response, so it never cuts a request short, and a client never
-        sends a request on a connection the server is closing."""
+        is announced in a response, so it never cuts a request short, and a client that
+        waits for each response never sends one on a connection the server is closing."""
         now = time.monotonic()
         if now < self._next_shed or self._stopping or self._closed \
                 or not gi.may_close_after(req):
@@ -700,8 +701,10 @@ class DispatchedListener:
         if eff <= max(mean * SHED_ABOVE, mean + SHED_MARGIN) and not (
                 eff > mean and eff > max(low * SHED_ABOVE_LEAST, low + SHED_MARGIN)):
             return
-        gi.close_after(req)
         with self._lock:
+            if now < self._next_shed:  # another thread of this worker just closed one
+                return
+            gi.close_after(req)
             self._next_shed = now + SHED_COOLDOWN
             # This connection's share of the load leaves with it, over about LOAD_TAU.
             self._credit = credit + (mine - credit) / max(1, gi.gthread_connections(self.worker))
