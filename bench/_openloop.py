@@ -45,8 +45,12 @@ class Result:
         xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(q / 100.0 * len(xs)))]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, workers: int | None = None) -> dict[str, Any]:
+        """The run's figures. With *workers* (how many the server has), a worker that
+        served nothing counts: max/min share is then the busiest worker's count over 1."""
         counts = sorted(self.workers.values())
+        if workers is not None and len(counts) < workers:
+            counts = [0] * (workers - len(counts)) + counts
         return {
             "rate": self.rate, "seconds": self.seconds, "keepalive": self.keepalive,
             "sent": self.sent, "ok": len(self.latencies), "errors": dict(self.errors),
@@ -54,7 +58,8 @@ class Result:
             "p50_ms": _ms(self.percentile(50)), "p99_ms": _ms(self.percentile(99)),
             "p999_ms": _ms(self.percentile(99.9)),
             "per_worker": dict(self.workers),
-            "max_min_share": (counts[-1] / counts[0]) if counts and counts[0] else None,
+            "max_min_share": (counts[-1] / max(1, counts[0])) if counts and counts[-1] else None,
+            "idle_workers": sum(1 for c in counts if c == 0),
             "late_dispatch": self.late_dispatch,
             "connections_opened": self.connections_opened,
         }

@@ -9,8 +9,18 @@ with its pid), for the sync and gthread worker classes, under plain Gunicorn
 where node is installed. For each, an open-loop load (bench/_openloop.py: a fixed request
 rate, latency from each request's due time) at 30%, 60% and 85% of the capacity measured
 closed-loop on plain Gunicorn of the same worker class, with new connections and with
-kept-alive ones. Reported per run: each worker's share of the requests (max/min),
-latency p50/p99/p99.9, errors. The servers are alternated within each level.
+kept-alive ones. Reported per run: each worker's share of the requests (max/min; a worker
+that served nothing counts as 1, so the share is then the busiest worker's count),
+latency p50/p99/p99.9, errors, and the connections the client opened. The servers are
+alternated within each level.
+
+Kept-alive rows: the client reuses its idle connections (the most recently idle first, as
+a client's pool does) and opens one only when none is idle. A kept-alive connection stays
+with the worker that got it; gunicorn-ext's gthread workers close some of theirs (a
+``Connection: close`` response when a worker's recent load is clearly above the mean),
+and "connections/request" shows what that costs in reconnects beside plain and Node. A
+sync worker closes every connection after its response (Gunicorn's sync worker has no
+keep-alive), so its kept-alive rows are new-connection rows (connections/request 1.0).
 
 Saturation: the closed-loop throughput of gunicorn-ext beside plain Gunicorn's (measured
 plain, ext, ext with even_spread=False, plain; ratios against the mean of the two plain
@@ -136,7 +146,7 @@ def server(kind: str, worker_class: str, node: str | None, log_dir: Path) -> Ite
 
 def one_run(port: int, rate: float, keepalive: bool) -> dict[str, Any]:
     res = _openloop.run("127.0.0.1", port, rate, SECONDS, keepalive)
-    return res.summary()
+    return res.summary(workers=WORKERS)
 
 
 def saturation(kind: str, worker_class: str, log_dir: Path,
@@ -196,6 +206,7 @@ def measure(worker_class: str, node: str | None, log_dir: Path) -> dict[str, Any
                     f"max/min share {share if share is None else round(share, 2)!s:>5}  "
                     f"p50 {summary['p50_ms'] or 0:6.1f} ms  p99 {summary['p99_ms'] or 0:7.1f} ms  "
                     f"p99.9 {summary['p999_ms'] or 0:7.1f} ms  errors {sum(summary['errors'].values())}  "
+                    f"connections {summary['connections_opened']}  "
                     f"per worker {sorted(summary['per_worker'].values(), reverse=True)}")
         out["levels"][str(level)] = {"rate": rate, "runs": runs}
     return out
@@ -217,7 +228,7 @@ def write_plot(results: dict[str, Any]) -> None:
               panels, panel_width=420.0)
 
 
-METRICS = ("max_min_share", "p50_ms", "p99_ms", "p999_ms")
+METRICS = ("max_min_share", "p50_ms", "p99_ms", "p999_ms", "connections_opened")
 
 
 def _median(xs: list[float | None]) -> float | None:
@@ -281,6 +292,12 @@ def targets(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                  for x, p in zip(ext, plain, strict=True)]),
                     "node_p99_vs_plain": _spread([ratio(x and x["p99_ms"], p["p99_ms"])
                                                   for x, p in zip(node, plain, strict=True)]),
+                    # Connections the client opened per request: 1 with a new connection
+                    # per request; kept alive, what the server's closes cost in reconnects.
+                    "connections_per_request": {
+                        kind: _spread([x and x["connections_opened"] / max(1, x["ok"])
+                                       for x in runs(kind)])
+                        for kind in ("plain", "ext", "node")},
                 })
     return out
 
@@ -298,10 +315,14 @@ def main() -> int:
         "seconds_per_run": SECONDS, "workers": WORKERS, "classes": {},
     }
     results["rounds"] = []
+    results["rounds_machine"] = []
     try:
         for n in range(ROUNDS):
-            log(f"--- round {n + 1} of {ROUNDS} (load average {os.getloadavg()[0]:.1f})")
+            start = os.getloadavg()[0]
+            log(f"--- round {n + 1} of {ROUNDS} (load average {start:.1f})")
             results["rounds"].append({c: measure(c, node, log_dir) for c in CLASSES})
+            results["rounds_machine"].append(
+                {"loadavg": [round(start, 2), round(os.getloadavg()[0], 2)]})
     except Exception:
         traceback.print_exc()
         print(f"bench/spread.py: crashed; server logs kept in {log_dir}", file=sys.stderr)
@@ -316,9 +337,16 @@ def main() -> int:
                 f"  CPU per request ext/plain {_mr(t['cpu_per_request'], 3)}, "
                 f"ext/ext without even spread {_mr(t['cpu_per_request_vs_no_spread'], 3)}")
             continue
+        cpr = t["connections_per_request"]
         log(f"  {t['class']:7s} {t['level']:3d}% {t['mode']:9s} share ext {_mr(t['ext_max_min_share'])} "
             f"plain {_mr(t['plain_max_min_share'])} node {_mr(t['node_max_min_share'])}  "
-            f"p99 ext/plain {_mr(t['ext_p99_vs_plain'])} node/plain {_mr(t['node_p99_vs_plain'])}")
+            f"p99 ext/plain {_mr(t['ext_p99_vs_plain'])} node/plain {_mr(t['node_p99_vs_plain'])}  "
+            f"connections/request ext {_mr(cpr['ext'], 3)} plain {_mr(cpr['plain'], 3)} "
+            f"node {_mr(cpr['node'], 3)}")
+    loads = [r["loadavg"] for r in results["rounds_machine"]]
+    log(f"Load average (1 min) at each round's start and end: {loads} on {os.cpu_count()} CPUs; "
+        "p99 figures are not meaningful while it is above the CPU count (other processes "
+        "take the CPUs the servers and the load generator need).")
     (RESULTS / "spread.json").write_text(json.dumps(results, indent=2) + "\n")
     write_plot(results)
     log(f"bench/spread.py: results in {RESULTS / 'spread.json'} and spread.svg")

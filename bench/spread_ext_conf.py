@@ -7,7 +7,8 @@ import gunicorn_ext
 bind = os.environ["BIND"]
 workers = 4
 worker_class = os.environ.get("SPREAD_WORKER_CLASS", "sync")
-threads = 4
+# threads > 1 would make Gunicorn run "sync" as gthread: 4 threads for gthread only.
+threads = 4 if worker_class == "gthread" else 1
 keepalive = 5
 timeout = 60
 backlog = 2048

@@ -28,6 +28,23 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   leaves it in the kernel's listen backlog (as without gunicorn-ext), raises a flag on
   the board and stops watching; a worker that frees a thread while the flag is up wakes
   it with one message. So messages flow only while connections wait for a thread.
+* Kept-alive connections: a connection stays with the worker that got it, so a few
+  busy clients (or a balancer's keep-alive pool) can load one worker while another
+  idles. Each worker also keeps its recent load on the board (its requests, each
+  weighing ``exp(-age / LOAD_TAU)``). A gthread worker whose recent load is clearly
+  above the mean, or above the mean and clearly above the least loaded worker's
+  (:data:`SHED_ABOVE`, :data:`SHED_ABOVE_LEAST`, :data:`SHED_MARGIN`), answers one
+  request on a kept-alive connection with ``Connection: close``
+  (:meth:`DispatchedListener.rebalance`):
+  the client's next request opens a connection, which the primary gives to the worker
+  with the most room, then the least recent load. Bounded: one close per
+  :data:`SHED_COOLDOWN` at most, never on a connection's first request, never on a
+  request asking to upgrade (WebSocket), and the closes already made count as load
+  gone (so a worker closes about as many connections as its excess needs). The close
+  is announced in a whole response, never mid-request, and never races a client's next
+  request as closing an idle connection would. Sync workers close every connection
+  after its request anyway. Behind nginx the upstream keep-alive pool opens another.
+  The board costs no system call; a request reads the cells of the workers there are.
 * A worker that stops gracefully (TERM, max_requests, recycling) says so, the primary
   acknowledges and sends it nothing more, and the worker hands back any connection it
   had not accepted yet; the primary gives those to another worker. A worker killed
@@ -52,6 +69,7 @@ from __future__ import annotations
 
 import array
 import errno
+import math
 import mmap
 import os
 import socket
@@ -75,11 +93,33 @@ STOP_ACK_TIMEOUT = 1.0
 #: wake-up costs at most this long).
 WAIT_POLL = 0.02
 
-# The board: a header (the primary's "waiting for room" flag), then one cell per worker:
-# capacity (0 until the worker is ready), running requests, connections received.
-_HEADER = struct.Struct("=I")
-_CELL = struct.Struct("=iiI")
+# The board: a header (the primary's "waiting for room" flag, and how many cells have
+# ever been handed out, so a worker reads only those), then one cell per worker: capacity
+# (0 until the worker is ready), running requests, connections received, kept-alive
+# connections it closed to rebalance, and its recent load (requests, decayed with
+# LOAD_TAU) with the monotonic time it was last updated.
+_HEADER = struct.Struct("=II")
+_FLAG = struct.Struct("=I")  # at offset 0 of the header
+_CELLS_USED = struct.Struct("=I")  # at offset 4
+_CELL = struct.Struct("=iiIIdd")
+_COUNTS = struct.Struct("=iiI")  # the first three fields of a cell
 CELLS = 4096
+
+#: The recent load of a worker is its requests, each weighing exp(-age / LOAD_TAU).
+LOAD_TAU = 1.0
+#: A gthread worker closes a kept-alive connection (``Connection: close`` on a response)
+#: only while its recent load is above SHED_ABOVE times the workers' mean, or above the
+#: mean and SHED_ABOVE_LEAST times the least loaded worker's ...
+SHED_ABOVE = 1.2
+SHED_ABOVE_LEAST = 1.3
+#: ... and by at least SHED_MARGIN requests (a trickle of requests is left alone) ...
+SHED_MARGIN = 4.0
+#: ... and at most one per SHED_COOLDOWN seconds.
+SHED_COOLDOWN = 0.1
+
+
+def _decayed(load: float, stamp: float, now: float) -> float:
+    return load * math.exp(-(now - stamp) / LOAD_TAU) if now > stamp else load
 
 
 def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
@@ -95,7 +135,7 @@ def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
 
 def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
     """One message and the descriptor it carries (None if it carries none)."""
-    data, ancdata, _, _ = sock.recvmsg(64, _CMSG)
+    data, ancdata, _, _ = sock.recvmsg(256, _CMSG)
     fd = None
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -105,6 +145,26 @@ def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
                 os.close(extra)  # never more than one; close anything else
             fd = fds[0] if fds else None
     return data, fd
+
+
+def _pack_addr(addr: Any) -> bytes:
+    """The client address ``accept()`` gave the primary, for the message carrying the
+    connection: the worker then needs no ``getpeername()`` (on its main thread each
+    system call is a turn at the GIL, behind the request threads)."""
+    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+        return b"T" + "\0".join(str(x) for x in addr).encode()
+    return b""
+
+
+def _unpack_addr(data: bytes) -> Any:
+    """The address :func:`_pack_addr` packed, or None (the worker asks the socket)."""
+    if data[:1] != b"T":
+        return None
+    try:
+        host, *rest = data[1:].decode().split("\0")
+        return (host, *(int(x) for x in rest))
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def _offset(cell: int) -> int:
@@ -145,7 +205,8 @@ class Dispatcher:
         self._waiting = False
         self._poll_armed = False
         self._workers: dict[int, _Worker] = {}  # fd of the primary's end -> worker
-        self._returned: list[tuple[int, int]] = []  # (fd, listener index) given back by workers
+        # (fd, listener index, packed client address) given back by workers, or drained
+        self._returned: list[tuple[int, int, bytes]] = []
         self._forking: tuple[socket.socket, socket.socket, Any, int] | None = None
         self._child: tuple[socket.socket, int] | None = None
         self._child_listeners: list[Any] = []
@@ -181,7 +242,9 @@ class Dispatcher:
                                "kernel", CELLS)
                 return
             cell = self._free_cells.pop()
-        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0)
+        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0, 0, 0.0, 0.0)
+        if cell >= _CELLS_USED.unpack_from(self.board, 4)[0]:
+            _CELLS_USED.pack_into(self.board, 4, cell + 1)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setblocking(False)
         with self._lock:
@@ -203,7 +266,7 @@ class Dispatcher:
         for w in self._workers.values():
             w.sock.close()
         self._workers.clear()
-        for fd, _ in self._returned:
+        for fd, _, _ in self._returned:
             os.close(fd)
         self._returned.clear()
         self._listeners = []
@@ -255,7 +318,7 @@ class Dispatcher:
         if board is None:
             return len(self._returned)
         return len(self._returned) + sum(
-            max(0, w.sent - _CELL.unpack_from(board, _offset(w.cell))[2])
+            max(0, w.sent - _COUNTS.unpack_from(board, _offset(w.cell))[2])
             for w in list(self._workers.values()))
 
     # -- the hub thread
@@ -286,14 +349,14 @@ class Dispatcher:
         n = 0
         while n < 100000:  # bounded by the backlog in practice
             try:
-                conn, _addr = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 break
-            self._returned.append((conn.detach(), index))
+            self._returned.append((conn.detach(), index, _pack_addr(addr)))
             n += 1
         return n
 
@@ -323,14 +386,14 @@ class Dispatcher:
         self.hub.unwatch(w.sock.fileno())
         w.sock.close()
         assert self.board is not None
-        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0)
+        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0)
         with self._lock:
             self._free_cells.append(w.cell)
         self._update()
 
     def _room(self, w: _Worker) -> int:
         assert self.board is not None
-        capacity, running, received = _CELL.unpack_from(self.board, _offset(w.cell))
+        capacity, running, received = _COUNTS.unpack_from(self.board, _offset(w.cell))
         if capacity <= 0:
             return 0  # not ready yet
         return capacity - max(0, running) - (w.sent - received)
@@ -355,8 +418,8 @@ class Dispatcher:
                 except OSError:
                     self._drop(w)
                     return
-            elif kind == b"R" and fd is not None and len(data) == 2:
-                self._returned.append((fd, data[1]))
+            elif kind == b"R" and fd is not None and len(data) >= 2:
+                self._returned.append((fd, data[1], data[2:]))
             elif fd is not None:
                 os.close(fd)
             # b"W" (room freed while we waited) needs nothing but the update below.
@@ -369,8 +432,8 @@ class Dispatcher:
             w = self._pick()
             if w is None:
                 break
-            fd, index = self._returned.pop(0)
-            self._give(w, fd, index)
+            fd, index, addr = self._returned.pop(0)
+            self._give(w, fd, index, addr)
         if self._returned:  # held connections (given back, or drained at stop) wait for room
             self._set_waiting(True)
         elif self._pick() is not None or not self._listeners:
@@ -388,7 +451,7 @@ class Dispatcher:
             return
         if waiting != self._waiting:
             self._waiting = waiting
-            _HEADER.pack_into(self.board, 0, 1 if waiting else 0)
+            _FLAG.pack_into(self.board, 0, 1 if waiting else 0)
         if waiting and not self._poll_armed:
             # A worker may free room between our look and the flag: look again soon, and
             # keep looking while waiting, so a missed wake-up costs WAIT_POLL at most.
@@ -408,17 +471,27 @@ class Dispatcher:
                 self.hub.unwatch(lst.fileno())
             self._watching = False
 
+    def _load(self, w: _Worker, now: float) -> float:
+        assert self.board is not None
+        *_, load, stamp = _CELL.unpack_from(self.board, _offset(w.cell))
+        return _decayed(load, stamp, now)
+
     def _pick(self) -> _Worker | None:
+        """The worker with the most room; on a tie the least recent load (requests in
+        the last second or so: where a client that a busy worker's ``Connection:
+        close`` sent back lands), then the longest-waiting."""
         best: _Worker | None = None
-        best_room = 0
+        best_key: tuple[int, float, float] | None = None
+        now = time.monotonic()
         for w in self._workers.values():
             if w.stopping:
                 continue
             room = self._room(w)
             if room <= 0:
                 continue
-            if best is None or room > best_room or (room == best_room and w.since < best.since):
-                best, best_room = w, room
+            key = (-room, round(self._load(w, now), 1), w.since)
+            if best_key is None or key < best_key:
+                best, best_key = w, key
         return best
 
     def _on_listener(self, index: int) -> None:
@@ -433,7 +506,7 @@ class Dispatcher:
                 self._set_waiting(True)
                 break
             try:
-                conn, _addr = listener.accept()
+                conn, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -450,15 +523,15 @@ class Dispatcher:
                 self._unwatch()
                 self.hub.call_later(0.1, self._update)
                 return
-            self._give(w, conn.detach(), index)
+            self._give(w, conn.detach(), index, _pack_addr(addr))
         self._update()
 
-    def _give(self, w: _Worker, fd: int, index: int) -> None:
+    def _give(self, w: _Worker, fd: int, index: int, addr: bytes = b"") -> None:
         try:
-            _send_fd(w.sock, b"C" + bytes([index]), fd)
+            _send_fd(w.sock, b"C" + bytes([index]) + addr, fd)
         except OSError:
             # The worker is gone or stopping: another worker takes the connection.
-            self._returned.append((fd, index))
+            self._returned.append((fd, index, addr))
             self._drop(w)
             return
         os.close(fd)
@@ -492,8 +565,15 @@ class DispatchedListener:
         self.offset = _offset(cell)
         self.received = 0
         self.running = 0
+        self.load = 0.0  # recent requests (decayed with LOAD_TAU) ...
+        self.stamp = time.monotonic()  # ... as of this time
+        self.shed = 0  # kept-alive connections closed to rebalance
+        self._credit = 0.0  # the load those closes will take away (decaying like load)
+        self._credit_stamp = self.stamp
+        self._next_shed = 0.0
         self._lock = threading.Lock()
         self._last = 0
+        self._names: dict[int, Any] = {}  # listener index -> its address (asked once)
         self._stopping = False
         self._closed = False
 
@@ -507,8 +587,12 @@ class DispatchedListener:
             self.sock.setblocking(flag)
 
     def getsockname(self) -> Any:
-        """The address of the shared listener the last connection came in on."""
-        return self.listeners[self._last].sock.getsockname()
+        """The address of the shared listener the last connection came in on (asked of
+        the socket once: Gunicorn asks for each connection, on its main thread)."""
+        name = self._names.get(self._last)
+        if name is None:
+            name = self._names[self._last] = self.listeners[self._last].sock.getsockname()
+        return name
 
     def accept(self) -> tuple[socket.socket, Any]:
         """The next connection the primary sent; ``BlockingIOError`` when there is none."""
@@ -525,16 +609,18 @@ class DispatchedListener:
                 if not data:
                     raise BlockingIOError(errno.EAGAIN, "the primary closed the dispatch socket")
                 continue  # an acknowledgement: nothing to accept
-            self._last = data[1] if len(data) == 2 and data[1] < len(self.listeners) else 0
+            self._last = data[1] if len(data) >= 2 and data[1] < len(self.listeners) else 0
             # Busy from now: a gthread worker queues it for a thread at once (Gunicorn
             # counts it after accept() returns, hence the + 1).
             self._publish(received=1, busy=1 if self.threaded else None,
                           running=None if self.threaded else 1)
             client = socket.socket(fileno=fd)
-            try:
-                addr = client.getpeername()
-            except OSError:
-                addr = ""
+            addr = _unpack_addr(data[2:])
+            if addr is None:
+                try:
+                    addr = client.getpeername()
+                except OSError:
+                    addr = ""
             return client, addr
 
     def close(self) -> None:
@@ -552,7 +638,7 @@ class DispatchedListener:
                 data, fd = _recv(sock)
                 if fd is not None:
                     try:
-                        _send_fd(sock, b"R" + (data[1:2] or b"\0"), fd)
+                        _send_fd(sock, b"R" + (data[1:] or b"\0"), fd)
                     finally:
                         os.close(fd)
                 elif data == b"A" or not data:
@@ -565,7 +651,12 @@ class DispatchedListener:
     # -- the board
 
     def ready(self) -> None:
-        """The worker booted: it can take *capacity* requests."""
+        """The worker booted: it can take *capacity* requests. It starts with the mean
+        recent load of the others, so the primary does not send a newcomer every new
+        connection until its load catches up."""
+        with self._lock:
+            self.stamp = time.monotonic()
+            self.load = self._others(self.stamp)[0]
         self._publish(ready=True)
 
     def stop_soon(self) -> None:
@@ -583,8 +674,65 @@ class DispatchedListener:
             self._publish(busy=0)
 
     def finished(self) -> None:
-        if self.threaded:
-            self._publish(busy=-1)  # this one is done; Gunicorn counts it until finish_request
+        """A request ended: it counts in the recent load (a gthread worker's connection
+        stays busy until Gunicorn settles it)."""
+        self._publish(busy=-1 if self.threaded else None, served=True)
+
+    def rebalance(self, req: Any) -> None:
+        """Before a gthread worker handles a request on a kept-alive connection: when this
+        worker's recent load is clearly above the workers' mean, the response will say
+        ``Connection: close`` (and Gunicorn closes the connection after it), so the
+        client's next request comes back through the primary to the least loaded worker.
+
+        Bounded: never the first request of a connection (the primary just chose this
+        worker), never a request that asked to upgrade the connection (WebSocket, h2c),
+        one close per SHED_COOLDOWN at most, and only while the load, less what earlier
+        closes will take away, exceeds the mean by SHED_ABOVE and SHED_MARGIN, or the
+        mean and the least loaded worker's by SHED_ABOVE_LEAST and SHED_MARGIN. The close
+        is announced in a response, so it never cuts a request short, and a client that
+        waits for each response never sends one on a connection the server is closing."""
+        now = time.monotonic()
+        if now < self._next_shed or self._stopping or self._closed \
+                or not gi.may_close_after(req):
+            return
+        mine, mean, low = self._loads(now)
+        credit = _decayed(self._credit, self._credit_stamp, now)
+        eff = mine - credit
+        if eff <= max(mean * SHED_ABOVE, mean + SHED_MARGIN) and not (
+                eff > mean and eff > max(low * SHED_ABOVE_LEAST, low + SHED_MARGIN)):
+            return
+        with self._lock:
+            if now < self._next_shed:  # another thread of this worker just closed one
+                return
+            gi.close_after(req)
+            self._next_shed = now + SHED_COOLDOWN
+            # This connection's share of the load leaves with it, over about LOAD_TAU.
+            self._credit = credit + (mine - credit) / max(1, gi.gthread_connections(self.worker))
+            self._credit_stamp = now
+            self.shed += 1
+        self._publish()
+
+    def _loads(self, now: float) -> tuple[float, float, float]:
+        """This worker's recent load, the mean of every ready worker's, and the least of
+        the others' (inf when there is no other)."""
+        mine = _decayed(self.load, self.stamp, now)
+        others, n, low = self._others(now)
+        return mine, (others * n + mine) / (n + 1), low
+
+    def _others(self, now: float) -> tuple[float, int, float]:
+        """The mean recent load of the other ready workers, how many they are, and the
+        least of their loads."""
+        board = self.board
+        total, n, low = 0.0, 0, float("inf")
+        for cell in range(min(CELLS, _CELLS_USED.unpack_from(board, 4)[0])):
+            offset = _offset(cell)
+            if offset == self.offset:
+                continue
+            capacity, _, _, _, load, stamp = _CELL.unpack_from(board, offset)
+            if capacity > 0:
+                x = _decayed(load, stamp, now)
+                total, n, low = total + x, n + 1, min(low, x)
+        return (total / n if n else 0.0), n, low
 
     def settled(self) -> None:
         """A gthread worker's main thread finished a connection's request (kept it
@@ -593,9 +741,10 @@ class DispatchedListener:
         self._publish(busy=0)
 
     def _publish(self, received: int = 0, running: int | None = None, busy: int | None = None,
-                 ready: bool = False) -> None:
+                 ready: bool = False, served: bool = False) -> None:
         """Update this worker's cell; wake the primary if it waits for room. *busy*: for
-        a gthread worker, set running to its busy connections plus *busy*."""
+        a gthread worker, set running to its busy connections plus *busy*; *served*: one
+        more request in the recent load."""
         with self._lock:
             before = self.running
             self.received += received
@@ -603,10 +752,15 @@ class DispatchedListener:
                 running = gi.gthread_busy(self.worker) + busy
             if running is not None:
                 self.running = max(0, running)
+            if served:
+                now = time.monotonic()
+                self.load = _decayed(self.load, self.stamp, now) + 1.0
+                self.stamp = now
             freed = self.running < before
-            _CELL.pack_into(self.board, self.offset, self.capacity, self.running, self.received)
+            _CELL.pack_into(self.board, self.offset, self.capacity, self.running, self.received,
+                            self.shed, self.load, self.stamp)
         if (ready or freed or received) and not self._stopping \
-                and not self._closed and _HEADER.unpack_from(self.board, 0)[0]:
+                and not self._closed and _FLAG.unpack_from(self.board, 0)[0]:
             try:
                 self.sock.send(b"W", socket.MSG_DONTWAIT)
             except OSError:
@@ -621,6 +775,8 @@ def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.m
     dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell, worker)
     if threaded:
         gi.after_finish_request(worker, dl.settled)
+        gi.before_handle_request(worker, dl.rebalance)
+        gi.close_in_request_thread(worker)
     shared = {id(lst) for lst in listeners}
     gi.set_sockets(worker, [dl] + [s for s in gi.sockets_of(worker) if id(s) not in shared])
     return dl

@@ -63,7 +63,14 @@ Internals touched, each for one reason:
 * In a gthread worker, for even spread (dispatch.py): ``ThreadWorker.nr_conns``,
   ``keepalived_conns`` and ``pending_conns`` (27) are read (:func:`gthread_busy`), and
   ``ThreadWorker.finish_request`` is wrapped on the instance
-  (:func:`after_finish_request`).
+  (:func:`after_finish_request`); to close a kept-alive connection of a worker busier
+  than its siblings, ``ThreadWorker.handle_request`` is wrapped on the instance
+  (:func:`before_handle_request`), and ``Request.req_number``, ``headers``,
+  ``should_close()`` and ``force_close()`` are used (:func:`may_close_after`,
+  :func:`close_after`); ``ThreadWorker.handle`` is wrapped on the instance and a
+  finished ``TConn``'s ``close`` called in its request thread, then replaced by a
+  no-op, so the main thread never waits on a client's close
+  (:func:`close_in_request_thread`).
 """
 
 from __future__ import annotations
@@ -430,13 +437,109 @@ def after_finish_request(worker: Any, then: Callable[[], None]) -> None:
     worker.finish_request = settle
 
 
+def close_in_request_thread(worker: Any) -> None:
+    """Close a gthread worker's finished connections in the thread that served them,
+    not on the worker's main thread.
+
+    Gunicorn closes a connection it will not keep alive in ``finish_request``, on the
+    main thread that also accepts; 27 closes it gracefully (``TConn.close(graceful=True)``:
+    shut the write side, read until the client closes, up to 2 s), so the main thread
+    waits for each client's FIN, and under load every system call there is also a wait
+    for the GIL behind the request threads, while connections sent to this worker wait
+    to be accepted. Wraps ``ThreadWorker.handle`` on the instance (``enqueue_req``
+    submits it by name for each connection): when it returns False (close), the
+    thread calls ``TConn.close`` itself, Gunicorn's own close and graceful as in the
+    version running, and the connection's ``close`` becomes a no-op for
+    ``finish_request``, which still does its counting.
+    """
+    handle = worker.handle
+
+    def run(conn: Any) -> Any:
+        result = handle(conn)
+        if result is False:
+            close = conn.close
+            try:
+                if _graceful_close(type(conn)):
+                    close(graceful=True)
+                else:
+                    close()
+            except OSError:
+                pass  # Gunicorn's close ignores these too; the socket is closed below
+            finally:
+                with contextlib.suppress(OSError):
+                    conn.sock.close()
+                conn.close = _closed
+        return result
+
+    worker.handle = run
+
+
+def _closed(graceful: bool = False) -> None:
+    """``TConn.close`` of a connection already closed by its thread."""
+
+
+_GRACEFUL: dict[Any, bool] = {}
+
+
+def _graceful_close(tconn: Any) -> bool:
+    """Whether ``TConn.close`` takes ``graceful`` (Gunicorn 27; 25 closes at once)."""
+    if tconn not in _GRACEFUL:
+        import inspect
+
+        try:
+            _GRACEFUL[tconn] = "graceful" in inspect.signature(tconn.close).parameters
+        except (TypeError, ValueError):
+            _GRACEFUL[tconn] = False
+    return _GRACEFUL[tconn]
+
+
+def gthread_connections(worker: Any) -> int:
+    """Connections a gthread worker holds (``ThreadWorker.nr_conns``), kept-alive ones too."""
+    return int(worker.nr_conns)
+
+
+def before_handle_request(worker: Any, first: Callable[[Any], None]) -> None:
+    """Call ``first(req)`` in a gthread worker's thread before each HTTP/1 request is
+    handled, before its response exists. Wraps ``ThreadWorker.handle_request`` on the
+    instance (``handle`` looks it up there for each request; HTTP/2 streams go through
+    ``handle_http2_request``, untouched): ``pre_request`` is the user's hook."""
+    handle_request = worker.handle_request
+
+    def handle(req: Any, conn: Any) -> Any:
+        first(req)
+        return handle_request(req, conn)
+
+    worker.handle_request = handle
+
+
+def may_close_after(req: Any) -> bool:
+    """Whether a request's connection would stay open after its response and may be
+    closed instead: a request after the first on its connection (``Request.req_number``)
+    that neither asks for the close itself (``Request.should_close()``) nor asks to
+    upgrade the connection (an ``Upgrade`` header, or ``upgrade`` in ``Connection``)."""
+    if getattr(req, "req_number", 1) <= 1 or req.should_close():
+        return False
+    for name, value in req.headers:
+        if name == "UPGRADE" or (name == "CONNECTION" and "upgrade" in value.lower()):
+            return False
+    return True
+
+
+def close_after(req: Any) -> None:
+    """Close the connection after this request's response, announcing it in the
+    response (``Connection: close``): ``Request.force_close()``, as Gunicorn's own
+    workers call it, before the response is made."""
+    req.force_close()
+
+
 def set_sockets(worker: Any, sockets: list[Any]) -> None:
     """The sockets the worker's accept loop uses (``post_fork``, before ``init_process``)."""
     worker.sockets = sockets
 
 
 __all__ = [
-    "APP_LOAD_ERROR", "ATTRIBUTE", "after_finish_request", "gthread_busy", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
+    "APP_LOAD_ERROR", "ATTRIBUTE", "after_finish_request", "before_handle_request",
+    "close_after", "close_in_request_thread", "gthread_busy", "gthread_connections", "may_close_after", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
     "WORKER_BOOT_ERROR", "WRAPPED", "app_of", "apply_config", "attach", "attached",
     "counting_extra", "event_loop_of", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",
     "listener_socket", "listeners",

@@ -382,8 +382,10 @@ class Settings:
     # -- accepting
     even_spread: bool | None = setting(None, validate_auto_bool, """
         The primary accepts connections and hands each to the worker with the most free
-        threads, instead of whichever worker the kernel wakes. None (default): gthread
-        workers; True: sync workers too; False: Gunicorn's own accept everywhere.""")
+        threads, instead of whichever worker the kernel wakes; a gthread worker busier than
+        the others answers some kept-alive requests with ``Connection: close``, so their
+        clients come back through the primary. None (default): gthread workers; True: sync
+        workers too; False: Gunicorn's own accept and keep-alive everywhere.""")
 
     # -- sticky routing (nginx pins a client to the backend its route cookie names)
     sticky: bool | None = setting(None, validate_auto_bool, """

@@ -150,3 +150,162 @@ def test_kernels_accept_when_off(gunicorn_factory: Any, worker_class: str,
     g = _spread_app(gunicorn_factory, WORKER_CLASS=worker_class, EVEN_SPREAD=even_spread)
     assert "even spread on" not in g.log_path.read_text()
     assert fresh(g, "/pid").status_code == 200
+
+
+class KeptAlive:
+    """One HTTP/1.1 client on a kept-alive connection (raw socket, so every byte is
+    seen): reconnects only when a response said ``Connection: close``, after checking
+    that the response was whole and the server then closed (nothing cut short)."""
+
+    def __init__(self, port: int, headers: str = "") -> None:
+        self.port = port
+        self.headers = headers
+        self.sock: socket.socket | None = None
+        self.connections = 0
+        self.closes = 0
+
+    def get(self, path: str) -> str:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            self.connections += 1
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{self.headers}\r\n".encode())
+        f = self.sock.makefile("rb")
+        status = f.readline()
+        assert status.startswith(b"HTTP/1.1 200"), status
+        head: dict[str, str] = {}
+        while (line := f.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            head[name.strip().lower()] = value.strip().lower()
+        body = f.read(int(head["content-length"]))
+        assert len(body) == int(head["content-length"]), "a response cut short"
+        if head.get("connection") == "close":
+            assert f.read(1) == b"", "bytes after a Connection: close response"
+            f.close()
+            self.sock.close()
+            self.sock = None
+            self.closes += 1
+        else:
+            f.close()
+        return body.decode()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _kept_alive_run(g: Gunicorn, clients: list[KeptAlive], seconds: float,
+                    requests_each: int = 5000) -> tuple[list[collections.Counter[str]], list[str]]:
+    """Each client sends requests one after another for *seconds* (at most
+    *requests_each*; a short hold now and then, so requests overlap); per client, which
+    worker pid served how many."""
+    counts = [collections.Counter[str]() for _ in clients]
+    errors: list[str] = []
+    end = time.monotonic() + seconds
+
+    def run(i: int) -> None:
+        try:
+            for n in range(requests_each):
+                if time.monotonic() > end:
+                    break
+                counts[i][clients[i].get("/hold?s=0.01" if n % 5 == 0 else "/pid")] += 1
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(f"client {i}: {exc!r}")
+        finally:
+            clients[i].close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=25)
+    return counts, errors
+
+
+def test_kept_alive_clients_spread_over_workers(gunicorn_factory: Any) -> None:
+    """Two clients on kept-alive connections and three gthread workers: a connection
+    stays with the worker that got it, so plain Gunicorn serves them on two workers
+    only. A worker whose recent load is clearly above the others' answers one of its
+    kept-alive requests with ``Connection: close`` (after a whole response), and the
+    client's next connection goes to the least loaded worker: all three serve, each a
+    fair share."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="1", WORKERS="3")
+    pids = {str(p) for p in g.worker_pids()}
+    time.sleep(1.5)  # the recent load of the warm-up requests fades
+    clients = [KeptAlive(g.port), KeptAlive(g.port)]
+    counts, errors = _kept_alive_run(g, clients, 3.0)
+    assert errors == [], errors
+    served = counts[0] + counts[1]
+    total = sum(served.values())
+    assert set(served) == pids, served
+    # Every worker serves at least half an even share (plain Gunicorn: none for one).
+    assert min(served.values()) >= total / len(pids) / 2, served
+    closes = clients[0].closes + clients[1].closes
+    assert closes >= 2
+    # Bounded: far fewer closes than requests (at most one per 0.1 s per worker).
+    assert closes <= total // 20, (closes, total)
+
+
+def test_upgrade_requests_are_never_closed(gunicorn_factory: Any) -> None:
+    """A client whose requests ask to upgrade the connection (as a WebSocket handshake
+    does) is never answered ``Connection: close``, even on a worker that closes the
+    other client's connections to rebalance."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="1", WORKERS="3")
+    time.sleep(1.5)
+    clients = [KeptAlive(g.port),
+               KeptAlive(g.port, headers="Connection: keep-alive, Upgrade\r\nUpgrade: x-test\r\n")]
+    counts, errors = _kept_alive_run(g, clients, 3.0)
+    assert errors == [], errors
+    assert clients[0].closes >= 1 and len(counts[0]) >= 2, counts[0]
+    assert clients[1].closes == 0 and clients[1].connections == 1 and len(counts[1]) == 1
+
+
+def test_kept_alive_connections_stay_when_off(gunicorn_factory: Any) -> None:
+    """even_spread=False: Gunicorn's own keep-alive, every connection serves its client
+    to the end, on one worker."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="1", WORKERS="3",
+                    EVEN_SPREAD="0")
+    clients = [KeptAlive(g.port), KeptAlive(g.port)]
+    counts, errors = _kept_alive_run(g, clients, 1.5)
+    assert errors == [], errors
+    assert [c.closes for c in clients] == [0, 0]
+    assert [len(c) for c in counts] == [1, 1], counts
+
+
+def test_a_client_slow_to_close_does_not_stall_the_worker(gunicorn_factory: Any) -> None:
+    """Gunicorn 27 closes a connection gracefully, reading until the client closes too
+    (up to 2 s). It does so on the worker's main thread, which also takes the
+    connections the primary sends: one client slow to close would stall every other
+    client of that worker. Dispatched, the thread that served the request closes it:
+    another request to the same worker is answered while the first client's
+    connection is still open."""
+    import inspect
+
+    from gunicorn.workers.gthread import TConn
+
+    if "graceful" not in inspect.signature(TConn.close).parameters:
+        pytest.skip("this Gunicorn closes a connection at once (no graceful close)")
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="2", WORKERS="1")
+    slow = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    try:
+        slow.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        f = slow.makefile("rb")
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        while f.readline() not in (b"\r\n", b""):
+            pass
+        assert f.read(len(str(g.worker_pids()[0]))) == str(g.worker_pids()[0]).encode()
+        # The response is whole; the server shut its side (FIN), and reads on until
+        # this client closes. This one does not; another client asks meanwhile:
+        assert fresh(g, "/pid").status_code == 200
+        # Still read (drained) by the server: a byte sent now draws no reset. Had the
+        # worker answered only after giving up on this client, it would.
+        slow.sendall(b"x")
+        time.sleep(0.3)
+        try:
+            slow.sendall(b"y")
+            reset = slow.recv(1) != b""
+        except (ConnectionResetError, BrokenPipeError):
+            reset = True
+        assert not reset, "the other request was answered only after the slow client's close"
+    finally:
+        slow.close()
