@@ -4,7 +4,10 @@ Neither worker runs WSGI, and the uvicorn worker calls no request hook, so the h
 :class:`ClusterMiddleware` around the ASGI app instead (``post_worker_init``). It binds
 the bus to the worker's event loop (:meth:`~gunicorn_ext.ipc.bus.Bus.bind_loop`), counts
 each HTTP request into the slot's metrics (requests, latency, in flight), sends the
-one-way messages a request batched, and checks the soft memory limit after it.
+one-way messages a request batched, and checks the soft memory limit after it (at most
+every :data:`~gunicorn_ext.reporter.RSS_CHECK_GAP`). A route cookie
+(:class:`~gunicorn_ext.sticky.AsgiRouteCookie`) right inside it is folded into it: its
+check runs as a plain call, so the request passes through one middleware coroutine.
 
 :class:`LoopWatch` is the hung-worker stack dump of an event loop: a stuck loop runs no
 signal handler (Gunicorn's ``worker_abort`` never fires), so a thread notices the loop
@@ -27,7 +30,7 @@ from typing import Any
 from .ipc.bus import Bus
 from .ipc.errors import BusClosed
 from .reporter import Reporter
-from .sticky import ASGIApp, Receive, Scope, Send
+from .sticky import ASGIApp, AsgiRouteCookie, Receive, Scope, Send
 
 __all__ = ["ClusterMiddleware", "LoopWatch", "app_attribute"]
 
@@ -63,10 +66,17 @@ class ClusterMiddleware:
         self.log = log
         self.watch: LoopWatch | None = None
         self._seen_loop = False
+        #: The route cookie folded in (its app is called directly), or None.
+        self.cookie = app if isinstance(app, AsgiRouteCookie) else None
+        self._inner = app.app if isinstance(app, AsgiRouteCookie) else app
+        self._limit = bool(reporter is not None and reporter.settings.memory_soft_limit)
+        self._cell: Any = None  # the loop thread's request counts
 
     def _first_call(self) -> None:
         self._seen_loop = True
         loop = asyncio.get_running_loop()
+        if self.reporter is not None:
+            self._cell = self.reporter.stats.thread_cell()  # every call runs on this thread
         bus = self.bus
         if bus.loop is None and bus.connected:
             try:
@@ -84,13 +94,20 @@ class ClusterMiddleware:
         if reporter is None or scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        cookie = self.cookie
+        if cookie is not None:
+            send = cookie.prepare(scope, send)
+        cell = self._cell
         t0 = _perf_counter()
-        reporter.stats.request_started()
+        cell.started += 1
         try:
-            await self.app(scope, receive, send)
+            await self._inner(scope, receive, send)
         finally:
             self.bus.flush()
-            reporter.request_finished(_perf_counter() - t0)  # and the soft memory limit
+            now = _perf_counter()
+            cell.finish(now - t0)
+            if self._limit and now >= reporter._next_rss_check:
+                reporter.after_request(now)  # the soft memory limit
 
 
 class LoopWatch:

@@ -81,7 +81,8 @@ class Deadlines:
         self.log = log
         self.threaded = type(worker).__name__ != "SyncWorker"
         self.graceful_timeout = float(getattr(worker.cfg, "graceful_timeout", 30) or 30)
-        self._inflight: dict[int, _Request] = {}
+        #: Requests in flight by thread ident (by greenlet under gevent).
+        self._inflight: dict[Any, _Request] = {}
         self._lock = threading.Lock()
         self._stopping_since: float | None = None
         self._thread: threading.Thread | None = None
@@ -109,16 +110,20 @@ class Deadlines:
             upgrade = environ.get("HTTP_UPGRADE")
             if upgrade and upgrade.lower() == "websocket":
                 return app(environ, start_response)
-            entry = _Request(monotonic(), environ, start_response,
-                             green() if green is not None else None)
-            inflight[get_ident()] = entry
+            if green is not None:  # gevent: the greenlet is the key (its get_ident() is slower)
+                g = green()
+                entry = inflight[g] = _Request(monotonic(), environ, start_response, g)
+            else:
+                entry = inflight[get_ident()] = _Request(monotonic(), environ, start_response,
+                                                         None)
             return app(environ, entry.tracked_start_response)
 
         return with_deadline
 
     def finished(self) -> None:
         """``post_request``: the response is complete (body included)."""
-        self._inflight.pop(threading.get_ident(), None)
+        green = self.green
+        self._inflight.pop(green() if green is not None else threading.get_ident(), None)
 
     # -- the watchdog
 
@@ -157,7 +162,7 @@ class Deadlines:
             if done or late:
                 self._exit()
 
-    def _expire(self, ident: int, r: _Request, now: float) -> None:
+    def _expire(self, ident: Any, r: _Request, now: float) -> None:
         frame = r.greenlet.gr_frame if r.greenlet is not None else sys._current_frames().get(ident)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else "(thread gone)\n"
         self.log.critical(

@@ -97,13 +97,22 @@ def _bounds(buckets: Sequence[float]) -> tuple[float, ...]:
 class _Cell:
     """One thread's request counts: written by that thread only, so without a lock."""
 
-    __slots__ = ("counts", "sum", "started", "finished")
+    __slots__ = ("counts", "sum", "started", "finished", "bounds")
 
-    def __init__(self, n: int) -> None:
-        self.counts = [0] * n  # per bucket, not cumulative; their sum is the request count
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; sum: requests
         self.sum = 0.0
         self.started = 0
         self.finished = 0
+
+    def finish(self, seconds: float) -> None:
+        """Count a finished request that took ``seconds`` (NaN or negative counts as 0)."""
+        if not seconds > 0.0:
+            seconds = 0.0
+        self.counts[_bisect_left(self.bounds, seconds)] += 1  # first bound >= seconds: "le"
+        self.sum += seconds
+        self.finished += 1
 
 
 class WorkerStats:
@@ -130,7 +139,7 @@ class WorkerStats:
         with self._new_cell:
             cell = self._cells.get(ident)
             if cell is None:
-                cell = self._cells[ident] = _Cell(len(self.buckets) + 1)
+                cell = self._cells[ident] = _Cell(self.buckets)
             return cell
 
     def _totals(self) -> tuple[list[int], float, int, int]:
@@ -155,6 +164,12 @@ class WorkerStats:
         """Requests started and not finished."""
         _, _, started, finished = self._totals()
         return max(0, started - finished)
+
+    def thread_cell(self) -> _Cell:
+        """The counts of the calling thread, for a caller that counts every request of a
+        thread itself (the ASGI middleware, on its event loop's thread): ``started += 1``
+        when one starts, :meth:`_Cell.finish` when it ends."""
+        return self._cells.get(_get_ident()) or self._cell()
 
     def request_started(self) -> None:
         cell = self._cells.get(_get_ident()) or self._cell()

@@ -1,11 +1,12 @@
 """The worker reporter's per-request work (gunicorn_ext/reporter.py), unit level: the RSS
-read it does after every request when memory_soft_limit is set, across a fork, and the
+read it does after requests when memory_soft_limit is set (at most every RSS_CHECK_GAP), across a fork, and the
 recycle it triggers. The whole path with real Gunicorn is in test_lifecycle.py."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import psutil
@@ -74,3 +75,76 @@ def test_no_limit_reads_no_rss(monkeypatch: Any) -> None:
     rep.pre_request()
     rep.post_request()
     assert rep.stats.requests == 1
+
+
+def test_requests_read_rss_at_most_every_gap_and_the_first_after_a_pause_always(
+        monkeypatch: Any) -> None:
+    import gunicorn_ext.reporter as reporter
+
+    reads: list[int] = []
+
+    def rss() -> int:
+        reads.append(1)
+        return 2 * MIB
+
+    monkeypatch.setattr(reporter._STATM, "rss", rss)
+    rep = _Recorder(1 * MIB)
+    rep._exiting = False
+    t = time.perf_counter() - 5.0  # seconds ago on the real clock
+    for i in range(100):  # a burst: 100 requests within 10 ms
+        rep.request_finished(0.0001, t + i * 0.0001)
+        rep._exiting = False  # keep checking (a real recycle stops the checks)
+    assert len(reads) == 1 and len(rep.reasons) == 1  # the first one read; the others did not
+    rep.request_finished(0.0001, t + reporter.RSS_CHECK_GAP + 0.001)  # after the gap: read
+    assert len(reads) == 2 and rep.stats.requests == 101
+    reads.clear()
+    rep._exiting = False
+    rep.pre_request()  # the real clock, long after: the next request is checked at once
+    rep.post_request()
+    assert len(reads) == 1
+
+
+def test_asgi_middleware_counts_pins_and_checks_memory_in_one_layer(monkeypatch: Any) -> None:
+    import asyncio
+
+    import gunicorn_ext.reporter as reporter
+    from gunicorn_ext.asgi import ClusterMiddleware
+    from gunicorn_ext.sticky import AsgiRouteCookie
+
+    reads: list[int] = []
+
+    def rss() -> int:
+        reads.append(1)
+        return 2 * MIB
+
+    monkeypatch.setattr(reporter._STATM, "rss", rss)
+    calls: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    rep = _Recorder(1 * MIB)
+    mw = ClusterMiddleware(AsgiRouteCookie(app, route="a"), Bus(), rep)
+    assert mw.cookie is not None and mw._inner is app  # the cookie's layer is folded in
+
+    def call(cookie: bytes | None) -> list[Any]:
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request"}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        headers = [(b"cookie", cookie)] if cookie is not None else []
+        asyncio.run(mw({"type": "http", "path": "/", "scheme": "http", "headers": headers},
+                       receive, send))
+        return list(sent[0]["headers"])
+
+    assert call(None) == [(b"set-cookie", b"gx_route=a; Path=/; HttpOnly; SameSite=Lax")]
+    assert call(b"gx_route=a") == []  # pinned here: no Set-Cookie
+    assert call(b"gx_route=b") == [(b"set-cookie", b"gx_route=a; Path=/; HttpOnly; SameSite=Lax")]
+    assert len(calls) == 3 and rep.stats.requests == 3 and rep.stats.inflight == 0
+    assert len(reads) == 1 and len(rep.reasons) == 1  # checked after the first, then recycling
