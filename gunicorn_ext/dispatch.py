@@ -116,6 +116,9 @@ SHED_ABOVE_LEAST = 1.3
 SHED_MARGIN = 4.0
 #: ... and at most one per SHED_COOLDOWN seconds.
 SHED_COOLDOWN = 0.1
+#: A worker compares its load with the others' at most once per SHED_LOOK seconds (the
+#: loads move over LOAD_TAU; looking on every request cost a read of every cell).
+SHED_LOOK = 0.01
 
 
 def _decayed(load: float, stamp: float, now: float) -> float:
@@ -571,6 +574,7 @@ class DispatchedListener:
         self._credit = 0.0  # the load those closes will take away (decaying like load)
         self._credit_stamp = self.stamp
         self._next_shed = 0.0
+        self._next_look = 0.0
         self._lock = threading.Lock()
         self._last = 0
         self._names: dict[int, Any] = {}  # listener index -> its address (asked once)
@@ -692,9 +696,10 @@ class DispatchedListener:
         is announced in a response, so it never cuts a request short, and a client that
         waits for each response never sends one on a connection the server is closing."""
         now = time.monotonic()
-        if now < self._next_shed or self._stopping or self._closed \
+        if now < self._next_shed or now < self._next_look or self._stopping or self._closed \
                 or not gi.may_close_after(req):
             return
+        self._next_look = now + SHED_LOOK
         mine, mean, low = self._loads(now)
         credit = _decayed(self._credit, self._credit_stamp, now)
         eff = mine - credit
@@ -710,7 +715,7 @@ class DispatchedListener:
             self._credit = credit + (mine - credit) / max(1, gi.gthread_connections(self.worker))
             self._credit_stamp = now
             self.shed += 1
-        self._publish()
+        self._publish(shed=True)
 
     def _loads(self, now: float) -> tuple[float, float, float]:
         """This worker's recent load, the mean of every ready worker's, and the least of
@@ -741,10 +746,12 @@ class DispatchedListener:
         self._publish(busy=0)
 
     def _publish(self, received: int = 0, running: int | None = None, busy: int | None = None,
-                 ready: bool = False, served: bool = False) -> None:
+                 ready: bool = False, served: bool = False, shed: bool = False) -> None:
         """Update this worker's cell; wake the primary if it waits for room. *busy*: for
         a gthread worker, set running to its busy connections plus *busy*; *served*: one
-        more request in the recent load."""
+        more request in the recent load; *shed*: a kept-alive connection was closed. The
+        cell is written only when one of them changed it (``settled`` mostly confirms
+        what ``finished`` wrote)."""
         with self._lock:
             before = self.running
             self.received += received
@@ -757,8 +764,9 @@ class DispatchedListener:
                 self.load = _decayed(self.load, self.stamp, now) + 1.0
                 self.stamp = now
             freed = self.running < before
-            _CELL.pack_into(self.board, self.offset, self.capacity, self.running, self.received,
-                            self.shed, self.load, self.stamp)
+            if received or served or shed or ready or self.running != before:
+                _CELL.pack_into(self.board, self.offset, self.capacity, self.running,
+                                self.received, self.shed, self.load, self.stamp)
         if (ready or freed or received) and not self._stopping \
                 and not self._closed and _FLAG.unpack_from(self.board, 0)[0]:
             try:
