@@ -106,7 +106,7 @@ class ClusterMiddleware:
             self.bus.flush()
             now = _perf_counter()
             cell.finish(now - t0)
-            if self._limit and now >= reporter._next_rss_check:
+            if self._limit and now >= reporter.next_rss_check:
                 reporter.after_request(now)  # the soft memory limit
 
 

@@ -166,26 +166,20 @@ class WorkerStats:
         return max(0, started - finished)
 
     def thread_cell(self) -> _Cell:
-        """The counts of the calling thread, for a caller that counts every request of a
-        thread itself (the ASGI middleware, on its event loop's thread): ``started += 1``
-        when one starts, :meth:`_Cell.finish` when it ends."""
+        """The counts of the calling thread. A caller that counts every request of a
+        thread itself (the ASGI middleware, on its event loop's thread) keeps it:
+        ``started += 1`` when one starts, :meth:`_Cell.finish` when it ends."""
         return self._cells.get(_get_ident()) or self._cell()
 
     def request_started(self) -> None:
-        cell = self._cells.get(_get_ident()) or self._cell()
-        cell.started += 1
+        self.thread_cell().started += 1
 
     def request_finished(self, seconds: float) -> None:
         """Count a finished request that took ``seconds`` (NaN or negative counts as 0).
 
         It may run on another thread than its start. ``inflight`` is started minus
         finished, never below 0."""
-        if not seconds > 0.0:
-            seconds = 0.0
-        cell = self._cells.get(_get_ident()) or self._cell()
-        cell.counts[_bisect_left(self.buckets, seconds)] += 1  # first bound >= seconds: "le"
-        cell.sum += seconds
-        cell.finished += 1
+        self.thread_cell().finish(seconds)
 
     def snapshot(self, include_app: bool = True) -> dict[str, Any]:
         """The worker's numbers as a msgpack-able dict, for :meth:`ClusterMetrics.update`.

@@ -106,7 +106,7 @@ class Reporter:
         self.lifetime = settings.max_lifetime + jitter if settings.max_lifetime else 0.0
         self._exiting = False
         #: perf_counter() before which a finished request does not read RSS.
-        self._next_rss_check = 0.0
+        self.next_rss_check = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -134,14 +134,14 @@ class Reporter:
         if self.settings.memory_soft_limit and not self._exiting:
             if now is None:
                 now = _perf_counter()
-            if now >= self._next_rss_check:
+            if now >= self.next_rss_check:
                 self.after_request(now)
 
     def after_request(self, now: float) -> None:
         """The soft memory limit after a request that ended at *now* (``perf_counter``)."""
-        if now < self._next_rss_check:
+        if now < self.next_rss_check:
             return
-        self._next_rss_check = now + RSS_CHECK_GAP
+        self.next_rss_check = now + RSS_CHECK_GAP
         limit = self.settings.memory_soft_limit
         if limit and not self._exiting:
             try:
