@@ -222,6 +222,18 @@ def sid_of(app: Flask, client: Any) -> str:
     return sid
 
 
+def stored_session(app: Flask, store: RecordingStore) -> tuple[Any, str, float, str | None]:
+    """A client whose session holds ``a=1``: the client, the session's key, its TTL and
+    the cookie, with the store's recorded calls cleared."""
+    client = app.test_client()
+    client.get("/set/a/1")
+    key = "session:" + sid_of(app, client)
+    ttl = app.permanent_session_lifetime.total_seconds()
+    first = cookie_of(client)
+    store.calls.clear()
+    return client, key, ttl, first
+
+
 # -- tests ------------------------------------------------------------------------------------
 
 
@@ -884,12 +896,7 @@ def test_outage_503_keeps_other_extensions_headers(store: RecordingStore) -> Non
 def test_untouched_requests_refresh_cookie_and_ttl_once_per_interval(
         app: Flask, store: RecordingStore, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock(monkeypatch)
-    client = app.test_client()
-    client.get("/set/a/1")
-    key = "session:" + sid_of(app, client)
-    ttl = app.permanent_session_lifetime.total_seconds()
-    first = cookie_of(client)
-    store.calls.clear()
+    client, key, ttl, first = stored_session(app, store)
     for _ in range(5):  # within the interval (60 s): the cookie is re-sent, no store access
         r = client.get("/plain")
         assert "Expires=" in r.headers["Set-Cookie"] and "Cookie" in r.vary
@@ -939,12 +946,7 @@ def test_writes_set_the_ttl_again_at_most_once_per_interval(
     clock = Clock(monkeypatch)
     app = make_app(store, **config)
     sliding = not config  # permanent, refreshed on each request
-    client = app.test_client()
-    client.get("/set/a/1")
-    key = "session:" + sid_of(app, client)
-    ttl = app.permanent_session_lifetime.total_seconds()
-    first = cookie_of(client)
-    store.calls.clear()
+    client, key, ttl, first = stored_session(app, store)
     for i in range(3):
         clock.advance(10)
         r = client.get(f"/rmw/a/{i}")
