@@ -9,7 +9,14 @@ Each backend serves the same app (bench/sessions_app.py) from real Gunicorn
 * server CPU per request: the workers' and redis-server's user+system CPU over the
   wrk run, divided by the requests done (steadier than req/s on a shared machine);
 * Redis round trips per request, counted by the server (``total_reads_processed``
-  deltas) while Flask's test client sends requests one at a time, in-process.
+  deltas) while Flask's test client sends requests one at a time, in-process;
+* the floor under any session on Redis, measured on the cookie backend's server in
+  the same rounds: ``/none`` (the same request without a session) and ``/roundtrip``
+  (that request plus one redis-py HGETALL of a session-sized hash, the command a
+  load makes). A round trip costs their difference in server CPU; a request needing
+  k round trips costs at least ``/none`` + k round trips, whatever its session code
+  does. When that floor is above 0.85x Flask-Session's CPU, no session making those
+  round trips through redis-py can meet that target.
 
 Rounds alternate the backends (each round runs all three, in a rotating order);
 figures are medians with their range. Writes bench/results/sessions.json and
@@ -74,7 +81,7 @@ def _load(url: str, cookie: str) -> tuple[float, int]:
     wrk = shutil.which("wrk")
     if wrk is None:
         return _py_load(url, cookie)
-    res = _wrk.run(wrk, url, SECONDS, CONNECTIONS, (f"Cookie: {cookie}",))
+    res = _wrk.run(wrk, url, SECONDS, CONNECTIONS, (f"Cookie: {cookie}",) if cookie else ())
     if res["non_2xx"]:
         raise RuntimeError(f"{res['non_2xx']} failed responses from {url}")
     return res["rps"], res["requests"] or 0
@@ -86,7 +93,7 @@ def _py_load(url: str, cookie: str) -> tuple[float, int]:
     n = 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < SECONDS and n < 20000:
-        s.get(url, headers={"Cookie": cookie}, timeout=5).raise_for_status()
+        s.get(url, headers={"Cookie": cookie} if cookie else {}, timeout=5).raise_for_status()
         n += 1
     return n / (time.monotonic() - t0), n
 
@@ -132,6 +139,8 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {i: {e: [] for e in ENDPOINTS} for i in IMPLS}
     cpu_us: dict[str, dict[str, list[float]]] = {i: {e: [] for e in ENDPOINTS} for i in IMPLS}
     commands: dict[str, dict[str, float]] = {i: {} for i in IMPLS}
+    # on the cookie backend's server: a request without a session, and with one round trip
+    floor_us: dict[str, list[float]] = {"none": [], "roundtrip": []}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(tmp) as rs:
         r = rs.client()
         assert rs.proc is not None
@@ -158,9 +167,17 @@ def main() -> int:
                         print(f"  round {rnd + 1} {LABELS[impl]:38s} {endpoint:5s} {rps:9,.0f} req/s"
                               f"  {cpu_req:5.0f} us server CPU/request"
                               f"  {commands[impl][endpoint]:.2f} redis commands/request", flush=True)
+                    for endpoint in floor_us if impl == "cookie" else ():
+                        cpu0 = _cpu_seconds(pids)
+                        _, n = _load(g.url(f"/{endpoint}"), "")
+                        floor_us[endpoint].append((_cpu_seconds(pids) - cpu0) / n * 1e6 if n else 0.0)
 
     rps = {i: {e: _med(results[i][e]) for e in ENDPOINTS} for i in IMPLS}
     cpu = {i: {e: _med(cpu_us[i][e]) for e in ENDPOINTS} for i in IMPLS}
+
+    bare = _med(floor_us["none"])
+    trip = _med(floor_us["roundtrip"]) - bare
+    floor = {e: bare + TRIPS_TARGET[e] * trip for e in ENDPOINTS}
 
     def rng(v: list[float]) -> str:
         return f"{min(v):,.0f}-{max(v):,.0f}"
@@ -170,6 +187,8 @@ def main() -> int:
         "server_cpu_us_per_request_median": cpu,
         "roundtrips_per_request": trips,
         "redis_commands_per_request": commands,
+        "floor": {"no_session_cpu_us": bare, "roundtrip_cpu_us": trip,
+                  "cpu_us_per_request": floor, "rounds": floor_us},
         "ratios": {
             e: {"rps_vs_flask_session": rps["ours"][e] / rps["flask_session"][e],
                 "cpu_vs_flask_session": cpu["ours"][e] / cpu["flask_session"][e],
@@ -194,6 +213,12 @@ def main() -> int:
               f"{cpu['ours'][e] / cpu['flask_session'][e]:.2f}x")
     print(f"  redis round trips per request: ours {trips['ours']}, "
           f"Flask-Session {trips['flask_session']}")
+    print(f"  floor: a request without a session {bare:.0f} us ({rng(floor_us['none'])}), one"
+          f" redis-py round trip {trip:.0f} us more ({rng(floor_us['roundtrip'])} with it)")
+    for e in ENDPOINTS:
+        print(f"  {e:5s} floor with {TRIPS_TARGET[e]:.0f} round trip(s): {floor[e]:.0f} us;"
+              f" {CPU_TARGET}x Flask-Session is {CPU_TARGET * cpu['flask_session'][e]:.0f} us;"
+              f" ours {cpu['ours'][e]:.0f} us, {cpu['ours'][e] - floor[e]:.0f} us above the floor")
     for e in ENDPOINTS:
         ok = rps["ours"][e] >= TARGET * rps["flask_session"][e]
         print(f"{'PASS' if ok else 'FAIL'}: {e} req/s >= {TARGET}x Flask-Session: "

@@ -38,6 +38,26 @@ def healthz() -> str:
     return "ok"
 
 
+@app.get("/none")
+def none() -> str:
+    """The same request without a session: the floor under any session."""
+    return "1"
+
+
+_floor_key = "bench:floor"
+_floor_redis = redis.Redis.from_url(REDIS_URL)
+
+
+@app.get("/roundtrip")
+def roundtrip() -> str:
+    """``/none`` plus one redis-py HGETALL of a session-sized hash (what a load costs)."""
+    fields = _floor_redis.hgetall(_floor_key)
+    if not fields:
+        _floor_redis.hset(_floor_key, mapping={"n": b"1",
+                                               "user": b'{"name":"ada","roles":["admin"]}'})
+    return "1"
+
+
 @app.get("/write")
 def write() -> str:
     session["n"] = session.get("n", 0) + 1
