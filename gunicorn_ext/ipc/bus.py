@@ -556,11 +556,9 @@ class Bus:
     async def _awrite(self, frame: frames.Frame, oneway: bool = False) -> None:
         """:meth:`_write` for coroutines: the same refusals and errors, the same order
         with every other write, and the loop is never blocked on the socket."""
-        if self._sock is None:
+        if self._sock is None:  # before encoding: a closed bus says so, whatever the frame
             raise BusClosed(self._closed_reason)
-        fut = self._write_or_hand_over(frames.encode(frame, self.max_frame), oneway)
-        if fut is not None:
-            await _finished(fut)
+        await self._awrite_bytes(frames.encode(frame, self.max_frame), oneway)
 
     async def _awrite_bytes(self, data: bytes, oneway: bool = False) -> None:
         """:meth:`_write_bytes` for coroutines (see :meth:`_awrite`)."""
