@@ -553,6 +553,36 @@ def test_async_sends_wait_for_a_primary_that_stops_reading_without_blocking_the_
     assert p.signals == [] and p.bus.connected
 
 
+def test_sync_sends_in_async_code_never_block_the_loop(fake_primary: _FakePrimary) -> None:
+    """worker.send()/publish() called from a coroutine (an app that didn't switch to
+    the async API) against a primary that reads nothing: the loop turns on, and every
+    frame arrives whole, in the order sent, once the primary reads."""
+    import asyncio
+
+    p = fake_primary
+    n = 12  # 3 MiB for a 16 KiB socket buffer
+
+    async def main() -> tuple[int, float]:
+        t0 = time.monotonic()
+        for i in range(n):
+            p.bus.publish("news", {"i": i, "blob": b"x" * _BIG})
+            p.bus.send("job", i)
+        took = time.monotonic() - t0
+        turns = await _loop_turns(100)
+        reader = asyncio.get_running_loop().run_in_executor(None, p.read_all, 2 * n)
+        await asyncio.wait_for(reader, 20)
+        return turns, took
+
+    turns, took = _run_with_watchdog(main(), lambda: p.read_all(2 * n))
+    assert turns >= 100 and took < 5  # the primary read nothing meanwhile: nothing waited
+    assert [f.payload["i"] for f in p.got if type(f).__name__ == "Pub"] == list(range(n))
+    assert all(f.payload["blob"] == b"x" * _BIG for f in p.got if type(f).__name__ == "Pub")
+    assert [f.payload for f in p.got if type(f).__name__ == "Msg"] == list(range(n))
+    kinds = [type(f).__name__ for f in p.got]
+    assert kinds == ["Pub", "Msg"] * n  # one order for both kinds, as sent
+    assert p.signals == [] and p.bus.connected
+
+
 def test_an_async_send_waiting_on_a_primary_that_goes_away_raises_bus_closed(
         fake_primary: _FakePrimary) -> None:
     import asyncio

@@ -16,7 +16,9 @@ bus is bound to the worker's event loop (:meth:`Bus.bind_loop`): the loop takes
 the reader role of the call channel for good (a reader callback, no thread),
 :meth:`Bus.arequest` waits on a future, and ``async def`` handlers run on the
 loop. :meth:`Bus.request` called on a running event loop raises
-:class:`RuntimeError` instead of blocking it. Under gevent (which Gunicorn's
+:class:`RuntimeError` instead of blocking it, and the one-way sends
+(:meth:`Bus.send`, :meth:`Bus.publish`) called there never wait for the socket:
+what it can't take now goes from the writer thread, in order. Under gevent (which Gunicorn's
 gevent worker always monkey-patches) :meth:`Bus.start` re-makes the sockets and
 locks as gevent's, so the listener and every wait are greenlets yielding to the hub.
 
@@ -514,7 +516,12 @@ class Bus:
         if self._sock is None:
             raise BusClosed(self._closed_reason)
         # Outside the lock; what the bus can't carry is refused here, in the caller.
-        self._write_bytes(frames.encode(frame, self.max_frame), oneway)
+        data = frames.encode(frame, self.max_frame)
+        if oneway and asyncio._get_running_loop() is not None:
+            # a sync send in async code: never block the loop on a full socket
+            self._write_or_hand_over(data, oneway)
+            return
+        self._write_bytes(data, oneway)
 
     def _write_bytes(self, data: bytes, oneway: bool = False) -> None:
         sock = self._sock
