@@ -200,6 +200,12 @@ class RedisStore(Store):
         self.kind = {"redis+sentinel": "sentinel", "rediss+sentinel": "sentinel",
                      "redis+cluster": "cluster", "rediss+cluster": "cluster"}.get(scheme, "redis")
         if client is not None:
+            kwargs = getattr(client, "get_connection_kwargs", None)
+            if kwargs is not None and kwargs().get("decode_responses"):
+                raise ValueError(
+                    "the store's redis client must be created with decode_responses=False "
+                    "(stored values are bytes; a decoding client would turn them into text "
+                    "and lose what isn't)")
             self._client = client
             self.kind = "cluster" if _is_cluster(client) else "redis"
             return
