@@ -138,10 +138,18 @@ class RecordingStore(Store):
 # -- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "fakeredis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RecordingStore]:
-    url = "memory://" if request.param == "memory" else "sqlite:///" + str(tmp_path / "s.db")
-    inner = open_store(url)
+    inner: Store
+    if request.param == "fakeredis":  # the Redis store's code, in-process (fast)
+        import fakeredis
+
+        from gunicorn_ext.state.redis import RedisStore
+
+        inner = RedisStore(client=fakeredis.FakeRedis())
+    else:
+        inner = open_store("memory://" if request.param == "memory"
+                           else "sqlite:///" + str(tmp_path / "s.db"))
     yield RecordingStore(inner)
     inner.close()
 
