@@ -100,33 +100,44 @@ WAIT_POLL = 0.02
 # The board: a header (the primary's "waiting for room" flag, and how many cells have
 # ever been handed out, so a worker reads only those), then one cell per worker: capacity
 # (0 until the worker is ready), running requests, connections received, kept-alive
-# connections it closed to rebalance, and its recent load (requests, decayed with
-# LOAD_TAU) with the monotonic time it was last updated.
+# connections it closed to rebalance, its recent load (requests, decayed with
+# LOAD_TAU) with the monotonic time it was last updated, and its load over a longer
+# memory (decayed with SPREAD_TAU, as of the same time).
 _HEADER = struct.Struct("=II")
 _FLAG = struct.Struct("=I")  # at offset 0 of the header
 _CELLS_USED = struct.Struct("=I")  # at offset 4
-_CELL = struct.Struct("=iiIIdd")
+_CELL = struct.Struct("=iiIIddd")
 _COUNTS = struct.Struct("=iiI")  # the first three fields of a cell
 CELLS = 4096
 
 #: The recent load of a worker is its requests, each weighing exp(-age / LOAD_TAU).
 LOAD_TAU = 1.0
 #: A gthread worker closes a kept-alive connection (``Connection: close`` on a response)
-#: only while its recent load is above SHED_ABOVE times the workers' mean, or above the
-#: mean and SHED_ABOVE_LEAST times the least loaded worker's ...
+#: while its recent load is above SHED_ABOVE times the workers' mean (a burst) ...
 SHED_ABOVE = 1.2
-SHED_ABOVE_LEAST = 1.3
-#: ... and by at least SHED_MARGIN requests (a trickle of requests is left alone) ...
+#: ... or while its count over SPREAD_TAU leads the least served worker's by more than
+#: SHED_LEAD of the workers' mean (a share that drifts: the reconnecting client goes to
+#: that worker, so the shares converge to within about that lead) ...
+SHED_LEAD = 0.08
+#: ... by at least SHED_MARGIN requests either way (a trickle of requests is left alone),
+#: and at most one per SHED_COOLDOWN seconds.
 SHED_MARGIN = 4.0
-#: ... and at most one per SHED_COOLDOWN seconds.
 SHED_COOLDOWN = 0.1
 #: A worker compares its load with the others' at most once per SHED_LOOK seconds (the
 #: loads move over LOAD_TAU; looking on every request cost a read of every cell).
 SHED_LOOK = 0.01
 
 
-def _decayed(load: float, stamp: float, now: float) -> float:
-    return load * math.exp(-(now - stamp) / LOAD_TAU) if now > stamp else load
+#: Which worker gets a connection when several have the same room: the one that served
+#: the fewest requests, each weighing exp(-age / SPREAD_TAU). A memory of several
+#: seconds, not LOAD_TAU's one: a worker that was left behind (a kept-alive client
+#: stayed elsewhere) gets the next connections until its count caught up, so the
+#: workers' shares converge rather than drift with how long each held a busy client.
+SPREAD_TAU = 10.0
+
+
+def _decayed(load: float, stamp: float, now: float, tau: float = LOAD_TAU) -> float:
+    return load * math.exp(-(now - stamp) / tau) if now > stamp else load
 
 
 def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
@@ -249,7 +260,7 @@ class Dispatcher:
                                "kernel", CELLS)
                 return
             cell = self._free_cells.pop()
-        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0, 0, 0.0, 0.0)
+        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0, 0, 0.0, 0.0, 0.0)
         if cell >= _CELLS_USED.unpack_from(self.board, 4)[0]:
             _CELLS_USED.pack_into(self.board, 4, cell + 1)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -393,7 +404,7 @@ class Dispatcher:
         self.hub.unwatch(w.sock.fileno())
         w.sock.close()
         assert self.board is not None
-        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0)
+        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0, 0.0)
         with self._lock:
             self._free_cells.append(w.cell)
         self._update()
@@ -481,9 +492,9 @@ class Dispatcher:
             self._watching = False
 
     def _pick(self) -> _Worker | None:
-        """The worker with the most room; on a tie the least recent load (requests in
-        the last second or so: where a client that a busy worker's ``Connection:
-        close`` sent back lands), then the longest-waiting."""
+        """The worker with the most room; on a tie the one that served the fewest
+        requests lately (over SPREAD_TAU: where a client that a busy worker's
+        ``Connection: close`` sent back lands), then the longest-waiting."""
         board = self.board
         assert board is not None
         best: _Worker | None = None
@@ -503,14 +514,15 @@ class Dispatcher:
         if not tied:
             return best
         assert best is not None
-        # Only on a tie: the recent loads (a float and an exp each) decide.
+        # Only on a tie: the loads (a float and an exp each) decide.
         now = time.monotonic()
-        return min([best, *tied], key=lambda w: (round(self._load(w, now), 1), w.since))
+        return min([best, *tied], key=lambda w: (round(self._served(w, now), 1), w.since))
 
-    def _load(self, w: _Worker, now: float) -> float:
+    def _served(self, w: _Worker, now: float) -> float:
+        """The requests *w* served lately, over SPREAD_TAU."""
         assert self.board is not None
-        *_, load, stamp = _CELL.unpack_from(self.board, _offset(w.cell))
-        return _decayed(load, stamp, now)
+        *_, stamp, served = _CELL.unpack_from(self.board, _offset(w.cell))
+        return _decayed(served, stamp, now, SPREAD_TAU)
 
     def _on_listener(self, index: int) -> None:
         """Connections are queued (an edge-triggered event): hand them out, after the
@@ -611,11 +623,14 @@ class DispatchedListener:
         self.served = 0  # requests ended (request threads; a lost increment is harmless)
         self._served_seen = 0
         self.load = 0.0  # recent requests (decayed with LOAD_TAU) ...
+        self.long = 0.0  # ... and with SPREAD_TAU ...
         self.stamp = time.monotonic()  # ... as of this time
         self.shed = 0  # kept-alive connections closed to rebalance
         self._credit = 0.0  # the load those closes will take away (decaying like load)
         self._credit_stamp = self.stamp
-        self._mine = 0.0  # this worker's load when a close was asked for
+        self._mine = 0.0  # this worker's load when a close was asked for ...
+        self._lead = 0.0  # ... and its lead over the least served worker (SPREAD_TAU)
+        self._lead_credit = 0.0  # the lead its closes gave away (decaying like _credit)
         self._looking = False  # a close is asked for (gi.close_one)
         self._next_shed = 0.0
         self._next_look = 0.0
@@ -714,7 +729,7 @@ class DispatchedListener:
         connection until its load catches up."""
         with self._lock:
             self.stamp = time.monotonic()
-            self.load = self._others(self.stamp)[0]
+            self.load, self.long = self._others_means(self.stamp)
         self._publish(ready=True)
 
     def stop_soon(self) -> None:
@@ -766,11 +781,10 @@ class DispatchedListener:
         above the others' (see :meth:`_wants_close`)."""
         self._next_look = now + SHED_LOOK
         served = self.served
-        self.load = _decayed(self.load, self.stamp, now) + (served - self._served_seen)
+        self._fold(now, served - self._served_seen)
         self._served_seen = served
-        self.stamp = now
         _CELL.pack_into(self.board, self.offset, self.capacity, self.submitted - self.completed,
-                        self.received, self.shed, self.load, now)
+                        self.received, self.shed, self.load, now, self.long)
         want = (now >= self._next_shed and not self._stopping and not self._closed
                 and self._wants_close(now))
         if want and not self._looking:
@@ -782,13 +796,36 @@ class DispatchedListener:
 
     def _wants_close(self, now: float) -> bool:
         """Whether this worker's recent load, less what earlier closes will take away,
-        exceeds the workers' mean by SHED_ABOVE and SHED_MARGIN, or the mean and the
-        least loaded worker's by SHED_ABOVE_LEAST and SHED_MARGIN."""
-        mine, mean, low = self._loads(now)
+        exceeds the workers' mean by SHED_ABOVE and SHED_MARGIN (a burst), or its count
+        over SPREAD_TAU leads the least served worker's by more than SHED_LEAD of the
+        mean and SHED_MARGIN, less the lead its earlier closes gave away (a share that
+        drifts: the client it closes on goes to that least served worker, see
+        :meth:`Dispatcher._pick`)."""
+        mine, mean, _ = self._loads(now)
         eff = mine - _decayed(self._credit, self._credit_stamp, now)
         self._mine = mine
-        return eff > max(mean * SHED_ABOVE, mean + SHED_MARGIN) or (
-            eff > mean and eff > max(low * SHED_ABOVE_LEAST, low + SHED_MARGIN))
+        if eff > max(mean * SHED_ABOVE, mean + SHED_MARGIN):
+            return True
+        mine_long = _decayed(self.long, self.stamp, now, SPREAD_TAU)
+        mean_long, low_long = self._long_view(now, mine_long)
+        self._lead = mine_long - low_long
+        owed = _decayed(self._lead_credit, self._credit_stamp, now)
+        return mine_long > mean_long and self._lead - owed > max(
+            mean_long * SHED_LEAD, SHED_MARGIN)
+
+    def _long_view(self, now: float, mine: float) -> tuple[float, float]:
+        """The mean count over SPREAD_TAU of every ready worker (*mine* included) and the
+        least of the others' (inf when there is no other)."""
+        total, n, low = mine, 1, float("inf")
+        for cell in range(min(CELLS, _CELLS_USED.unpack_from(self.board, 4)[0])):
+            offset = _offset(cell)
+            if offset == self.offset:
+                continue
+            capacity, _, _, _, _, stamp, served = _CELL.unpack_from(self.board, offset)
+            if capacity > 0:
+                x = _decayed(served, stamp, now, SPREAD_TAU)
+                total, n, low = total + x, n + 1, min(low, x)
+        return total / n, low
 
     def _may_close(self, req: Any) -> bool:
         """In a request thread, while a close is asked for: whether this request's
@@ -806,6 +843,9 @@ class DispatchedListener:
             credit = _decayed(self._credit, self._credit_stamp, now)
             self._credit = credit + (self._mine - credit) / max(
                 1, gi.gthread_connections(self.worker))
+            # The lead this close gives away: the next close waits until it is back.
+            self._lead_credit = max(_decayed(self._lead_credit, self._credit_stamp, now),
+                                    self._lead)
             self._credit_stamp = now
             self.shed += 1
             self._next_shed = now + SHED_COOLDOWN
@@ -823,6 +863,27 @@ class DispatchedListener:
         except OSError:
             pass  # buffer full (wake-ups pending anyway) or the primary gone
 
+    def _fold(self, now: float, served: int) -> None:
+        """Add *served* requests to the loads, decayed to *now*."""
+        stamp = self.stamp
+        self.load = _decayed(self.load, stamp, now) + served
+        self.long = _decayed(self.long, stamp, now, SPREAD_TAU) + served
+        self.stamp = now
+
+    def _others_means(self, now: float) -> tuple[float, float]:
+        """The other ready workers' mean recent load and mean load over SPREAD_TAU."""
+        total, long, n = 0.0, 0.0, 0
+        for cell in range(min(CELLS, _CELLS_USED.unpack_from(self.board, 4)[0])):
+            offset = _offset(cell)
+            if offset == self.offset:
+                continue
+            capacity, _, _, _, load, stamp, served = _CELL.unpack_from(self.board, offset)
+            if capacity > 0:
+                total += _decayed(load, stamp, now)
+                long += _decayed(served, stamp, now, SPREAD_TAU)
+                n += 1
+        return (total / n, long / n) if n else (0.0, 0.0)
+
     def _loads(self, now: float) -> tuple[float, float, float]:
         """This worker's recent load, the mean of every ready worker's, and the least of
         the others' (inf when there is no other)."""
@@ -839,7 +900,7 @@ class DispatchedListener:
             offset = _offset(cell)
             if offset == self.offset:
                 continue
-            capacity, _, _, _, load, stamp = _CELL.unpack_from(board, offset)
+            capacity, _, _, _, load, stamp, _ = _CELL.unpack_from(board, offset)
             if capacity > 0:
                 x = _decayed(load, stamp, now)
                 total, n, low = total + x, n + 1, min(low, x)
@@ -856,12 +917,10 @@ class DispatchedListener:
             if running is not None:
                 self.running = running
             if served:
-                now = time.monotonic()
-                self.load = _decayed(self.load, self.stamp, now) + 1.0
-                self.stamp = now
+                self._fold(time.monotonic(), 1)
             busy = self.submitted - self.completed if self.threaded else self.running
             _CELL.pack_into(self.board, self.offset, self.capacity, busy, self.received,
-                            self.shed, self.load, self.stamp)
+                            self.shed, self.load, self.stamp, self.long)
         if (ready or self.running < before) and _FLAG.unpack_from(self.board, 0)[0]:
             self._wake()
 
