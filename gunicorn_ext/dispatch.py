@@ -13,38 +13,41 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   ``setblocking``, ``close``), whose ``accept()`` receives a connection's file
   descriptor from the primary (``SCM_RIGHTS``). Per-worker ports (``worker_ports_base``)
   stay the worker's own listeners.
-* Each worker keeps three numbers on a shared-memory board (an anonymous shared mmap
+* Each worker keeps a few numbers on a shared-memory board (an anonymous shared mmap
   made by the primary before any fork): its capacity (threads, or 1 for sync), its busy
-  connections, and the connections it has received. Writing them costs no system call,
-  so a request costs nothing extra. The primary's view of a worker's room is
-  ``capacity - busy - (sent - received)``. A gthread connection is busy from the moment
-  the worker receives it (it queues for a thread at once) until Gunicorn settles it
-  (keeps it alive, parks or closes it): counting only from the request's start, as a
-  first version did, hid the connections queued in a worker's thread pool, and under
-  load the primary piled new ones onto a worker that looked free.
+  connections, and the connections it has received. Writing them costs no system call.
+  The primary's view of a worker's room is ``capacity - busy - (sent - received)``. A
+  gthread connection is busy from the moment Gunicorn hands it to the thread pool (it
+  queues for a thread at once) until the main thread settles it (keeps it alive, parks
+  or closes it): both are counted on the worker's main thread
+  (:func:`~gunicorn_ext.gunicorn_internals.count_busy`), so no lock is taken and the
+  request threads do one increment per request (:meth:`DispatchedListener.finished`).
 * The primary (on the bus hub's thread, so it parks for forks with it) watches the
-  listeners, accepts, and sends each connection to the worker with the most room, the
-  longest-waiting one on a tie. When a connection arrives and no worker has room, it
-  leaves it in the kernel's listen backlog (as without gunicorn-ext), raises a flag on
-  the board and stops watching; a worker that frees a thread while the flag is up wakes
-  it with one message. So messages flow only while connections wait for a thread.
+  listeners (edge-triggered), accepts, and sends each connection to the worker with
+  the most room; on a tie the one that served the fewest requests over the last
+  :data:`SPREAD_TAU` seconds, then the longest-waiting. When no worker has room, it
+  leaves connections in the kernel's listen backlog (as without gunicorn-ext) and
+  raises a flag on the board; the first worker that frees a thread lowers it and wakes
+  the primary with one message. So messages flow only while connections wait.
 * Kept-alive connections: a connection stays with the worker that got it, so a few
   busy clients (or a balancer's keep-alive pool) can load one worker while another
   idles. Each worker also keeps its recent load on the board (its requests, each
-  weighing ``exp(-age / LOAD_TAU)``). A gthread worker whose recent load is clearly
-  above the mean, or above the mean and clearly above the least loaded worker's
-  (:data:`SHED_ABOVE`, :data:`SHED_ABOVE_LEAST`, :data:`SHED_MARGIN`), answers one
-  request on a kept-alive connection with ``Connection: close``
-  (:meth:`DispatchedListener.rebalance`):
-  the client's next request opens a connection, which the primary gives to the worker
-  with the most room, then the least recent load. Bounded: one close per
+  weighing ``exp(-age / LOAD_TAU)``) and its count over ``SPREAD_TAU``. Every
+  :data:`SHED_LOOK` its main thread compares them with the others': when its recent
+  load is clearly above the mean (:data:`SHED_ABOVE`, a burst), or its count leads
+  the least served worker's by more than :data:`SHED_LEAD` of the mean (a share that
+  drifts), both by :data:`SHED_MARGIN` at least, it answers one request on a kept-alive
+  connection with ``Connection: close``
+  (:func:`~gunicorn_ext.gunicorn_internals.close_one`, installed only until then, so
+  requests cost nothing meanwhile): the client's next request opens a connection,
+  which the primary gives to the least served worker with room. Bounded: one close per
   :data:`SHED_COOLDOWN` at most, never on a connection's first request, never on a
-  request asking to upgrade (WebSocket), and the closes already made count as load
-  gone (so a worker closes about as many connections as its excess needs). The close
-  is announced in a whole response, never mid-request, and never races a client's next
-  request as closing an idle connection would. Sync workers close every connection
-  after its request anyway. Behind nginx the upstream keep-alive pool opens another.
-  The board costs no system call; a request reads the cells of the workers there are.
+  request asking to upgrade (WebSocket), and the closes already made count as load and
+  lead gone (so a worker closes about as many connections as its excess needs). The
+  close is announced in a whole response, never mid-request, and never races a
+  client's next request as closing an idle connection would. Sync workers close every
+  connection after its request anyway. Behind nginx the upstream keep-alive pool opens
+  another.
 * A worker that stops gracefully (TERM, max_requests, recycling) says so, the primary
   acknowledges and sends it nothing more, and the worker hands back any connection it
   had not accepted yet; the primary gives those to another worker. A worker killed
