@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ class Result:
     sent: int = 0
     late_dispatch: int = 0  # requests the generator itself started > 1 ms after their due time
     connections_opened: int = 0
+    client_cpu_s: float = 0.0  # CPU time the generator itself used (it shares the machine)
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies:
@@ -62,7 +64,14 @@ class Result:
             "idle_workers": sum(1 for c in counts if c == 0),
             "late_dispatch": self.late_dispatch,
             "connections_opened": self.connections_opened,
+            "client_cpu_ms_per_request": (1000.0 * self.client_cpu_s / len(self.latencies)
+                                          if self.latencies else None),
         }
+
+    def arrivals(self) -> list[float]:
+        """The due times of the requests sent, in seconds from the first: the schedule an
+        ideal server would have been fed (request *i* at ``i / rate``)."""
+        return [i / self.rate for i in range(self.sent)]
 
 
 def _ms(v: float | None) -> float | None:
@@ -148,6 +157,7 @@ async def _run(host: str, port: int, rate: float, seconds: float, keepalive: boo
     result = Result(rate=rate, seconds=seconds, keepalive=keepalive)
     pool = _Pool(host, port, keepalive, max_connections, result)
     tasks: set[asyncio.Task[None]] = set()
+    cpu_start = time.process_time()
     interval = 1.0 / rate
     total = int(rate * seconds)
     start = time.monotonic() + 0.05
@@ -167,7 +177,21 @@ async def _run(host: str, port: int, rate: float, seconds: float, keepalive: boo
     for task in list(tasks):
         task.cancel()
     pool.close_all()
+    result.client_cpu_s = time.process_time() - cpu_start
     return result
+
+
+def fcfs(arrivals: list[float], occupancy: float, servers: int) -> list[float]:
+    """The waits of an ideal first-come-first-served queue with *servers* servers fed
+    *arrivals* (seconds, sorted), each request holding a server for *occupancy* seconds:
+    no scheduler, GIL or context switch adds to that."""
+    free = [0.0] * servers  # when each server is next free (a heap)
+    out = []
+    for t in arrivals:
+        start = max(t, free[0])
+        heapq.heapreplace(free, start + occupancy)
+        out.append(start - t)
+    return out
 
 
 def run(host: str, port: int, rate: float, seconds: float, keepalive: bool,

@@ -13,38 +13,41 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   ``setblocking``, ``close``), whose ``accept()`` receives a connection's file
   descriptor from the primary (``SCM_RIGHTS``). Per-worker ports (``worker_ports_base``)
   stay the worker's own listeners.
-* Each worker keeps three numbers on a shared-memory board (an anonymous shared mmap
+* Each worker keeps a few numbers on a shared-memory board (an anonymous shared mmap
   made by the primary before any fork): its capacity (threads, or 1 for sync), its busy
-  connections, and the connections it has received. Writing them costs no system call,
-  so a request costs nothing extra. The primary's view of a worker's room is
-  ``capacity - busy - (sent - received)``. A gthread connection is busy from the moment
-  the worker receives it (it queues for a thread at once) until Gunicorn settles it
-  (keeps it alive, parks or closes it): counting only from the request's start, as a
-  first version did, hid the connections queued in a worker's thread pool, and under
-  load the primary piled new ones onto a worker that looked free.
+  connections, and the connections it has received. Writing them costs no system call.
+  The primary's view of a worker's room is ``capacity - busy - (sent - received)``. A
+  gthread connection is busy from the moment Gunicorn hands it to the thread pool (it
+  queues for a thread at once) until the main thread settles it (keeps it alive, parks
+  or closes it): both are counted on the worker's main thread
+  (:func:`~gunicorn_ext.gunicorn_internals.count_busy`), so no lock is taken and the
+  request threads do one increment per request (:meth:`DispatchedListener.finished`).
 * The primary (on the bus hub's thread, so it parks for forks with it) watches the
-  listeners, accepts, and sends each connection to the worker with the most room, the
-  longest-waiting one on a tie. When a connection arrives and no worker has room, it
-  leaves it in the kernel's listen backlog (as without gunicorn-ext), raises a flag on
-  the board and stops watching; a worker that frees a thread while the flag is up wakes
-  it with one message. So messages flow only while connections wait for a thread.
+  listeners (edge-triggered), accepts, and sends each connection to the worker with
+  the most room; on a tie the one that served the fewest requests over the last
+  :data:`SPREAD_TAU` seconds, then the longest-waiting. When no worker has room, it
+  leaves connections in the kernel's listen backlog (as without gunicorn-ext) and
+  raises a flag on the board; the first worker that frees a thread lowers it and wakes
+  the primary with one message. So messages flow only while connections wait.
 * Kept-alive connections: a connection stays with the worker that got it, so a few
   busy clients (or a balancer's keep-alive pool) can load one worker while another
   idles. Each worker also keeps its recent load on the board (its requests, each
-  weighing ``exp(-age / LOAD_TAU)``). A gthread worker whose recent load is clearly
-  above the mean, or above the mean and clearly above the least loaded worker's
-  (:data:`SHED_ABOVE`, :data:`SHED_ABOVE_LEAST`, :data:`SHED_MARGIN`), answers one
-  request on a kept-alive connection with ``Connection: close``
-  (:meth:`DispatchedListener.rebalance`):
-  the client's next request opens a connection, which the primary gives to the worker
-  with the most room, then the least recent load. Bounded: one close per
+  weighing ``exp(-age / LOAD_TAU)``) and its count over ``SPREAD_TAU``. Every
+  :data:`SHED_LOOK` its main thread compares them with the others': when its recent
+  load is clearly above the mean (:data:`SHED_ABOVE`, a burst), or its count leads
+  the least served worker's by more than :data:`SHED_LEAD` of the mean (a share that
+  drifts), both by :data:`SHED_MARGIN` at least, it answers one request on a kept-alive
+  connection with ``Connection: close``
+  (:func:`~gunicorn_ext.gunicorn_internals.close_one`, installed only until then, so
+  requests cost nothing meanwhile): the client's next request opens a connection,
+  which the primary gives to the least served worker with room. Bounded: one close per
   :data:`SHED_COOLDOWN` at most, never on a connection's first request, never on a
-  request asking to upgrade (WebSocket), and the closes already made count as load
-  gone (so a worker closes about as many connections as its excess needs). The close
-  is announced in a whole response, never mid-request, and never races a client's next
-  request as closing an idle connection would. Sync workers close every connection
-  after its request anyway. Behind nginx the upstream keep-alive pool opens another.
-  The board costs no system call; a request reads the cells of the workers there are.
+  request asking to upgrade (WebSocket), and the closes already made count as load and
+  lead gone (so a worker closes about as many connections as its excess needs). The
+  close is announced in a whole response, never mid-request, and never races a
+  client's next request as closing an idle connection would. Sync workers close every
+  connection after its request anyway. Behind nginx the upstream keep-alive pool opens
+  another.
 * A worker that stops gracefully (TERM, max_requests, recycling) says so, the primary
   acknowledges and sends it nothing more, and the worker hands back any connection it
   had not accepted yet; the primary gives those to another worker. A worker killed
@@ -72,6 +75,7 @@ import errno
 import math
 import mmap
 import os
+import select
 import socket
 import struct
 import threading
@@ -86,6 +90,9 @@ DISPATCHED_CLASSES = ("SyncWorker", "ThreadWorker")
 DEFAULT_CLASSES = ("ThreadWorker",)
 
 _FD_SIZE = array.array("i").itemsize
+#: The listeners are watched edge-triggered: no epoll_ctl each time the primary waits
+#: for room and stops accepting.
+_EDGE = select.EPOLLIN | select.EPOLLET
 _CMSG = socket.CMSG_SPACE(_FD_SIZE)
 #: How long a stopping worker waits for the primary's acknowledgement.
 STOP_ACK_TIMEOUT = 1.0
@@ -96,33 +103,44 @@ WAIT_POLL = 0.02
 # The board: a header (the primary's "waiting for room" flag, and how many cells have
 # ever been handed out, so a worker reads only those), then one cell per worker: capacity
 # (0 until the worker is ready), running requests, connections received, kept-alive
-# connections it closed to rebalance, and its recent load (requests, decayed with
-# LOAD_TAU) with the monotonic time it was last updated.
+# connections it closed to rebalance, its recent load (requests, decayed with
+# LOAD_TAU) with the monotonic time it was last updated, and its load over a longer
+# memory (decayed with SPREAD_TAU, as of the same time).
 _HEADER = struct.Struct("=II")
 _FLAG = struct.Struct("=I")  # at offset 0 of the header
 _CELLS_USED = struct.Struct("=I")  # at offset 4
-_CELL = struct.Struct("=iiIIdd")
+_CELL = struct.Struct("=iiIIddd")
 _COUNTS = struct.Struct("=iiI")  # the first three fields of a cell
 CELLS = 4096
 
 #: The recent load of a worker is its requests, each weighing exp(-age / LOAD_TAU).
 LOAD_TAU = 1.0
 #: A gthread worker closes a kept-alive connection (``Connection: close`` on a response)
-#: only while its recent load is above SHED_ABOVE times the workers' mean, or above the
-#: mean and SHED_ABOVE_LEAST times the least loaded worker's ...
+#: while its recent load is above SHED_ABOVE times the workers' mean (a burst) ...
 SHED_ABOVE = 1.2
-SHED_ABOVE_LEAST = 1.3
-#: ... and by at least SHED_MARGIN requests (a trickle of requests is left alone) ...
+#: ... or while its count over SPREAD_TAU leads the least served worker's by more than
+#: SHED_LEAD of the workers' mean (a share that drifts: the reconnecting client goes to
+#: that worker, so the shares converge to within about that lead) ...
+SHED_LEAD = 0.08
+#: ... by at least SHED_MARGIN requests either way (a trickle of requests is left alone),
+#: and at most one per SHED_COOLDOWN seconds.
 SHED_MARGIN = 4.0
-#: ... and at most one per SHED_COOLDOWN seconds.
 SHED_COOLDOWN = 0.1
 #: A worker compares its load with the others' at most once per SHED_LOOK seconds (the
 #: loads move over LOAD_TAU; looking on every request cost a read of every cell).
 SHED_LOOK = 0.01
 
 
-def _decayed(load: float, stamp: float, now: float) -> float:
-    return load * math.exp(-(now - stamp) / LOAD_TAU) if now > stamp else load
+#: Which worker gets a connection when several have the same room: the one that served
+#: the fewest requests, each weighing exp(-age / SPREAD_TAU). A memory of several
+#: seconds, not LOAD_TAU's one: a worker that was left behind (a kept-alive client
+#: stayed elsewhere) gets the next connections until its count caught up, so the
+#: workers' shares converge rather than drift with how long each held a busy client.
+SPREAD_TAU = 10.0
+
+
+def _decayed(load: float, stamp: float, now: float, tau: float = LOAD_TAU) -> float:
+    return load * math.exp(-(now - stamp) / tau) if now > stamp else load
 
 
 def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
@@ -245,7 +263,7 @@ class Dispatcher:
                                "kernel", CELLS)
                 return
             cell = self._free_cells.pop()
-        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0, 0, 0.0, 0.0)
+        _CELL.pack_into(self.board, _offset(cell), 0, 0, 0, 0, 0.0, 0.0, 0.0)
         if cell >= _CELLS_USED.unpack_from(self.board, 4)[0]:
             _CELLS_USED.pack_into(self.board, 4, cell + 1)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -389,17 +407,10 @@ class Dispatcher:
         self.hub.unwatch(w.sock.fileno())
         w.sock.close()
         assert self.board is not None
-        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0)
+        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0, 0.0)
         with self._lock:
             self._free_cells.append(w.cell)
         self._update()
-
-    def _room(self, w: _Worker) -> int:
-        assert self.board is not None
-        capacity, running, received = _COUNTS.unpack_from(self.board, _offset(w.cell))
-        if capacity <= 0:
-            return 0  # not ready yet
-        return capacity - max(0, running) - (w.sent - received)
 
     def _on_worker(self, w: _Worker) -> None:
         while True:
@@ -429,8 +440,8 @@ class Dispatcher:
         self._update()
 
     def _update(self) -> None:
-        """Hand out given-back connections; watch the listeners unless a connection is
-        waiting for room (then the board's flag asks workers to wake us)."""
+        """Hand out given-back connections; when room came back while connections wait
+        in the backlog, take them; watch the listeners while there are any."""
         while self._returned:
             w = self._pick()
             if w is None:
@@ -439,25 +450,34 @@ class Dispatcher:
             self._give(w, fd, index, addr)
         if self._returned:  # held connections (given back, or drained at stop) wait for room
             self._set_waiting(True)
-        elif self._pick() is not None or not self._listeners:
+        elif self._waiting:
+            # The listeners are watched edge-triggered: what waits in the backlog raises
+            # no event of its own, so take it now.
             self._set_waiting(False)
-        watch = bool(self._listeners) and not self._waiting
-        if watch and not self._watching:
+            for index in range(len(self._listeners)):
+                if not self._take(index):
+                    break
+        if self._listeners and not self._watching:
+            reactor = self.hub.reactor
             for i, lst in enumerate(self._listeners):
-                self.hub.watch(lst.fileno(), lambda i=i: self._on_listener(i))
+                reactor.call(lambda fd=lst.fileno(), i=i: reactor.add(
+                    fd, lambda _mask: self._on_listener(i), _EDGE))
             self._watching = True
-        elif not watch and self._watching:
+        elif not self._listeners and self._watching:
             self._unwatch()
 
     def _set_waiting(self, waiting: bool) -> None:
+        """Raise (or lower) the board's flag that asks workers to wake us when they free
+        a thread. The worker that wakes us lowers it (so its siblings send nothing), and
+        it is raised again each time we still find no room."""
         if self.board is None:
             return
-        if waiting != self._waiting:
-            self._waiting = waiting
+        self._waiting = waiting
+        if _FLAG.unpack_from(self.board, 0)[0] != waiting:
             _FLAG.pack_into(self.board, 0, 1 if waiting else 0)
         if waiting and not self._poll_armed:
-            # A worker may free room between our look and the flag: look again soon, and
-            # keep looking while waiting, so a missed wake-up costs WAIT_POLL at most.
+            # A worker may free room between our look and the flag, or its message may
+            # be lost: look again while waiting, so a missed wake-up costs WAIT_POLL at most.
             self._poll_armed = True
             self.hub.call_later(WAIT_POLL, self._poll_waiting)
 
@@ -474,60 +494,91 @@ class Dispatcher:
                 self.hub.unwatch(lst.fileno())
             self._watching = False
 
-    def _load(self, w: _Worker, now: float) -> float:
-        assert self.board is not None
-        *_, load, stamp = _CELL.unpack_from(self.board, _offset(w.cell))
-        return _decayed(load, stamp, now)
-
     def _pick(self) -> _Worker | None:
-        """The worker with the most room; on a tie the least recent load (requests in
-        the last second or so: where a client that a busy worker's ``Connection:
-        close`` sent back lands), then the longest-waiting."""
+        """The worker with the most room; on a tie the one that served the fewest
+        requests lately (over SPREAD_TAU: where a client that a busy worker's
+        ``Connection: close`` sent back lands), then the longest-waiting."""
+        board = self.board
+        assert board is not None
         best: _Worker | None = None
-        best_key: tuple[int, float, float] | None = None
-        now = time.monotonic()
+        best_room = 0
+        tied: list[_Worker] = []
         for w in self._workers.values():
             if w.stopping:
                 continue
-            room = self._room(w)
-            if room <= 0:
-                continue
-            key = (-room, round(self._load(w, now), 1), w.since)
-            if best_key is None or key < best_key:
-                best, best_key = w, key
-        return best
+            capacity, running, received = _COUNTS.unpack_from(board, _offset(w.cell))
+            if capacity <= 0:
+                continue  # not ready yet
+            room = capacity - max(0, running) - (w.sent - received)
+            if room > best_room:
+                best, best_room, tied = w, room, []
+            elif room == best_room and best is not None:
+                tied.append(w)
+        if not tied:
+            return best
+        assert best is not None
+        # Only on a tie: the loads (a float and an exp each) decide.
+        now = time.monotonic()
+        return min([best, *tied], key=lambda w: (round(self._served(w, now), 1), w.since))
+
+    def _served(self, w: _Worker, now: float) -> float:
+        """The requests *w* served lately, over SPREAD_TAU."""
+        assert self.board is not None
+        *_, stamp, served = _CELL.unpack_from(self.board, _offset(w.cell))
+        return _decayed(served, stamp, now, SPREAD_TAU)
 
     def _on_listener(self, index: int) -> None:
-        """A connection is queued: hand it out, or wait for room (connections wait in the
-        kernel's backlog, and workers are asked to wake us as they free a thread)."""
+        """Connections are queued (an edge-triggered event): hand them out, after the
+        connections given back (they wait for room, and so do these)."""
         if index >= len(self._listeners):
             return
+        if self._returned:
+            self._set_waiting(True)
+        else:
+            self._take(index)
+
+    def _take(self, index: int) -> bool:
+        """Accept what is queued on listener *index* and hand it out, until the backlog
+        is empty (True) or no worker has room (False: the connections wait in the
+        kernel's backlog, as without gunicorn-ext, and the board's flag asks workers to
+        wake us as they free a thread)."""
+        if index >= len(self._listeners):
+            return True
         listener = self._listeners[index]
         for _ in range(64):  # bounded: other fds get their turn
             w = self._pick()
             if w is None:
+                # Raise the flag, then look once more: a worker that freed a thread
+                # after our look and before the flag sends nothing.
                 self._set_waiting(True)
-                break
+                w = self._pick()
+                if w is None:
+                    return False
             try:
-                conn, addr = listener.accept()
+                # socket.accept() is _accept() plus a socket object (three enum
+                # conversions and a getsockname()) that the primary would only detach:
+                # about 5 us of its ~20 per connection.
+                fd, addr = listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
-                break
+                return True
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 if exc.errno == errno.EBADF:  # the arbiter closed its listeners (stopping)
                     self._unwatch()
                     self._listeners = []
-                    return
+                    return True
                 # Out of fds or memory, or the listener stopped (the restart gate shuts it
                 # while no worker runs): stop watching, look again shortly.
                 if exc.errno not in (errno.EINVAL, errno.ENOTSOCK):
                     self.log.error("gunicorn-ext: accept failed (%s); pausing 0.1 s", exc)
                 self._unwatch()
                 self.hub.call_later(0.1, self._update)
-                return
-            self._give(w, conn.detach(), index, _pack_addr(addr))
-        self._update()
+                return True
+            self._give(w, fd, index, _pack_addr(addr))
+        # More may be queued, and no new connection may raise another event: come back.
+        self.hub.call_later(0, lambda: self._on_listener(index))
+        return True
 
     def _give(self, w: _Worker, fd: int, index: int, addr: bytes = b"") -> None:
         try:
@@ -552,9 +603,11 @@ class DispatchedListener:
 
     A sync worker (*threaded* False) holds one connection at a time: it is busy from
     the connection it receives until it comes back to ``accept()``. A gthread worker
-    (*worker* its ThreadWorker) publishes :func:`~gunicorn_ext.gunicorn_internals.gthread_busy` on each received
-    connection, around each request (``started``/``finished``), and when its main
-    thread settles a connection (``settled``).
+    (*worker* its ThreadWorker) counts on its main thread the connections it hands to
+    its thread pool and those the pool finished (:func:`~gunicorn_ext.gunicorn_internals.count_busy`):
+    their difference is its busy connections, written to the board on each change, with
+    no lock and nothing on the request threads but one increment per request
+    (:meth:`finished`).
     """
 
     def __init__(self, sock: socket.socket, listeners: list[Any], capacity: int,
@@ -567,17 +620,27 @@ class DispatchedListener:
         self.board = board
         self.offset = _offset(cell)
         self.received = 0
-        self.running = 0
+        self.running = 0  # sync: 1 while it holds a connection
+        self.submitted = 0  # gthread: connections handed to the thread pool ...
+        self.completed = 0  # ... and settled once the pool finished them
+        self.served = 0  # requests ended (request threads; a lost increment is harmless)
+        self._served_seen = 0
         self.load = 0.0  # recent requests (decayed with LOAD_TAU) ...
+        self.long = 0.0  # ... and with SPREAD_TAU ...
         self.stamp = time.monotonic()  # ... as of this time
         self.shed = 0  # kept-alive connections closed to rebalance
         self._credit = 0.0  # the load those closes will take away (decaying like load)
         self._credit_stamp = self.stamp
+        self._mine = 0.0  # this worker's load when a close was asked for ...
+        self._lead = 0.0  # ... and its lead over the least served worker (SPREAD_TAU)
+        self._lead_credit = 0.0  # the lead its closes gave away (decaying like _credit)
+        self._looking = False  # a close is asked for (gi.close_one)
         self._next_shed = 0.0
         self._next_look = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sync workers' cell (request and main thread)
         self._last = 0
         self._names: dict[int, Any] = {}  # listener index -> its address (asked once)
+        self._kinds: dict[int, tuple[int, int, int]] = {}  # listener index -> family, type, proto
         self._stopping = False
         self._closed = False
 
@@ -613,12 +676,19 @@ class DispatchedListener:
                 if not data:
                     raise BlockingIOError(errno.EAGAIN, "the primary closed the dispatch socket")
                 continue  # an acknowledgement: nothing to accept
-            self._last = data[1] if len(data) >= 2 and data[1] < len(self.listeners) else 0
-            # Busy from now: a gthread worker queues it for a thread at once (Gunicorn
-            # counts it after accept() returns, hence the + 1).
-            self._publish(received=1, busy=1 if self.threaded else None,
-                          running=None if self.threaded else 1)
-            client = socket.socket(fileno=fd)
+            self._last = index = data[1] if len(data) >= 2 and data[1] < len(self.listeners) else 0
+            if self.threaded:
+                # Busy from now: Gunicorn hands it to the pool at once, and that count
+                # (submitted) writes this one with it.
+                self.received += 1
+            else:
+                self._publish(received=1, running=1)
+            kind = self._kinds.get(index)
+            if kind is None:
+                lst = self.listeners[index].sock
+                kind = self._kinds[index] = (lst.family, lst.type, lst.proto)
+            # The listener's family, type and protocol: the socket need not ask the kernel.
+            client = socket.socket(*kind, fileno=fd)
             addr = _unpack_addr(data[2:])
             if addr is None:
                 try:
@@ -632,6 +702,8 @@ class DispatchedListener:
         if self._closed:
             return
         self._closed = True
+        if self._looking:
+            gi.cancel_close(self.worker)
         sock = self.sock
         try:
             sock.setblocking(True)
@@ -660,7 +732,7 @@ class DispatchedListener:
         connection until its load catches up."""
         with self._lock:
             self.stamp = time.monotonic()
-            self.load = self._others(self.stamp)[0]
+            self.load, self.long = self._others_means(self.stamp)
         self._publish(ready=True)
 
     def stop_soon(self) -> None:
@@ -674,48 +746,146 @@ class DispatchedListener:
             self._stopping = False  # close() says it again
 
     def started(self) -> None:
-        if self.threaded:
-            self._publish(busy=0)
+        """A request started: nothing to count (kept for callers of earlier versions)."""
 
     def finished(self) -> None:
-        """A request ended: it counts in the recent load (a gthread worker's connection
-        stays busy until Gunicorn settles it)."""
-        self._publish(busy=-1 if self.threaded else None, served=True)
+        """A request ended: it counts in the recent load."""
+        if self.threaded:
+            self.served += 1  # folded into the load by the main thread (settled)
+        else:
+            self._publish(served=True)
 
-    def rebalance(self, req: Any) -> None:
-        """Before a gthread worker handles a request on a kept-alive connection: when this
-        worker's recent load is clearly above the workers' mean, the response will say
-        ``Connection: close`` (and Gunicorn closes the connection after it), so the
-        client's next request comes back through the primary to the least loaded worker.
+    # -- a gthread worker's main thread (gi.count_busy)
 
-        Bounded: never the first request of a connection (the primary just chose this
-        worker), never a request that asked to upgrade the connection (WebSocket, h2c),
-        one close per SHED_COOLDOWN at most, and only while the load, less what earlier
-        closes will take away, exceeds the mean by SHED_ABOVE and SHED_MARGIN, or the
-        mean and the least loaded worker's by SHED_ABOVE_LEAST and SHED_MARGIN. The close
-        is announced in a response, so it never cuts a request short, and a client that
-        waits for each response never sends one on a connection the server is closing."""
+    def submitted_one(self) -> None:
+        """A connection goes to the thread pool: it holds or waits for a thread."""
+        self.submitted += 1
+        _COUNTS.pack_into(self.board, self.offset, self.capacity,
+                          self.submitted - self.completed, self.received)
+
+    def settled(self) -> None:
+        """The pool finished a connection's request and the main thread settled it
+        (kept it alive, parked, closed or re-queued it): one thread fewer is busy. Wakes
+        the primary if it waits for room; at most every SHED_LOOK, folds the requests
+        served into the recent load and looks whether to close a kept-alive connection."""
+        self.completed += 1
+        board = self.board
+        _COUNTS.pack_into(board, self.offset, self.capacity, self.submitted - self.completed,
+                          self.received)
+        if _FLAG.unpack_from(board, 0)[0]:
+            self._wake()
         now = time.monotonic()
-        if now < self._next_shed or now < self._next_look or self._stopping or self._closed \
-                or not gi.may_close_after(req):
-            return
+        if now >= self._next_look:
+            self._look(now)
+
+    def _look(self, now: float) -> None:
+        """Fold the requests served into the recent load, write the whole cell, and ask
+        for a kept-alive connection to be closed while this worker's load is clearly
+        above the others' (see :meth:`_wants_close`)."""
         self._next_look = now + SHED_LOOK
-        mine, mean, low = self._loads(now)
-        credit = _decayed(self._credit, self._credit_stamp, now)
-        eff = mine - credit
-        if eff <= max(mean * SHED_ABOVE, mean + SHED_MARGIN) and not (
-                eff > mean and eff > max(low * SHED_ABOVE_LEAST, low + SHED_MARGIN)):
-            return
+        served = self.served
+        self._fold(now, served - self._served_seen)
+        self._served_seen = served
+        _CELL.pack_into(self.board, self.offset, self.capacity, self.submitted - self.completed,
+                        self.received, self.shed, self.load, now, self.long)
+        want = (now >= self._next_shed and not self._stopping and not self._closed
+                and self._wants_close(now))
+        if want and not self._looking:
+            self._looking = True
+            gi.close_one(self.worker, self._may_close, self._closed_one)
+        elif not want and self._looking:
+            self._looking = False
+            gi.cancel_close(self.worker)
+
+    def _wants_close(self, now: float) -> bool:
+        """Whether this worker's recent load, less what earlier closes will take away,
+        exceeds the workers' mean by SHED_ABOVE and SHED_MARGIN (a burst), or its count
+        over SPREAD_TAU leads the least served worker's by more than SHED_LEAD of the
+        mean and SHED_MARGIN, less the lead its earlier closes gave away (a share that
+        drifts: the client it closes on goes to that least served worker, see
+        :meth:`Dispatcher._pick`)."""
+        mine, mean, _ = self._loads(now)
+        eff = mine - _decayed(self._credit, self._credit_stamp, now)
+        self._mine = mine
+        if eff > max(mean * SHED_ABOVE, mean + SHED_MARGIN):
+            return True
+        mine_long = _decayed(self.long, self.stamp, now, SPREAD_TAU)
+        mean_long, low_long = self._long_view(now, mine_long)
+        self._lead = mine_long - low_long
+        owed = _decayed(self._lead_credit, self._credit_stamp, now)
+        return mine_long > mean_long and self._lead - owed > max(
+            mean_long * SHED_LEAD, SHED_MARGIN)
+
+    def _long_view(self, now: float, mine: float) -> tuple[float, float]:
+        """The mean count over SPREAD_TAU of every ready worker (*mine* included) and the
+        least of the others' (inf when there is no other)."""
+        total, n, low = mine, 1, float("inf")
+        for cell in range(min(CELLS, _CELLS_USED.unpack_from(self.board, 4)[0])):
+            offset = _offset(cell)
+            if offset == self.offset:
+                continue
+            capacity, _, _, _, _, stamp, served = _CELL.unpack_from(self.board, offset)
+            if capacity > 0:
+                x = _decayed(served, stamp, now, SPREAD_TAU)
+                total, n, low = total + x, n + 1, min(low, x)
+        return total / n, low
+
+    def _may_close(self, req: Any) -> bool:
+        """In a request thread, while a close is asked for: whether this request's
+        response may close its connection (see :func:`~gunicorn_ext.gunicorn_internals.may_close_after`:
+        never a connection's first request, where the primary just chose this worker, nor
+        one that asked to upgrade)."""
+        return not self._stopping and not self._closed and gi.may_close_after(req)
+
+    def _closed_one(self) -> None:
+        """In the request thread whose response closes its connection: that connection's
+        share of the load leaves with it, over about LOAD_TAU; no other close for
+        SHED_COOLDOWN."""
+        now = time.monotonic()
         with self._lock:
-            if now < self._next_shed:  # another thread of this worker just closed one
-                return
-            gi.close_after(req)
-            self._next_shed = now + SHED_COOLDOWN
-            # This connection's share of the load leaves with it, over about LOAD_TAU.
-            self._credit = credit + (mine - credit) / max(1, gi.gthread_connections(self.worker))
+            credit = _decayed(self._credit, self._credit_stamp, now)
+            self._credit = credit + (self._mine - credit) / max(
+                1, gi.gthread_connections(self.worker))
+            # The lead this close gives away: the next close waits until it is back.
+            self._lead_credit = max(_decayed(self._lead_credit, self._credit_stamp, now),
+                                    self._lead)
             self._credit_stamp = now
             self.shed += 1
-        self._publish(shed=True)
+            self._next_shed = now + SHED_COOLDOWN
+            self._looking = False
+
+    def _wake(self) -> None:
+        """The primary waits for room (its flag on the board is up): take the flag down
+        (the primary raises it again if it still has no room, so siblings freeing a
+        thread meanwhile send nothing) and wake it with one message."""
+        if self._stopping or self._closed:
+            return
+        _FLAG.pack_into(self.board, 0, 0)
+        try:
+            self.sock.send(b"W", socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # buffer full (wake-ups pending anyway) or the primary gone
+
+    def _fold(self, now: float, served: int) -> None:
+        """Add *served* requests to the loads, decayed to *now*."""
+        stamp = self.stamp
+        self.load = _decayed(self.load, stamp, now) + served
+        self.long = _decayed(self.long, stamp, now, SPREAD_TAU) + served
+        self.stamp = now
+
+    def _others_means(self, now: float) -> tuple[float, float]:
+        """The other ready workers' mean recent load and mean load over SPREAD_TAU."""
+        total, long, n = 0.0, 0.0, 0
+        for cell in range(min(CELLS, _CELLS_USED.unpack_from(self.board, 4)[0])):
+            offset = _offset(cell)
+            if offset == self.offset:
+                continue
+            capacity, _, _, _, load, stamp, served = _CELL.unpack_from(self.board, offset)
+            if capacity > 0:
+                total += _decayed(load, stamp, now)
+                long += _decayed(served, stamp, now, SPREAD_TAU)
+                n += 1
+        return (total / n, long / n) if n else (0.0, 0.0)
 
     def _loads(self, now: float) -> tuple[float, float, float]:
         """This worker's recent load, the mean of every ready worker's, and the least of
@@ -733,46 +903,29 @@ class DispatchedListener:
             offset = _offset(cell)
             if offset == self.offset:
                 continue
-            capacity, _, _, _, load, stamp = _CELL.unpack_from(board, offset)
+            capacity, _, _, _, load, stamp, _ = _CELL.unpack_from(board, offset)
             if capacity > 0:
                 x = _decayed(load, stamp, now)
                 total, n, low = total + x, n + 1, min(low, x)
         return (total / n if n else 0.0), n, low
 
-    def settled(self) -> None:
-        """A gthread worker's main thread finished a connection's request (kept it
-        alive, parked or closed it): publish its exact count (it corrects any count
-        that two threads' publishes left too high)."""
-        self._publish(busy=0)
-
-    def _publish(self, received: int = 0, running: int | None = None, busy: int | None = None,
-                 ready: bool = False, served: bool = False, shed: bool = False) -> None:
-        """Update this worker's cell; wake the primary if it waits for room. *busy*: for
-        a gthread worker, set running to its busy connections plus *busy*; *served*: one
-        more request in the recent load; *shed*: a kept-alive connection was closed. The
-        cell is written only when one of them changed it (``settled`` mostly confirms
-        what ``finished`` wrote)."""
+    def _publish(self, received: int = 0, running: int | None = None, ready: bool = False,
+                 served: bool = False) -> None:
+        """Update this worker's whole cell (a sync worker's, or any worker's when it
+        becomes ready); wake the primary if it waits for room and this freed some.
+        *served*: one more request in the recent load."""
         with self._lock:
             before = self.running
             self.received += received
-            if busy is not None:
-                running = gi.gthread_busy(self.worker) + busy
             if running is not None:
-                self.running = max(0, running)
+                self.running = running
             if served:
-                now = time.monotonic()
-                self.load = _decayed(self.load, self.stamp, now) + 1.0
-                self.stamp = now
-            freed = self.running < before
-            if received or served or shed or ready or self.running != before:
-                _CELL.pack_into(self.board, self.offset, self.capacity, self.running,
-                                self.received, self.shed, self.load, self.stamp)
-        if (ready or freed or received) and not self._stopping \
-                and not self._closed and _FLAG.unpack_from(self.board, 0)[0]:
-            try:
-                self.sock.send(b"W", socket.MSG_DONTWAIT)
-            except OSError:
-                pass  # buffer full (wake-ups pending anyway) or the primary gone
+                self._fold(time.monotonic(), 1)
+            busy = self.submitted - self.completed if self.threaded else self.running
+            _CELL.pack_into(self.board, self.offset, self.capacity, busy, self.received,
+                            self.shed, self.load, self.stamp, self.long)
+        if (ready or self.running < before) and _FLAG.unpack_from(self.board, 0)[0]:
+            self._wake()
 
 
 def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.mmap,
@@ -782,8 +935,7 @@ def attach(worker: Any, sock: socket.socket, listeners: list[Any], board: mmap.m
     capacity = max(1, int(getattr(worker.cfg, "threads", 1) or 1)) if threaded else 1
     dl = DispatchedListener(sock, listeners, capacity, threaded, board, cell, worker)
     if threaded:
-        gi.after_finish_request(worker, dl.settled)
-        gi.before_handle_request(worker, dl.rebalance)
+        gi.count_busy(worker, dl.submitted_one, dl.settled)
         gi.close_in_request_thread(worker)
     shared = {id(lst) for lst in listeners}
     gi.set_sockets(worker, [dl] + [s for s in gi.sockets_of(worker) if id(s) not in shared])

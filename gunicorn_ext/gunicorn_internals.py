@@ -60,14 +60,14 @@ Internals touched, each for one reason:
   ``post_worker_init`` has it (:func:`app_of`, :func:`set_app`); ``Worker.sockets``
   is replaced or extended in ``post_fork`` (:func:`set_sockets`); ``-k asgi``'s
   ``Worker.loop`` is read in ``post_worker_init`` (:func:`event_loop_of`).
-* In a gthread worker, for even spread (dispatch.py): ``ThreadWorker.nr_conns``,
-  ``keepalived_conns`` and ``pending_conns`` (27) are read (:func:`gthread_busy`), and
-  ``ThreadWorker.finish_request`` is wrapped on the instance
-  (:func:`after_finish_request`); to close a kept-alive connection of a worker busier
-  than its siblings, ``ThreadWorker.handle_request`` is wrapped on the instance
-  (:func:`before_handle_request`), and ``Request.req_number``, ``headers``,
-  ``should_close()`` and ``force_close()`` are used (:func:`may_close_after`,
-  :func:`close_after`); ``ThreadWorker.handle`` is wrapped on the instance and a
+* In a gthread worker, for even spread (dispatch.py): ``ThreadWorker.enqueue_req``
+  and ``finish_request`` are wrapped on the instance, to count the connections that
+  hold or wait for a thread (:func:`count_busy`); ``ThreadWorker.nr_conns`` is read
+  (:func:`gthread_connections`); to close a kept-alive connection of a worker busier
+  than its siblings, ``ThreadWorker.handle_request`` is wrapped on the instance until
+  one request was answered with a close (:func:`close_one`), and
+  ``Request.req_number``, ``headers``, ``should_close()`` and ``force_close()`` are
+  used (:func:`may_close_after`); ``ThreadWorker.handle`` is wrapped on the instance and a
   finished ``TConn``'s ``close`` called in its request thread, then replaced by a
   no-op, so the main thread never waits on a client's close
   (:func:`close_in_request_thread`).
@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
@@ -412,28 +413,30 @@ def event_loop_of(worker: Any) -> Any:
     return getattr(worker, "loop", None)
 
 
-def gthread_busy(worker: Any) -> int:
-    """Connections a gthread worker has that hold or wait for a thread: all it holds
-    but the kept-alive idle ones and those parked waiting for a first byte
-    (``ThreadWorker.nr_conns``, ``keepalived_conns``, and ``pending_conns`` since 27):
-    no public API says how busy a gthread worker is."""
-    return (worker.nr_conns - len(worker.keepalived_conns)
-            - len(getattr(worker, "pending_conns", ())))
-
-
-def after_finish_request(worker: Any, then: Callable[[], None]) -> None:
-    """Call ``then()`` each time a gthread worker's main thread settles a connection
-    (kept it alive, parked or closed it). Wraps ``ThreadWorker.finish_request`` on
-    the instance (its ``enqueue_req`` looks it up there for each request): no hook
-    runs there."""
+def count_busy(worker: Any, submitted: Callable[[], None],
+               settled: Callable[[], None]) -> None:
+    """Call ``submitted()`` each time a gthread worker hands a connection to its thread
+    pool, and ``settled()`` each time its main thread settles one the pool finished
+    (kept it alive, parked, closed or re-queued it): the difference is the connections
+    that hold or wait for a thread. Both run on the worker's main thread only, so the
+    counts need no lock. Wraps ``ThreadWorker.enqueue_req`` (which ``accept``,
+    ``on_client_socket_readable`` and ``finish_request`` look up on the instance) and
+    ``ThreadWorker.finish_request`` (which ``enqueue_req`` looks up on the instance)
+    there: no hook runs at either, and no public API says how busy a gthread worker is."""
+    enqueue_req = worker.enqueue_req
     finish_request = worker.finish_request
+
+    def enqueue(conn: Any) -> None:
+        submitted()
+        enqueue_req(conn)
 
     def settle(conn: Any, fs: Any) -> None:
         try:
             finish_request(conn, fs)
         finally:
-            then()
+            settled()
 
+    worker.enqueue_req = enqueue
     worker.finish_request = settle
 
 
@@ -498,18 +501,36 @@ def gthread_connections(worker: Any) -> int:
     return int(worker.nr_conns)
 
 
-def before_handle_request(worker: Any, first: Callable[[Any], None]) -> None:
-    """Call ``first(req)`` in a gthread worker's thread before each HTTP/1 request is
-    handled, before its response exists. Wraps ``ThreadWorker.handle_request`` on the
-    instance (``handle`` looks it up there for each request; HTTP/2 streams go through
-    ``handle_http2_request``, untouched): ``pre_request`` is the user's hook."""
+def close_one(worker: Any, eligible: Callable[[Any], bool], closed: Callable[[], None]) -> None:
+    """Answer the next HTTP/1 request of a gthread worker that ``eligible(req)`` accepts
+    with ``Connection: close`` (``Request.force_close()``, as Gunicorn's own workers
+    call it, before the response is made; Gunicorn then closes the connection after
+    the whole response), call ``closed()`` in that request's thread, and stop looking.
+    Wraps ``ThreadWorker.handle_request`` on the instance (``handle`` looks it up there
+    for each request; HTTP/2 streams go through ``handle_http2_request``, untouched)
+    only until then, so requests cost nothing while no close is wanted; no hook runs
+    before the response exists (``pre_request`` is the user's). :func:`cancel_close`
+    stops looking."""
+    if "handle_request" in vars(worker):
+        return  # already looking
     handle_request = worker.handle_request
+    taken = threading.Lock()
 
     def handle(req: Any, conn: Any) -> Any:
-        first(req)
+        if eligible(req) and taken.acquire(blocking=False):
+            # Another thread of this worker may be here too: one close is enough.
+            if vars(worker).get("handle_request") is handle:
+                del worker.handle_request
+            req.force_close()
+            closed()
         return handle_request(req, conn)
 
     worker.handle_request = handle
+
+
+def cancel_close(worker: Any) -> None:
+    """Stop :func:`close_one`'s looking (no close is wanted any more)."""
+    vars(worker).pop("handle_request", None)
 
 
 def may_close_after(req: Any) -> bool:
@@ -525,21 +546,14 @@ def may_close_after(req: Any) -> bool:
     return True
 
 
-def close_after(req: Any) -> None:
-    """Close the connection after this request's response, announcing it in the
-    response (``Connection: close``): ``Request.force_close()``, as Gunicorn's own
-    workers call it, before the response is made."""
-    req.force_close()
-
-
 def set_sockets(worker: Any, sockets: list[Any]) -> None:
     """The sockets the worker's accept loop uses (``post_fork``, before ``init_process``)."""
     worker.sockets = sockets
 
 
 __all__ = [
-    "APP_LOAD_ERROR", "ATTRIBUTE", "after_finish_request", "before_handle_request",
-    "close_after", "close_in_request_thread", "gthread_busy", "gthread_connections", "may_close_after", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
+    "APP_LOAD_ERROR", "ATTRIBUTE", "cancel_close", "close_in_request_thread", "close_one",
+    "count_busy", "gthread_connections", "may_close_after", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
     "WORKER_BOOT_ERROR", "WRAPPED", "app_of", "apply_config", "attach", "attached",
     "counting_extra", "event_loop_of", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",
     "listener_socket", "listeners",

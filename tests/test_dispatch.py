@@ -309,3 +309,66 @@ def test_a_client_slow_to_close_does_not_stall_the_worker(gunicorn_factory: Any)
         assert not reset, "the other request was answered only after the slow client's close"
     finally:
         slow.close()
+
+
+def test_connections_waiting_for_a_free_thread_are_all_answered(gunicorn_factory: Any) -> None:
+    """Every thread busy: new connections wait in the listen backlog (the primary
+    watches it edge-triggered, so nothing there raises another event) and the first
+    worker to free a thread wakes the primary, which hands them out; none is lost or
+    left waiting, and each goes to a worker once a thread is free."""
+    g = _spread_app(gunicorn_factory, WORKER_CLASS="gthread", THREADS="1", WORKERS="2")
+    results: list[str] = []
+    errors: list[str] = []
+
+    def get(path: str) -> None:
+        try:
+            results.append(fresh(g, path, 20).text)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(repr(exc))
+
+    holders = [threading.Thread(target=get, args=("/hold?s=1",)) for _ in range(2)]
+    for t in holders:
+        t.start()
+    time.sleep(0.4)  # both threads held
+    waiting = [threading.Thread(target=get, args=("/hold?s=0.05",)) for _ in range(8)]
+    start = time.monotonic()
+    for t in waiting:
+        t.start()
+    for t in holders + waiting:
+        t.join(timeout=25)
+    took = time.monotonic() - start
+    assert errors == [] and len(results) == 10, (errors, results)
+    assert set(results) == {str(p) for p in g.worker_pids()}, results
+    # Generous: 0.6 s of holds left, then 8 x 0.05 s over two threads, on a busy machine.
+    assert took < 10, took
+
+
+def test_close_one_closes_one_eligible_request_then_steps_aside() -> None:
+    """gi.close_one wraps handle_request only until one eligible request was answered
+    with a close; gi.cancel_close stops it. Unit level: a stand-in worker."""
+    from gunicorn_ext import gunicorn_internals as gi
+
+    class Req:
+        def __init__(self, ok: bool) -> None:
+            self.ok, self.closed = ok, False
+
+        def force_close(self) -> None:
+            self.closed = True
+
+    class Worker:
+        def handle_request(self, req: Req, conn: Any) -> str:
+            return "handled"
+
+    w = Worker()
+    closes: list[int] = []
+    gi.close_one(w, lambda r: r.ok, lambda: closes.append(1))
+    first, second, third = Req(False), Req(True), Req(True)
+    assert w.handle_request(first, None) == "handled" and not first.closed
+    assert "handle_request" in vars(w)  # still looking
+    assert w.handle_request(second, None) == "handled" and second.closed
+    assert "handle_request" not in vars(w) and closes == [1]
+    assert w.handle_request(third, None) == "handled" and not third.closed
+    gi.close_one(w, lambda r: True, lambda: closes.append(2))
+    gi.cancel_close(w)
+    assert "handle_request" not in vars(w)
+    assert w.handle_request(Req(True), None) == "handled" and closes == [1]
