@@ -555,10 +555,7 @@ class Dispatcher:
                 if w is None:
                     return False
             try:
-                # socket.accept() is _accept() plus a socket object (three enum
-                # conversions and a getsockname()) that the primary would only detach:
-                # about 5 us of its ~20 per connection.
-                fd, addr = listener._accept()  # type: ignore[attr-defined]
+                conn, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as exc:
@@ -575,7 +572,7 @@ class Dispatcher:
                 self._unwatch()
                 self.hub.call_later(0.1, self._update)
                 return True
-            self._give(w, fd, index, _pack_addr(addr))
+            self._give(w, conn.detach(), index, _pack_addr(addr))
         # More may be queued, and no new connection may raise another event: come back.
         self.hub.call_later(0, lambda: self._on_listener(index))
         return True
