@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import gunicorn_internals as gi
+from . import stopping
 from .asgi import ClusterMiddleware, app_attribute
 from .deadlines import Deadlines
 from .dispatch import DispatchedListener, Dispatcher, dispatched
@@ -189,12 +190,14 @@ def post_worker_init(worker: Any) -> None:
         _default_request_hooks(worker)
         stall = max(1.0, min(worker.cfg.timeout / 2, 10.0)) if worker.cfg.timeout else 0.0
         gi.set_app(worker, ClusterMiddleware(gi.app_of(worker, asgi_attr), worker_bus, reporter,
-                                             stall, worker.log), asgi_attr)
+                                             stall, worker.log, worker), asgi_attr)
         if timeout:
             worker.log.info("gunicorn-ext: request_timeout is not enforced under %s (an "
                             "asyncio worker); use asyncio.timeout() in the app",
                             type(worker).__name__)
-    elif timeout and reporter is not None:
+    else:
+        stopping.watch_wsgi(worker, worker.log)  # Socket.IO managers' on_stop callbacks
+    if asgi_attr is None and timeout and reporter is not None:
         deadlines = Deadlines(timeout, worker, reporter.recycle,
                               lambda: worker_exit(None, worker), worker.log)
         gi.set_app(worker, deadlines.wrap(gi.app_of(worker)))  # the app is loaded
