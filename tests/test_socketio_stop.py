@@ -113,3 +113,46 @@ def test_a_stopping_worker_closes_its_clients_and_they_reconnect_elsewhere(
         py_counts, js_counts = _each_once(py, node, text)
         assert py_counts == [1] * len(py), (sender, text, py_counts)
         assert js_counts == [1] * sum(JS_KINDS.values()), (sender, text, js_counts)
+
+
+def test_stop_callbacks_run_on_the_stop_and_again_and_a_failing_one_is_logged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn_ext.stopping on a loop: nothing runs before the stop; then each callback
+    (plain and async) runs, again every STOP_POLL; one that raises is logged, and the
+    others still run."""
+    import asyncio
+    import logging
+
+    from gunicorn_ext import stopping
+
+    monkeypatch.setattr(stopping, "_callbacks", [])
+    monkeypatch.setattr(stopping, "STOP_POLL", 0.01)
+    runs: list[str] = []
+
+    def plain() -> None:
+        runs.append("plain")
+
+    async def coro() -> None:
+        runs.append("async")
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    for cb in (broken, plain, coro):
+        stopping.on_stop(cb)
+    state = {"stopping": False}
+    log = logging.getLogger("test-stopping")
+    errors: list[str] = []
+    monkeypatch.setattr(log, "exception", lambda msg, *a: errors.append(msg % a))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(stopping.watch(lambda: state["stopping"], log))
+        await asyncio.sleep(0.1)
+        assert runs == []
+        state["stopping"] = True
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(main())
+    assert runs.count("plain") >= 2 and runs.count("async") >= 2, runs
+    assert errors and all("stop callback failed" in e for e in errors)
