@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +44,6 @@ deadlines: Deadlines | None = None
 admin: Any = None
 #: This worker's sticky route (None in the primary, or when sticky is off).
 _route: str | None = None
-#: This worker serves an ASGI app (ClusterMiddleware counts its requests, not the hooks).
-_asgi = False
 
 
 # -- in the primary ---------------------------------------------------------------
@@ -175,7 +174,7 @@ def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    global deadlines, _asgi
+    global deadlines
     asgi_attr = app_attribute(worker)
     loop = gi.event_loop_of(worker)  # -k asgi makes its loop first; uvicorn's comes later
     if asgi_attr is not None and loop is not None and worker_bus.connected:
@@ -185,8 +184,7 @@ def post_worker_init(worker: Any) -> None:
         pin_worker(worker, _route, supervisor.settings.sticky_cookie)
     timeout = supervisor.settings.request_timeout
     if asgi_attr is not None:
-        # The request hooks skip ASGI workers (the uvicorn worker calls none): this counts.
-        _asgi = True
+        # The request hooks do nothing in ASGI workers (the uvicorn worker calls none): this counts.
         _default_request_hooks(worker)
         stall = max(1.0, min(worker.cfg.timeout / 2, 10.0)) if worker.cfg.timeout else 0.0
         gi.set_app(worker, ClusterMiddleware(gi.app_of(worker, asgi_attr), worker_bus, reporter,
@@ -202,10 +200,25 @@ def post_worker_init(worker: Any) -> None:
                               lambda: worker_exit(None, worker), worker.log)
         gi.set_app(worker, deadlines.wrap(gi.app_of(worker)))  # the app is loaded
         deadlines.start()
+    if asgi_attr is None:
+        _fast_request_hooks(worker)
     if reporter is not None:
         reporter.start()
     if dispatched_listener is not None:
         dispatched_listener.ready()
+
+
+def _fast_request_hooks(worker: Any) -> None:
+    """Make this worker's request hook bodies; where a hook is ours alone (no user hook
+    composed with it), Gunicorn calls the body directly, saving a call per request.
+    Gunicorn reads ``cfg.pre_request``/``cfg.post_request`` on every request."""
+    global _pre, _post
+    _pre, _post = _request_hooks(worker)
+    settings = worker.cfg.settings
+    for name, ours, body in (("pre_request", pre_request, _pre),
+                             ("post_request", post_request, _post)):
+        if name in settings and getattr(worker.cfg, name, None) is ours:
+            worker.cfg.set(name, body)
 
 
 def _default_request_hooks(worker: Any) -> None:
@@ -225,26 +238,77 @@ def _default_request_hooks(worker: Any) -> None:
 
 
 def pre_request(worker: Any, req: Any) -> None:
-    if _asgi:  # ClusterMiddleware counts ASGI requests
-        return
-    if reporter is not None:
-        reporter.pre_request()
-    if dispatched_listener is not None:
-        dispatched_listener.started()
+    _pre(worker, req)
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
-    if _asgi:
-        return
+    _post(worker, req, environ, resp)
+
+
+def _no_pre(worker: Any, req: Any) -> None:
+    pass
+
+
+def _no_post(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    pass
+
+
+#: The bodies of pre_request/post_request in this worker (made by _request_hooks at
+#: post_worker_init; none in an ASGI worker, where ClusterMiddleware counts).
+_pre: Callable[[Any, Any], None] = _no_pre
+_post: Callable[[Any, Any, Any, Any], None] = _no_post
+
+
+def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
+                                         Callable[[Any, Any, Any, Any], None]]:
+    """pre_request and post_request for this WSGI worker, with what they use bound.
+
+    They run on every request, so each is one Python call (plus the latency bucket's
+    ``_Cell.finish``): the request's counts go to the calling thread's cell, its start
+    time rides on Gunicorn's ``req`` (Gunicorn passes the same object to both hooks; a
+    context variable cost more), the request deadline's entry is dropped, one-way bus
+    messages the request batched are sent, and the soft memory limit is checked (at most
+    every ``RSS_CHECK_GAP``).
+    """
+    rep = reporter
+    if rep is None:  # no bus: nothing is counted
+        return _no_pre, _no_post
+    from time import perf_counter
+
+    from .metrics import _get_ident
+
+    cells = rep.stats._cells  # by real thread ident; a thread's first request makes its cell
+    new_cell = rep.stats.thread_cell
+    flush = worker_bus.flush
+    limit = bool(rep.settings.memory_soft_limit)
+    dl = dispatched_listener
+    drop: Any = None  # the request deadline's entry, by thread (greenlet under gevent)
+    key: Any = None
     if deadlines is not None:
-        deadlines.finished()
-    worker_bus.flush()  # one-way messages batched during the request leave with it
-    if reporter is not None:
-        reporter.post_request()
-    if dispatched_listener is not None:
-        if not worker.alive:  # max_requests, memory recycling: stopping after this request
-            dispatched_listener.stop_soon()
-        dispatched_listener.finished()
+        drop = deadlines._inflight.pop
+        key = deadlines.green or threading.get_ident
+
+    def pre(worker: Any, req: Any) -> None:
+        req.gunicorn_ext_t0 = perf_counter()
+        (cells.get(_get_ident()) or new_cell()).started += 1
+        if dl is not None:
+            dl.started()
+
+    def post(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        if drop is not None:
+            drop(key(), None)
+        flush()  # one-way messages batched during the request leave with it
+        now = perf_counter()
+        t0 = getattr(req, "gunicorn_ext_t0", now)
+        (cells.get(_get_ident()) or new_cell()).finish(now - t0)
+        if limit and now >= rep.next_rss_check:
+            rep.after_request(now)  # the soft memory limit
+        if dl is not None:
+            if not worker.alive:  # max_requests, memory recycling: stopping after this request
+                dl.stop_soon()
+            dl.finished()
+
+    return pre, post
 
 
 def worker_abort(worker: Any) -> None:
