@@ -109,6 +109,8 @@ class Deadlines:
         green = self.green
         monotonic = time.monotonic
         get_ident = threading.get_ident
+        # A sync worker runs every request on the thread that wraps its app (post_worker_init).
+        main = None if self.threaded or green is not None else get_ident()
 
         def with_deadline(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
             upgrade = environ.get("HTTP_UPGRADE")
@@ -128,7 +130,7 @@ class Deadlines:
                 inflight[g] = r
             else:
                 r.greenlet = None
-                inflight[get_ident()] = r
+                inflight[main if main is not None else get_ident()] = r
             return app(environ, start_response)
 
         return with_deadline

@@ -259,6 +259,10 @@ _pre: Callable[[Any, Any], None] = _no_pre
 _post: Callable[[Any, Any, Any, Any], None] = _no_post
 
 
+#: WSGI worker classes that run every request on the worker's main (real) thread.
+_ONE_THREAD = ("SyncWorker", "GeventWorker", "GeventPyWSGIWorker")
+
+
 def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
                                          Callable[[Any, Any, Any, Any], None]]:
     """pre_request and post_request for this WSGI worker, with what they use bound.
@@ -279,28 +283,34 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
 
     cells = rep.stats._cells  # by real thread ident; a thread's first request makes its cell
     new_cell = rep.stats.thread_cell
+    # sync and gevent serve every request on this (the main, real) thread: its cell is
+    # bound once. gthread's request threads look theirs up.
+    one_thread = type(worker).__name__ in _ONE_THREAD
+    cell = new_cell() if one_thread else None
     flush = worker_bus.flush
     limit = bool(rep.settings.memory_soft_limit)
     dl = dispatched_listener
-    drop: Any = None  # the request deadline's entry, by thread (greenlet under gevent)
+    # The request deadline's entry, by thread (greenlet under gevent; sync: this thread).
+    drop: Any = None
     key: Any = None
     if deadlines is not None:
         drop = deadlines._inflight.pop
         key = deadlines.green or threading.get_ident
+    ident = threading.get_ident() if one_thread and key is threading.get_ident else None
 
     def pre(worker: Any, req: Any) -> None:
         req.gunicorn_ext_t0 = perf_counter()
-        (cells.get(_get_ident()) or new_cell()).started += 1
+        (cell or cells.get(_get_ident()) or new_cell()).started += 1
         if dl is not None:
             dl.started()
 
     def post(worker: Any, req: Any, environ: Any, resp: Any) -> None:
         if drop is not None:
-            drop(key(), None)
+            drop(key() if ident is None else ident, None)
         flush()  # one-way messages batched during the request leave with it
         now = perf_counter()
         t0 = getattr(req, "gunicorn_ext_t0", now)
-        (cells.get(_get_ident()) or new_cell()).finish(now - t0)
+        (cell or cells.get(_get_ident()) or new_cell()).finish(now - t0)
         if limit and now >= rep.next_rss_check:
             rep.after_request(now)  # the soft memory limit
         if dl is not None:

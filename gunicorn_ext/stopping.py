@@ -31,6 +31,8 @@ __all__ = ["STOP_POLL", "on_stop"]
 #: Seconds between two looks at whether the worker is stopping, and between two runs
 #: of the callbacks once it is (so a client that connects meanwhile is closed too).
 STOP_POLL = 0.1
+#: The same while no callback is registered yet (on an asyncio worker's loop).
+IDLE_POLL = 1.0
 
 _callbacks: list[Callable[[], Any]] = []
 _lock = threading.Lock()
@@ -105,7 +107,8 @@ async def watch(stopping: Callable[[], bool], log: Any) -> None:
     import asyncio
 
     while not stopping():
-        await asyncio.sleep(STOP_POLL)
+        # Every STOP_POLL once there is something to run; until then, every IDLE_POLL.
+        await asyncio.sleep(STOP_POLL if _callbacks else IDLE_POLL)
     while True:
         for callback in list(_callbacks):
             try:
