@@ -275,8 +275,20 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
     every ``RSS_CHECK_GAP``).
     """
     rep = reporter
-    if rep is None:  # no bus: nothing is counted
-        return _no_pre, _no_post
+    dl = dispatched_listener
+    if rep is None:  # no bus: nothing is counted (and no deadlines); even spread still is
+        if dl is None:
+            return _no_pre, _no_post
+
+        def pre_dl(worker: Any, req: Any) -> None:
+            dl.started()
+
+        def post_dl(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+            if not worker.alive:
+                dl.stop_soon()
+            dl.finished()
+
+        return pre_dl, post_dl
     from time import perf_counter
 
     from .metrics import _get_ident
@@ -289,7 +301,6 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
     cell = new_cell() if one_thread else None
     flush = worker_bus.flush
     limit = bool(rep.settings.memory_soft_limit)
-    dl = dispatched_listener
     # The request deadline's entry, by thread (greenlet under gevent; sync: this thread).
     drop: Any = None
     key: Any = None
