@@ -13,9 +13,18 @@ check runs as a plain call, so the request passes through one middleware corouti
 signal handler (Gunicorn's ``worker_abort`` never fires), so a thread notices the loop
 has stopped answering and logs its stack before the arbiter's ``timeout`` kills it.
 
+It also watches for the worker's graceful stop on the loop and then runs the
+:func:`gunicorn_ext.stopping.on_stop` callbacks: both servers wait up to
+``graceful_timeout`` for every open connection before the app's lifespan shutdown, so an
+app with clients that never end (Socket.IO: :class:`~gunicorn_ext.socketio.AsyncBusManager`
+registers one) must close them itself, and this is the first moment it can know.
+
 Gunicorn internals: the app lives in ``worker.asgi`` (``-k asgi``, set by its
 ``load_wsgi``) or ``worker.wsgi`` (the uvicorn worker, read when ``run()`` starts
 the server); both are read only after ``post_worker_init``, which is the seam used.
+The stop is read from ``worker.alive`` and, under uvicorn, its ``Server.should_exit``
+(:func:`gunicorn_ext.stopping.stop_probe`, made at the app's first call: the lifespan
+startup, once uvicorn has set its signal handlers).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from .ipc.bus import Bus
 from .ipc.errors import BusClosed
 from .reporter import Reporter
 from .sticky import ASGIApp, AsgiRouteCookie, Receive, Scope, Send
+from .stopping import stop_probe, watch
 
 __all__ = ["ClusterMiddleware", "LoopWatch", "app_attribute"]
 
@@ -57,7 +67,7 @@ class ClusterMiddleware:
     """
 
     def __init__(self, app: ASGIApp, bus: Bus, reporter: Reporter | None,
-                 stall: float = 0.0, log: Any = None) -> None:
+                 stall: float = 0.0, log: Any = None, worker: Any = None) -> None:
         self.app = app
         self.bus = bus
         self.reporter = reporter
@@ -71,6 +81,9 @@ class ClusterMiddleware:
         self._inner = app.app if isinstance(app, AsgiRouteCookie) else app
         self._limit = bool(reporter is not None and reporter.settings.memory_soft_limit)
         self._cell: Any = None  # the loop thread's request counts
+        #: The Gunicorn worker whose stop runs the ``on_stop`` callbacks (None: never).
+        self.worker = worker
+        self._stop_task: asyncio.Task[None] | None = None
 
     def _first_call(self) -> None:
         self._seen_loop = True
@@ -86,6 +99,8 @@ class ClusterMiddleware:
         if self.stall and self.log is not None:
             self.watch = LoopWatch(loop, self.stall, self.log, bus.slot)
             self.watch.start()
+        if self.worker is not None:
+            self._stop_task = loop.create_task(watch(stop_probe(self.worker), self.log))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._seen_loop:

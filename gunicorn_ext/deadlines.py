@@ -41,32 +41,36 @@ EXIT_GRACE = 2.0
 
 
 class _Request:
-    """One request in flight. Made on every request, so a plain slotted class keeping
+    """One request in flight. Made on every request, so a plain slotted class with no
+    ``__init__`` (:meth:`Deadlines.wrap` fills it in, without a Python call), keeping
     references only; the request line for the log is formatted if the request expires."""
 
-    __slots__ = ("start", "method", "path", "query", "sock", "start_response", "responded",
-                 "expired", "greenlet")
+    __slots__ = ("start", "method", "path", "query", "sock", "start_response", "expired",
+                 "greenlet")
 
-    def __init__(self, start: float, environ: dict[str, Any],
-                 start_response: Callable[..., Any], greenlet: Any) -> None:
-        self.start = start
-        # As the request came in (middleware may rewrite PATH_INFO later).
-        self.method = environ.get("REQUEST_METHOD", "?")
-        self.path = environ.get("PATH_INFO", "")
-        self.query = environ.get("QUERY_STRING")
-        self.sock = environ.get("gunicorn.socket")
-        self.start_response = start_response
-        self.responded = False  # start_response was called: part of a response may be out
-        self.expired = False
-        self.greenlet = greenlet  # under gevent: the request's greenlet (no thread of its own)
+    start: float
+    method: str
+    path: str
+    query: str | None
+    sock: Any
+    start_response: Callable[..., Any]
+    expired: bool
+    greenlet: Any  # under gevent: the request's greenlet (no thread of its own)
 
     @property
     def line(self) -> str:
         return f"{self.method} {self.path}{'?' + self.query if self.query else ''}"
 
-    def tracked_start_response(self, *args: Any, **kw: Any) -> Any:
-        self.responded = True
-        return self.start_response(*args, **kw)
+    @property
+    def responded(self) -> bool:
+        """The app called ``start_response``: part of a response may be out.
+
+        Gunicorn internals: the ``start_response`` a Gunicorn WSGI worker passes is
+        ``Response.start_response``, which sets ``Response.status`` (None before). Read
+        so instead of wrapping ``start_response``, which cost a call on every request.
+        Anything else counts as responded (no 503; the connection is still shut)."""
+        resp = getattr(self.start_response, "__self__", None)
+        return resp is None or getattr(resp, "status", True) is not None
 
 
 class Deadlines:
@@ -105,18 +109,29 @@ class Deadlines:
         green = self.green
         monotonic = time.monotonic
         get_ident = threading.get_ident
+        # A sync worker runs every request on the thread that wraps its app (post_worker_init).
+        main = None if self.threaded or green is not None else get_ident()
 
         def with_deadline(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
             upgrade = environ.get("HTTP_UPGRADE")
             if upgrade and upgrade.lower() == "websocket":
                 return app(environ, start_response)
+            r = _Request()
+            r.start = monotonic()
+            # As the request came in (middleware may rewrite PATH_INFO later).
+            r.method = environ.get("REQUEST_METHOD", "?")
+            r.path = environ.get("PATH_INFO", "")
+            r.query = environ.get("QUERY_STRING")
+            r.sock = environ.get("gunicorn.socket")
+            r.start_response = start_response
+            r.expired = False
             if green is not None:  # gevent: the greenlet is the key (its get_ident() is slower)
-                g = green()
-                entry = inflight[g] = _Request(monotonic(), environ, start_response, g)
+                r.greenlet = g = green()
+                inflight[g] = r
             else:
-                entry = inflight[get_ident()] = _Request(monotonic(), environ, start_response,
-                                                         None)
-            return app(environ, entry.tracked_start_response)
+                r.greenlet = None
+                inflight[main if main is not None else get_ident()] = r
+            return app(environ, start_response)
 
         return with_deadline
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from . import gunicorn_internals as gi
+from . import stopping
 from .asgi import ClusterMiddleware, app_attribute
 from .deadlines import Deadlines
 from .dispatch import DispatchedListener, Dispatcher, dispatched
@@ -42,8 +44,6 @@ deadlines: Deadlines | None = None
 admin: Any = None
 #: This worker's sticky route (None in the primary, or when sticky is off).
 _route: str | None = None
-#: This worker serves an ASGI app (ClusterMiddleware counts its requests, not the hooks).
-_asgi = False
 
 
 # -- in the primary ---------------------------------------------------------------
@@ -174,7 +174,7 @@ def _stop_dispatch_on_exit_signal(worker: Any, dl: DispatchedListener) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    global deadlines, _asgi
+    global deadlines
     asgi_attr = app_attribute(worker)
     loop = gi.event_loop_of(worker)  # -k asgi makes its loop first; uvicorn's comes later
     if asgi_attr is not None and loop is not None and worker_bus.connected:
@@ -184,25 +184,41 @@ def post_worker_init(worker: Any) -> None:
         pin_worker(worker, _route, supervisor.settings.sticky_cookie)
     timeout = supervisor.settings.request_timeout
     if asgi_attr is not None:
-        # The request hooks skip ASGI workers (the uvicorn worker calls none): this counts.
-        _asgi = True
+        # The request hooks do nothing in ASGI workers (the uvicorn worker calls none): this counts.
         _default_request_hooks(worker)
         stall = max(1.0, min(worker.cfg.timeout / 2, 10.0)) if worker.cfg.timeout else 0.0
         gi.set_app(worker, ClusterMiddleware(gi.app_of(worker, asgi_attr), worker_bus, reporter,
-                                             stall, worker.log), asgi_attr)
+                                             stall, worker.log, worker), asgi_attr)
         if timeout:
             worker.log.info("gunicorn-ext: request_timeout is not enforced under %s (an "
                             "asyncio worker); use asyncio.timeout() in the app",
                             type(worker).__name__)
-    elif timeout and reporter is not None:
+    else:
+        stopping.watch_wsgi(worker, worker.log)  # Socket.IO managers' on_stop callbacks
+    if asgi_attr is None and timeout and reporter is not None:
         deadlines = Deadlines(timeout, worker, reporter.recycle,
                               lambda: worker_exit(None, worker), worker.log)
         gi.set_app(worker, deadlines.wrap(gi.app_of(worker)))  # the app is loaded
         deadlines.start()
+    if asgi_attr is None:
+        _fast_request_hooks(worker)
     if reporter is not None:
         reporter.start()
     if dispatched_listener is not None:
         dispatched_listener.ready()
+
+
+def _fast_request_hooks(worker: Any) -> None:
+    """Make this worker's request hook bodies; where a hook is ours alone (no user hook
+    composed with it), Gunicorn calls the body directly, saving a call per request.
+    Gunicorn reads ``cfg.pre_request``/``cfg.post_request`` on every request."""
+    global _pre, _post
+    _pre, _post = _request_hooks(worker)
+    settings = worker.cfg.settings
+    for name, ours, body in (("pre_request", pre_request, _pre),
+                             ("post_request", post_request, _post)):
+        if name in settings and getattr(worker.cfg, name, None) is ours:
+            worker.cfg.set(name, body)
 
 
 def _default_request_hooks(worker: Any) -> None:
@@ -222,26 +238,98 @@ def _default_request_hooks(worker: Any) -> None:
 
 
 def pre_request(worker: Any, req: Any) -> None:
-    if _asgi:  # ClusterMiddleware counts ASGI requests
-        return
-    if reporter is not None:
-        reporter.pre_request()
-    if dispatched_listener is not None:
-        dispatched_listener.started()
+    _pre(worker, req)
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
-    if _asgi:
-        return
+    _post(worker, req, environ, resp)
+
+
+def _no_pre(worker: Any, req: Any) -> None:
+    pass
+
+
+def _no_post(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    pass
+
+
+#: The bodies of pre_request/post_request in this worker (made by _request_hooks at
+#: post_worker_init; none in an ASGI worker, where ClusterMiddleware counts).
+_pre: Callable[[Any, Any], None] = _no_pre
+_post: Callable[[Any, Any, Any, Any], None] = _no_post
+
+
+#: WSGI worker classes that run every request on the worker's main (real) thread.
+_ONE_THREAD = ("SyncWorker", "GeventWorker", "GeventPyWSGIWorker")
+
+
+def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
+                                         Callable[[Any, Any, Any, Any], None]]:
+    """pre_request and post_request for this WSGI worker, with what they use bound.
+
+    They run on every request, so each is one Python call (plus the latency bucket's
+    ``_Cell.finish``): the request's counts go to the calling thread's cell, its start
+    time rides on Gunicorn's ``req`` (Gunicorn passes the same object to both hooks; a
+    context variable cost more), the request deadline's entry is dropped, one-way bus
+    messages the request batched are sent, and the soft memory limit is checked (at most
+    every ``RSS_CHECK_GAP``).
+    """
+    rep = reporter
+    dl = dispatched_listener
+    if rep is None:  # no bus: nothing is counted (and no deadlines); even spread still is
+        if dl is None:
+            return _no_pre, _no_post
+
+        def pre_dl(worker: Any, req: Any) -> None:
+            dl.started()
+
+        def post_dl(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+            if not worker.alive:
+                dl.stop_soon()
+            dl.finished()
+
+        return pre_dl, post_dl
+    from time import perf_counter
+
+    from .metrics import _get_ident
+
+    cells = rep.stats._cells  # by real thread ident; a thread's first request makes its cell
+    new_cell = rep.stats.thread_cell
+    # sync and gevent serve every request on this (the main, real) thread: its cell is
+    # bound once. gthread's request threads look theirs up.
+    one_thread = type(worker).__name__ in _ONE_THREAD
+    cell = new_cell() if one_thread else None
+    flush = worker_bus.flush
+    limit = bool(rep.settings.memory_soft_limit)
+    # The request deadline's entry, by thread (greenlet under gevent; sync: this thread).
+    drop: Any = None
+    key: Any = None
     if deadlines is not None:
-        deadlines.finished()
-    worker_bus.flush()  # one-way messages batched during the request leave with it
-    if reporter is not None:
-        reporter.post_request()
-    if dispatched_listener is not None:
-        if not worker.alive:  # max_requests, memory recycling: stopping after this request
-            dispatched_listener.stop_soon()
-        dispatched_listener.finished()
+        drop = deadlines._inflight.pop
+        key = deadlines.green or threading.get_ident
+    ident = threading.get_ident() if one_thread and key is threading.get_ident else None
+
+    def pre(worker: Any, req: Any) -> None:
+        req.gunicorn_ext_t0 = perf_counter()
+        (cell or cells.get(_get_ident()) or new_cell()).started += 1
+        if dl is not None:
+            dl.started()
+
+    def post(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        if drop is not None:
+            drop(key() if ident is None else ident, None)
+        flush()  # one-way messages batched during the request leave with it
+        now = perf_counter()
+        t0 = getattr(req, "gunicorn_ext_t0", now)
+        (cell or cells.get(_get_ident()) or new_cell()).finish(now - t0)
+        if limit and now >= rep.next_rss_check:
+            rep.after_request(now)  # the soft memory limit
+        if dl is not None:
+            if not worker.alive:  # max_requests, memory recycling: stopping after this request
+                dl.stop_soon()
+            dl.finished()
+
+    return pre, post
 
 
 def worker_abort(worker: Any) -> None:

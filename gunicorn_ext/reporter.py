@@ -13,14 +13,13 @@ thousands of requests. A check is one ``pread`` of ``/proc/self/statm`` on a
 descriptor kept open (about 1.3 us of system time, against 12 us to open the file
 each time).
 
-The request hooks keep each request's start time in a context variable, so they
-count right under every worker class: a thread per request (gthread), a greenlet
-(gevent) or an asyncio task (the ASGI middleware, :mod:`gunicorn_ext.asgi`).
+The request hooks (:func:`gunicorn_ext.hooks._request_hooks`) and the ASGI middleware
+(:mod:`gunicorn_ext.asgi`) count each request into :attr:`Reporter.stats` and call
+:meth:`Reporter.after_request` themselves.
 """
 
 from __future__ import annotations
 
-import contextvars
 import os
 import random
 import signal
@@ -44,8 +43,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: later than this after the last check reads RSS).
 RSS_CHECK_GAP = 0.05
 _perf_counter = time.perf_counter
-#: When the current request started (perf_counter), per thread, greenlet or task.
-_T0: contextvars.ContextVar[float] = contextvars.ContextVar("gunicorn_ext_t0")
 
 
 class _Statm:
@@ -117,15 +114,6 @@ class Reporter:
         self._thread.start()
 
     # -- request hooks (run on the request's thread, greenlet or task)
-
-    def pre_request(self) -> None:
-        _T0.set(_perf_counter())
-        self.stats.request_started()
-
-    def post_request(self) -> None:
-        t0 = _T0.get(None)
-        now = _perf_counter()
-        self.request_finished(now - t0 if t0 is not None else 0.0, now)
 
     def request_finished(self, seconds: float, now: float | None = None) -> None:
         """Count a finished request, then check the soft memory limit (at most every

@@ -61,6 +61,7 @@ except ImportError as exc:
 
 from .ipc import IPCError, Message
 from .ipc.bus import worker
+from .stopping import on_stop
 
 __all__ = ["AsyncBusManager", "BusManager", "async_mode"]
 
@@ -78,6 +79,11 @@ class BusManager(socketio.PubSubManager):
     queue; python-socketio's own pubsub thread (started at the server's first
     connection, via ``start_background_task``) takes them from it and emits them to
     this worker's clients, so a slow client never holds the bus listener up.
+
+    A graceful stop of the worker (TERM, rolling reload, ``max_requests``, memory
+    recycling) closes this server's clients at once (:meth:`close_clients`, run by
+    :func:`gunicorn_ext.stopping.on_stop`), instead of the worker waiting up to
+    ``graceful_timeout`` for them; they reconnect by themselves, to another worker.
     """
 
     name = "gunicorn-ext-bus"
@@ -99,8 +105,30 @@ class BusManager(socketio.PubSubManager):
         # Subscribed before the server's first client finishes connecting (not later, in
         # the pubsub thread), so what other workers emit once it is connected reaches it.
         super().initialize()
+        on_stop(self.close_clients)
         if not self.write_only:
             self._subscribe()
+
+    def close_clients(self) -> int:
+        """End the transport of every client of this worker's server, so that each
+        reconnects (to another worker, once this one stops listening); how many.
+
+        ``close(abort=True)`` on each Engine.IO session (python-engineio's own close on a
+        lost transport: a held long-poll gets an empty answer, a WebSocket is closed), not
+        ``eio.disconnect()``: that sends a CLOSE packet, which python-socketio's client
+        takes as "the server disconnected me" and never reconnects from. Socket.IO's
+        disconnect handlers run as for any lost client (rooms left, ``disconnect`` called).
+        """
+        closed = 0
+        for sock in list(self.server.eio.sockets.values()):
+            if sock.closed:
+                continue
+            try:
+                sock.close(wait=False, abort=True, reason=self.server.eio.reason.TRANSPORT_CLOSE)
+            except Exception:
+                self._get_logger().exception("Cannot close a Socket.IO client of this worker")
+            closed += 1
+        return closed
 
     def _subscribe(self) -> None:
         # Once per manager. Before the bus is attached (at import with preload_app)
@@ -132,6 +160,11 @@ class AsyncBusManager(AsyncPubSubManager):
     :class:`asyncio.Queue`, from which python-socketio's own pubsub task (started at the
     server's first connection) emits it to this worker's clients, in the order published.
     Nothing here blocks the loop.
+
+    A graceful stop of the worker (TERM, rolling reload, ``max_requests``, memory
+    recycling) closes this server's clients at once (:meth:`close_clients`, run by
+    :func:`gunicorn_ext.stopping.on_stop`), instead of the worker waiting up to
+    ``graceful_timeout`` for them; they reconnect by themselves, to another worker.
     """
 
     name = "gunicorn-ext-bus-async"
@@ -151,11 +184,37 @@ class AsyncBusManager(AsyncPubSubManager):
         # At the server's first connection, on its loop: subscribed before that client
         # finishes connecting, so what other workers emit once it is connected reaches it.
         super().initialize()
+        on_stop(self.close_clients)
         if not self.write_only:
             try:
                 self._subscribe()
             except RuntimeError:
                 pass  # said by _listen, in the pubsub task
+
+    async def close_clients(self) -> int:
+        """End the transport of every client of this worker's server, so that each
+        reconnects (to another worker, once this one stops listening); how many.
+
+        Each Engine.IO session is closed as its own transport loss closes it (python-engineio's
+        ``AsyncSocket.close(abort=True)``, then ``None`` in its queue, which ends a held
+        long-poll with an empty answer and a WebSocket's writer, which closes it), not with
+        ``eio.disconnect()``: that sends a CLOSE packet, which python-socketio's client takes
+        as "the server disconnected me" and never reconnects from. Socket.IO's disconnect
+        handlers run as for any lost client (rooms left, ``disconnect`` called).
+        """
+        eio = self.server.eio
+        closed = 0
+        for sock in list(eio.sockets.values()):
+            if sock.closed:
+                continue
+            try:
+                await sock.close(wait=False, abort=True,
+                                 reason=eio.reason.TRANSPORT_CLOSE)
+                sock.queue.put_nowait(None)  # python-engineio internal: wake its poll / writer
+            except Exception:
+                self._get_logger().exception("Cannot close a Socket.IO client of this worker")
+            closed += 1
+        return closed
 
     def _subscribe(self) -> asyncio.Queue[Any]:
         # Once per manager, on the loop that serves the clients.

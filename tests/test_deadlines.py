@@ -101,3 +101,43 @@ def test_an_expired_request_is_logged_as_it_came_in() -> None:
     assert exits == [True]  # no other request in flight: the worker would exit now
     dl.finished()
     assert dl._inflight == {}
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-start_response", "after"])
+def test_an_expired_request_gets_503_only_if_nothing_was_sent(started: bool) -> None:
+    """Unit level: 503 when the app had not called Gunicorn's start_response (read from
+    its Response's status), else no bytes of ours; the connection is shut either way."""
+    import socket
+    from types import SimpleNamespace
+
+    from gunicorn_ext.deadlines import Deadlines
+
+    class Response:  # what Gunicorn's start_response is bound to
+        status: str | None = None
+
+        def start_response(self, status: str, headers: Any, exc_info: Any = None) -> None:
+            self.status = status
+
+    worker = type("ThreadWorker", (), {})()
+    worker.cfg = SimpleNamespace(graceful_timeout=30)
+    dl = Deadlines(5.0, worker, lambda reason: None, lambda: None, _Log())
+    dl._exit = lambda: None  # type: ignore[method-assign]
+    ours, client = socket.socketpair()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if started:
+            start_response("200 OK", [])
+        dl.check(time.monotonic() + 6.0)
+        return [b""]
+
+    try:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "gunicorn.socket": ours}
+        dl.wrap(app)(environ, Response().start_response)
+        client.settimeout(5)
+        got = b""
+        while chunk := client.recv(4096):
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 503") != started, got
+    finally:
+        ours.close()
+        client.close()

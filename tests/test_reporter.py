@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import types
 from typing import Any
 
 import psutil
@@ -42,9 +43,28 @@ def test_current_rss_is_this_process_s_even_after_a_fork() -> None:
 
 
 class _Recorder(Reporter):
+    """A reporter whose recycles are recorded, with one request at a time run through
+    the WSGI request hooks' real bodies (gunicorn_ext.hooks._request_hooks)."""
+
     def __init__(self, limit: int) -> None:
+        import gunicorn_ext.hooks as hooks
+
         super().__init__(Bus(), Settings(memory_soft_limit=limit), logging.getLogger("t"))
         self.reasons: list[str] = []
+        saved = hooks.reporter, hooks.deadlines, hooks.dispatched_listener
+        hooks.reporter, hooks.deadlines, hooks.dispatched_listener = self, None, None
+        try:
+            self._pre, self._post = hooks._request_hooks(types.SimpleNamespace(alive=True))
+        finally:
+            hooks.reporter, hooks.deadlines, hooks.dispatched_listener = saved
+        self._req: Any = None
+
+    def pre_request(self) -> None:
+        self._req = types.SimpleNamespace()  # Gunicorn's req: the same object for both hooks
+        self._pre(None, self._req)
+
+    def post_request(self) -> None:
+        self._post(None, self._req, {}, None)
 
     def recycle(self, reason: str) -> None:
         self.reasons.append(reason)

@@ -125,8 +125,14 @@ class Site:
 
 
 @pytest.fixture
+def graceful_timeout() -> int:
+    """The example's GRACEFUL_TIMEOUT: short, so a teardown with open clients is short."""
+    return 3
+
+
+@pytest.fixture
 def site(request: pytest.FixtureRequest, gunicorn_factory: Callable[..., Gunicorn],
-         nginx_site: Callable[..., Any], tmp_path: Path) -> Iterator[Site]:
+         nginx_site: Callable[..., Any], tmp_path: Path, graceful_timeout: int) -> Iterator[Site]:
     example, worker_class = request.param
     where = EXAMPLES / example
     base = free_port_pair()
@@ -134,9 +140,7 @@ def site(request: pytest.FixtureRequest, gunicorn_factory: Callable[..., Gunicor
                          env={"WORKER_CLASS": worker_class, "WORKER_PORTS_BASE": str(base),
                               "INSTANCE": "solo", "STATE_URL": f"sqlite:///{tmp_path / 's.db'}",
                               "SECRET_KEY": "k" * 32,
-                              # An ASGI worker's stop waits for open long-polls (README,
-                              # Worker classes: limits): keep the teardown short.
-                              "GRACEFUL_TIMEOUT": "3"})
+                              "GRACEFUL_TIMEOUT": str(graceful_timeout)})
     wait_for(lambda: all(serves(base + slot) for slot in (0, 1)), 20, what="both worker ports")
     listen = free_port()
     conf = render(backends=[f"127.0.0.1:{base + slot}" for slot in (0, 1)], listen=listen,

@@ -495,10 +495,13 @@ class Chat:
         # This worker's Engine.IO sockets, each closed without waiting for its queue to
         # drain: eio.disconnect() waits, and can wait forever on a socket whose websocket
         # is closing at the same moment (its writer gone, a wake-up left in its queue).
+        # abort=True: no CLOSE packet, which python-socketio's client takes as the server
+        # disconnecting it for good (it never reconnects); a lost transport it reconnects
+        # from. (gunicorn_ext.socketio.BusManager does the same on the stop.)
         sockets = list(self.socketio.server.eio.sockets.values())
         for sock in sockets:
             try:
-                sock.close(wait=False)
+                sock.close(wait=False, abort=True)
             except Exception:
                 log.exception("chat: could not close a Socket.IO client of slot %s", worker.slot)
         log.info("chat: slot %s is stopping: closed %s WebSocket and %s Socket.IO client(s)",
