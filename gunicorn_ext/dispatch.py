@@ -742,9 +742,6 @@ class DispatchedListener:
         except OSError:
             self._stopping = False  # close() says it again
 
-    def started(self) -> None:
-        """A request started: nothing to count (kept for callers of earlier versions)."""
-
     def finished(self) -> None:
         """A request ended: it counts in the recent load."""
         if self.threaded:

@@ -280,15 +280,12 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
         if dl is None:
             return _no_pre, _no_post
 
-        def pre_dl(worker: Any, req: Any) -> None:
-            dl.started()
-
         def post_dl(worker: Any, req: Any, environ: Any, resp: Any) -> None:
             if not worker.alive:
                 dl.stop_soon()
             dl.finished()
 
-        return pre_dl, post_dl
+        return _no_pre, post_dl
     from time import perf_counter
 
     from .metrics import _get_ident
@@ -312,8 +309,6 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
     def pre(worker: Any, req: Any) -> None:
         req.gunicorn_ext_t0 = perf_counter()
         (cell or cells.get(_get_ident()) or new_cell()).started += 1
-        if dl is not None:
-            dl.started()
 
     def post(worker: Any, req: Any, environ: Any, resp: Any) -> None:
         if drop is not None:
