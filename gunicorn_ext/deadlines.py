@@ -33,6 +33,8 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import gunicorn_internals as gi
+
 _RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
              b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 47\r\n\r\n"
              b"the request ran past its deadline (gunicorn-ext)")
@@ -63,14 +65,10 @@ class _Request:
 
     @property
     def responded(self) -> bool:
-        """The app called ``start_response``: part of a response may be out.
-
-        Gunicorn internals: the ``start_response`` a Gunicorn WSGI worker passes is
-        ``Response.start_response``, which sets ``Response.status`` (None before). Read
-        so instead of wrapping ``start_response``, which cost a call on every request.
-        Anything else counts as responded (no 503; the connection is still shut)."""
-        resp = getattr(self.start_response, "__self__", None)
-        return resp is None or getattr(resp, "status", True) is not None
+        """The app called ``start_response``: part of a response may be out (read from
+        Gunicorn's response, :func:`gunicorn_internals.wsgi_responded`, rather than by
+        wrapping ``start_response``, which cost a call on every request)."""
+        return gi.wsgi_responded(self.start_response)
 
 
 class Deadlines:

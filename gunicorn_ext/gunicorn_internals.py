@@ -60,6 +60,10 @@ Internals touched, each for one reason:
   ``post_worker_init`` has it (:func:`app_of`, :func:`set_app`); ``Worker.sockets``
   is replaced or extended in ``post_fork`` (:func:`set_sockets`); ``-k asgi``'s
   ``Worker.loop`` is read in ``post_worker_init`` (:func:`event_loop_of`).
+* For request deadlines (deadlines.py): the ``start_response`` a WSGI worker passes
+  the app is its ``Response.start_response``, which sets ``Response.status`` (None
+  before): read to tell whether the app began its response (:func:`wsgi_responded`),
+  instead of wrapping ``start_response`` on every request.
 * In a gthread worker, for even spread (dispatch.py): ``ThreadWorker.enqueue_req``
   and ``finish_request`` are wrapped on the instance, to count the connections that
   hold or wait for a thread (:func:`count_busy`); ``ThreadWorker.nr_conns`` is read
@@ -411,6 +415,13 @@ def event_loop_of(worker: Any) -> Any:
     """The asyncio loop ``-k asgi`` makes before ``post_worker_init`` (None for others;
     the uvicorn worker makes its own later)."""
     return getattr(worker, "loop", None)
+
+
+def wsgi_responded(start_response: Any) -> bool:
+    """Whether the app called ``start_response`` (the one a Gunicorn WSGI worker passed
+    it): part of a response may be out. Anything else counts as responded."""
+    resp = getattr(start_response, "__self__", None)
+    return resp is None or getattr(resp, "status", True) is not None
 
 
 def count_busy(worker: Any, submitted: Callable[[], None],
