@@ -9,8 +9,9 @@ worker for all of that, so whoever holds such clients closes them on the stop
 :class:`~gunicorn_ext.socketio.AsyncBusManager` register with :func:`on_stop`).
 
 The stop is noticed by looking, every :data:`STOP_POLL`, at what Gunicorn itself reads:
-``worker.alive`` (every worker class clears it on TERM and at ``max_requests``) and,
-under uvicorn, its server's ``should_exit`` (:func:`stop_probe`). Looking needs no
+``worker.alive`` (Gunicorn's worker classes clear it on TERM and at ``max_requests``)
+and, under uvicorn-worker, whose TERM goes to uvicorn's own handler instead, its
+server's ``should_exit`` (:func:`stop_probe`). Looking needs no
 signal handler of ours and costs nothing per request. In a WSGI worker a daemon thread
 looks (a greenlet under gevent), started by the first :func:`on_stop`; in an asyncio
 worker a task on its loop (:class:`~gunicorn_ext.asgi.ClusterMiddleware` runs
