@@ -729,7 +729,8 @@ class DispatchedListener:
         connection until its load catches up."""
         with self._lock:
             self.stamp = time.monotonic()
-            self.load, self.long = self._others_means(self.stamp)
+            n, load, long, _ = self._others(self.stamp)
+            self.load, self.long = (load / n, long / n) if n else (0.0, 0.0)
         self._publish(ready=True)
 
     def stop_soon(self) -> None:
@@ -798,31 +799,19 @@ class DispatchedListener:
         mean and SHED_MARGIN, less the lead its earlier closes gave away (a share that
         drifts: the client it closes on goes to that least served worker, see
         :meth:`Dispatcher._pick`)."""
-        mine, mean, _ = self._loads(now)
+        n, others, others_long, low_long = self._others(now)
+        mine = _decayed(self.load, self.stamp, now)
+        mean = (others + mine) / (n + 1)
         eff = mine - _decayed(self._credit, self._credit_stamp, now)
         self._mine = mine
         if eff > max(mean * SHED_ABOVE, mean + SHED_MARGIN):
             return True
         mine_long = _decayed(self.long, self.stamp, now, SPREAD_TAU)
-        mean_long, low_long = self._long_view(now, mine_long)
+        mean_long = (others_long + mine_long) / (n + 1)
         self._lead = mine_long - low_long
         owed = _decayed(self._lead_credit, self._credit_stamp, now)
         return mine_long > mean_long and self._lead - owed > max(
             mean_long * SHED_LEAD, SHED_MARGIN)
-
-    def _long_view(self, now: float, mine: float) -> tuple[float, float]:
-        """The mean count over SPREAD_TAU of every ready worker (*mine* included) and the
-        least of the others' (inf when there is no other)."""
-        total, n, low = mine, 1, float("inf")
-        for cell in range(min(CELLS, _CELLS_USED.unpack_from(self.board, 4)[0])):
-            offset = _offset(cell)
-            if offset == self.offset:
-                continue
-            capacity, _, _, _, _, stamp, served = _CELL.unpack_from(self.board, offset)
-            if capacity > 0:
-                x = _decayed(served, stamp, now, SPREAD_TAU)
-                total, n, low = total + x, n + 1, min(low, x)
-        return total / n, low
 
     def _may_close(self, req: Any) -> bool:
         """In a request thread, while a close is asked for: whether this request's
@@ -867,41 +856,21 @@ class DispatchedListener:
         self.long = _decayed(self.long, stamp, now, SPREAD_TAU) + served
         self.stamp = now
 
-    def _others_means(self, now: float) -> tuple[float, float]:
-        """The other ready workers' mean recent load and mean load over SPREAD_TAU."""
-        total, long, n = 0.0, 0.0, 0
-        for cell in range(min(CELLS, _CELLS_USED.unpack_from(self.board, 4)[0])):
-            offset = _offset(cell)
-            if offset == self.offset:
-                continue
-            capacity, _, _, _, load, stamp, served = _CELL.unpack_from(self.board, offset)
-            if capacity > 0:
-                total += _decayed(load, stamp, now)
-                long += _decayed(served, stamp, now, SPREAD_TAU)
-                n += 1
-        return (total / n, long / n) if n else (0.0, 0.0)
-
-    def _loads(self, now: float) -> tuple[float, float, float]:
-        """This worker's recent load, the mean of every ready worker's, and the least of
-        the others' (inf when there is no other)."""
-        mine = _decayed(self.load, self.stamp, now)
-        others, n, low = self._others(now)
-        return mine, (others * n + mine) / (n + 1), low
-
-    def _others(self, now: float) -> tuple[float, int, float]:
-        """The mean recent load of the other ready workers, how many they are, and the
-        least of their loads."""
+    def _others(self, now: float) -> tuple[int, float, float, float]:
+        """The other ready workers, in one pass over the board: how many they are, the
+        sum of their recent loads, the sum of their counts over SPREAD_TAU, and the least
+        of those counts (inf when there is no other)."""
         board = self.board
-        total, n, low = 0.0, 0, float("inf")
+        n, load, long, low = 0, 0.0, 0.0, float("inf")
         for cell in range(min(CELLS, _CELLS_USED.unpack_from(board, 4)[0])):
             offset = _offset(cell)
             if offset == self.offset:
                 continue
-            capacity, _, _, _, load, stamp, _ = _CELL.unpack_from(board, offset)
+            capacity, _, _, _, recent, stamp, served = _CELL.unpack_from(board, offset)
             if capacity > 0:
-                x = _decayed(load, stamp, now)
-                total, n, low = total + x, n + 1, min(low, x)
-        return (total / n if n else 0.0), n, low
+                x = _decayed(served, stamp, now, SPREAD_TAU)
+                n, load, long, low = n + 1, load + _decayed(recent, stamp, now), long + x, min(low, x)
+        return n, load, long, low
 
     def _publish(self, received: int = 0, running: int | None = None, ready: bool = False,
                  served: bool = False) -> None:
