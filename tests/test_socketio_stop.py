@@ -32,11 +32,13 @@ from test_socketio_workers import (
     RECONNECT_WITHIN,
     TIMEOUT,
     Site,
+    _back_elsewhere,
     _each_once,
     _node,
     _nonce,
     _py_clients,
     _say,
+    _split_by_victim,
     _warm_up,
     _where_or_none,
     closing,  # noqa: F401  (fixtures)
@@ -72,14 +74,7 @@ def test_a_stopping_worker_closes_its_clients_and_they_reconnect_elsewhere(
     py = _py_clients(site, closing, reconnection=True)
     node = _node(site, tmp_path, closing)
     _warm_up(py, node)
-    before = {c["id"]: c for c in node.status()}
-    victim = next(c for c in py if c.transport == "websocket" and c.where["slot"] == 1)
-    stopped_pid = victim.where["pid"]
-    js_moved = {cid for cid, c in before.items() if c["where"]["pid"] == stopped_pid}
-    js_stay = set(before) - js_moved
-    py_moved = [c for c in py if c.where["pid"] == stopped_pid]
-    py_stay = [c for c in py if c.where["pid"] != stopped_pid]
-    assert js_moved and js_stay and py_stay, (before, py)
+    victim, stopped_pid, js_moved, js_stay, py_moved, py_stay = _split_by_victim(py, node)
 
     t0 = time.monotonic()
     os.kill(stopped_pid, signal.SIGTERM)  # a graceful stop; the arbiter refills slot 1
@@ -90,13 +85,8 @@ def test_a_stopping_worker_closes_its_clients_and_they_reconnect_elsewhere(
     assert took < GONE_WITHIN < GRACEFUL
     assert "Forcing close" not in site.gunicorn.log_text(), site.logs()
 
-    def all_back() -> bool:
-        now = node.status()
-        js_ok = all(c["connected"] and c["where"] and (c["id"] not in js_moved or (
-            len(c["connects"]) > 1 and c["where"]["pid"] != stopped_pid)) for c in now)
-        return js_ok and all(c.sio.connected and c.connects >= 2 for c in py_moved)
-
-    wait_for(all_back, RECONNECT_WITHIN, interval=0.2, what=f"every client back\n{site.logs()}")
+    wait_for(_back_elsewhere(node, stopped_pid, js_moved, py_moved), RECONNECT_WITHIN,
+             interval=0.2, what=f"every client back\n{site.logs()}")
     after = {c["id"]: c for c in node.status()}
     # The stopped worker's clients saw a disconnect; the other worker's, nothing.
     assert all(after[cid]["disconnects"] for cid in js_moved), {c: after[c] for c in js_moved}

@@ -227,6 +227,32 @@ def _warm_up(py: list[PyClient], node: NodeClients | None) -> None:
         assert time.monotonic() < deadline, "not every client got a probe within 10 s"
 
 
+def _split_by_victim(py: list[PyClient], node: NodeClients
+                     ) -> tuple[PyClient, int, set[str], set[str], list[PyClient], list[PyClient]]:
+    """The worker to stop or kill: the one of slot 1's websocket client (the victim).
+    Returns the victim, that worker's pid, the node clients on it and elsewhere, and the
+    python clients on it and elsewhere (each side has some)."""
+    before = {c["id"]: c for c in node.status()}
+    victim = next(c for c in py if c.transport == "websocket" and c.where["slot"] == 1)
+    pid = victim.where["pid"]
+    js_on = {cid for cid, c in before.items() if c["where"]["pid"] == pid}
+    js_off = set(before) - js_on
+    py_on = [c for c in py if c.where["pid"] == pid]
+    py_off = [c for c in py if c.where["pid"] != pid]
+    assert js_on and js_off and py_off, (before, py)
+    return victim, pid, js_on, js_off, py_on, py_off
+
+
+def _back_elsewhere(node: NodeClients, pid: int, js_on: set[str],
+                    py_on: list[PyClient]) -> Callable[[], bool]:
+    """Whether every client is connected again, those of worker *pid* to another one."""
+    def back() -> bool:
+        js_ok = all(c["connected"] and c["where"] and (c["id"] not in js_on or (
+            len(c["connects"]) > 1 and c["where"]["pid"] != pid)) for c in node.status())
+        return js_ok and all(c.sio.connected and c.connects >= 2 for c in py_on)
+    return back
+
+
 def _bus_intact(site: Site, pids: set[int]) -> None:
     text = site.gunicorn.log_text()
     for needle in BUS_LOST:
@@ -310,13 +336,7 @@ def test_a_killed_workers_clients_reconnect_and_the_others_never_notice(
     py = _py_clients(site, closing, reconnection=True)
     node = _node(site, tmp_path, closing)
     _warm_up(py, node)
-    before = {c["id"]: c for c in node.status()}
-    victim = next(c for c in py if c.transport == "websocket" and c.where["slot"] == 1)
-    dead_pid = victim.where["pid"]
-    js_dead = {cid for cid, c in before.items() if c["where"]["pid"] == dead_pid}
-    js_alive = set(before) - js_dead
-    py_alive = [c for c in py if c.where["pid"] != dead_pid]
-    assert js_dead and js_alive and py_alive, (before, py)
+    victim, dead_pid, js_dead, js_alive, py_dead, py_alive = _split_by_victim(py, node)
 
     os.kill(dead_pid, signal.SIGKILL)
     # While the slot is down (and until its clients are back), the other worker's
@@ -334,14 +354,8 @@ def test_a_killed_workers_clients_reconnect_and_the_others_never_notice(
         js = {c["id"]: c["received"].get(text, 0) for c in node.status()}
         assert all(js[cid] == 1 for cid in js_alive), js
 
-    def all_back() -> bool:
-        now = node.status()
-        js_ok = all(c["connected"] and c["where"] and (c["id"] not in js_dead or (
-            len(c["connects"]) > 1 and c["where"]["pid"] != dead_pid)) for c in now)
-        return js_ok and all(c.sio.connected and c.connects >= 2 for c in py
-                             if c.where["pid"] == dead_pid)
-
-    wait_for(all_back, RECONNECT_WITHIN, interval=0.2, what=f"every client back\n{site.logs()}")
+    wait_for(_back_elsewhere(node, dead_pid, js_dead, py_dead), RECONNECT_WITHIN, interval=0.2,
+             what=f"every client back\n{site.logs()}")
     after = {c["id"]: c for c in node.status()}
     # The survivors' clients never noticed: one connection each, all along.
     assert all(len(after[cid]["connects"]) == 1 and not after[cid]["disconnects"]
