@@ -320,7 +320,8 @@ class RedisStore(Store):
                 return StoreUnavailable(self._message(exc))
             if "WRONGTYPE" in text:
                 return WrongType(f"redis store {self.safe_url}: {text}")
-            if "arguments for 'pexpire'" in text:  # PEXPIRE NX before Redis 7.0
+            if "arguments for 'pexpire'" in text or "arguments for 'expire'" in text:
+                # EXPIRE/PEXPIRE ... NX before Redis 7.0
                 return StoreError(f"redis store {self.safe_url}: {text} (EXPIRE NX, which "
                                   "the Flask session's writes use, needs Redis 7.0 or later)")
             if "not an integer" in text or "would overflow" in text:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -242,6 +243,37 @@ def test_a_decoding_client_is_refused(redis_server: RedisServer) -> None:
             RedisStore(client=client)
         client.close()
     RedisStore(client=fakeredis.FakeRedis()).set("k", b"\xff")  # the right kind works
+
+
+def test_a_server_before_redis_7_gets_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    """The session's writes use ``EXPIRE ... NX`` (Redis 7.0+). On an older server the
+    error says so (fakeredis emulating 6.2 answers as Redis 6.2 does), and a session
+    write fails with it rather than storing a session that never expires."""
+    store = RedisStore("redis://fake", client=fakeredis.FakeRedis(version=(6, 2)))
+    store.set("k", b"v")
+    with pytest.raises(StoreError, match="needs Redis 7.0 or later"):
+        store.expire("k", 60, if_no_ttl=True)
+    with pytest.raises(StoreError, match="needs Redis 7.0 or later"):
+        store.batch().hset("h", {"a": b"1"}).expire("h", 60, if_no_ttl=True).execute()
+    assert store.expire("k", 60)  # what 6.2 has still works
+
+    from flask import Flask, session
+
+    from gunicorn_ext.state.flask import Session
+
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k")
+
+    @app.get("/set")
+    def set_() -> str:
+        session["n"] = 1
+        return "ok"
+
+    Session(app, store=store)
+    with caplog.at_level(logging.ERROR, logger=app.logger.name):
+        assert app.test_client().get("/set").status_code == 500  # a server misconfigured
+    assert [r for r in caplog.records
+            if r.exc_info and "needs Redis 7.0 or later" in str(r.exc_info[1])]
 
 
 def test_a_connection_the_server_closed_is_replaced(tmp_path: Path) -> None:
