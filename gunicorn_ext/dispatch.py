@@ -744,7 +744,8 @@ class DispatchedListener:
             self._stopping = False  # close() says it again
 
     def finished(self) -> None:
-        """A request ended: it counts in the recent load."""
+        """A request ended: it counts in the recent load. (A gthread worker's request
+        hook does the increment itself, :func:`gunicorn_ext.hooks._request_hooks`.)"""
         if self.threaded:
             self.served += 1  # folded into the load by the main thread (settled)
         else:
