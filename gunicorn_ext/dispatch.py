@@ -640,6 +640,13 @@ class DispatchedListener:
         self._kinds: dict[int, tuple[int, int, int]] = {}  # listener index -> family, type, proto
         self._stopping = False
         self._closed = False
+        # The board's fields a gthread worker's main thread writes (or reads) on every
+        # request (submitted_one, settled), as one-int views: a store is an item
+        # assignment, where pack_into parsed its arguments and took the buffer each time.
+        view = memoryview(board)
+        self._busy = view[self.offset + 4:self.offset + 8].cast("i")  # _COUNTS' 2nd field
+        self._received = view[self.offset + 8:self.offset + 12].cast("I")  # and 3rd
+        self._flag = view[0:4].cast("I")  # _FLAG, the primary's "waiting for room"
 
     # -- Gunicorn's listener surface
 
@@ -756,8 +763,9 @@ class DispatchedListener:
     def submitted_one(self) -> None:
         """A connection goes to the thread pool: it holds or waits for a thread."""
         self.submitted += 1
-        _COUNTS.pack_into(self.board, self.offset, self.capacity,
-                          self.submitted - self.completed, self.received)
+        # The cell's busy and received counts (accept() counted it): one store each.
+        self._busy[0] = self.submitted - self.completed
+        self._received[0] = self.received
 
     def settled(self) -> None:
         """The pool finished a connection's request and the main thread settled it
@@ -765,10 +773,8 @@ class DispatchedListener:
         the primary if it waits for room; at most every SHED_LOOK, folds the requests
         served into the recent load and looks whether to close a kept-alive connection."""
         self.completed += 1
-        board = self.board
-        _COUNTS.pack_into(board, self.offset, self.capacity, self.submitted - self.completed,
-                          self.received)
-        if _FLAG.unpack_from(board, 0)[0]:
+        self._busy[0] = self.submitted - self.completed
+        if self._flag[0]:
             self._wake()
         now = time.monotonic()
         if now >= self._next_look:
