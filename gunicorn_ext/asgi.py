@@ -80,6 +80,9 @@ class ClusterMiddleware:
         self.cookie = app if isinstance(app, AsgiRouteCookie) else None
         self._inner = app.app if isinstance(app, AsgiRouteCookie) else app
         self._limit = bool(reporter is not None and reporter.settings.memory_soft_limit)
+        #: The bus's buffer of batched one-way messages (cleared in place, never replaced):
+        #: flush() is called only when it holds any.
+        self._obuf = bus._obuf
         self._cell: Any = None  # the loop thread's request counts
         #: The Gunicorn worker whose stop runs the ``on_stop`` callbacks (None: never).
         self.worker = worker
@@ -105,24 +108,23 @@ class ClusterMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._seen_loop:
             self._first_call()
-        reporter = self.reporter
-        if reporter is None or scope["type"] != "http":
+        if scope["type"] != "http" or self.reporter is None:
             await self.app(scope, receive, send)
             return
-        cookie = self.cookie
-        if cookie is not None:
-            send = cookie.prepare(scope, send)
+        if self.cookie is not None:
+            send = self.cookie.prepare(scope, send)
         cell = self._cell
         t0 = _perf_counter()
         cell.started += 1
         try:
             await self._inner(scope, receive, send)
         finally:
-            self.bus.flush()
+            if self._obuf:  # one-way messages the request batched leave with it
+                self.bus.flush()
             now = _perf_counter()
             cell.finish(now - t0)
-            if self._limit and now >= reporter.next_rss_check:
-                reporter.after_request(now)  # the soft memory limit
+            if self._limit and now >= self.reporter.next_rss_check:
+                self.reporter.after_request(now)  # the soft memory limit
 
 
 class LoopWatch:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import gunicorn_internals as gi
+from .sticky import ENVIRON_KEY, RouteCookie
 
 _RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
              b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 47\r\n\r\n"
@@ -42,33 +43,25 @@ _RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; cha
 EXIT_GRACE = 2.0
 
 
-class _Request:
-    """One request in flight. Made on every request, so a plain slotted class with no
-    ``__init__`` (:meth:`Deadlines.wrap` fills it in, without a Python call), keeping
-    references only; the request line for the log is formatted if the request expires."""
+#: One request in flight, as :meth:`Deadlines.wrap` stores it on every request: a list
+#: (building one costs about half of making even a slotted instance with no
+#: ``__init__``) of references only, read by these indexes; the request line for the log
+#: is formatted only if the request expires (:func:`_line`). ``_GREENLET``: under gevent,
+#: the request's greenlet (it has no thread of its own), else None.
+_START, _METHOD, _PATH, _QUERY, _SOCK, _START_RESPONSE, _GREENLET, _EXPIRED = range(8)
+_Request = list[Any]  # [start, method, path, query, sock, start_response, greenlet, expired]
 
-    __slots__ = ("start", "method", "path", "query", "sock", "start_response", "expired",
-                 "greenlet")
 
-    start: float
-    method: str
-    path: str
-    query: str | None
-    sock: Any
-    start_response: Callable[..., Any]
-    expired: bool
-    greenlet: Any  # under gevent: the request's greenlet (no thread of its own)
+def _line(r: _Request) -> str:
+    query = r[_QUERY]
+    return f"{r[_METHOD]} {r[_PATH]}{'?' + query if query else ''}"
 
-    @property
-    def line(self) -> str:
-        return f"{self.method} {self.path}{'?' + self.query if self.query else ''}"
 
-    @property
-    def responded(self) -> bool:
-        """The app called ``start_response``: part of a response may be out (read from
-        Gunicorn's response, :func:`gunicorn_internals.wsgi_responded`, rather than by
-        wrapping ``start_response``, which cost a call on every request)."""
-        return gi.wsgi_responded(self.start_response)
+def _responded(r: _Request) -> bool:
+    """The app called ``start_response``: part of a response may be out (read from
+    Gunicorn's response, :func:`gunicorn_internals.wsgi_responded`, rather than by
+    wrapping ``start_response``, which cost a call on every request)."""
+    return gi.wsgi_responded(r[_START_RESPONSE])
 
 
 class Deadlines:
@@ -99,7 +92,12 @@ class Deadlines:
     # -- the WSGI side, on each request's thread
 
     def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-        """*app* with its requests registered (removed in :meth:`finished`)."""
+        """*app* with its requests registered (removed in :meth:`finished`).
+
+        A :class:`~gunicorn_ext.sticky.RouteCookie` *app* (the worker hooks pin the app
+        before this wraps it) is folded in: its check for a client already pinned here
+        runs inline, and such a request calls the app inside it directly, one Python
+        call fewer on every request; any other request goes through the cookie."""
 
         # The request path takes no lock: one dict store here and one pop in finished(),
         # each atomic under the GIL; the watchdog copies the dict under its own lock.
@@ -109,26 +107,36 @@ class Deadlines:
         get_ident = threading.get_ident
         # A sync worker runs every request on the thread that wraps its app (post_worker_init).
         main = None if self.threaded or green is not None else get_ident()
+        cookie = app if isinstance(app, RouteCookie) else None
+        inner = cookie.app if cookie is not None else app
+        pinned = cookie._pinned if cookie is not None else None
+        pinned_first = cookie._pinned_first if cookie is not None else ""
 
         def with_deadline(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-            upgrade = environ.get("HTTP_UPGRADE")
-            if upgrade and upgrade.lower() == "websocket":
+            if "HTTP_UPGRADE" in environ and environ["HTTP_UPGRADE"].lower() == "websocket":
                 return app(environ, start_response)
-            r = _Request()
-            r.start = monotonic()
-            # As the request came in (middleware may rewrite PATH_INFO later).
-            r.method = environ.get("REQUEST_METHOD", "?")
-            r.path = environ.get("PATH_INFO", "")
-            r.query = environ.get("QUERY_STRING")
-            r.sock = environ.get("gunicorn.socket")
-            r.start_response = start_response
-            r.expired = False
+            # As the request came in (middleware may rewrite PATH_INFO later). Gunicorn's
+            # environ has all four: subscripts cost less than get() calls.
+            try:
+                r = [monotonic(), environ["REQUEST_METHOD"], environ["PATH_INFO"],
+                     environ["QUERY_STRING"], environ["gunicorn.socket"], start_response,
+                     None, False]
+            except KeyError:
+                r = [monotonic(), environ.get("REQUEST_METHOD", "?"), environ.get("PATH_INFO", ""),
+                     environ.get("QUERY_STRING"), environ.get("gunicorn.socket"), start_response,
+                     None, False]
             if green is not None:  # gevent: the greenlet is the key (its get_ident() is slower)
-                r.greenlet = g = green()
+                r[_GREENLET] = g = green()
                 inflight[g] = r
             else:
-                r.greenlet = None
                 inflight[main if main is not None else get_ident()] = r
+            if pinned is not None:
+                # RouteCookie.__call__ for a client pinned here (its first cookie is ours).
+                environ[ENVIRON_KEY] = cookie
+                if "HTTP_COOKIE" in environ:
+                    header = environ["HTTP_COOKIE"]
+                    if header == pinned or header.startswith(pinned_first):
+                        return inner(environ, start_response)
             return app(environ, start_response)
 
         return with_deadline
@@ -156,11 +164,11 @@ class Deadlines:
 
     def check(self, now: float) -> None:
         with self._lock:
-            live = [(ident, r) for ident, r in list(self._inflight.items()) if not r.expired]
-            expired = [(ident, r) for ident, r in live if now - r.start > self.timeout]
+            live = [(ident, r) for ident, r in list(self._inflight.items()) if not r[_EXPIRED]]
+            expired = [(ident, r) for ident, r in live if now - r[_START] > self.timeout]
             for _, r in expired:
-                r.expired = True
-            others = [r for _, r in live if not r.expired]
+                r[_EXPIRED] = True
+            others = [r for _, r in live if not r[_EXPIRED]]
         if live:
             # A hang that holds the GIL stops this thread: faulthandler speaks then.
             faulthandler.dump_traceback_later(self.timeout + 2.0, exit=False)
@@ -176,16 +184,17 @@ class Deadlines:
                 self._exit()
 
     def _expire(self, ident: Any, r: _Request, now: float) -> None:
-        frame = r.greenlet.gr_frame if r.greenlet is not None else sys._current_frames().get(ident)
+        green = r[_GREENLET]
+        frame = green.gr_frame if green is not None else sys._current_frames().get(ident)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else "(thread gone)\n"
         self.log.critical(
             "gunicorn-ext: request deadline: %s ran %.1fs, over request_timeout=%ss, in worker "
             "pid %s; the worker is recycled. Its thread's stack:\n%s",
-            r.line, now - r.start, _fmt(self.timeout), os.getpid(), stack)
-        sock = r.sock
+            _line(r), now - r[_START], _fmt(self.timeout), os.getpid(), stack)
+        sock = r[_SOCK]
         if sock is not None:
             try:
-                if not r.responded:
+                if not _responded(r):
                     sock.settimeout(1.0)
                     sock.sendall(_RESPONSE)
             except OSError:
@@ -196,7 +205,7 @@ class Deadlines:
                 pass
         if self._stopping_since is None:
             self._stopping_since = now
-            self.recycle(f"request deadline: {r.line} ran over request_timeout={_fmt(self.timeout)}s")
+            self.recycle(f"request deadline: {_line(r)} ran over request_timeout={_fmt(self.timeout)}s")
             if not self.threaded:
                 # The stuck request runs on the main thread: SIGQUIT's handler raises
                 # SystemExit there, unwinding it.

@@ -640,6 +640,13 @@ class DispatchedListener:
         self._kinds: dict[int, tuple[int, int, int]] = {}  # listener index -> family, type, proto
         self._stopping = False
         self._closed = False
+        # The board's fields a gthread worker's main thread writes (or reads) on every
+        # request (submitted_one, settled), as one-int views: a store is an item
+        # assignment, where pack_into parsed its arguments and took the buffer each time.
+        view = memoryview(board)
+        self._busy = view[self.offset + 4:self.offset + 8].cast("i")  # _COUNTS' 2nd field
+        self._received = view[self.offset + 8:self.offset + 12].cast("I")  # and 3rd
+        self._flag = view[0:4].cast("I")  # _FLAG, the primary's "waiting for room"
 
     # -- Gunicorn's listener surface
 
@@ -744,7 +751,8 @@ class DispatchedListener:
             self._stopping = False  # close() says it again
 
     def finished(self) -> None:
-        """A request ended: it counts in the recent load."""
+        """A request ended: it counts in the recent load. (A gthread worker's request
+        hook does the increment itself, :func:`gunicorn_ext.hooks._request_hooks`.)"""
         if self.threaded:
             self.served += 1  # folded into the load by the main thread (settled)
         else:
@@ -755,8 +763,9 @@ class DispatchedListener:
     def submitted_one(self) -> None:
         """A connection goes to the thread pool: it holds or waits for a thread."""
         self.submitted += 1
-        _COUNTS.pack_into(self.board, self.offset, self.capacity,
-                          self.submitted - self.completed, self.received)
+        # The cell's busy and received counts (accept() counted it): one store each.
+        self._busy[0] = self.submitted - self.completed
+        self._received[0] = self.received
 
     def settled(self) -> None:
         """The pool finished a connection's request and the main thread settled it
@@ -764,10 +773,8 @@ class DispatchedListener:
         the primary if it waits for room; at most every SHED_LOOK, folds the requests
         served into the recent load and looks whether to close a kept-alive connection."""
         self.completed += 1
-        board = self.board
-        _COUNTS.pack_into(board, self.offset, self.capacity, self.submitted - self.completed,
-                          self.received)
-        if _FLAG.unpack_from(board, 0)[0]:
+        self._busy[0] = self.submitted - self.completed
+        if self._flag[0]:
             self._wake()
         now = time.monotonic()
         if now >= self._next_look:
@@ -798,18 +805,25 @@ class DispatchedListener:
         over SPREAD_TAU leads the least served worker's by more than SHED_LEAD of the
         mean and SHED_MARGIN, less the lead its earlier closes gave away (a share that
         drifts: the client it closes on goes to that least served worker, see
-        :meth:`Dispatcher._pick`)."""
+        :meth:`Dispatcher._pick`).
+
+        It runs at most every SHED_LOOK on the main thread, so the decays are written
+        out (:func:`_decayed`'s expression; the credit and the lead owed share a stamp):
+        about half the instructions of a call per decay."""
         n, others, others_long, low_long = self._others(now)
-        mine = _decayed(self.load, self.stamp, now)
+        stamp = self.stamp
+        mine = self.load * math.exp(-(now - stamp) / LOAD_TAU) if now > stamp else self.load
         mean = (others + mine) / (n + 1)
-        eff = mine - _decayed(self._credit, self._credit_stamp, now)
+        credit_stamp = self._credit_stamp
+        f = math.exp(-(now - credit_stamp) / LOAD_TAU) if now > credit_stamp else 1.0
+        eff = mine - (self._credit * f if f != 1.0 else self._credit)
         self._mine = mine
         if eff > max(mean * SHED_ABOVE, mean + SHED_MARGIN):
             return True
-        mine_long = _decayed(self.long, self.stamp, now, SPREAD_TAU)
+        mine_long = self.long * math.exp(-(now - stamp) / SPREAD_TAU) if now > stamp else self.long
         mean_long = (others_long + mine_long) / (n + 1)
         self._lead = mine_long - low_long
-        owed = _decayed(self._lead_credit, self._credit_stamp, now)
+        owed = self._lead_credit * f if f != 1.0 else self._lead_credit
         return mine_long > mean_long and self._lead - owed > max(
             mean_long * SHED_LEAD, SHED_MARGIN)
 
@@ -850,26 +864,38 @@ class DispatchedListener:
             pass  # buffer full (wake-ups pending anyway) or the primary gone
 
     def _fold(self, now: float, served: int) -> None:
-        """Add *served* requests to the loads, decayed to *now*."""
+        """Add *served* requests to the loads, decayed to *now* (:func:`_decayed`, written out)."""
         stamp = self.stamp
-        self.load = _decayed(self.load, stamp, now) + served
-        self.long = _decayed(self.long, stamp, now, SPREAD_TAU) + served
+        if now > stamp:
+            dt = now - stamp
+            self.load = self.load * math.exp(-dt / LOAD_TAU) + served
+            self.long = self.long * math.exp(-dt / SPREAD_TAU) + served
+        else:
+            self.load += served
+            self.long += served
         self.stamp = now
 
     def _others(self, now: float) -> tuple[int, float, float, float]:
         """The other ready workers, in one pass over the board: how many they are, the
         sum of their recent loads, the sum of their counts over SPREAD_TAU, and the least
-        of those counts (inf when there is no other)."""
+        of those counts (inf when there is no other). Decays as :func:`_decayed`, written out."""
         board = self.board
         n, load, long, low = 0, 0.0, 0.0, float("inf")
+        unpack_from = _CELL.unpack_from
+        exp = math.exp
         for cell in range(min(CELLS, _CELLS_USED.unpack_from(board, 4)[0])):
             offset = _offset(cell)
             if offset == self.offset:
                 continue
-            capacity, _, _, _, recent, stamp, served = _CELL.unpack_from(board, offset)
+            capacity, _, _, _, recent, stamp, served = unpack_from(board, offset)
             if capacity > 0:
-                x = _decayed(served, stamp, now, SPREAD_TAU)
-                n, load, long, low = n + 1, load + _decayed(recent, stamp, now), long + x, min(low, x)
+                if now > stamp:
+                    dt = now - stamp
+                    x = served * exp(-dt / SPREAD_TAU)
+                    recent = recent * exp(-dt / LOAD_TAU)
+                else:
+                    x = served
+                n, load, long, low = n + 1, load + recent, long + x, min(low, x)
         return n, load, long, low
 
     def _publish(self, received: int = 0, running: int | None = None, ready: bool = False,

@@ -292,11 +292,10 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
 
     cells = rep.stats._cells  # by real thread ident; a thread's first request makes its cell
     new_cell = rep.stats.thread_cell
-    # sync and gevent serve every request on this (the main, real) thread: its cell is
-    # bound once. gthread's request threads look theirs up.
-    one_thread = type(worker).__name__ in _ONE_THREAD
-    cell = new_cell() if one_thread else None
     flush = worker_bus.flush
+    # One-way messages the request batched: flush() only when there are any (the bus
+    # clears this buffer in place, never replaces it; one call fewer per request).
+    obuf = worker_bus._obuf
     limit = bool(rep.settings.memory_soft_limit)
     # The request deadline's entry, by thread (greenlet under gevent; sync: this thread).
     drop: Any = None
@@ -304,25 +303,67 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
     if deadlines is not None:
         drop = deadlines._inflight.pop
         key = deadlines.green or threading.get_ident
-    ident = threading.get_ident() if one_thread and key is threading.get_ident else None
+
+    if type(worker).__name__ in _ONE_THREAD:
+        # sync and gevent serve every request on this (the main, real) thread: its cell
+        # is bound once, and so is a sync worker's deadline key.
+        cell = new_cell()
+        ident = threading.get_ident() if key is threading.get_ident else None
+
+        def pre_main(worker: Any, req: Any) -> None:
+            req.gunicorn_ext_t0 = perf_counter()
+            cell.started += 1
+
+        def post_main(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+            if drop is not None:
+                drop(key() if ident is None else ident, None)
+            if obuf:
+                flush()  # one-way messages batched during the request leave with it
+            now = perf_counter()
+            try:
+                t0 = req.gunicorn_ext_t0
+            except AttributeError:
+                t0 = now
+            cell.finish(now - t0)
+            if limit and now >= rep.next_rss_check:
+                rep.after_request(now)  # the soft memory limit
+            if dl is not None:
+                if not worker.alive:  # max_requests, memory recycling: stopping after this
+                    dl.stop_soon()
+                dl.finished()
+
+        return pre_main, post_main
+
+    # gthread: a request thread looks its cell up by its ident, which is also the
+    # deadline's key (unless gevent patched threading: then the greenlet is).
+    by_tid = key is None or key is _get_ident
+    threaded = dl is not None and dl.threaded
 
     def pre(worker: Any, req: Any) -> None:
         req.gunicorn_ext_t0 = perf_counter()
-        (cell or cells.get(_get_ident()) or new_cell()).started += 1
+        (cells.get(_get_ident()) or new_cell()).started += 1
 
     def post(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        tid = _get_ident()
         if drop is not None:
-            drop(key() if ident is None else ident, None)
-        flush()  # one-way messages batched during the request leave with it
+            drop(tid if by_tid else key(), None)
+        if obuf:
+            flush()  # one-way messages batched during the request leave with it
         now = perf_counter()
-        t0 = getattr(req, "gunicorn_ext_t0", now)
-        (cell or cells.get(_get_ident()) or new_cell()).finish(now - t0)
+        try:
+            t0 = req.gunicorn_ext_t0
+        except AttributeError:
+            t0 = now
+        (cells.get(tid) or new_cell()).finish(now - t0)
         if limit and now >= rep.next_rss_check:
             rep.after_request(now)  # the soft memory limit
         if dl is not None:
             if not worker.alive:  # max_requests, memory recycling: stopping after this request
                 dl.stop_soon()
-            dl.finished()
+            if threaded:
+                dl.served += 1  # DispatchedListener.finished() of a gthread worker, inlined
+            else:
+                dl.finished()
 
     return pre, post
 

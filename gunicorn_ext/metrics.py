@@ -29,7 +29,7 @@ from bisect import bisect_left as _bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import REGISTRY
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, REGISTRY
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import METRIC_TYPES, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -52,6 +52,9 @@ _SKIP_PREFIXES = ("process_", "python_gc_", "python_info", PREFIX)
 #: Types whose ``<name>_created`` sample is dropped: it is per process, and a
 #: new one after every restart would read as a counter reset.
 _WITH_CREATED = frozenset({"counter", "histogram", "summary"})
+#: prometheus_client's default collectors (on its REGISTRY): their families are all
+#: ``process_*``, ``python_gc_*`` and ``python_info``, which are skipped.
+_DEFAULT_COLLECTORS = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
 
 _REQUESTS = PREFIX + "requests"  # a counter: its sample is ..._total
 _DURATION = PREFIX + "request_duration_seconds"
@@ -225,12 +228,15 @@ def _collectors(registry: Collector) -> list[Any]:
 
     CollectorRegistry has no public way to list them; ``_collector_to_names``
     has held them since its first release. Anything else is collected whole.
+    prometheus_client's default collectors are left out: every family they yield is
+    dropped (``_SKIP_PREFIXES``), and collecting them (``/proc`` reads, an fd listing)
+    was nearly all of a snapshot's cost, once a second in every worker.
     """
     names = getattr(registry, "_collector_to_names", None)
     lock = getattr(registry, "_lock", None)
     if isinstance(registry, CollectorRegistry) and isinstance(names, dict) and lock is not None:
         with lock:
-            return list(names)
+            return [c for c in names if c not in _DEFAULT_COLLECTORS]
     return [registry]
 
 

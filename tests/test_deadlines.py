@@ -141,3 +141,40 @@ def test_an_expired_request_gets_503_only_if_nothing_was_sent(started: bool) -> 
     finally:
         ours.close()
         client.close()
+
+
+@pytest.mark.parametrize(("cookie", "pinned"), [
+    (None, False), ("gx_route=r1", True), ("gx_route=r1; a=b", True), ("a=b; gx_route=r1", True),
+    ("gx_route=other", False), ("gx_route=r1x", False), ("", False),
+])
+def test_a_route_cookie_inside_is_folded_in_unchanged(cookie: str | None, pinned: bool) -> None:
+    """Unit level: the deadline wrapper runs a RouteCookie's pinned-client check inline;
+    every request still gets what the cookie alone gives it (Set-Cookie unless pinned
+    here, the environ marked as the cookie's) and is registered while in the app."""
+    from types import SimpleNamespace
+
+    from gunicorn_ext.deadlines import Deadlines
+    from gunicorn_ext.sticky import ENVIRON_KEY, RouteCookie
+
+    worker = type("ThreadWorker", (), {})()
+    worker.cfg = SimpleNamespace(graceful_timeout=30)
+    dl = Deadlines(5.0, worker, lambda reason: None, lambda: None, _Log())
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen["inflight"] = len(dl._inflight)
+        seen["marked"] = environ.get(ENVIRON_KEY)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    rc = RouteCookie(app, route="r1")
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "QUERY_STRING": ""}
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
+    headers: list[Any] = []
+    body = dl.wrap(rc)(environ, lambda status, h, exc_info=None: headers.extend(h))
+    dl.finished()
+    assert list(body) == [b"ok"] and seen == {"inflight": 1, "marked": rc}
+    set_cookie = [v for k, v in headers if k == "Set-Cookie"]
+    assert set_cookie == ([] if pinned else ["gx_route=r1; Path=/; HttpOnly; SameSite=Lax"])
+    assert dl._inflight == {}

@@ -176,6 +176,28 @@ def test_default_collectors_and_reserved_prefix_are_skipped() -> None:
     assert [f["name"] for f in WorkerStats(registry=reg).snapshot()["app"]] == ["kept"]
 
 
+
+def test_the_default_registry_s_own_collectors_are_not_even_collected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """prometheus_client's default collectors yield only skipped families, so a snapshot
+    of its REGISTRY (what every worker reports once a second) does not collect them."""
+    import prometheus_client
+
+    called: list[str] = []
+    for name in ("PROCESS_COLLECTOR", "PLATFORM_COLLECTOR", "GC_COLLECTOR"):
+        c = getattr(prometheus_client, name)
+        monkeypatch.setattr(c, "collect", lambda name=name: called.append(name) or iter(()))
+    g = Gauge("test_default_registry_kept", "Kept.")
+    try:
+        g.set(2)
+        app = WorkerStats().snapshot()["app"]
+    finally:
+        prometheus_client.REGISTRY.unregister(g)
+    assert called == []
+    assert [f["samples"] for f in app if f["name"] == "test_default_registry_kept"] == [
+        [["test_default_registry_kept", {}, 2.0]]]
+
+
 class _Raises:
     def collect(self) -> Iterator[Metric]:
         raise RuntimeError("broken collector")
