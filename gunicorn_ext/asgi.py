@@ -80,9 +80,8 @@ class ClusterMiddleware:
         self.cookie = app if isinstance(app, AsgiRouteCookie) else None
         self._inner = app.app if isinstance(app, AsgiRouteCookie) else app
         self._limit = bool(reporter is not None and reporter.settings.memory_soft_limit)
-        #: The bus's buffer of batched one-way messages (cleared in place, never replaced):
-        #: flush() is called only when it holds any.
-        self._obuf = bus._obuf
+        #: The bus's batched one-way messages: flush() is called only when it holds any.
+        self._obuf = bus.batched
         self._cell: Any = None  # the loop thread's request counts
         #: The Gunicorn worker whose stop runs the ``on_stop`` callbacks (None: never).
         self.worker = worker

@@ -293,9 +293,9 @@ def _request_hooks(worker: Any) -> tuple[Callable[[Any, Any], None],
     cells = rep.stats._cells  # by real thread ident; a thread's first request makes its cell
     new_cell = rep.stats.thread_cell
     flush = worker_bus.flush
-    # One-way messages the request batched: flush() only when there are any (the bus
-    # clears this buffer in place, never replaces it; one call fewer per request).
-    obuf = worker_bus._obuf
+    # One-way messages the request batched: flush() only when there are any (one call
+    # fewer per request).
+    obuf = worker_bus.batched
     limit = bool(rep.settings.memory_soft_limit)
     # The request deadline's entry, by thread (greenlet under gevent; sync: this thread).
     drop: Any = None

@@ -657,6 +657,13 @@ class Bus:
                     fut.set_result(None)
             del fut, fn, args, error
 
+    @property
+    def batched(self) -> bytearray:
+        """The one-way frames held back for the next :meth:`flush`: one buffer for the
+        bus's life, emptied in place (never replaced), so a per-request hook can keep it
+        and call :meth:`flush` only while it holds any."""
+        return self._obuf
+
     def flush(self) -> None:
         """Write one-way messages held back by a burst now (cheap when there are none)."""
         if not self._obuf or self._sock is None:
