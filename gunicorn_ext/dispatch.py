@@ -143,6 +143,11 @@ def _decayed(load: float, stamp: float, now: float, tau: float = LOAD_TAU) -> fl
     return load * math.exp(-(now - stamp) / tau) if now > stamp else load
 
 
+def _tenths(served: float, stamp: float, now: float) -> int:
+    """A worker's requests over SPREAD_TAU as of *now*, in tenths (a tie below that)."""
+    return int(10.0 * (served * math.exp((stamp - now) / SPREAD_TAU) if now > stamp else served))
+
+
 def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
     """Whether workers of this class take their connections from the primary."""
     if even_spread is None:
@@ -198,15 +203,18 @@ def _offset(cell: int) -> int:
 class _Worker:
     """The primary's view of one worker."""
 
-    __slots__ = ("sock", "worker", "cell", "sent", "stopping", "since")
+    __slots__ = ("sock", "worker", "cell", "offset", "sent", "stopping", "since")
 
-    def __init__(self, sock: socket.socket, worker: Any, cell: int) -> None:
+    def __init__(self, sock: socket.socket, worker: Any, cell: int, since: int) -> None:
         self.sock = sock
         self.worker = worker
         self.cell = cell
+        self.offset = _offset(cell)
         self.sent = 0
         self.stopping = False
-        self.since = time.monotonic()  # when it last got a connection (ties: longest-waiting)
+        #: The primary's count of connections handed out when this one last got one
+        #: (ties: the longest-waiting, the smallest).
+        self.since = since
 
 
 class Dispatcher:
@@ -226,6 +234,7 @@ class Dispatcher:
         self._waiting = False
         self._poll_armed = False
         self._workers: dict[int, _Worker] = {}  # fd of the primary's end -> worker
+        self._handed = 0  # connections handed out (_Worker.since)
         # (fd, listener index, packed client address) given back by workers, or drained
         self._returned: list[tuple[int, int, bytes]] = []
         self._forking: tuple[socket.socket, socket.socket, Any, int] | None = None
@@ -339,7 +348,7 @@ class Dispatcher:
         if board is None:
             return len(self._returned)
         return len(self._returned) + sum(
-            max(0, w.sent - _COUNTS.unpack_from(board, _offset(w.cell))[2])
+            max(0, w.sent - _COUNTS.unpack_from(board, w.offset)[2])
             for w in list(self._workers.values()))
 
     # -- the hub thread
@@ -391,7 +400,7 @@ class Dispatcher:
         self._update()
 
     def _add(self, sock: socket.socket, worker: Any, cell: int) -> None:
-        w = _Worker(sock, worker, cell)
+        w = _Worker(sock, worker, cell, self._handed)
         self._workers[sock.fileno()] = w
         self.hub.watch(sock.fileno(), lambda: self._on_worker(w))
         self._update()
@@ -407,7 +416,7 @@ class Dispatcher:
         self.hub.unwatch(w.sock.fileno())
         w.sock.close()
         assert self.board is not None
-        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0, 0.0)
+        _CELL.pack_into(self.board, w.offset, 0, 0, 0, 0, 0.0, 0.0, 0.0)
         with self._lock:
             self._free_cells.append(w.cell)
         self._update()
@@ -496,36 +505,33 @@ class Dispatcher:
 
     def _pick(self) -> _Worker | None:
         """The worker with the most room; on a tie the one that served the fewest
-        requests lately (over SPREAD_TAU: where a client that a busy worker's
-        ``Connection: close`` sent back lands), then the longest-waiting."""
+        requests lately (over SPREAD_TAU, in tenths: where a client that a busy worker's
+        ``Connection: close`` sent back lands), then the longest-waiting. One read of
+        each cell; the loads (an exp each) only on a tie."""
         board = self.board
         assert board is not None
         best: _Worker | None = None
         best_room = 0
-        tied: list[_Worker] = []
+        best_key: tuple[int, int] | None = None
+        best_stamp = best_served = now = 0.0
         for w in self._workers.values():
             if w.stopping:
                 continue
-            capacity, running, received = _COUNTS.unpack_from(board, _offset(w.cell))
+            capacity, running, received, _, _, stamp, served = _CELL.unpack_from(board, w.offset)
             if capacity <= 0:
                 continue  # not ready yet
-            room = capacity - max(0, running) - (w.sent - received)
+            room = capacity - (running if running > 0 else 0) - (w.sent - received)
             if room > best_room:
-                best, best_room, tied = w, room, []
+                best, best_room, best_key, best_stamp, best_served = w, room, None, stamp, served
             elif room == best_room and best is not None:
-                tied.append(w)
-        if not tied:
-            return best
-        assert best is not None
-        # Only on a tie: the loads (a float and an exp each) decide.
-        now = time.monotonic()
-        return min([best, *tied], key=lambda w: (round(self._served(w, now), 1), w.since))
-
-    def _served(self, w: _Worker, now: float) -> float:
-        """The requests *w* served lately, over SPREAD_TAU."""
-        assert self.board is not None
-        *_, stamp, served = _CELL.unpack_from(self.board, _offset(w.cell))
-        return _decayed(served, stamp, now, SPREAD_TAU)
+                if not now:
+                    now = time.monotonic()
+                if best_key is None:
+                    best_key = (_tenths(best_served, best_stamp, now), best.since)
+                key = (_tenths(served, stamp, now), w.since)
+                if key < best_key:
+                    best, best_key = w, key
+        return best
 
     def _on_listener(self, index: int) -> None:
         """Connections are queued (an edge-triggered event): hand them out, after the
@@ -587,7 +593,8 @@ class Dispatcher:
             return
         os.close(fd)
         w.sent += 1
-        w.since = time.monotonic()
+        self._handed += 1
+        w.since = self._handed
 
 
 # ------------------------------------------------------------------ in the worker
