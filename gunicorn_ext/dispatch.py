@@ -155,6 +155,12 @@ def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
     return bool(even_spread) and worker_class_name in DISPATCHED_CLASSES
 
 
+def _accept(listener: socket.socket) -> tuple[int, Any]:
+    """The descriptor and address of the next connection on *listener*."""
+    conn, addr = listener.accept()
+    return conn.detach(), addr
+
+
 def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
     sock.sendmsg([tag], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
@@ -379,14 +385,14 @@ class Dispatcher:
         n = 0
         while n < 100000:  # bounded by the backlog in practice
             try:
-                conn, addr = sock.accept()
+                fd, addr = _accept(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 break
-            self._returned.append((conn.detach(), index, _pack_addr(addr)))
+            self._returned.append((fd, index, _pack_addr(addr)))
             n += 1
         return n
 
@@ -547,21 +553,24 @@ class Dispatcher:
         """Accept what is queued on listener *index* and hand it out, until the backlog
         is empty (True) or no worker has room (False: the connections wait in the
         kernel's backlog, as without gunicorn-ext, and the board's flag asks workers to
-        wake us as they free a thread)."""
+        wake us as they free a thread). A worker is picked before the first accept
+        (with no room the backlog is left alone) and then for each connection accepted,
+        so none before the accept that finds the backlog empty; when room runs out
+        within a burst, the connection just accepted waits with those given back."""
         if index >= len(self._listeners):
             return True
         listener = self._listeners[index]
-        for _ in range(64):  # bounded: other fds get their turn
+        w = self._pick()
+        if w is None:
+            # Raise the flag, then look once more: a worker that freed a thread
+            # after our look and before the flag sends nothing.
+            self._set_waiting(True)
             w = self._pick()
             if w is None:
-                # Raise the flag, then look once more: a worker that freed a thread
-                # after our look and before the flag sends nothing.
-                self._set_waiting(True)
-                w = self._pick()
-                if w is None:
-                    return False
+                return False
+        for _ in range(64):  # bounded: other fds get their turn
             try:
-                conn, addr = listener.accept()
+                fd, addr = _accept(listener)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as exc:
@@ -578,7 +587,20 @@ class Dispatcher:
                 self._unwatch()
                 self.hub.call_later(0.1, self._update)
                 return True
-            self._give(w, conn.detach(), index, _pack_addr(addr))
+            if w is None:
+                # The next worker is picked once there is a connection for it (no pick
+                # before the accept that finds the backlog empty).
+                w = self._pick()
+                if w is None:
+                    self._set_waiting(True)
+                    w = self._pick()
+                    if w is None:
+                        # Room ran out within this burst (the workers just got the
+                        # connections before it): this one waits first, like one given back.
+                        self._returned.append((fd, index, _pack_addr(addr)))
+                        return False
+            self._give(w, fd, index, _pack_addr(addr))
+            w = None
         # More may be queued, and no new connection may raise another event: come back.
         self.hub.call_later(0, lambda: self._on_listener(index))
         return True
