@@ -156,9 +156,12 @@ def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
 
 
 def _accept(listener: socket.socket) -> tuple[int, Any]:
-    """The descriptor and address of the next connection on *listener*."""
-    conn, addr = listener.accept()
-    return conn.detach(), addr
+    """``listener.accept()`` without the socket object the primary would only detach
+    (made with the listener's family and type, each converted to an enum on the way):
+    the descriptor and address from CPython's ``socket._accept()``, which ``accept()``
+    wraps."""
+    fd, addr = listener._accept()  # type: ignore[attr-defined]
+    return fd, addr
 
 
 def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
