@@ -89,11 +89,14 @@ DISPATCHED_CLASSES = ("SyncWorker", "ThreadWorker")
 #: Dispatched when ``even_spread`` is None (the default); see the module docstring.
 DEFAULT_CLASSES = ("ThreadWorker",)
 
-_FD_SIZE = array.array("i").itemsize
+_FD = struct.Struct("i")  # one descriptor in an SCM_RIGHTS message
+_FD_SIZE = _FD.size
 #: The listeners are watched edge-triggered: no epoll_ctl each time the primary waits
 #: for room and stops accepting.
 _EDGE = select.EPOLLIN | select.EPOLLET
 _CMSG = socket.CMSG_SPACE(_FD_SIZE)
+#: The start of the message carrying a connection from listener i ("C" and its index).
+_TAGS = [b"C" + bytes([i]) for i in range(256)]
 #: How long a stopping worker waits for the primary's acknowledgement.
 STOP_ACK_TIMEOUT = 1.0
 #: While no worker has room, the primary also looks at the board this often (a missed
@@ -165,7 +168,7 @@ def _accept(listener: socket.socket) -> tuple[int, Any]:
 
 
 def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
-    sock.sendmsg([tag], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    sock.sendmsg([tag], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))])
 
 
 def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
@@ -186,7 +189,9 @@ def _pack_addr(addr: Any) -> bytes:
     """The client address ``accept()`` gave the primary, for the message carrying the
     connection: the worker then needs no ``getpeername()`` (on its main thread each
     system call is a turn at the GIL, behind the request threads)."""
-    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+    if type(addr) is tuple and addr and type(addr[0]) is str:
+        if len(addr) == 2:  # IPv4
+            return f"T{addr[0]}\0{addr[1]}".encode()
         return b"T" + "\0".join(str(x) for x in addr).encode()
     return b""
 
@@ -610,7 +615,7 @@ class Dispatcher:
 
     def _give(self, w: _Worker, fd: int, index: int, addr: bytes = b"") -> None:
         try:
-            _send_fd(w.sock, b"C" + bytes([index]) + addr, fd)
+            _send_fd(w.sock, _TAGS[index] + addr, fd)
         except OSError:
             # The worker is gone or stopping: another worker takes the connection.
             self._returned.append((fd, index, addr))
