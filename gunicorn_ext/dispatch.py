@@ -95,6 +95,7 @@ _FD_SIZE = _FD.size
 #: for room and stops accepting.
 _EDGE = select.EPOLLIN | select.EPOLLET
 _CMSG = socket.CMSG_SPACE(_FD_SIZE)
+_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
 #: The start of the message carrying a connection from listener i ("C" and its index).
 _TAGS = [b"C" + bytes([i]) for i in range(256)]
 #: How long a stopping worker waits for the primary's acknowledgement.
@@ -176,11 +177,14 @@ def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
     data, ancdata, _, _ = sock.recvmsg(256, _CMSG)
     fd = None
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
-            for extra in fds[1:]:
-                os.close(extra)  # never more than one; close anything else
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            if len(payload) == _FD_SIZE:  # one descriptor, as the primary sends
+                fds: Any = _FD.unpack(payload)
+            else:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
+                for extra in fds[1:]:
+                    os.close(extra)  # never more than one; close anything else
             fd = fds[0] if fds else None
     return data, fd
 
@@ -201,8 +205,10 @@ def _unpack_addr(data: bytes) -> Any:
     if data[:1] != b"T":
         return None
     try:
-        host, *rest = data[1:].decode().split("\0")
-        return (host, *(int(x) for x in rest))
+        parts = data[1:].decode().split("\0")
+        if len(parts) == 2:  # IPv4
+            return parts[0], int(parts[1])
+        return (parts[0], *map(int, parts[1:]))
     except (UnicodeDecodeError, ValueError):
         return None
 
