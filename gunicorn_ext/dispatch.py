@@ -26,8 +26,9 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   listeners (edge-triggered), accepts, and sends each connection to the worker with
   the most room; on a tie the one that served the fewest requests over the last
   :data:`SPREAD_TAU` seconds, then the longest-waiting. When no worker has room, it
-  leaves connections in the kernel's listen backlog (as without gunicorn-ext) and
-  raises a flag on the board; the first worker that frees a thread lowers it and wakes
+  leaves connections in the kernel's listen backlog (as without gunicorn-ext; when
+  room runs out within a burst, the connection just accepted waits in the primary,
+  like one given back) and raises a flag on the board; the first worker that frees a thread lowers it and wakes
   the primary with one message. So messages flow only while connections wait.
 * Kept-alive connections: a connection stays with the worker that got it, so a few
   busy clients (or a balancer's keep-alive pool) can load one worker while another
