@@ -443,30 +443,32 @@ class Dispatcher:
         self._update()
 
     def _on_worker(self, w: _Worker) -> None:
-        while True:
+        """One message from a worker. The socket is watched level-triggered, so another
+        one queued behind it raises the next event: no receive that finds none (an
+        exception each time a worker wakes us)."""
+        try:
+            data, fd = _recv(w.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(w)
+            return
+        if not data:
+            self._drop(w)
+            return
+        kind = data[:1]
+        if kind == b"S":
+            w.stopping = True
             try:
-                data, fd = _recv(w.sock)
-            except (BlockingIOError, InterruptedError):
-                break
+                w.sock.send(b"A")
             except OSError:
                 self._drop(w)
                 return
-            if not data:
-                self._drop(w)
-                return
-            kind = data[:1]
-            if kind == b"S":
-                w.stopping = True
-                try:
-                    w.sock.send(b"A")
-                except OSError:
-                    self._drop(w)
-                    return
-            elif kind == b"R" and fd is not None and len(data) >= 2:
-                self._returned.append((fd, data[1], data[2:]))
-            elif fd is not None:
-                os.close(fd)
-            # b"W" (room freed while we waited) needs nothing but the update below.
+        elif kind == b"R" and fd is not None and len(data) >= 2:
+            self._returned.append((fd, data[1], data[2:]))
+        elif fd is not None:
+            os.close(fd)
+        # b"W" (room freed while we waited) needs nothing but the update below.
         self._update()
 
     def _update(self) -> None:
