@@ -26,8 +26,9 @@ primary does the accepting, like Node's primary, and knows how busy each worker 
   listeners (edge-triggered), accepts, and sends each connection to the worker with
   the most room; on a tie the one that served the fewest requests over the last
   :data:`SPREAD_TAU` seconds, then the longest-waiting. When no worker has room, it
-  leaves connections in the kernel's listen backlog (as without gunicorn-ext) and
-  raises a flag on the board; the first worker that frees a thread lowers it and wakes
+  leaves connections in the kernel's listen backlog (as without gunicorn-ext; when
+  room runs out within a burst, the connection just accepted waits in the primary,
+  like one given back) and raises a flag on the board; the first worker that frees a thread lowers it and wakes
   the primary with one message. So messages flow only while connections wait.
 * Kept-alive connections: a connection stays with the worker that got it, so a few
   busy clients (or a balancer's keep-alive pool) can load one worker while another
@@ -89,11 +90,15 @@ DISPATCHED_CLASSES = ("SyncWorker", "ThreadWorker")
 #: Dispatched when ``even_spread`` is None (the default); see the module docstring.
 DEFAULT_CLASSES = ("ThreadWorker",)
 
-_FD_SIZE = array.array("i").itemsize
+_FD = struct.Struct("i")  # one descriptor in an SCM_RIGHTS message
+_FD_SIZE = _FD.size
 #: The listeners are watched edge-triggered: no epoll_ctl each time the primary waits
 #: for room and stops accepting.
 _EDGE = select.EPOLLIN | select.EPOLLET
 _CMSG = socket.CMSG_SPACE(_FD_SIZE)
+_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+#: The start of the message carrying a connection from listener i ("C" and its index).
+_TAGS = [b"C" + bytes([i]) for i in range(256)]
 #: How long a stopping worker waits for the primary's acknowledgement.
 STOP_ACK_TIMEOUT = 1.0
 #: While no worker has room, the primary also looks at the board this often (a missed
@@ -143,6 +148,11 @@ def _decayed(load: float, stamp: float, now: float, tau: float = LOAD_TAU) -> fl
     return load * math.exp(-(now - stamp) / tau) if now > stamp else load
 
 
+def _tenths(served: float, stamp: float, now: float) -> int:
+    """A worker's requests over SPREAD_TAU as of *now*, in tenths (a tie below that)."""
+    return int(10.0 * (served * math.exp((stamp - now) / SPREAD_TAU) if now > stamp else served))
+
+
 def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
     """Whether workers of this class take their connections from the primary."""
     if even_spread is None:
@@ -150,8 +160,17 @@ def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
     return bool(even_spread) and worker_class_name in DISPATCHED_CLASSES
 
 
+def _accept(listener: socket.socket) -> tuple[int, Any]:
+    """``listener.accept()`` without the socket object the primary would only detach
+    (made with the listener's family and type, each converted to an enum on the way):
+    the descriptor and address from CPython's ``socket._accept()``, which ``accept()``
+    wraps."""
+    fd, addr = listener._accept()  # type: ignore[attr-defined]
+    return fd, addr
+
+
 def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
-    sock.sendmsg([tag], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    sock.sendmsg([tag], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))])
 
 
 def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
@@ -159,11 +178,14 @@ def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
     data, ancdata, _, _ = sock.recvmsg(256, _CMSG)
     fd = None
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
-            for extra in fds[1:]:
-                os.close(extra)  # never more than one; close anything else
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            if len(payload) == _FD_SIZE:  # one descriptor, as the primary sends
+                fds: Any = _FD.unpack(payload)
+            else:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
+                for extra in fds[1:]:
+                    os.close(extra)  # never more than one; close anything else
             fd = fds[0] if fds else None
     return data, fd
 
@@ -172,7 +194,9 @@ def _pack_addr(addr: Any) -> bytes:
     """The client address ``accept()`` gave the primary, for the message carrying the
     connection: the worker then needs no ``getpeername()`` (on its main thread each
     system call is a turn at the GIL, behind the request threads)."""
-    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+    if type(addr) is tuple and addr and type(addr[0]) is str:
+        if len(addr) == 2:  # IPv4
+            return f"T{addr[0]}\0{addr[1]}".encode()
         return b"T" + "\0".join(str(x) for x in addr).encode()
     return b""
 
@@ -182,8 +206,10 @@ def _unpack_addr(data: bytes) -> Any:
     if data[:1] != b"T":
         return None
     try:
-        host, *rest = data[1:].decode().split("\0")
-        return (host, *(int(x) for x in rest))
+        parts = data[1:].decode().split("\0")
+        if len(parts) == 2:  # IPv4
+            return parts[0], int(parts[1])
+        return (parts[0], *map(int, parts[1:]))
     except (UnicodeDecodeError, ValueError):
         return None
 
@@ -198,15 +224,18 @@ def _offset(cell: int) -> int:
 class _Worker:
     """The primary's view of one worker."""
 
-    __slots__ = ("sock", "worker", "cell", "sent", "stopping", "since")
+    __slots__ = ("sock", "worker", "cell", "offset", "sent", "stopping", "since")
 
-    def __init__(self, sock: socket.socket, worker: Any, cell: int) -> None:
+    def __init__(self, sock: socket.socket, worker: Any, cell: int, since: int) -> None:
         self.sock = sock
         self.worker = worker
         self.cell = cell
+        self.offset = _offset(cell)
         self.sent = 0
         self.stopping = False
-        self.since = time.monotonic()  # when it last got a connection (ties: longest-waiting)
+        #: The primary's count of connections handed out when this one last got one
+        #: (ties: the longest-waiting, the smallest).
+        self.since = since
 
 
 class Dispatcher:
@@ -226,6 +255,7 @@ class Dispatcher:
         self._waiting = False
         self._poll_armed = False
         self._workers: dict[int, _Worker] = {}  # fd of the primary's end -> worker
+        self._handed = 0  # connections handed out (_Worker.since)
         # (fd, listener index, packed client address) given back by workers, or drained
         self._returned: list[tuple[int, int, bytes]] = []
         self._forking: tuple[socket.socket, socket.socket, Any, int] | None = None
@@ -339,7 +369,7 @@ class Dispatcher:
         if board is None:
             return len(self._returned)
         return len(self._returned) + sum(
-            max(0, w.sent - _COUNTS.unpack_from(board, _offset(w.cell))[2])
+            max(0, w.sent - _COUNTS.unpack_from(board, w.offset)[2])
             for w in list(self._workers.values()))
 
     # -- the hub thread
@@ -370,14 +400,14 @@ class Dispatcher:
         n = 0
         while n < 100000:  # bounded by the backlog in practice
             try:
-                conn, addr = sock.accept()
+                fd, addr = _accept(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 break
-            self._returned.append((conn.detach(), index, _pack_addr(addr)))
+            self._returned.append((fd, index, _pack_addr(addr)))
             n += 1
         return n
 
@@ -391,7 +421,7 @@ class Dispatcher:
         self._update()
 
     def _add(self, sock: socket.socket, worker: Any, cell: int) -> None:
-        w = _Worker(sock, worker, cell)
+        w = _Worker(sock, worker, cell, self._handed)
         self._workers[sock.fileno()] = w
         self.hub.watch(sock.fileno(), lambda: self._on_worker(w))
         self._update()
@@ -407,36 +437,38 @@ class Dispatcher:
         self.hub.unwatch(w.sock.fileno())
         w.sock.close()
         assert self.board is not None
-        _CELL.pack_into(self.board, _offset(w.cell), 0, 0, 0, 0, 0.0, 0.0, 0.0)
+        _CELL.pack_into(self.board, w.offset, 0, 0, 0, 0, 0.0, 0.0, 0.0)
         with self._lock:
             self._free_cells.append(w.cell)
         self._update()
 
     def _on_worker(self, w: _Worker) -> None:
-        while True:
+        """One message from a worker. The socket is watched level-triggered, so another
+        one queued behind it raises the next event: no receive that finds none (an
+        exception each time a worker wakes us)."""
+        try:
+            data, fd = _recv(w.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(w)
+            return
+        if not data:
+            self._drop(w)
+            return
+        kind = data[:1]
+        if kind == b"S":
+            w.stopping = True
             try:
-                data, fd = _recv(w.sock)
-            except (BlockingIOError, InterruptedError):
-                break
+                w.sock.send(b"A")
             except OSError:
                 self._drop(w)
                 return
-            if not data:
-                self._drop(w)
-                return
-            kind = data[:1]
-            if kind == b"S":
-                w.stopping = True
-                try:
-                    w.sock.send(b"A")
-                except OSError:
-                    self._drop(w)
-                    return
-            elif kind == b"R" and fd is not None and len(data) >= 2:
-                self._returned.append((fd, data[1], data[2:]))
-            elif fd is not None:
-                os.close(fd)
-            # b"W" (room freed while we waited) needs nothing but the update below.
+        elif kind == b"R" and fd is not None and len(data) >= 2:
+            self._returned.append((fd, data[1], data[2:]))
+        elif fd is not None:
+            os.close(fd)
+        # b"W" (room freed while we waited) needs nothing but the update below.
         self._update()
 
     def _update(self) -> None:
@@ -496,36 +528,33 @@ class Dispatcher:
 
     def _pick(self) -> _Worker | None:
         """The worker with the most room; on a tie the one that served the fewest
-        requests lately (over SPREAD_TAU: where a client that a busy worker's
-        ``Connection: close`` sent back lands), then the longest-waiting."""
+        requests lately (over SPREAD_TAU, in tenths: where a client that a busy worker's
+        ``Connection: close`` sent back lands), then the longest-waiting. One read of
+        each cell; the loads (an exp each) only on a tie."""
         board = self.board
         assert board is not None
         best: _Worker | None = None
         best_room = 0
-        tied: list[_Worker] = []
+        best_key: tuple[int, int] | None = None
+        best_stamp = best_served = now = 0.0
         for w in self._workers.values():
             if w.stopping:
                 continue
-            capacity, running, received = _COUNTS.unpack_from(board, _offset(w.cell))
+            capacity, running, received, _, _, stamp, served = _CELL.unpack_from(board, w.offset)
             if capacity <= 0:
                 continue  # not ready yet
-            room = capacity - max(0, running) - (w.sent - received)
+            room = capacity - (running if running > 0 else 0) - (w.sent - received)
             if room > best_room:
-                best, best_room, tied = w, room, []
+                best, best_room, best_key, best_stamp, best_served = w, room, None, stamp, served
             elif room == best_room and best is not None:
-                tied.append(w)
-        if not tied:
-            return best
-        assert best is not None
-        # Only on a tie: the loads (a float and an exp each) decide.
-        now = time.monotonic()
-        return min([best, *tied], key=lambda w: (round(self._served(w, now), 1), w.since))
-
-    def _served(self, w: _Worker, now: float) -> float:
-        """The requests *w* served lately, over SPREAD_TAU."""
-        assert self.board is not None
-        *_, stamp, served = _CELL.unpack_from(self.board, _offset(w.cell))
-        return _decayed(served, stamp, now, SPREAD_TAU)
+                if not now:
+                    now = time.monotonic()
+                if best_key is None:
+                    best_key = (_tenths(best_served, best_stamp, now), best.since)
+                key = (_tenths(served, stamp, now), w.since)
+                if key < best_key:
+                    best, best_key = w, key
+        return best
 
     def _on_listener(self, index: int) -> None:
         """Connections are queued (an edge-triggered event): hand them out, after the
@@ -541,21 +570,24 @@ class Dispatcher:
         """Accept what is queued on listener *index* and hand it out, until the backlog
         is empty (True) or no worker has room (False: the connections wait in the
         kernel's backlog, as without gunicorn-ext, and the board's flag asks workers to
-        wake us as they free a thread)."""
+        wake us as they free a thread). A worker is picked before the first accept
+        (with no room the backlog is left alone) and then for each connection accepted,
+        so none before the accept that finds the backlog empty; when room runs out
+        within a burst, the connection just accepted waits with those given back."""
         if index >= len(self._listeners):
             return True
         listener = self._listeners[index]
-        for _ in range(64):  # bounded: other fds get their turn
+        w = self._pick()
+        if w is None:
+            # Raise the flag, then look once more: a worker that freed a thread
+            # after our look and before the flag sends nothing.
+            self._set_waiting(True)
             w = self._pick()
             if w is None:
-                # Raise the flag, then look once more: a worker that freed a thread
-                # after our look and before the flag sends nothing.
-                self._set_waiting(True)
-                w = self._pick()
-                if w is None:
-                    return False
+                return False
+        for _ in range(64):  # bounded: other fds get their turn
             try:
-                conn, addr = listener.accept()
+                fd, addr = _accept(listener)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as exc:
@@ -572,14 +604,27 @@ class Dispatcher:
                 self._unwatch()
                 self.hub.call_later(0.1, self._update)
                 return True
-            self._give(w, conn.detach(), index, _pack_addr(addr))
+            if w is None:
+                # The next worker is picked once there is a connection for it (no pick
+                # before the accept that finds the backlog empty).
+                w = self._pick()
+                if w is None:
+                    self._set_waiting(True)
+                    w = self._pick()
+                    if w is None:
+                        # Room ran out within this burst (the workers just got the
+                        # connections before it): this one waits first, like one given back.
+                        self._returned.append((fd, index, _pack_addr(addr)))
+                        return False
+            self._give(w, fd, index, _pack_addr(addr))
+            w = None
         # More may be queued, and no new connection may raise another event: come back.
         self.hub.call_later(0, lambda: self._on_listener(index))
         return True
 
     def _give(self, w: _Worker, fd: int, index: int, addr: bytes = b"") -> None:
         try:
-            _send_fd(w.sock, b"C" + bytes([index]) + addr, fd)
+            _send_fd(w.sock, _TAGS[index] + addr, fd)
         except OSError:
             # The worker is gone or stopping: another worker takes the connection.
             self._returned.append((fd, index, addr))
@@ -587,7 +632,8 @@ class Dispatcher:
             return
         os.close(fd)
         w.sent += 1
-        w.since = time.monotonic()
+        self._handed += 1
+        w.since = self._handed
 
 
 # ------------------------------------------------------------------ in the worker

@@ -372,3 +372,123 @@ def test_close_one_closes_one_eligible_request_then_steps_aside() -> None:
     gi.cancel_close(w)
     assert "handle_request" not in vars(w)
     assert w.handle_request(Req(True), None) == "handled" and closes == [1]
+
+
+class _Hub:
+    """The hub's surface the dispatcher uses, for unit tests: timers are kept, not run."""
+
+    def __init__(self) -> None:
+        self.later: list[Any] = []
+
+    def call_later(self, delay: float, fn: Any) -> None:
+        self.later.append(fn)
+
+    def watch(self, fd: int, callback: Any) -> None:
+        pass
+
+    def unwatch(self, fd: int) -> None:
+        pass
+
+
+def _dispatcher(capacities: list[int]) -> tuple[Any, socket.socket, list[Any]]:
+    """A Dispatcher (real listener, board and socketpairs) with one ready worker per
+    capacity, and each worker's DispatchedListener. Unit level: no Gunicorn."""
+    import mmap
+
+    from gunicorn_ext import dispatch as d
+
+    class Log:
+        def error(self, *a: Any) -> None:
+            raise AssertionError(a)
+
+        warning = info = error
+
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    lst.setblocking(False)
+    disp = d.Dispatcher(_Hub())
+    disp.log, disp.enabled = Log(), True
+    disp.board = mmap.mmap(-1, d._offset(d.CELLS))
+    d._CELLS_USED.pack_into(disp.board, 4, len(capacities))
+    disp._listeners, disp._watching = [lst], True
+
+    class Listener:  # Gunicorn's listener object
+        sock = lst
+
+    listeners = []
+    for cell, capacity in enumerate(capacities):
+        p, c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        p.setblocking(False)
+        c.setblocking(False)
+        disp._workers[p.fileno()] = d._Worker(p, None, cell, 0)
+        d._CELL.pack_into(disp.board, d._offset(cell), capacity, 0, 0, 0, 0.0, time.monotonic(),
+                          0.0)
+        listeners.append(d.DispatchedListener(c, [Listener()], capacity, True, disp.board, cell))
+    return disp, lst, listeners
+
+
+def test_room_running_out_within_a_burst_holds_the_connection_until_room_returns() -> None:
+    """Two connections queued, one free thread: the first goes to the worker, the second
+    waits in the primary (flag raised for a wake-up), and goes out when room returns,
+    still a working connection. Unit level: a Dispatcher with a stand-in hub."""
+    from gunicorn_ext import dispatch as d
+
+    disp, lst, (dl,) = _dispatcher([1])
+    clients = [socket.create_connection(lst.getsockname(), timeout=5) for _ in range(2)]
+    try:
+        wait_for(lambda: disp._on_listener(0) is None and disp.undelivered() == 2, 5,
+                 what="one connection sent, one held")
+        assert len(disp._returned) == 1 and d._FLAG.unpack_from(disp.board, 0)[0] == 1
+        first, addr = dl.accept()
+        dl.submitted_one()  # Gunicorn hands it to the (only) thread
+        assert addr == clients[0].getsockname()
+        with pytest.raises(BlockingIOError):
+            dl.accept()  # nothing more: the held one waits for room
+        disp._update()
+        assert disp.undelivered() == 1
+        dl.settled()  # the thread is free again
+        disp._update()
+        assert disp._returned == [] and disp.undelivered() == 1  # sent, not accepted yet
+        second, addr = dl.accept()
+        dl.submitted_one()
+        assert addr == clients[1].getsockname() and disp.undelivered() == 0
+        clients[1].sendall(b"ping")
+        assert second.recv(4) == b"ping"
+        first.close()
+        second.close()
+    finally:
+        for c in clients:
+            c.close()
+        lst.close()
+
+
+def test_pick_prefers_most_room_then_least_served_then_longest_waiting() -> None:
+    """The primary's choice: the most free threads; on a tie the fewest requests served
+    lately; then the worker that waited longest since its last connection; never a
+    stopping worker or one not ready. Unit level."""
+    from gunicorn_ext import dispatch as d
+
+    disp, lst, _ = _dispatcher([4, 4, 4, 4])
+    try:
+        a, b, c, e = disp._workers.values()
+        board, now = disp.board, time.monotonic()
+
+        def cell(w: Any, capacity: int, running: int, served: float) -> None:
+            d._CELL.pack_into(board, w.offset, capacity, running, 0, 0, 0.0, now, served)
+
+        cell(a, 4, 2, 0.0)
+        cell(b, 4, 1, 50.0)
+        cell(c, 4, 1, 40.0)
+        cell(e, 0, 0, 0.0)  # not ready
+        assert disp._pick() is c  # b and c have most room; c served fewer
+        cell(b, 4, 1, 40.0)
+        b.since, c.since = 7, 3
+        assert disp._pick() is c  # same load: c waited longer
+        c.stopping = True
+        assert disp._pick() is b
+        for w in (a, b):
+            cell(w, 4, 4, 0.0)
+        assert disp._pick() is None  # no room anywhere
+    finally:
+        lst.close()
