@@ -161,12 +161,10 @@ def dispatched(worker_class_name: str, even_spread: bool | None) -> bool:
 
 
 def _accept(listener: socket.socket) -> tuple[int, Any]:
-    """``listener.accept()`` without the socket object the primary would only detach
-    (made with the listener's family and type, each converted to an enum on the way):
-    the descriptor and address from CPython's ``socket._accept()``, which ``accept()``
-    wraps."""
-    fd, addr = listener._accept()  # type: ignore[attr-defined]
-    return fd, addr
+    """The descriptor and address of a connection ``listener`` accepts (the primary only
+    hands the descriptor on)."""
+    conn, addr = listener.accept()
+    return conn.detach(), addr
 
 
 def _send_fd(sock: socket.socket, tag: bytes, fd: int) -> None:
