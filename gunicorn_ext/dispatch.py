@@ -849,25 +849,18 @@ class DispatchedListener:
         over SPREAD_TAU leads the least served worker's by more than SHED_LEAD of the
         mean and SHED_MARGIN, less the lead its earlier closes gave away (a share that
         drifts: the client it closes on goes to that least served worker, see
-        :meth:`Dispatcher._pick`).
-
-        It runs at most every SHED_LOOK on the main thread, so the decays are written
-        out (:func:`_decayed`'s expression; the credit and the lead owed share a stamp):
-        about half the instructions of a call per decay."""
+        :meth:`Dispatcher._pick`)."""
         n, others, others_long, low_long = self._others(now)
-        stamp = self.stamp
-        mine = self.load * math.exp(-(now - stamp) / LOAD_TAU) if now > stamp else self.load
+        mine = _decayed(self.load, self.stamp, now)
         mean = (others + mine) / (n + 1)
-        credit_stamp = self._credit_stamp
-        f = math.exp(-(now - credit_stamp) / LOAD_TAU) if now > credit_stamp else 1.0
-        eff = mine - (self._credit * f if f != 1.0 else self._credit)
+        eff = mine - _decayed(self._credit, self._credit_stamp, now)
         self._mine = mine
         if eff > max(mean * SHED_ABOVE, mean + SHED_MARGIN):
             return True
-        mine_long = self.long * math.exp(-(now - stamp) / SPREAD_TAU) if now > stamp else self.long
+        mine_long = _decayed(self.long, self.stamp, now, SPREAD_TAU)
         mean_long = (others_long + mine_long) / (n + 1)
         self._lead = mine_long - low_long
-        owed = self._lead_credit * f if f != 1.0 else self._lead_credit
+        owed = _decayed(self._lead_credit, self._credit_stamp, now)
         return mine_long > mean_long and self._lead - owed > max(
             mean_long * SHED_LEAD, SHED_MARGIN)
 
@@ -908,38 +901,26 @@ class DispatchedListener:
             pass  # buffer full (wake-ups pending anyway) or the primary gone
 
     def _fold(self, now: float, served: int) -> None:
-        """Add *served* requests to the loads, decayed to *now* (:func:`_decayed`, written out)."""
+        """Add *served* requests to the loads, decayed to *now*."""
         stamp = self.stamp
-        if now > stamp:
-            dt = now - stamp
-            self.load = self.load * math.exp(-dt / LOAD_TAU) + served
-            self.long = self.long * math.exp(-dt / SPREAD_TAU) + served
-        else:
-            self.load += served
-            self.long += served
+        self.load = _decayed(self.load, stamp, now) + served
+        self.long = _decayed(self.long, stamp, now, SPREAD_TAU) + served
         self.stamp = now
 
     def _others(self, now: float) -> tuple[int, float, float, float]:
         """The other ready workers, in one pass over the board: how many they are, the
         sum of their recent loads, the sum of their counts over SPREAD_TAU, and the least
-        of those counts (inf when there is no other). Decays as :func:`_decayed`, written out."""
+        of those counts (inf when there is no other)."""
         board = self.board
         n, load, long, low = 0, 0.0, 0.0, float("inf")
-        unpack_from = _CELL.unpack_from
-        exp = math.exp
         for cell in range(min(CELLS, _CELLS_USED.unpack_from(board, 4)[0])):
             offset = _offset(cell)
             if offset == self.offset:
                 continue
-            capacity, _, _, _, recent, stamp, served = unpack_from(board, offset)
+            capacity, _, _, _, recent, stamp, served = _CELL.unpack_from(board, offset)
             if capacity > 0:
-                if now > stamp:
-                    dt = now - stamp
-                    x = served * exp(-dt / SPREAD_TAU)
-                    recent = recent * exp(-dt / LOAD_TAU)
-                else:
-                    x = served
-                n, load, long, low = n + 1, load + recent, long + x, min(low, x)
+                x = _decayed(served, stamp, now, SPREAD_TAU)
+                n, load, long, low = n + 1, load + _decayed(recent, stamp, now), long + x, min(low, x)
         return n, load, long, low
 
     def _publish(self, received: int = 0, running: int | None = None, ready: bool = False,
