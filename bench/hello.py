@@ -7,9 +7,13 @@ uvicorn_worker.UvicornWorker when installed) two Gunicorns run side by side with
 settings (bench/hello_plain_conf.py; bench/hello_ext_conf.py adds ``gunicorn_ext.enable``
 with everything on: metrics, reporter, bus, request deadlines, the route cookie, the soft
 memory limit, max_lifetime, even spread for gthread) and the same trivial app
-(bench/hello_app.py, bench/hello_asgi_app.py for the asyncio classes): 2 workers, 4
-threads for gthread. ``wrk`` (16 keep-alive connections, BENCH_HELLO_CONNECTIONS, one thread; a bounded Python load
-generator when wrk is missing) loads one of them at a time, BENCH_HELLO_ROUNDS rounds of
+(bench/hello_app.py, bench/hello_asgi_app.py for the asyncio classes): 2 workers (4
+threads) for sync and gthread, 1 for gevent, asgi and uvicorn (BENCH_HELLO_WORKERS sets one
+count for all). Those three classes serve every connection of a worker on one loop and take
+them with the kernel's accept, so two workers split wrk's connections at random each round,
+and the split, not the server, decided a round: the rounds of each side were bimodal (asgi
+13k or 19k req/s at the same CPU per request). ``wrk`` (16 keep-alive connections,
+BENCH_HELLO_CONNECTIONS, one thread; a bounded Python load generator when wrk is missing) loads one of them at a time, BENCH_HELLO_ROUNDS rounds of
 BENCH_HELLO_SECONDS each, plain and ours alternating (the order flips every round).
 
 The client is a pinned one: it sends the route cookie naming the backend (``gx_route=...``,
@@ -50,10 +54,11 @@ from gunicorn_ext.sticky import route_name  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_HELLO_ROUNDS", "5"))
 SECONDS = float(os.environ.get("BENCH_HELLO_SECONDS", "4"))
-#: 4 keep-alive connections over 2 workers land 4-0, 3-1 or 2-2 at random each round (the
-#: main noise of asyncio and gevent rows); 16 spread closer to even.
 CONNECTIONS = int(os.environ.get("BENCH_HELLO_CONNECTIONS", "16"))
 WARMUP_SECONDS = 1.0
+#: Workers per class (see the module docstring); BENCH_HELLO_WORKERS overrides for all.
+ONE_LOOP_CLASSES = ("gevent", "asgi", "uvicorn_worker.UvicornWorker")
+WORKERS_ENV = os.environ.get("BENCH_HELLO_WORKERS")
 SEND_COOKIE = os.environ.get("BENCH_HELLO_COOKIE", "1") != "0"
 TARGET = 0.97  # ours >= 97% of plain req/s
 ASGI_CLASSES = ("asgi", "uvicorn_worker.UvicornWorker")
@@ -96,6 +101,12 @@ def py_load(url: str, seconds: float, connections: int, headers: tuple[str, ...]
     return _py_rps(url, seconds, connections)
 
 
+def workers_of(worker_class: str) -> int:
+    if WORKERS_ENV:
+        return int(WORKERS_ENV)
+    return 1 if worker_class in ONE_LOOP_CLASSES else 2
+
+
 def summary(xs: list[float]) -> dict[str, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -105,7 +116,8 @@ def summary(xs: list[float]) -> dict[str, float | None]:
 
 def measure(worker_class: str, log_dir: Path, wrk: str | None) -> dict[str, Any]:
     app = "hello_asgi_app:app" if worker_class in ASGI_CLASSES else "hello_app:app"
-    env = {"HELLO_WORKER_CLASS": worker_class}
+    workers = workers_of(worker_class)
+    env = {"HELLO_WORKER_CLASS": worker_class, "HELLO_WORKERS": str(workers)}
     tag = worker_class.rsplit(".", 1)[-1].lower()
     rounds: dict[str, list[dict[str, Any]]] = {"plain": [], "ext": []}
     with running_gunicorn(app, config=str(BENCH / "hello_plain_conf.py"), cwd=str(BENCH),
@@ -114,8 +126,8 @@ def measure(worker_class: str, log_dir: Path, wrk: str | None) -> dict[str, Any]
             running_gunicorn(app, config=str(BENCH / "hello_ext_conf.py"), cwd=str(BENCH),
                              log_dir=str(log_dir), health_path="/", name=f"hello-ext-{tag}",
                              ready_timeout=30.0, env=env) as ext:
-        plain.wait_workers(2)
-        ext.wait_workers(2)
+        plain.wait_workers(workers)
+        ext.wait_workers(workers)
         servers = {"plain": plain, "ext": ext}
         # The route cookie of ours names its instance (127.0.0.1:<port>); plain gets the same.
         headers = (f"Cookie: gx_route={route_name(f'127.0.0.1:{ext.port}')}",) if SEND_COOKIE else ()
@@ -127,7 +139,7 @@ def measure(worker_class: str, log_dir: Path, wrk: str | None) -> dict[str, Any]
 
         for g in servers.values():
             load(g, WARMUP_SECONDS)
-        log(f"{worker_class}: {ROUNDS} rounds of {SECONDS:g}s, plain/ours alternating "
+        log(f"{worker_class}, {workers} worker{'s' if workers > 1 else ''}: {ROUNDS} rounds of {SECONDS:g}s, plain/ours alternating "
             f"({'wrk' if wrk else 'python load generator'}, {CONNECTIONS} connections"
             f"{', pinned client' if SEND_COOKIE else ', no cookie'})")
         for r in range(ROUNDS):
@@ -148,7 +160,7 @@ def measure(worker_class: str, log_dir: Path, wrk: str | None) -> dict[str, Any]
         for key, g in servers.items():
             if "Traceback" in g.log_text():
                 errors.append(f"traceback in the {key} {worker_class} log:\n{g.log_text_tail()}")
-    out: dict[str, Any] = {"rounds": rounds, "errors": errors}
+    out: dict[str, Any] = {"workers": workers, "rounds": rounds, "errors": errors}
     for key in ("plain", "ext"):
         out[key] = {"rps": summary([r["rps"] for r in rounds[key]]),
                     "cpu_us_per_req": summary([r.get("server_cpu_us_per_req") for r in rounds[key]]),
@@ -178,9 +190,9 @@ def main() -> int:
         errors.append(traceback.format_exc())
         log(errors[-1])
     log("")
-    log(f"== hello world, 2 workers, median of {ROUNDS} rounds [min-max] (target: ours >= "
+    log(f"== hello world, median of {ROUNDS} rounds [min-max] (target: ours >= "
         f"{TARGET:.0%} of plain)")
-    log(f"  {'class':<30} {'plain req/s':>24} {'ours req/s':>24} {'ours/plain':>10} "
+    log(f"  {'class':<30} {'workers':>7} {'plain req/s':>24} {'ours req/s':>24} {'ours/plain':>10} "
         f"{'CPU/req plain':>14} {'ours':>8} {'':>6}")
     targets: dict[str, bool | None] = {}
     for c, h in by_class.items():
@@ -190,7 +202,7 @@ def main() -> int:
         rng = lambda s: f"{s['median']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]"  # noqa: E731
         cpu = lambda s: "n/a" if s["median"] is None else f"{s['median']:.0f} us"  # noqa: E731
         verdict = "n/a" if targets[c] is None else "PASS" if targets[c] else "FAIL"
-        log(f"  {c:<30} {rng(p['rps']):>24} {rng(e['rps']):>24} "
+        log(f"  {c:<30} {h['workers']:>7} {rng(p['rps']):>24} {rng(e['rps']):>24} "
             f"{'n/a' if ratio is None else f'{ratio:.1%}':>10} {cpu(p['cpu_us_per_req']):>14} "
             f"{cpu(e['cpu_us_per_req']):>8} {verdict:>6}")
         if p["failed"] or e["failed"]:
@@ -203,7 +215,7 @@ def main() -> int:
                     "python": platform.python_version(),
                     "load_generator": "wrk" if wrk else "python"},
         "params": {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNECTIONS,
-                   "workers": 2, "gthread_threads": 4, "pinned_cookie": SEND_COOKIE,
+                   "workers": {c: workers_of(c) for c in CLASSES}, "gthread_threads": 4, "pinned_cookie": SEND_COOKIE,
                    "classes": CLASSES},
         "results": by_class,
         "targets": {f"{c}_at_least_97pct_plain": t for c, t in targets.items()},

@@ -12,7 +12,7 @@ import os
 import gunicorn_ext
 
 bind = os.environ["BIND"]
-workers = 2
+workers = int(os.environ.get("HELLO_WORKERS", "2"))  # bench/hello.py sets it per class
 # bench/hello.py and bench/ipc.py measure each worker class (HELLO_WORKER_CLASS); sync by default.
 worker_class = os.environ.get("HELLO_WORKER_CLASS", "sync")
 threads = 4 if worker_class == "gthread" else 1
