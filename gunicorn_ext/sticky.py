@@ -339,13 +339,6 @@ class AsgiRouteCookie:
         (then it is *send* itself). :class:`~gunicorn_ext.asgi.ClusterMiddleware` calls
         it instead of awaiting this layer: one coroutine less on every request."""
         scope[ENVIRON_KEY] = self  # a route cookie inside the app takes over from this one
-        headers = scope.get("headers", ())
-        if type(headers) is list:  # as servers send them: _pinned_here's fast path, inline
-            for k, v in headers:
-                if k == b"cookie":
-                    if v == self._pinned or v.startswith(self._pinned_first):
-                        return send
-                    break
         if self._pinned_here(scope):
             return send
         secure = self._wsgi.secure
