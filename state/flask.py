@@ -112,6 +112,11 @@ RETRY_AFTER = 5
 VERIFIED_CACHE = 4096  # signed cookie values remembered as verified, per process
 GONE_CACHE = 4096      # ids known to have no session (expired, deleted), per process
 _PERMANENT = "_permanent"
+#: A field stored beside a session's keys, with an empty value, when the session is
+#: created and by every write without a read: ``HSET``'s reply (the fields it added)
+#: then says whether the key existed before the write, so that write is one command.
+#: Never a key of the session: the load drops it and assigning it raises ValueError.
+_MARK = "\x00"
 _IMMUTABLE = (str, int, float, bool, type(None))  # values whose serialized form can be kept
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{20,512}")
 _FLAGS = {"p": True, "s": False}
@@ -208,7 +213,8 @@ class ServerSession(SessionMixin):
                 raise
             self._refreshed = refresh and bool(raw)
         data: dict[str, Any] = {}
-        self._raw = dict(raw)
+        self._raw = raw = dict(raw)
+        raw.pop(_MARK, None)
         dumped = self._dumped
         for field, value in raw.items():
             try:
@@ -277,6 +283,8 @@ class ServerSession(SessionMixin):
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__}")
+        if key == _MARK:
+            raise ValueError("the session key '\\x00' is reserved by gunicorn_ext.state")
         # A write before any read doesn't load the session (it is saved in one round
         # trip); the size check then covers the keys this request assigned.
         data = self._pending if not self._loaded and self._sid is not None else self._load()
@@ -570,8 +578,8 @@ class StoreSessionInterface(SessionInterface):
                         ops += 1
                         deleted = True
                 else:
-                    if changed:
-                        batch.hset(key, changed)  # its reply is results[ops]
+                    if changed:  # its reply is results[ops]
+                        batch.hset(key, {_MARK: b"", **changed} if s._new else changed)
                     if removed:
                         batch.hdel(key, *removed)
                     if touched:
@@ -615,31 +623,36 @@ class StoreSessionInterface(SessionInterface):
             raise SessionTooLarge(size, self.max_size)
 
     def _save_unread(self, app: Flask, s: ServerSession, response: Response) -> None:
-        """Save the keys assigned to a session that was never loaded, in one round trip:
-        ``HSET`` them, and ``EXPIRE ... NX``, which says whether the key existed (a
-        stored session always has a TTL). The TTL is set again first when it is due.
+        """Save the keys assigned to a session that was never loaded, in one command:
+        ``HSET`` them with the mark (see ``_MARK``); the mark was not new if the key
+        existed. When the TTL is due, ``EXPIRE`` goes first, in the same round trip,
+        and its reply says whether the key existed.
 
-        If it didn't (the session expired or was deleted since the cookie was signed),
-        the key just made is deleted and the keys are stored under a fresh id, in a
-        second round trip: an id the client brought is never given a new session.
+        A new mark means the key didn't exist, or holds a session stored without one
+        (by an earlier version): ``EXPIRE ... NX`` tells them apart (a stored session
+        always has a TTL). If the key didn't exist (the session expired or was deleted
+        since the cookie was signed), the key just made is deleted and the keys are
+        stored under a fresh id, in one more round trip: an id the client brought is
+        never given a new session.
         """
         fields = s._serialized(s._pending)
         self._check_size(fields)
         assert s._sid is not None
         key = self.key_prefix + s._sid
         refresh = self._ttl_due(s)
-        batch = self.store.batch()
-        if refresh:
-            batch.expire(key, s._ttl)
-        batch.hset(key, fields).expire(key, s._ttl, if_no_ttl=True)
+        stored = {_MARK: b"", **fields}
+        store = self.store
         try:
-            created = batch.execute()[-1]
-            if created:
+            if refresh:
+                existed = store.batch().expire(key, s._ttl).hset(key, stored).execute()[0]
+            else:
+                existed = (store.hset(key, stored) < len(stored)
+                           or not store.expire(key, s._ttl, if_no_ttl=True))
+            if not existed:
                 self._forget(s._sid)
                 s._sid = self.generate_sid()
                 old, key = key, self.key_prefix + s._sid
-                (self.store.batch().delete(old).hset(key, fields).expire(key, s._ttl)
-                 .execute())
+                store.batch().delete(old).hset(key, stored).expire(key, s._ttl).execute()
                 refresh = True
         except StoreUnavailable as exc:
             _answer_unavailable(response, exc)

@@ -222,6 +222,14 @@ def sign(sid: str, key: str = "test-secret", permanent: bool = True) -> str:
     return TimestampSigner(key, salt=SALT).sign(f"{sid}.{'p' if permanent else 's'}").decode()
 
 
+def stored(store: RecordingStore, key: str) -> dict[str, bytes]:
+    """The session's fields in the store, without the mark every stored session carries
+    (see ``test_the_mark_beside_the_keys``)."""
+    fields = store.inner.hgetall(key)
+    fields.pop("\x00", None)
+    return fields
+
+
 def sid_of(app: Flask, client: Any) -> str:
     iface = app.session_interface
     assert isinstance(iface, StoreSessionInterface)
@@ -262,7 +270,7 @@ def test_no_cookie_and_nothing_stored_until_a_write(app: Flask, store: Recording
     assert client.get("/get/a").json == {"value": "1"}
     sid = sid_of(app, client)
     assert len(sid) >= 43  # 32 random bytes, urlsafe base64
-    assert store.inner.hgetall("session:" + sid) == {"a": b'"1"'}
+    assert stored(store, "session:" + sid) == {"a": b'"1"'}
     ttl = store.inner.ttl("session:" + sid)
     assert ttl is not None and ttl > 30 * 86400
 
@@ -295,7 +303,7 @@ def test_tagged_types_round_trip(store: RecordingStore) -> None:
     assert seen == values
     assert type(seen["markup"]) is Markup and type(seen["tuple"]) is tuple
     assert seen["dt"].tzinfo is not None
-    for raw in store.inner.hgetall("session:" + sid_of(app, client)).values():
+    for raw in stored(store, "session:" + sid_of(app, client)).values():
         body = raw[1:] if raw[:1] == b"\x01" else raw  # tagged JSON carries a marker byte
         json.loads(body)  # JSON, never pickle
 
@@ -336,7 +344,7 @@ def test_one_batch_to_load_one_to_save_only_changed_keys(app: Flask,
     store.calls.clear()
     client.get("/del/a")  # HDEL never creates the key: no guard
     assert store.calls[1] == ("batch", [("hdel", key, "a")])
-    assert store.inner.hgetall(key) == {"b": b'"3"'}
+    assert stored(store, key) == {"b": b'"3"'}
     left = store.inner.ttl(key)
     assert left is not None and left > ttl - 60
     store.calls.clear()
@@ -344,9 +352,10 @@ def test_one_batch_to_load_one_to_save_only_changed_keys(app: Flask,
     assert store.calls == []
 
 
-def test_a_write_without_a_read_is_one_batch(app: Flask, store: RecordingStore) -> None:
-    """Assigning keys without reading the session first saves them without loading it:
-    HSET, and EXPIRE NX which finds whether the session still existed."""
+def test_a_write_without_a_read_is_one_command(app: Flask, store: RecordingStore) -> None:
+    """Assigning keys without reading the session first saves them without loading it,
+    in one HSET: its reply (the stored mark was not new) says the session still
+    existed, whether the key assigned is new to it or not."""
     seen: dict[str, Any] = {}
 
     @app.get("/write-then-read")
@@ -359,20 +368,18 @@ def test_a_write_without_a_read_is_one_batch(app: Flask, store: RecordingStore) 
     client.get("/set/a/1")
     key = "session:" + sid_of(app, client)
     cookie = cookie_of(client)
-    ttl = app.permanent_session_lifetime.total_seconds()
     store.calls.clear()
-    r = client.get("/set/b/2")
-    assert store.calls == [
-        ("batch", [("hset", key, {"b": b'"2"'}), ("expire", key, ttl, "if_no_ttl")])]
+    r = client.get("/set/b/2")  # a key new to the session
+    assert store.calls == [("hset", key, {"\x00": b"", "b": b'"2"'})]
     assert cookie_of(client) == cookie  # re-sent (Flask: modified), not re-signed
     assert "Expires=" in r.headers["Set-Cookie"] and "Cookie" in r.vary
-    assert store.inner.hgetall(key) == {"a": b'"1"', "b": b'"2"'}
+    assert stored(store, key) == {"a": b'"1"', "b": b'"2"'}
     # A read after the write in the same request loads, and the write wins.
     store.calls.clear()
     client.get("/write-then-read")
     assert seen == {"a": "new", "b": "2", "new": False}
     assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"new"'})]
-    assert store.inner.hgetall(key) == {"a": b'"new"', "b": b'"2"'}
+    assert stored(store, key) == {"a": b'"new"', "b": b'"2"'}
 
 
 def test_a_write_without_a_read_to_a_gone_session_gets_a_new_id(
@@ -388,13 +395,42 @@ def test_a_write_without_a_read_to_a_gone_session_gets_a_new_id(
     client.get("/set/b/2")
     new_sid = sid_of(app, client)
     assert new_sid != old_sid
-    assert [c[0] for c in store.calls] == ["batch", "batch"]
-    assert store.inner.hgetall("session:" + old_sid) == {}
-    assert store.inner.hgetall("session:" + new_sid) == {"b": b'"2"'}
+    old_key = "session:" + old_sid
+    assert store.calls[:2] == [("hset", old_key, {"\x00": b"", "b": b'"2"'}),
+                               ("expire", old_key, app.permanent_session_lifetime.total_seconds(),
+                                "if_no_ttl")]
+    assert [c[0] for c in store.calls[2:]] == ["batch"]
+    assert stored(store, "session:" + old_sid) == {}
+    assert stored(store, "session:" + new_sid) == {"b": b'"2"'}
     left = store.inner.ttl("session:" + new_sid)
     assert left is not None and left > 30 * 86400
     assert client.get("/get/a").json == {"value": None}
     assert client.get("/get/b").json == {"value": "2"}
+
+
+def test_the_mark_beside_the_keys(app: Flask, store: RecordingStore) -> None:
+    """A stored session carries the mark (field "\\x00", empty) from its creation: the
+    app never sees it, can't assign it, and a session stored without it (by an earlier
+    version) still takes a write without a read, in one more command."""
+    client = app.test_client()
+    client.get("/set/a/1")
+    key = "session:" + sid_of(app, client)
+    assert store.inner.hgetall(key)["\x00"] == b""
+    with client.session_transaction() as sess:
+        assert dict(sess) == {"a": "1"} and "\x00" not in sess
+        with pytest.raises(ValueError, match="reserved"):
+            sess["\x00"] = 1
+    store.inner.hdel(key, "\x00")  # as an earlier version stored it
+    store.calls.clear()
+    client.get("/set/b/2")
+    ttl = app.permanent_session_lifetime.total_seconds()
+    assert store.calls == [("hset", key, {"\x00": b"", "b": b'"2"'}),
+                           ("expire", key, ttl, "if_no_ttl")]  # it had a TTL: it existed
+    assert "session:" + sid_of(app, client) == key
+    assert stored(store, key) == {"a": b'"1"', "b": b'"2"'}
+    store.calls.clear()
+    client.get("/set/b/3")  # the mark is back: one command again
+    assert store.calls == [("hset", key, {"\x00": b"", "b": b'"3"'})]
 
 
 def test_concurrent_requests_changing_different_keys_both_survive(
@@ -488,8 +524,8 @@ def test_regenerate(app: Flask, store: RecordingStore) -> None:
     client.get("/regenerate")
     new = sid_of(app, client)
     assert new != old
-    assert store.inner.hgetall("session:" + old) == {}
-    assert store.inner.hgetall("session:" + new) == {"a": b'"1"', "b": b'"2"'}
+    assert stored(store, "session:" + old) == {}
+    assert stored(store, "session:" + new) == {"a": b'"1"', "b": b'"2"'}
     assert client.get("/get/a").json == {"value": "1"}
     # the old cookie no longer opens anything
     stale = app.test_client()
@@ -504,7 +540,7 @@ def test_destroy(app: Flask, store: RecordingStore) -> None:
     r = client.get("/destroy")
     assert "session=;" in r.headers["Set-Cookie"]
     assert cookie_of(client) is None
-    assert store.inner.hgetall("session:" + sid) == {}
+    assert stored(store, "session:" + sid) == {}
 
 
 def test_session_that_becomes_empty_is_deleted(app: Flask, store: RecordingStore) -> None:
@@ -513,7 +549,7 @@ def test_session_that_becomes_empty_is_deleted(app: Flask, store: RecordingStore
     sid = sid_of(app, client)
     r = client.get("/del/a")
     assert "session=;" in r.headers["Set-Cookie"]
-    assert store.inner.hgetall("session:" + sid) == {}
+    assert stored(store, "session:" + sid) == {}
 
 
 def test_size_limit(store: RecordingStore, caplog: pytest.LogCaptureFixture) -> None:
@@ -693,9 +729,9 @@ def test_arbitrary_stored_bytes_never_raise(app: Flask, store: RecordingStore, r
     r = client.get("/get/a")
     assert r.status_code == 200 and r.json == {"value": "1"}
     assert client.get("/set/b/2").status_code == 200  # a save with the junk loaded
-    stored = store.inner.hgetall("session:" + sid)
-    assert stored["a"] == b'"1"' and stored["b"] == b'"2"'
-    assert set(stored) <= {"a", "b", "junk", "_permanent"}
+    fields = stored(store, "session:" + sid)
+    assert fields["a"] == b'"1"' and fields["b"] == b'"2"'
+    assert set(fields) <= {"a", "b", "junk", "_permanent"}
 
 
 # -- Flask's behaviour ------------------------------------------------------------------------
@@ -858,7 +894,7 @@ def test_subclass_hooks_are_obeyed(store: RecordingStore) -> None:
     r = client.get("/set/b/2")
     assert "Set-Cookie" not in r.headers  # saved, but the hook said no cookie
     sid = iface.sid_from_cookie(app, client.get_cookie("custom").value)  # type: ignore[union-attr]
-    assert sid is not None and store.inner.hgetall("session:" + sid)["b"] == b'"2"'
+    assert sid is not None and stored(store, "session:" + sid)["b"] == b'"2"'
 
 
 def test_outage_503_keeps_other_extensions_headers(store: RecordingStore) -> None:
@@ -975,14 +1011,13 @@ def test_writes_set_the_ttl_again_at_most_once_per_interval(
     assert second != first and sid_of(app, client) == key.split(":", 1)[1]
     store.calls.clear()
     client.get("/set/a/4")  # a write without a read, within the new interval: no refresh
-    assert store.calls == [
-        ("batch", [("hset", key, {"a": b'"4"'}), ("expire", key, ttl, "if_no_ttl")])]
+    assert store.calls == [("hset", key, {"\x00": b"", "a": b'"4"'})]
     assert cookie_of(client) == second
     clock.advance(61)
     store.calls.clear()
     client.get("/set/a/5")  # due: the refresh goes first, in the same round trip
-    assert store.calls == [("batch", [("expire", key, ttl), ("hset", key, {"a": b'"5"'}),
-                                      ("expire", key, ttl, "if_no_ttl")])]
+    assert store.calls == [("batch", [("expire", key, ttl),
+                                      ("hset", key, {"\x00": b"", "a": b'"5"'})])]
     third = cookie_of(client)
     assert third != second
     clock.advance(61)
@@ -1019,7 +1054,7 @@ def test_a_key_gone_between_load_and_save_gets_its_ttl_back(
     client.get("/rmw-gone")
     assert store.calls == [("hgetall", key), ("hset", key, {"a": b'"1+"'}),
                            ("expire", key, ttl, "if_no_ttl")]
-    assert store.inner.hgetall(key) == {"a": b'"1+"'}
+    assert stored(store, key) == {"a": b'"1+"'}
     left = store.inner.ttl(key)
     assert left is not None and left > ttl - 30
 
@@ -1091,8 +1126,8 @@ def test_interface_regenerate_like_flask_session(app: Flask, store: RecordingSto
     old = sid_of(app, client)
     client.get("/login")
     new = sid_of(app, client)
-    assert new != old and store.inner.hgetall("session:" + old) == {}
-    assert store.inner.hgetall("session:" + new) == {"a": b'"1"', "user": b'"ann"'}
+    assert new != old and stored(store, "session:" + old) == {}
+    assert stored(store, "session:" + new) == {"a": b'"1"', "user": b'"ann"'}
 
 
 @pytest.mark.parametrize("kind", ["filesystem", "cachelib", "memcached", "mongodb",
