@@ -129,7 +129,7 @@ lint: install
 test: install system-deps js-deps browser-deps
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
-	$(BIN)/pytest -q --reruns 1 -rR
+	$(BIN)/pytest -q --reruns 1 --rerun-show-tracebacks -rR
 	$(MAKE) --no-print-directory test-oldest
 
 # Re-installs only when pyproject.toml changes; gunicorn_ext itself is the same editable tree.
@@ -141,7 +141,7 @@ $(OLDEST_STAMP): pyproject.toml | $(BIN)/python
 	@touch $@
 
 test-oldest: $(OLDEST_STAMP) system-deps
-	GX_GUNICORN_EXPECT=$(GUNICORN_OLDEST) $(OLDEST_VENV)/bin/pytest -q --reruns 1 -rR -p no:cacheprovider $(OLDEST_TESTS)
+	GX_GUNICORN_EXPECT=$(GUNICORN_OLDEST) $(OLDEST_VENV)/bin/pytest -q --reruns 1 --rerun-show-tracebacks -rR -p no:cacheprovider $(OLDEST_TESTS)
 
 # The README's settings table is checked by tests/test_settings.py; this rewrites it.
 settings-table: install

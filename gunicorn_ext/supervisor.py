@@ -414,11 +414,15 @@ class Supervisor:
 
     def _reap_workers(self, orig: Callable[[], None]) -> None:
         server = self.server
+        dead = []
         for pid in [w.pid for w in gi.workers(server)]:
             status = gi.peek_exit(pid)
             rec = self.workers.get(pid) if status is not None else None
             if rec is not None:
                 rec.exit_status = status
+                dead.append(rec.worker)
+        # What they said last (why they exit) is read before their exits are described.
+        self.hub.read_last_words(dead)
         gi.reap_past_boot_errors(server, orig, self._past_boot_error, self._reaped)
 
     def _past_boot_error(self) -> str | None:

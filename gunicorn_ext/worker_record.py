@@ -11,6 +11,7 @@ Written in the arbiter's main thread (spawn, exit, flags) and in the hub's threa
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,10 +117,11 @@ class WorkerTable:
 
     def find(self, pid: int, slot: int) -> WorkerRecord | None:
         """By pid; from the hub, also the one being forked into ``slot`` (a worker
-        can speak before fork() has returned in the arbiter)."""
+        can speak before fork() has returned in the arbiter), unless ``pid`` is gone:
+        then it is the slot's reaped worker, whose late words are not its successor's."""
         rec = self.get(pid)
         forking = self._forking
-        if rec is None and forking is not None and forking.slot == slot:
+        if rec is None and forking is not None and forking.slot == slot and _exists(pid):
             rec = forking
         return rec
 
@@ -159,6 +161,17 @@ class WorkerTable:
 
     def __len__(self) -> int:
         return len(self._by_pid)
+
+
+def _exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie not yet reaped does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # EPERM: it exists
+    return True
 
 
 def slot_of(worker: Any, default: Any = None) -> Any:

@@ -62,6 +62,40 @@ def test_ready_reports_the_workers_pid_before_the_arbiter_knows_it() -> None:
 
 
 
+def test_read_last_words_dispatches_what_an_exited_worker_wrote() -> None:
+    """What a worker wrote just before it exited (why it exits) is dispatched when
+    read_last_words returns, even while the hub's thread is busy: the arbiter calls it
+    before it describes the exit, which it may see before the hub read a word."""
+    hub = Hub()
+    notes: list[Any] = []
+    hub.handler("last")(lambda msg: notes.append(msg.payload))
+    hub.start(_Log())
+    try:
+        worker = _Worker()
+        hub.prepare_fork(0, worker)
+        pid = os.fork()
+        if pid == 0:  # the worker: its last words, then gone
+            try:
+                assert hub.child_end is not None
+                call, push, slot = hub.child_end
+                bus = Bus()
+                bus.attach(call, push, slot, hub.handler_names, _Log(), frames.DEFAULT_MAX_FRAME)
+                bus.start()
+                time.sleep(0.2)  # the hub's thread is busy by now
+                bus.send("last", "why")
+                bus.flush()
+            finally:
+                os._exit(0)
+        worker.pid = pid
+        hub.reactor.call(lambda: time.sleep(1.5))  # busy, as on a loaded machine
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: child_exit's view
+        hub.read_last_words([worker], timeout=10)
+        assert notes == ["why"]
+        os.waitpid(pid, 0)
+    finally:
+        hub.stop()
+
+
 def test_both_ends_answer_and_report_failures_the_same_way() -> None:
     """The one request handling (ipc/message.py) on both sides of a real fork: the same
     error for the same failure whichever end's handler it was, a one-way failure back at

@@ -196,6 +196,8 @@ class FakeHub:
         self.retired: list[Any] = []
         self.unretired: list[Any] = []
         self.max_frame = self.max_backlog = 0
+        #: Messages still in the hub's sockets: read_last_words dispatches them.
+        self.unread: list[Message] = []
 
     def handler(self, name: str) -> Callable[[Callable[[Message], Any]], Any]:
         def register(fn: Callable[[Message], Any]) -> Any:
@@ -217,6 +219,11 @@ class FakeHub:
 
     def unretire(self, worker: Any) -> None:
         self.unretired.append(worker)
+
+    def read_last_words(self, workers: list[Any], timeout: float = 1.0) -> None:
+        for msg in self.unread:
+            self.handlers[msg.name](msg)
+        self.unread.clear()
 
 
 class Clock:
@@ -324,6 +331,36 @@ def test_the_exit_note_and_stats_of_a_worker_land_in_its_record(
     c.arb.tick()
     assert c.sup.last_exit[0] == "recycled: RSS 600 MiB"
     assert c.sup.policy(0).crashes == 0  # planned: not a crash
+
+
+def test_the_exit_note_still_unread_at_the_exit_is_read_before_the_exit_is_described(
+        cluster: Callable[..., Cluster]) -> None:
+    # A worker that says why and ends at once (a request deadline's os._exit) can be
+    # reaped while its note still waits in the hub's socket.
+    c = cluster(workers=1)
+    pid = c.arb.pids_by_slot()[0]
+    note = {"pid": pid, "reason": "recycled: request deadline: GET /hang", "planned": True}
+    c.hub.unread.append(Message(EXITING, note, src=0))
+    c.arb.exit(pid, code=0)
+    c.arb.tick()
+    assert c.sup.last_exit[0] == "recycled: request deadline: GET /hang"
+    assert c.hub.unread == []
+
+
+def test_a_reaped_workers_late_note_is_not_its_successors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    table = WorkerTable()
+    forking = table.spawned(0, FakeWorker(1), 0.0)  # pid not known yet: fork() has not returned
+
+    def kill(pid: int, sig: int) -> None:
+        assert sig == 0
+        if pid == 4_999_999:
+            raise ProcessLookupError(pid)
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert table.find(4_999_999, 0) is None  # gone: the slot's reaped worker spoke late
+    assert table.find(5_000_000, 0) is forking  # alive: the new worker, speaking early
+    assert table.find(5_000_000, 1) is None
 
 
 # -- backoff -----------------------------------------------------------------------

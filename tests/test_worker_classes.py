@@ -147,9 +147,14 @@ def test_rolling_reload_under_load_fails_no_request(gunicorn_factory: Any, tmp_p
     if worker_class == "uvicorn_worker.UvicornWorker":
         # uvicorn closes a connection it accepted but had not read yet when it stops (see
         # README, worker classes): such a request may be dropped, nothing else may fail.
-        assert all("RemoteDisconnected" in f for f in failed) and len(failed) <= 3, failed
+        # The client sees no response: the connection closed, or reset when its request
+        # was already in the socket (Linux answers a close with unread data with RST).
+        dropped = ("RemoteDisconnected(", "ConnectionResetError(104,")
+        assert len(failed) <= 3 and all(
+            "Connection aborted." in f and any(d in f for d in dropped) for f in failed
+        ), (failed, g.log_text_tail())
     else:
-        assert failed == [], failed
+        assert failed == [], (failed, g.log_text_tail())
     assert ok[0] > 20
     assert versions == {"1", "2"}
     wait_ready_slots(g, 2, exclude=frozenset(before.values()))
@@ -197,7 +202,10 @@ def test_request_deadline_answers_503_and_recycles(gunicorn_factory: Any,
     g.wait_log("request deadline: GET /hang?s=30 ran")
     assert "in hang_here" in g.log_text()  # the request's own stack (a greenlet's, under gevent)
     wait_ready_slots(g, 1, exclude=frozenset(first.values()))
-    assert "request deadline" in status(g)["workers"][0]["last_exit"]
+    # The worker's note (why it exits) is read before its exit is described, though it
+    # exits right after sending it.
+    last_exit = status(g)["workers"][0]["last_exit"]
+    assert "request deadline" in last_exit, (last_exit, g.log_text_tail())
 
 
 @pytest.mark.parametrize("worker_class", ASGI_CLASSES)

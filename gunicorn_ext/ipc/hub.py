@@ -315,6 +315,34 @@ class Hub:
         if self.reactor.running:
             self.reactor.call(do)
 
+    def read_last_words(self, workers: list[Any], timeout: float = 1.0) -> None:
+        """Dispatch everything ``workers``, which have exited, wrote on the bus, and
+        return when that is done (or after ``timeout``).
+
+        Called by the arbiter's thread before it accounts for their exits: a worker
+        that says why it exits (the reporter's EXITING note) and ends at once is reaped
+        by the arbiter while the note may still wait in the hub's socket, so the exit
+        would be described without it. Each one's socket is read up to its end (the
+        process is gone), or to what it holds now.
+        """
+        if not self.reactor.running or self.reactor.in_thread() or not workers:
+            return
+        ids = {id(w) for w in workers}
+        done = threading.Event()
+
+        def do() -> None:
+            try:
+                for conn in list(self._conns.values()):
+                    if id(conn.worker) in ids:
+                        for _ in range(64):  # bounded, should a child of it hold the socket
+                            if not self._read(conn):
+                                break
+            finally:
+                done.set()
+
+        self.reactor.call(do)
+        done.wait(timeout)
+
     def workers(self) -> list[dict[str, Any]]:
         """A snapshot of the connected workers, ordered by slot."""
         rows = [
@@ -496,26 +524,28 @@ class Hub:
         if mask & _WRITE and not conn.closed:
             self._flush(conn)
 
-    def _read(self, conn: _Conn) -> None:
+    def _read(self, conn: _Conn) -> bool:
+        """Read and dispatch what the socket holds (one recv); True: more may follow."""
         try:
             data = conn.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._close(conn, f"read failed: {exc}")
-            return
+            return False
         if not data:
             self._close(conn, None)
-            return
+            return False
         for frame in conn.reader.feed(data):
             if conn.closed:
-                return
+                return False
             try:
                 self._dispatch(conn, frame)
             except Exception:
                 self.log.exception("gunicorn-ext: failed to route a frame from %s", conn.describe())
         if conn.reader.error is not None and not conn.closed:
             self._close(conn, str(conn.reader.error))
+        return not conn.closed
 
     def _queue(self, conn: _Conn, frame: frames.Frame) -> None:
         """Send a frame to a worker: replies on its call channel, the rest on push."""
