@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from .ipc.bus import Bus
@@ -64,10 +65,19 @@ class ClusterMiddleware:
     The hooks wrap the app with it; an app never needs to. Lifespan and WebSocket
     scopes pass through (a WebSocket is not a request here, as it is exempt from
     request deadlines under WSGI), but they bind the loop too.
+
+    ``ready`` (None: not this middleware's job) is called once the app's lifespan
+    startup completed, which is when the worker can serve: a rolling reload waits for
+    it before it stops the slot's old worker, so a deploy whose startup fails stops the
+    rollout. An app that doesn't speak lifespan (its lifespan call ends, or raises,
+    without a word) is ready then too, as the server goes on serving it, unless
+    ``lifespan_required`` (lifespan "on": the server stops on that raise).
     """
 
     def __init__(self, app: ASGIApp, bus: Bus, reporter: Reporter | None,
-                 stall: float = 0.0, log: Any = None, worker: Any = None) -> None:
+                 stall: float = 0.0, log: Any = None, worker: Any = None,
+                 ready: Callable[[], None] | None = None,
+                 lifespan_required: bool = False) -> None:
         self.app = app
         self.bus = bus
         self.reporter = reporter
@@ -86,6 +96,8 @@ class ClusterMiddleware:
         #: The Gunicorn worker whose stop runs the ``on_stop`` callbacks (None: never).
         self.worker = worker
         self._stop_task: asyncio.Task[None] | None = None
+        self._ready = ready
+        self._lifespan_required = lifespan_required
 
     def _first_call(self) -> None:
         self._seen_loop = True
@@ -108,7 +120,10 @@ class ClusterMiddleware:
         if not self._seen_loop:
             self._first_call()
         if scope["type"] != "http" or self.reporter is None:
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan" and self._ready is not None:
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         if self.cookie is not None:
             send = self.cookie.prepare(scope, send)
@@ -124,6 +139,39 @@ class ClusterMiddleware:
             cell.finish(now - t0)
             if self._limit and now >= self.reporter.next_rss_check:
                 self.reporter.after_request(now)  # the soft memory limit
+
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's lifespan, calling ``ready`` once its startup completed (see the
+        class's docstring)."""
+        ready, self._ready = self._ready, None
+        assert ready is not None
+        said = False
+
+        async def send_startup(message: MutableMapping[str, Any]) -> None:
+            nonlocal said
+            await send(message)
+            kind = message.get("type")
+            if not said and kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
+                said = True
+                if kind == "lifespan.startup.complete":
+                    _report(ready)
+
+        try:
+            await self.app(scope, receive, send_startup)
+        except BaseException:
+            if not said and not self._lifespan_required:
+                _report(ready)  # no lifespan here: the server serves the app anyway
+            raise
+        if not said:
+            _report(ready)
+
+
+def _report(ready: Callable[[], None]) -> None:
+    try:
+        ready()
+    except (BusClosed, OSError):
+        pass  # the primary is gone: nobody to tell
 
 
 class LoopWatch:

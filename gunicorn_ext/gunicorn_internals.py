@@ -417,6 +417,16 @@ def event_loop_of(worker: Any) -> Any:
     return getattr(worker, "loop", None)
 
 
+def asgi_lifespan(worker: Any) -> str:
+    """An ASGI worker's lifespan mode: "auto", "on" or "off" (``-k asgi``: its
+    ``asgi_lifespan`` setting; the uvicorn worker: its uvicorn ``Config.lifespan``)."""
+    config = getattr(worker, "config", None)  # uvicorn_worker.UvicornWorker's
+    mode = getattr(config, "lifespan", None) if config is not None else None
+    if mode is None:
+        mode = getattr(worker.cfg, "asgi_lifespan", None)
+    return mode if mode in ("auto", "on", "off") else "auto"
+
+
 def wsgi_responded(start_response: Any) -> bool:
     """Whether the app called ``start_response`` (the one a Gunicorn WSGI worker passed
     it): part of a response may be out. Anything else counts as responded."""
@@ -563,7 +573,7 @@ def set_sockets(worker: Any, sockets: list[Any]) -> None:
 
 
 __all__ = [
-    "APP_LOAD_ERROR", "ATTRIBUTE", "cancel_close", "close_in_request_thread", "close_one",
+    "APP_LOAD_ERROR", "ATTRIBUTE", "asgi_lifespan", "cancel_close", "close_in_request_thread", "close_one",
     "count_busy", "gthread_connections", "may_close_after", "BOOT_ERRORS", "GunicornArbiter", "GunicornWorker",
     "WORKER_BOOT_ERROR", "WRAPPED", "app_of", "apply_config", "attach", "attached",
     "counting_extra", "event_loop_of", "forward_hup_to_dirty_arbiter", "halt", "keep_config", "listener_backlog", "listener_port",

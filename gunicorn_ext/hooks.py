@@ -179,7 +179,9 @@ def post_worker_init(worker: Any) -> None:
     loop = gi.event_loop_of(worker)  # -k asgi makes its loop first; uvicorn's comes later
     if asgi_attr is not None and loop is not None and worker_bus.connected:
         worker_bus.bind_loop(loop)
-    worker_bus.start()
+    # An ASGI worker is ready once its app's lifespan startup completed (ClusterMiddleware).
+    lifespan = gi.asgi_lifespan(worker) if asgi_attr is not None else "off"
+    worker_bus.start(ready=lifespan == "off")
     if _route is not None:  # the app is loaded (worker.wsgi): put the route cookie around it
         pin_worker(worker, _route, supervisor.settings.sticky_cookie)
     timeout = supervisor.settings.request_timeout
@@ -187,8 +189,10 @@ def post_worker_init(worker: Any) -> None:
         # The request hooks do nothing in ASGI workers (the uvicorn worker calls none): this counts.
         _default_request_hooks(worker)
         stall = max(1.0, min(worker.cfg.timeout / 2, 10.0)) if worker.cfg.timeout else 0.0
-        gi.set_app(worker, ClusterMiddleware(gi.app_of(worker, asgi_attr), worker_bus, reporter,
-                                             stall, worker.log, worker), asgi_attr)
+        gi.set_app(worker, ClusterMiddleware(
+            gi.app_of(worker, asgi_attr), worker_bus, reporter, stall, worker.log, worker,
+            ready=None if lifespan == "off" else worker_bus.report_ready,
+            lifespan_required=lifespan == "on"), asgi_attr)
         if timeout:
             worker.log.info("gunicorn-ext: request_timeout is not enforced under %s (an "
                             "asyncio worker); use asyncio.timeout() in the app",

@@ -161,6 +161,28 @@ def test_rolling_reload_under_load_fails_no_request(gunicorn_factory: Any, tmp_p
     assert status(g)["rollout"]["state"] == "done"
 
 
+@pytest.mark.parametrize("worker_class", ASGI_CLASSES)
+def test_a_rollout_to_an_app_whose_startup_fails_keeps_every_old_worker(
+        gunicorn_factory: Any, tmp_path: Path, worker_class: str) -> None:
+    """An ASGI worker is ready once its app's lifespan startup completes, not when its
+    server is set up: a deploy whose startup fails stops the rollout at its first new
+    worker, and the old workers keep serving (ready at setup, each new worker had
+    replaced an old one before failing, and the rollout went through every slot)."""
+    version = tmp_path / "VERSION"
+    version.write_text("1")
+    g = life(gunicorn_factory, worker_class, workers=2, APP_VERSION_FILE=str(version))
+    before = wait_ready_slots(g, 2)
+    version.write_text("badstart")
+    r = subprocess.run([CLI, "reload", "--rolling"], env=g.env, capture_output=True,
+                       text=True, timeout=90, stdin=subprocess.DEVNULL)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "rollout stopped" in out, (out, g.log_text_tail())
+    assert g.alive()
+    assert wait_ready_slots(g, 2) == before
+    assert {get(g, "/")["version"] for _ in range(6)} == {"1"}
+    assert status(g)["rollout"]["state"] == "failed"
+
+
 @pytest.mark.parametrize("worker_class", ALL_CLASSES)
 def test_worker_ports_and_the_route_cookie(gunicorn_factory: Any, worker_class: str) -> None:
     base = free_port_pair()

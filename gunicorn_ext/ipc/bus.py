@@ -152,6 +152,7 @@ class Bus:
         self._push_reader = frames.FrameReader()
         self._ids = itertools.count(1)
         self._listener: threading.Thread | None = None
+        self._reported_ready = False
         #: The event loop that reads the call channel (asyncio workers), and its thread.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_tid = 0
@@ -222,6 +223,7 @@ class Bus:
         push.setblocking(True)
         self._sock = sock
         self._push = push
+        self._reported_ready = False
         self.slot = slot
         self.log = self._handlers.log = self._subscribers.log = log
         self._handlers.where = self._subscribers.where = f"worker slot {slot}"
@@ -233,8 +235,10 @@ class Bus:
             self._write(Sub(topic))
         os.register_at_fork(after_in_child=self._after_fork_child)
 
-    def start(self) -> None:
-        """Start the listener and tell the primary we are ready (``post_worker_init``)."""
+    def start(self, ready: bool = True) -> None:
+        """Start the listener (``post_worker_init``) and, unless ``ready`` is False, tell
+        the primary this worker is ready (an ASGI worker's app says so later: see
+        :meth:`report_ready`)."""
         if self._sock is None or self._listener is not None:
             return
         if _green():
@@ -244,6 +248,15 @@ class Bus:
         self._flusher = threading.Thread(target=self._flush_soon, name="gunicorn-ext-flush",
                                          daemon=True)
         self._flusher.start()
+        if ready:
+            self.report_ready()
+
+    def report_ready(self) -> None:
+        """Tell the primary this worker is ready to serve (what a rolling reload waits
+        for before it stops the old worker of the slot); once, later calls do nothing."""
+        if self._sock is None or self._reported_ready:
+            return
+        self._reported_ready = True
         self._write(Ready(os.getpid()))
 
     def _go_green(self) -> None:

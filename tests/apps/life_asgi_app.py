@@ -33,4 +33,13 @@ async def route(scope: dict[str, Any]) -> tuple[int, Any]:
     return 200, {"pid": os.getpid(), "slot": worker.slot, "version": VERSION}
 
 
-app = serve(route)
+_app = serve(route)
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan" and VERSION == "badstart":  # a deploy whose startup fails
+        await receive()
+        await send({"type": "lifespan.startup.failed",
+                    "message": "this deploy's startup fails on purpose"})
+        return
+    await _app(scope, receive, send)
