@@ -187,11 +187,8 @@ def post_worker_init(worker: Any) -> None:
         # The request hooks do nothing in ASGI workers (the uvicorn worker calls none): this counts.
         _default_request_hooks(worker)
         stall = max(1.0, min(worker.cfg.timeout / 2, 10.0)) if worker.cfg.timeout else 0.0
-        middleware = ClusterMiddleware(gi.app_of(worker, asgi_attr), worker_bus, reporter,
-                                       stall, worker.log, worker)
-        # Its bound __call__: the server calls a method as a function, where calling the
-        # instance looks __call__ up on its type on every request.
-        gi.set_app(worker, middleware.__call__, asgi_attr)
+        gi.set_app(worker, ClusterMiddleware(gi.app_of(worker, asgi_attr), worker_bus, reporter,
+                                             stall, worker.log, worker), asgi_attr)
         if timeout:
             worker.log.info("gunicorn-ext: request_timeout is not enforced under %s (an "
                             "asyncio worker); use asyncio.timeout() in the app",
