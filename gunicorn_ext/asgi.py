@@ -177,10 +177,12 @@ def _report(ready: Callable[[], None]) -> None:
 class LoopWatch:
     """Log the stack of an event loop that stopped answering (once per stall).
 
-    A daemon thread schedules a no-op on the loop every ``interval``; when the loop
-    has not run one for ``stall`` seconds, the loop thread's stack goes to the log
-    with the stall's length (Gunicorn's ``timeout`` then ends the worker, as for any
-    worker that stops its heartbeat). Made in the thread that runs the loop.
+    The loop stamps a beat on a timer every ``interval`` (a timer costs the loop nothing
+    between beats, where a callback sent from another thread wakes it); a daemon thread
+    looks at the beat as often, and when the loop has not stamped one for ``stall``
+    seconds, the loop thread's stack goes to the log with the stall's length
+    (Gunicorn's ``timeout`` then ends the worker, as for any worker that stops its
+    heartbeat). Made and started in the thread that runs the loop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stall: float, log: Any, slot: int,
@@ -196,9 +198,14 @@ class LoopWatch:
 
     def _tick(self) -> None:
         self._beat = time.monotonic()
+        if not self._stop.is_set():
+            self.loop.call_later(self.interval, self._tick)
 
     def start(self) -> None:
+        """Start beating (on the loop's thread) and watching (a daemon thread)."""
         self._stop = threading.Event()
+        self._beat = time.monotonic()
+        self.loop.call_later(self.interval, self._tick)
         threading.Thread(target=self._run, name="gunicorn-ext-loopwatch", daemon=True).start()
 
     def stop(self) -> None:
@@ -208,10 +215,6 @@ class LoopWatch:
         reported = False
         while not self._stop.wait(self.interval):
             if self.loop.is_closed():
-                return
-            try:
-                self.loop.call_soon_threadsafe(self._tick)
-            except RuntimeError:  # closed meanwhile
                 return
             late = time.monotonic() - self._beat
             if late < self.stall:

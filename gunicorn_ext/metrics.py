@@ -98,24 +98,28 @@ def _bounds(buckets: Sequence[float]) -> tuple[float, ...]:
 
 
 class _Cell:
-    """One thread's request counts: written by that thread only, so without a lock."""
+    """One thread's request counts: written by that thread only, so without a lock.
 
-    __slots__ = ("counts", "sum", "started", "finished", "bounds")
+    The requests finished are the sum of the bucket counts (no counter of their own)."""
+
+    __slots__ = ("counts", "sum", "started", "bounds", "first")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
+        #: The lowest bound: a request at most this long is in the first bucket, which
+        #: needs no search (most requests of a fast app are there).
+        self.first = bounds[0] if bounds else -1.0
         self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; sum: requests
         self.sum = 0.0
         self.started = 0
-        self.finished = 0
 
     def finish(self, seconds: float) -> None:
         """Count a finished request that took ``seconds`` (NaN or negative counts as 0)."""
         if not seconds > 0.0:
             seconds = 0.0
-        self.counts[_bisect_left(self.bounds, seconds)] += 1  # first bound >= seconds: "le"
+        # The first bound >= seconds ("le").
+        self.counts[0 if seconds <= self.first else _bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
-        self.finished += 1
 
 
 class WorkerStats:
@@ -148,14 +152,13 @@ class WorkerStats:
     def _totals(self) -> tuple[list[int], float, int, int]:
         counts = [0] * (len(self.buckets) + 1)
         total = 0.0
-        started = finished = 0
+        started = 0
         for cell in list(self._cells.values()):
-            for i, c in enumerate(cell.counts):
+            for i, c in enumerate(cell.counts):  # read before started: inflight stays >= 0
                 counts[i] += c
             total += cell.sum
             started += cell.started
-            finished += cell.finished
-        return counts, total, started, finished
+        return counts, total, started, sum(counts)
 
     @property
     def requests(self) -> int:

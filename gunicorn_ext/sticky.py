@@ -313,22 +313,9 @@ class AsgiRouteCookie:
         self._pinned = self._wsgi._pinned.encode("latin-1")
         self._pinned_first = self._pinned + b";"
 
-    def _pinned_here(self, scope: Scope) -> bool:
-        """True when the request's route cookie already names this backend."""
-        headers = scope.get("headers", ())
-        if not isinstance(headers, (list, tuple)):
-            headers = list(headers)
-        first = None
-        for k, v in headers:
-            # Servers send lower-case names (``-k asgi`` and uvicorn do); others are allowed.
-            if k == b"cookie" or (len(k) == 6 and k.lower() == b"cookie"):
-                first = v
-                break
-        if first is None:
-            return False
-        # Fast path (every request of a pinned client): ours is the first cookie.
-        if first == self._pinned or first.startswith(self._pinned_first):
-            return True
+    def _pinned_in(self, headers: list[Any] | tuple[Any, ...]) -> bool:
+        """True when the request's route cookie, read from all its cookie headers as
+        one, names this backend (what :meth:`prepare` asks when ours is not first)."""
         cookies = "; ".join(bytes(v).decode("latin-1") for k, v in headers
                             if k.lower() == b"cookie")
         return read_cookie(cookies, self.cookie_name) == self.route
@@ -339,8 +326,16 @@ class AsgiRouteCookie:
         (then it is *send* itself). :class:`~gunicorn_ext.asgi.ClusterMiddleware` calls
         it instead of awaiting this layer: one coroutine less on every request."""
         scope[ENVIRON_KEY] = self  # a route cookie inside the app takes over from this one
-        if self._pinned_here(scope):
-            return send
+        headers = scope.get("headers", ())
+        if not isinstance(headers, (list, tuple)):
+            headers = list(headers)
+        for k, v in headers:
+            # Servers send lower-case names (``-k asgi`` and uvicorn do); others are allowed.
+            if k == b"cookie" or (len(k) == 6 and k.lower() == b"cookie"):
+                # Every request of a pinned client: ours is the first cookie, no full read.
+                if v == self._pinned or v.startswith(self._pinned_first) or self._pinned_in(headers):
+                    return send
+                break
         secure = self._wsgi.secure
         value = (self._secure if (scope.get("scheme") == "https" if secure is None else secure)
                  else self._plain)

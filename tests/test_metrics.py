@@ -100,6 +100,17 @@ def test_latency_buckets_use_le_and_are_not_cumulative() -> None:
     assert snap["app"] == []
 
 
+def test_a_request_lands_in_the_first_bound_at_or_above_it_whatever_the_bounds() -> None:
+    # The first bucket is found without a search: the bounds around it still decide.
+    w = WorkerStats(buckets=(-1.0, 0.0, 2.0), registry=None)
+    for seconds in (0.0, 0.5, -1.0, 2.0, 2.5):  # -1 counts as 0
+        w.request_finished(seconds)
+    assert w.snapshot()["latency"]["buckets"] == [0, 2, 2, 1]
+    none = WorkerStats(buckets=(), registry=None)
+    none.request_finished(0.3)
+    assert none.snapshot()["latency"]["buckets"] == [1] and none.requests == 1
+
+
 def test_bucket_bounds() -> None:
     assert WorkerStats().buckets == DEFAULT_BUCKETS
     assert WorkerStats(buckets=(1.0, 0.5, 1.0, math.inf)).buckets == (0.5, 1.0)
