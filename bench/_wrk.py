@@ -5,16 +5,14 @@ A helper module (the leading underscore keeps ``make bench`` from running it).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from typing import Any
 
 
 def run(wrk: str, url: str, seconds: float, connections: int,
-        headers: tuple[str, ...] = (), cpus: set[int] | None = None) -> dict[str, Any]:
-    """One wrk run (1 thread, *connections* connections, whole *seconds*) against *url*,
-    on the CPUs *cpus* when given (the others left to the server).
+        headers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One wrk run (1 thread, *connections* connections, whole *seconds*) against *url*.
 
     Returns ``rps``, ``requests`` (completed, None if wrk didn't say), ``non_2xx`` and
     ``socket_errors`` (``connect``/``read``/``write``/``timeout`` counts, empty if none).
@@ -25,8 +23,7 @@ def run(wrk: str, url: str, seconds: float, connections: int,
         cmd += ["-H", header]
     cmd.append(url)
     cp = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                        stdin=subprocess.DEVNULL,
-                        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
+                        stdin=subprocess.DEVNULL)
     if cp.returncode != 0:
         raise RuntimeError(f"wrk failed (rc={cp.returncode}): {(cp.stderr or cp.stdout)[-1000:]}")
     m = re.search(r"Requests/sec:\s*([\d.]+)", cp.stdout)

@@ -20,12 +20,6 @@ The client is a pinned one: it sends the route cookie naming the backend (``gx_r
 the same header to both sides), as every request after a client's first does behind nginx.
 BENCH_HELLO_COOKIE=0 sends none, so every response of ours carries a ``Set-Cookie``.
 
-With 2 or more usable CPUs the server under load (master and workers) runs on every CPU
-but the last and wrk on the last (BENCH_HELLO_PIN=0: no pinning). Unpinned, where the
-scheduler put the server, wrk and everything else from moment to moment decided a round
-as much as either server did; pinned, each side's req/s is what its CPU per request
-allows, with the primary's own work counted on the same CPU as its workers'.
-
 Per side and class: the median req/s with its range, and the server CPU (master plus
 workers, user plus system) per request, which depends far less than req/s on what else
 runs on the machine. Target: our median req/s at least 97% of plain's. Writes
@@ -34,7 +28,6 @@ bench/results/hello.json. A miss prints FAIL and does not fail the run; a crash 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -67,12 +60,6 @@ WARMUP_SECONDS = 1.0
 ONE_LOOP_CLASSES = ("gevent", "asgi", "uvicorn_worker.UvicornWorker")
 WORKERS_ENV = os.environ.get("BENCH_HELLO_WORKERS")
 SEND_COOKIE = os.environ.get("BENCH_HELLO_COOKIE", "1") != "0"
-_CPUS = sorted(os.sched_getaffinity(0))
-#: Pinning (BENCH_HELLO_PIN=0 turns it off; needs 2 usable CPUs): the server under load
-#: (master and workers) on every CPU but the last, wrk on the last one.
-PIN = os.environ.get("BENCH_HELLO_PIN", "1") != "0" and len(_CPUS) >= 2
-SERVER_CPUS = set(_CPUS[:-1]) if PIN else None
-CLIENT_CPUS = {_CPUS[-1]} if PIN else None
 TARGET = 0.97  # ours >= 97% of plain req/s
 ASGI_CLASSES = ("asgi", "uvicorn_worker.UvicornWorker")
 _DEFAULT_CLASSES = ["sync", "gthread", "gevent", "asgi"]
@@ -103,23 +90,6 @@ def server_cpu(g: Gunicorn) -> float | None:
             return None  # a worker went away mid-round: no figure for this round
         total += t.user + t.system
     return total
-
-
-def pin(g: Gunicorn) -> None:
-    """Put a Gunicorn master and its workers on SERVER_CPUS (a no-op without pinning).
-
-    Unpinned, the scheduler moved the server, wrk and whatever else ran between the two
-    CPUs from moment to moment, and that, more than either server, decided a round (the
-    same plain server gave 63 and 78 us of CPU per request in two back-to-back runs). On
-    CPUs of its own each side's req/s is what its CPU per request allows."""
-    if SERVER_CPUS is None:
-        return
-    import psutil
-
-    master = psutil.Process(g.master_pid)
-    for p in (master, *master.children(recursive=True)):
-        with contextlib.suppress(psutil.Error):
-            p.cpu_affinity(sorted(SERVER_CPUS))
 
 
 def py_load(url: str, seconds: float, connections: int, headers: tuple[str, ...]) -> dict[str, Any]:
@@ -164,20 +134,17 @@ def measure(worker_class: str, log_dir: Path, wrk: str | None) -> dict[str, Any]
 
         def load(g: Gunicorn, seconds: float) -> dict[str, Any]:
             if wrk:
-                return _wrk.run(wrk, g.url("/"), seconds, CONNECTIONS, headers, CLIENT_CPUS)
+                return _wrk.run(wrk, g.url("/"), seconds, CONNECTIONS, headers)
             return py_load(g.url("/"), seconds, CONNECTIONS, headers)
 
         for g in servers.values():
-            pin(g)
             load(g, WARMUP_SECONDS)
         log(f"{worker_class}, {workers} worker{'s' if workers > 1 else ''}: {ROUNDS} rounds of {SECONDS:g}s, plain/ours alternating "
             f"({'wrk' if wrk else 'python load generator'}, {CONNECTIONS} connections"
-            f"{', pinned client' if SEND_COOKIE else ', no cookie'}"
-            f"{f', server on CPU {sorted(SERVER_CPUS)}, wrk on CPU {sorted(CLIENT_CPUS or ())}' if PIN else ''})")
+            f"{', pinned client' if SEND_COOKIE else ', no cookie'})")
         for r in range(ROUNDS):
             for key in (["plain", "ext"] if r % 2 == 0 else ["ext", "plain"]):
                 g = servers[key]
-                pin(g)  # again: a worker may have been replaced since
                 cpu0 = server_cpu(g)
                 res = load(g, SECONDS)
                 cpu1 = server_cpu(g)
@@ -249,8 +216,6 @@ def main() -> int:
                     "load_generator": "wrk" if wrk else "python"},
         "params": {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNECTIONS,
                    "workers": {c: workers_of(c) for c in CLASSES}, "gthread_threads": 4, "pinned_cookie": SEND_COOKIE,
-                   "server_cpus": sorted(SERVER_CPUS) if SERVER_CPUS else None,
-                   "client_cpus": sorted(CLIENT_CPUS) if CLIENT_CPUS else None,
                    "classes": CLASSES},
         "results": by_class,
         "targets": {f"{c}_at_least_97pct_plain": t for c, t in targets.items()},
