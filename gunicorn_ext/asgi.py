@@ -71,7 +71,9 @@ class ClusterMiddleware:
     it before it stops the slot's old worker, so a deploy whose startup fails stops the
     rollout. An app that doesn't speak lifespan (its lifespan call ends, or raises,
     without a word) is ready then too, as the server goes on serving it, unless
-    ``lifespan_required`` (lifespan "on": the server stops on that raise).
+    ``lifespan_required`` (lifespan "on", where ``-k asgi`` stops on either). A startup
+    cancelled (``-k asgi`` gives up on it after 30 s) is never ready: a rollout to it
+    stops at its ready timeout.
     """
 
     def __init__(self, app: ASGIApp, bus: Bus, reporter: Reporter | None,
@@ -159,11 +161,13 @@ class ClusterMiddleware:
 
         try:
             await self.app(scope, receive, send_startup)
+        except asyncio.CancelledError:
+            raise  # the server gave up on the startup
         except BaseException:
             if not said and not self._lifespan_required:
                 _report(ready)  # no lifespan here: the server serves the app anyway
             raise
-        if not said:
+        if not said and not self._lifespan_required:
             _report(ready)
 
 

@@ -39,9 +39,11 @@ changed fields the load lacked means it vanished meanwhile, and a second round t
 (``EXPIRE ... NX``) gives the key made again its TTL, so a key is never left without
 one. When every changed field is new the reply can't tell, and ``EXPIRE ... NX`` rides
 with the ``HSET``; removed fields add an ``HDEL``. Keys assigned before any read don't
-load the session: they are saved in one round trip (``HSET`` + ``EXPIRE ... NX``, whose
-answer says whether the session still existed; if it didn't, they move to a fresh id in
-a second one), and the size limit then covers the keys assigned. An empty session stores nothing and sets no cookie.
+load the session: they are saved in one command, an ``HSET`` that also sets the mark
+every stored session carries (``_MARK``), whose reply says whether the session still
+existed (if it didn't, ``EXPIRE ... NX`` in a second round trip gives the key made
+again its TTL, and a third moves the keys to a fresh id), and the size limit then covers
+the keys assigned. An empty session stores nothing and sets no cookie.
 
 Expiry follows Flask: the store keeps a session ``PERMANENT_SESSION_LIFETIME`` after it
 was last written and, for a permanent session with ``SESSION_REFRESH_EACH_REQUEST``
@@ -211,10 +213,15 @@ class ServerSession(SessionMixin):
             except StoreUnavailable:
                 self._failed = True
                 raise
+            raw = dict(raw)
+            if raw.pop(_MARK, None) is not None and not raw:
+                # Only the mark left (concurrent requests removed the last keys, each
+                # with its own HDEL): no session, and the key goes (the reply is moot).
+                with contextlib.suppress(StoreUnavailable):
+                    iface.store.delete(key)
             self._refreshed = refresh and bool(raw)
         data: dict[str, Any] = {}
-        self._raw = raw = dict(raw)
-        raw.pop(_MARK, None)
+        self._raw = raw
         dumped = self._dumped
         for field, value in raw.items():
             try:
@@ -625,15 +632,19 @@ class StoreSessionInterface(SessionInterface):
     def _save_unread(self, app: Flask, s: ServerSession, response: Response) -> None:
         """Save the keys assigned to a session that was never loaded, in one command:
         ``HSET`` them with the mark (see ``_MARK``); the mark was not new if the key
-        existed. When the TTL is due, ``EXPIRE`` goes first, in the same round trip,
-        and its reply says whether the key existed.
+        existed. When the TTL is due, ``EXPIRE`` goes first and ``EXPIRE ... NX`` after,
+        in the same round trip: the first reply says whether the key existed, the last
+        gives a key the ``HSET`` made again its TTL.
 
-        A new mark means the key didn't exist, or holds a session stored without one
-        (by an earlier version): ``EXPIRE ... NX`` tells them apart (a stored session
-        always has a TTL). If the key didn't exist (the session expired or was deleted
-        since the cookie was signed), the key just made is deleted and the keys are
-        stored under a fresh id, in one more round trip: an id the client brought is
-        never given a new session.
+        Otherwise a new mark means the key didn't exist, or holds a session stored
+        without one (by an earlier version): ``EXPIRE ... NX``, a second round trip,
+        tells them apart (a stored session always has a TTL) and gives a key the
+        ``HSET`` made its TTL (between the two, as in a read-modify-write whose session
+        vanished, that key has none: should the second fail, the cookie finds a session
+        holding only these keys, without a TTL). If the key didn't exist (the session
+        expired or was deleted since the cookie was signed), the key just made is
+        deleted and the keys are stored under a fresh id, in one more round trip: an id
+        the client brought is never given a new session.
         """
         fields = s._serialized(s._pending)
         self._check_size(fields)
@@ -644,7 +655,8 @@ class StoreSessionInterface(SessionInterface):
         store = self.store
         try:
             if refresh:
-                existed = store.batch().expire(key, s._ttl).hset(key, stored).execute()[0]
+                existed = (store.batch().expire(key, s._ttl).hset(key, stored)
+                           .expire(key, s._ttl, if_no_ttl=True).execute()[0])
             else:
                 existed = (store.hset(key, stored) < len(stored)
                            or not store.expire(key, s._ttl, if_no_ttl=True))

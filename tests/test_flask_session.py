@@ -433,6 +433,22 @@ def test_the_mark_beside_the_keys(app: Flask, store: RecordingStore) -> None:
     assert store.calls == [("hset", key, {"\x00": b"", "b": b'"3"'})]
 
 
+def test_a_key_left_with_only_the_mark_is_no_session(app: Flask, store: RecordingStore) -> None:
+    """Two requests that loaded the session each removed one of its last two keys (one
+    HDEL each): the mark alone is left. That is no session: a fresh one starts, and the
+    key goes at that load."""
+    client = app.test_client()
+    client.get("/set/a/1")
+    old = sid_of(app, client)
+    key = "session:" + old
+    store.inner.hdel(key, "a")
+    assert store.inner.hgetall(key) == {"\x00": b""}
+    assert client.get("/get/a").json == {"value": None}
+    assert store.inner.hgetall(key) == {}
+    client.get("/set/b/2")
+    assert sid_of(app, client) != old
+
+
 def test_concurrent_requests_changing_different_keys_both_survive(
         app: Flask, store: RecordingStore) -> None:
     client = app.test_client()
@@ -1017,7 +1033,8 @@ def test_writes_set_the_ttl_again_at_most_once_per_interval(
     store.calls.clear()
     client.get("/set/a/5")  # due: the refresh goes first, in the same round trip
     assert store.calls == [("batch", [("expire", key, ttl),
-                                      ("hset", key, {"\x00": b"", "a": b'"5"'})])]
+                                      ("hset", key, {"\x00": b"", "a": b'"5"'}),
+                                      ("expire", key, ttl, "if_no_ttl")])]
     third = cookie_of(client)
     assert third != second
     clock.advance(61)

@@ -286,7 +286,7 @@ def test_round_trips_per_request_kind(gunicorn_factory: Any, redis_server: Any,
         assert commands == {
             "untouched": {"expire": n},
             "read": {"hgetall": n, "expire": n},
-            "write without a read": {"hset": n, "expire": n},
+            "write without a read": {"hset": n, "expire": 2 * n},
             "read-modify-write": {"hgetall": n, "hset": n, "expire": n + 1},
         }, commands
 

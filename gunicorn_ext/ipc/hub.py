@@ -208,7 +208,8 @@ class Hub:
 
     def on_ready(self, fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
         """Decorator: called as ``fn(slot, pid)`` in the hub thread when a worker
-        has loaded its app and is about to serve."""
+        has loaded its app and is about to serve (an ASGI worker: once its app's
+        lifespan startup completed, so a startup must not wait for this call)."""
         self._ready_callbacks.append(fn)
         return fn
 
