@@ -317,6 +317,8 @@ def test_sliding_expiry_with_a_refresh_interval(gunicorn_factory: Any, redis_ser
             time.sleep(0.05)
         elapsed = time.monotonic() - t0
         refreshes = _redis_commands(r).get("expire", 0)
+        if path == "/put/b":  # a write's refresh: EXPIRE, and EXPIRE NX closing the pipeline
+            refreshes /= 2
         assert 1 <= refreshes <= elapsed / interval + 2, (path, refreshes, sent, elapsed)
         assert sent > refreshes
         left = r.pttl(key)
