@@ -142,7 +142,6 @@ class ClusterMiddleware:
             if self._limit and now >= self.reporter.next_rss_check:
                 self.reporter.after_request(now)  # the soft memory limit
 
-
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app's lifespan, calling ``ready`` once its startup completed (see the
         class's docstring)."""

@@ -426,7 +426,8 @@ def _probe(path: Path) -> str:
     return "live"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie not yet reaped does; EPERM: it does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -463,7 +464,7 @@ def find_socket(explicit: str | None = None) -> Path:
             live.append(path)
             continue
         pid = int(path.stem) if path.stem.isdigit() else None
-        if pid is not None and not _pid_alive(pid):
+        if pid is not None and not pid_alive(pid):
             try:
                 path.unlink()
             except OSError:
@@ -543,6 +544,7 @@ __all__ = [
     "UnknownCommand",
     "call",
     "find_socket",
+    "pid_alive",
     "runtime_dir",
     "socket_path",
 ]

@@ -11,12 +11,12 @@ Written in the arbiter's main thread (spawn, exit, flags) and in the hub's threa
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import gunicorn_internals as gi
+from .control import pid_alive
 
 BOOTING, READY, DRAINING, EXITED = "booting", "ready", "draining", "exited"
 
@@ -121,7 +121,7 @@ class WorkerTable:
         then it is the slot's reaped worker, whose late words are not its successor's."""
         rec = self.get(pid)
         forking = self._forking
-        if rec is None and forking is not None and forking.slot == slot and _exists(pid):
+        if rec is None and forking is not None and forking.slot == slot and pid_alive(pid):
             rec = forking
         return rec
 
@@ -161,17 +161,6 @@ class WorkerTable:
 
     def __len__(self) -> int:
         return len(self._by_pid)
-
-
-def _exists(pid: int) -> bool:
-    """Whether process ``pid`` exists (a zombie not yet reaped does)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # EPERM: it exists
-    return True
 
 
 def slot_of(worker: Any, default: Any = None) -> Any:

@@ -24,6 +24,15 @@ class _Worker:
     pid: Any = "[booting]"  # what Gunicorn's Worker holds until fork() returns in the arbiter
 
 
+def _start_in_child(hub: Hub, bus: Bus, log: Any = None) -> Bus:
+    """In the forked child: take over the worker's end of the bus and start it."""
+    assert hub.child_end is not None
+    call, push, slot = hub.child_end
+    bus.attach(call, push, slot, hub.handler_names, log or _Log(), frames.DEFAULT_MAX_FRAME)
+    bus.start()
+    return bus
+
+
 def test_ready_reports_the_workers_pid_before_the_arbiter_knows_it() -> None:
     hub = Hub()
     got: list[tuple[int, int]] = []
@@ -41,11 +50,7 @@ def test_ready_reports_the_workers_pid_before_the_arbiter_knows_it() -> None:
         pid = os.fork()
         if pid == 0:  # the worker: speak at once
             try:
-                assert hub.child_end is not None
-                call, push, slot = hub.child_end
-                bus = Bus()
-                bus.attach(call, push, slot, hub.handler_names, _Log(), frames.DEFAULT_MAX_FRAME)
-                bus.start()
+                _start_in_child(hub, Bus())
                 time.sleep(0.5)
             finally:
                 os._exit(0)
@@ -76,11 +81,7 @@ def test_read_last_words_dispatches_what_an_exited_worker_wrote() -> None:
         pid = os.fork()
         if pid == 0:  # the worker: its last words, then gone
             try:
-                assert hub.child_end is not None
-                call, push, slot = hub.child_end
-                bus = Bus()
-                bus.attach(call, push, slot, hub.handler_names, _Log(), frames.DEFAULT_MAX_FRAME)
-                bus.start()
+                bus = _start_in_child(hub, Bus())
                 time.sleep(0.2)  # the hub's thread is busy by now
                 bus.send("last", "why")
                 bus.flush()
@@ -118,8 +119,6 @@ def test_both_ends_answer_and_report_failures_the_same_way() -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             try:
-                assert hub.child_end is not None
-                call, push, slot = hub.child_end
                 bus = Bus()
                 wlog = RecordingLog()
                 asked: list[list[str]] = []
@@ -136,8 +135,7 @@ def test_both_ends_answer_and_report_failures_the_same_way() -> None:
 
                 bus.on_error(lambda name, error: wnotices.append(
                     [name, type(error).__name__, str(error)]))
-                bus.attach(call, push, slot, hub.handler_names, wlog, frames.DEFAULT_MAX_FRAME)
-                bus.start()
+                _start_in_child(hub, bus, wlog)
                 try:
                     bus.request("boom", timeout=10)
                 except Exception as exc:
