@@ -16,7 +16,14 @@ URL forms:
 
 Every command goes through redis-py: plain commands through the client, batches
 through a non-transactional :meth:`~redis.Redis.pipeline` (one round trip), locks
-through :class:`redis.lock.Lock`. So everything redis-py does for a connection holds:
+through :class:`redis.lock.Lock`. For a ``redis://``, ``rediss://`` or ``unix://`` URL,
+each OS thread sends its plain commands on a connection of the pool it holds
+(:meth:`redis.Redis.client`), up to half the pool's ``max_connections`` (100 by
+default; batches still check one out): checking a connection out of the pool and back
+in for every command costs about a quarter of a loopback round trip's CPU. A held
+connection is checked for an unread reply before each command, as the pool checks one
+it hands out. With ``max_connections=`` given, under gevent's monkey patching, and for
+Sentinel and Cluster URLs, every command checks a connection out of the pool. So everything redis-py does for a connection holds:
 the pool, TLS, AUTH with a ``credential_provider=``, RESP3 (``protocol=3``),
 re-finding the master through Sentinel, its ``retry=`` policy.
 
@@ -38,8 +45,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -132,6 +141,25 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
 
 
+# Bumped in every forked child, so a thread's held client from before a fork (its
+# connection the parent's) is never used after it.
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _green_threads() -> bool:
+    """Whether gevent has patched ``threading`` (requests are greenlets, not threads)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
 def _ms(ttl: float) -> int:
     """Seconds (float) to whole milliseconds, at least 1 ms for any positive TTL."""
     return max(1, math.ceil(ttl * 1000)) if ttl > 0 else 0
@@ -191,6 +219,13 @@ class RedisStore(Store):
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._factory: Callable[[], Any] | None = None
+        # How many threads may hold a connection each (see the module docstring), how
+        # many more may in this process, and this thread's (fork count, client, held
+        # connection or None).
+        self._hold_limit = 0
+        self._holds_left = 0
+        self._holds_forks = _forks
+        self._held = threading.local()
         self.hosts: list[tuple[str, int]] = []
         self.service_name: str | None = None
         self.db = 0
@@ -232,6 +267,9 @@ class RedisStore(Store):
             if scheme not in ("redis", "rediss", "unix"):
                 raise ValueError(f"not a redis URL: {self.safe_url}")
             self._client = redis.Redis.from_url(url, **opts)
+            if "max_connections" not in opts and "max_connections" not in query:
+                self._hold_limit = self._client.connection_pool.max_connections // 2
+                self._holds_left = self._hold_limit
             kw = self._client.connection_pool.connection_kwargs
             self.db = int(kw.get("db") or 0)
             if "host" in kw:
@@ -298,6 +336,35 @@ class RedisStore(Store):
                         raise self._mapped(exc) from exc
         return self._client
 
+    @property
+    def _own(self) -> Any:
+        """The client for one plain command: this thread's, holding a connection of the
+        pool, where the store holds them (see the module docstring); else the shared one."""
+        held = getattr(self._held, "client", None)
+        if held is None or held[0] != _forks:
+            return self._hold()
+        conn = held[2]
+        if conn is not None and conn.is_connected:
+            try:
+                stale = conn.can_read()  # a reply left unread by an interrupted command
+            except _REDIS_ERRORS:  # closed by the server (a restart, an idle timeout)
+                stale = True
+            if stale:
+                conn.disconnect()  # the command connects again
+        return held[1]
+
+    def _hold(self) -> Any:
+        client = self.client
+        conn = None
+        if self._holds_forks != _forks:  # a forked child: no thread holds one yet
+            self._holds_forks, self._holds_left = _forks, self._hold_limit
+        if self._holds_left > 0 and not _green_threads():
+            client = client.client()  # connects (redis-py's errors, mapped by the caller)
+            conn = client.connection
+            self._holds_left -= 1
+        self._held.client = (_forks, client, conn)
+        return client
+
     def _redact(self, text: str) -> str:
         return text.replace(self._password, "***") if self._password else text
 
@@ -338,7 +405,7 @@ class RedisStore(Store):
 
     def get(self, key: str) -> bytes | None:
         try:
-            value: bytes | None = self.client.get(key)
+            value: bytes | None = self._own.get(key)
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
         return value
@@ -347,7 +414,7 @@ class RedisStore(Store):
         check_value(value)
         px = None if ttl is None else _ms(check_ttl(ttl))
         try:
-            self.client.set(key, value, px=px)
+            self._own.set(key, value, px=px)
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -355,14 +422,14 @@ class RedisStore(Store):
         if not keys:
             return 0
         try:
-            return int(self.client.delete(*keys))
+            return int(self._own.delete(*keys))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
     def incr(self, key: str, amount: int = 1) -> int:
         check_amount(amount)
         try:
-            return int(self.client.incrby(key, amount))
+            return int(self._own.incrby(key, amount))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -370,14 +437,14 @@ class RedisStore(Store):
         ms = _ms(check_ttl(ttl, allow_zero=True))
         try:
             if if_no_ttl:  # PEXPIRE ... NX: Redis 7.0+
-                return bool(self.client.pexpire(key, ms, nx=True))
-            return bool(self.client.pexpire(key, ms))
+                return bool(self._own.pexpire(key, ms, nx=True))
+            return bool(self._own.pexpire(key, ms))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
     def ttl(self, key: str) -> float | None:
         try:
-            return _ttl_result(self.client.pttl(key))
+            return _ttl_result(self._own.pttl(key))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -385,7 +452,7 @@ class RedisStore(Store):
 
     def hgetall(self, key: str) -> dict[str, bytes]:
         try:
-            return _decode_hash(self.client.hgetall(key))
+            return _decode_hash(self._own.hgetall(key))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -395,7 +462,7 @@ class RedisStore(Store):
         if not mapping:
             return 0
         try:
-            return int(self.client.hset(key, mapping=mapping))
+            return int(self._own.hset(key, mapping=mapping))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -403,7 +470,7 @@ class RedisStore(Store):
         if not fields:
             return 0
         try:
-            return int(self.client.hdel(key, *fields))
+            return int(self._own.hdel(key, *fields))
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -442,7 +509,7 @@ class RedisStore(Store):
 
     def ping(self) -> None:
         try:
-            self.client.ping()
+            self._own.ping()
         except _REDIS_ERRORS as exc:
             raise self._mapped(exc) from exc
 
@@ -453,6 +520,8 @@ class RedisStore(Store):
         drops the inherited ones at once, and a lock another thread may have held.
         """
         self._client_lock = threading.Lock()
+        self._held = threading.local()
+        self._holds_left = self._hold_limit
         pools = []
         if self._client is not None:
             if _is_cluster(self._client):
@@ -474,6 +543,8 @@ class RedisStore(Store):
         for client in clients:
             with contextlib.suppress(Exception):
                 client.close()
+        self._held = threading.local()  # every thread's held client goes with it
+        self._holds_left = self._hold_limit
         if self._factory is not None:
             self._client = None
 
@@ -599,7 +670,7 @@ class RedisBatch(Batch):
                 raw = []
             elif len(cmds) == 1:
                 name, args, kwargs = cmds[0]
-                raw = [getattr(store.client, name)(*args, **kwargs)]
+                raw = [getattr(store._own, name)(*args, **kwargs)]
             else:
                 pipe = store.client.pipeline(transaction=False)
                 for name, args, kwargs in cmds:

@@ -199,7 +199,8 @@ def _server_reads(client: redis.Redis) -> int:
 def test_batch_is_one_round_trip(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     observer = redis_server.client()
-    store.ping()  # connected
+    store.ping()  # this thread's connection for plain commands, connected
+    store.batch().get("x").get("y").execute()  # and a connection in the pool for batches
     before = _server_reads(observer)
     store.get("x")
     assert _server_reads(observer) - before - 1 == 1
@@ -291,6 +292,40 @@ def test_a_connection_the_server_closed_is_replaced(tmp_path: Path) -> None:
         observer = server.client()
         assert int(observer.info("stats")["total_connections_received"]) > connections + 1
         store.close()
+
+
+def test_each_thread_holds_a_connection_and_checks_it(redis_server: RedisServer) -> None:
+    # A thread's plain commands go over one connection it holds (no pool checkout per
+    # command); a reply left unread on it (an interrupted command) is not taken for the
+    # next command's; another thread holds its own; with max_connections= nothing is held.
+    store = RedisStore(redis_server.url)
+    observer = redis_server.client()
+    store.set("k", b"v")
+    held = store._own
+    assert held is not store.client and held.connection is not None
+    conn_id = held.client_id()
+    connections = int(observer.info("stats")["total_connections_received"])
+    for _ in range(50):
+        assert store.get("k") == b"v"
+        store.hset("h", {"a": b"1"})
+    assert store._own is held and held.client_id() == conn_id
+    assert int(observer.info("stats")["total_connections_received"]) == connections
+    held.connection.send_command("PING")  # its reply never read
+    time.sleep(0.2)  # and in by now
+    assert store.get("k") == b"v" and store.hgetall("h") == {"a": b"1"}
+    observer.client_kill_filter(_id=held.client_id())  # closed by the server
+    time.sleep(0.2)
+    assert store.get("k") == b"v" and held.client_id() != conn_id  # connected again
+    other: list[int] = []
+    t = threading.Thread(target=lambda: other.append(store._own.client_id()))
+    t.start()
+    t.join(10)
+    assert other and other[0] != conn_id
+    store.close()
+    bounded = RedisStore(redis_server.url, max_connections=4)
+    bounded.set("k", b"w")
+    assert bounded._own is bounded.client and bounded.get("k") == b"w"
+    bounded.close()
 
 
 def test_connections_stay_within_the_pool(redis_server: RedisServer) -> None:
@@ -402,11 +437,14 @@ def test_fork_child_uses_own_connection(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     store.set("k", b"parent")
     parent_id = store.client.client_id()  # the parent's pooled connection
+    held_id = store._own.client_id()  # and the one this thread holds
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
-            if store.batch().get("k").execute() == [b"parent"]:  # redis-py's pid check
+            # redis-py's pid check, and the thread's held connection left to the parent
+            if (store.batch().get("k").execute() == [b"parent"] and store.get("k") == b"parent"
+                    and store._own.client_id() != held_id):
                 store.after_fork()
                 if store.get("k") == b"parent" and store.client.client_id() != parent_id:
                     store.set("child", b"ok")
@@ -417,6 +455,7 @@ def test_fork_child_uses_own_connection(redis_server: RedisServer) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.get("child") == b"ok"
     assert store.client.client_id() == parent_id  # the child left the parent's socket alone
+    assert store._own.client_id() == held_id
     assert store.batch().get("child").execute() == [b"ok"]
     store.close()
 
