@@ -16,16 +16,22 @@ URL forms:
 
 Every command goes through redis-py: plain commands through the client, batches
 through a non-transactional :meth:`~redis.Redis.pipeline` (one round trip), locks
-through :class:`redis.lock.Lock`. For a ``redis://``, ``rediss://`` or ``unix://`` URL,
-each OS thread sends its plain commands on a connection of the pool it holds
-(:meth:`redis.Redis.client`), up to half the pool's ``max_connections`` (100 by
-default; batches still check one out): checking a connection out of the pool and back
-in for every command costs about a quarter of a loopback round trip's CPU. A held
-connection is checked for an unread reply before each command, as the pool checks one
-it hands out. With ``max_connections=`` given, under gevent's monkey patching, and for
-Sentinel and Cluster URLs, every command checks a connection out of the pool. So everything redis-py does for a connection holds:
+through :class:`redis.lock.Lock`. So everything redis-py does for a connection holds:
 the pool, TLS, AUTH with a ``credential_provider=``, RESP3 (``protocol=3``),
 re-finding the master through Sentinel, its ``retry=`` policy.
+
+For a ``redis://``, ``rediss://`` or ``unix://`` URL, each OS thread sends its plain
+commands on a connection of the pool it holds (:meth:`redis.Redis.client`), up to half
+the pool's ``max_connections`` (100 by default; batches still check one out): checking a
+connection out of the pool and back in for every command costs about a quarter of a
+loopback round trip's CPU. A held connection is checked for an unread reply before each
+command, as the pool checks one it hands out. A holding thread's batch takes one more,
+so a process with more than 50 threads sending to Redis at the same moment can reach the
+pool's limit (redis-py's MaxConnectionsError, a
+:class:`~gunicorn_ext.state.store.StoreUnavailable`); give ``max_connections=`` to size
+the pool yourself. With ``max_connections=`` given, under gevent's monkey patching, and
+for Sentinel and Cluster URLs, nothing is held: every command checks a connection out of
+the pool.
 
 Defaults: 2 s socket and connect timeouts, a health check of idle connections after
 30 s, RESP2, and no automatic retries, so an outage shows in milliseconds (as
