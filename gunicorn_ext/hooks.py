@@ -192,7 +192,7 @@ def post_worker_init(worker: Any) -> None:
         gi.set_app(worker, ClusterMiddleware(
             gi.app_of(worker, asgi_attr), worker_bus, reporter, stall, worker.log, worker,
             ready=None if lifespan == "off" else worker_bus.report_ready,
-            lifespan_required=lifespan == "on"), asgi_attr)
+            lifespan_required=lifespan == "on").asgi, asgi_attr)
         if timeout:
             worker.log.info("gunicorn-ext: request_timeout is not enforced under %s (an "
                             "asyncio worker); use asyncio.timeout() in the app",

@@ -312,6 +312,11 @@ class AsgiRouteCookie:
         self._secure = self._wsgi._secure.encode("latin-1")
         self._pinned = self._wsgi._pinned.encode("latin-1")
         self._pinned_first = self._pinned + b";"
+        #: The cookie header of a client pinned here whose only cookie is ours: a scope's
+        #: headers list holds it on most requests (found by ``in``, without a loop). A
+        #: request holding it is pinned here even if another cookie header, as HTTP/2 may
+        #: send, names another route first (nginx would have routed it there).
+        self.pinned_header: tuple[bytes, bytes] = (b"cookie", self._pinned)
 
     def _pinned_in(self, headers: list[Any] | tuple[Any, ...]) -> bool:
         """True when the request's route cookie, read from all its cookie headers as
@@ -327,6 +332,8 @@ class AsgiRouteCookie:
         it instead of awaiting this layer: one coroutine less on every request."""
         scope[ENVIRON_KEY] = self  # a route cookie inside the app takes over from this one
         headers = scope.get("headers", ())
+        if self.pinned_header in headers:
+            return send
         if not isinstance(headers, (list, tuple)):
             headers = list(headers)
         for k, v in headers:
