@@ -109,8 +109,8 @@ class Deadlines:
         main = None if self.threaded or green is not None else get_ident()
         cookie = app if isinstance(app, RouteCookie) else None
         inner = cookie.app if cookie is not None else app
-        pinned = cookie._pinned if cookie is not None else None
-        pinned_first = cookie._pinned_first if cookie is not None else ""
+        pinned = cookie.pinned if cookie is not None else None
+        pinned_first = pinned + ";" if pinned is not None else ""
 
         def with_deadline(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
             if "HTTP_UPGRADE" in environ and environ["HTTP_UPGRADE"].lower() == "websocket":

@@ -234,9 +234,10 @@ class RouteCookie:
         self.max_age = max_age
         self._plain = self._build_set_cookie(False)
         self._secure = self._build_set_cookie(True)
-        #: The request cookie that needs no pin, as a pinned client sends it alone or first.
-        self._pinned = f"{cookie_name}={value}"
-        self._pinned_first = self._pinned + ";"
+        #: The request cookie that needs no pin, as a pinned client sends it alone (or
+        #: first, followed by ``;``): every request of a pinned client matches it.
+        self.pinned = f"{cookie_name}={value}"
+        self._pinned_first = self.pinned + ";"
 
     def _build_set_cookie(self, secure: bool) -> str:
         parts = [f"{self.cookie_name}={self.route}", "Path=/"]
@@ -259,7 +260,7 @@ class RouteCookie:
             return True
         # Fast path (every request of a pinned client): ours is the first cookie, as
         # read_cookie would find it; anything else takes the full parse.
-        if header == self._pinned or header.startswith(self._pinned_first):
+        if header == self.pinned or header.startswith(self._pinned_first):
             return False
         return read_cookie(header, self.cookie_name) != self.route
 
@@ -268,7 +269,7 @@ class RouteCookie:
         environ[ENVIRON_KEY] = self  # a RouteCookie inside the app takes over from this one
         header = environ.get("HTTP_COOKIE")
         # needs_pin(), with its fast path inlined: a pinned client sends ours first or alone.
-        if header and (header == self._pinned or header.startswith(self._pinned_first)
+        if header and (header == self.pinned or header.startswith(self._pinned_first)
                        or read_cookie(header, self.cookie_name) == self.route):
             return self.app(environ, start_response)
         prefix = self.cookie_name + "="
@@ -310,7 +311,7 @@ class AsgiRouteCookie:
         self._prefix = (cookie_name + "=").encode()
         self._plain = self._wsgi._plain.encode("latin-1")
         self._secure = self._wsgi._secure.encode("latin-1")
-        self._pinned = self._wsgi._pinned.encode("latin-1")
+        self._pinned = self._wsgi.pinned.encode("latin-1")
         self._pinned_first = self._pinned + b";"
         #: The cookie header of a client pinned here whose only cookie is ours: a scope's
         #: headers list holds it on most requests (found by ``in``, without a loop). A
