@@ -126,6 +126,7 @@ def test_requests_read_rss_at_most_every_gap_and_the_first_after_a_pause_always(
 
 def test_asgi_middleware_counts_pins_and_checks_memory_in_one_layer(monkeypatch: Any) -> None:
     import asyncio
+    import inspect
 
     import gunicorn_ext.reporter as reporter
     from gunicorn_ext.asgi import ClusterMiddleware
@@ -166,5 +167,9 @@ def test_asgi_middleware_counts_pins_and_checks_memory_in_one_layer(monkeypatch:
     assert call(None) == [(b"set-cookie", b"gx_route=a; Path=/; HttpOnly; SameSite=Lax")]
     assert call(b"gx_route=a") == []  # pinned here: no Set-Cookie
     assert call(b"gx_route=b") == [(b"set-cookie", b"gx_route=a; Path=/; HttpOnly; SameSite=Lax")]
-    assert len(calls) == 3 and rep.stats.requests == 3 and rep.stats.inflight == 0
+    assert call(b"gx_route=a; x=1") == [] and call(b"x=1; gx_route=a") == []  # not alone
+    assert call(b"x=1; gx_route=b") == [(b"set-cookie", b"gx_route=a; Path=/; HttpOnly; SameSite=Lax")]
+    assert len(calls) == 6 and rep.stats.requests == 6 and rep.stats.inflight == 0
+    # The hooks install a plain coroutine function (uvicorn takes a bound method for ASGI2).
+    assert inspect.iscoroutinefunction(mw.asgi) and not inspect.ismethod(mw.asgi)
     assert len(reads) == 1 and len(rep.reasons) == 1  # checked after the first, then recycling
