@@ -142,16 +142,15 @@ class ClusterMiddleware:
 
         async def cluster_app(scope: Scope, receive: Receive, send: Send) -> None:
             nonlocal cell
-            if cell is None or scope["type"] != "http":
-                if not self._seen_loop:
-                    self._first_call()
-                    cell = self._cell
-                if scope["type"] != "http" or cell is None:
-                    if scope["type"] == "lifespan" and self._ready is not None:
-                        await self._lifespan(scope, receive, send)
-                    else:
-                        await self.app(scope, receive, send)
-                    return
+            if cell is None and not self._seen_loop:
+                self._first_call()
+                cell = self._cell
+            if scope["type"] != "http" or cell is None:  # cell None: no reporter
+                if scope["type"] == "lifespan" and self._ready is not None:
+                    await self._lifespan(scope, receive, send)
+                else:
+                    await self.app(scope, receive, send)
+                return
             if prepare is not None:
                 if pinned in scope.get("headers", ()):
                     scope[ENVIRON_KEY] = cookie  # what prepare() marks
