@@ -24,7 +24,8 @@ Per side and class: the median req/s with its range, and the server CPU (master 
 workers, user plus system) per request, which depends far less than req/s on what else
 runs on the machine. Target: our median req/s at least 97% of plain's. Beside it, for
 reading a noisy machine, the median of the rounds' own ratios ("paired": each round's
-plain and ours ran back to back). Writes bench/results/hello.json. A miss prints FAIL and does not fail the run; a crash does.
+plain and ours ran back to back). Writes bench/results/hello.json. A miss prints FAIL and
+does not fail the run; a crash does.
 """
 
 from __future__ import annotations
