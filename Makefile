@@ -148,14 +148,15 @@ test-oldest: $(OLDEST_STAMP) system-deps
 settings-table: install
 	GX_WRITE_README=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_settings.py -k readme
 
-# An editable install leaves gunicorn_ext's bytecode to the first import, and with
-# PYTHONDONTWRITEBYTECODE set (as in many containers) every start compiles it from source
-# instead. The compiler's freed buffers leave about 1.5 MB of free holes in the primary's
-# heap, which every worker inherits and glibc's malloc then searches: 4.4k instructions a
-# request under uvicorn-worker, measured with callgrind. A wheel install ships bytecode;
-# this gives the editable tree the same (it rewrites only what is stale).
+# An editable install leaves the bytecode of gunicorn_ext (and of state/, installed as
+# gunicorn_ext.state) to the first import, and with PYTHONDONTWRITEBYTECODE set (as in
+# many containers) every start compiles it from source instead. The compiler's freed
+# buffers leave about 1.5 MB of free holes in the primary's heap, which every worker
+# inherits and glibc's malloc then searches: 4.4k instructions a request under
+# uvicorn-worker, measured with callgrind. A wheel install ships bytecode; this gives the
+# editable tree the same (it rewrites only what is stale).
 bytecode: install
-	$(BIN)/python -m compileall -q gunicorn_ext
+	$(BIN)/python -m compileall -q gunicorn_ext state
 
 run: bytecode
 	cd examples/flask_app && ../../$(BIN)/gunicorn -c cluster_conf.py app:app
