@@ -85,6 +85,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from gunicorn_ext.extras import missing_extra
@@ -93,6 +94,7 @@ try:
     from flask import Flask, Request, Response, jsonify
     from flask.sessions import SessionInterface, SessionMixin
     from itsdangerous import BadSignature, TimestampSigner
+    from werkzeug.http import http_date
 except ImportError as exc:
     raise missing_extra(exc, "flask", __name__) from exc
 
@@ -506,7 +508,7 @@ class StoreSessionInterface(SessionInterface):
     def _set_cookie(self, app: Flask, session: ServerSession, response: Response,
                     value: str) -> None:
         response.set_cookie(self.get_cookie_name(app), value,
-                            expires=self.get_expiration_time(app, session),
+                            expires=_http_date(self.get_expiration_time(app, session)),
                             **self._cookie_params(app))
         if not session._varied:
             _vary_cookie(response)
@@ -707,6 +709,25 @@ class StoreSessionInterface(SessionInterface):
                 return
             cookie = s._cookie = self._sign(app, cookie.sid, cookie.permanent)
         self._set_cookie(app, s, response, cookie.value)
+
+
+#: The last expiry formatted, as (its second, the text): every permanent session's cookie
+#: in the same second expires at the same second (now + PERMANENT_SESSION_LIFETIME).
+_last_date: tuple[int, str] = (0, "")
+
+
+def _http_date(expires: Any) -> Any:
+    """An aware datetime as werkzeug's ``http_date`` formats it (which ``set_cookie``
+    would do, to the second, for every cookie: half of what dumping one costs), formatted
+    once per second; anything else is passed on as it is."""
+    global _last_date
+    if not isinstance(expires, datetime) or expires.tzinfo is None:
+        return expires
+    second = int(expires.timestamp())
+    last = _last_date
+    if last[0] != second:
+        last = _last_date = (second, http_date(expires))
+    return last[1]
 
 
 def _vary_cookie(response: Response) -> None:

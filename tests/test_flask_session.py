@@ -1194,3 +1194,19 @@ def test_cookie_of_the_previous_format_is_a_new_session_left_alone(
     r = other.get("/get/a")
     assert r.json == {"value": None} and "Set-Cookie" not in r.headers
     assert store.calls == []
+
+
+def test_cookie_expiry_formatted_as_werkzeug_does_once_per_second() -> None:
+    from werkzeug.http import http_date
+
+    from gunicorn_ext.state.flask import _http_date
+
+    t = datetime(2031, 1, 2, 3, 4, 5, 250_000, tzinfo=timezone.utc)
+    assert _http_date(t) == http_date(t) == "Thu, 02 Jan 2031 03:04:05 GMT"
+    assert _http_date(t + timedelta(microseconds=500_000)) == http_date(t)  # the same second
+    later = t + timedelta(seconds=1)
+    assert _http_date(later) == http_date(later) != http_date(t)
+    other = datetime(2031, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))  # same text?
+    assert _http_date(other) == http_date(other) == "Thu, 02 Jan 2031 01:04:05 GMT"
+    naive = datetime(2031, 1, 2, 3, 4, 5)
+    assert _http_date(naive) is naive and _http_date(None) is None and _http_date(7) == 7
