@@ -152,7 +152,7 @@ settings-table: install
 # gunicorn_ext.state) to the first import, and with PYTHONDONTWRITEBYTECODE set (as in
 # many containers) every start compiles it from source instead. The compiler's freed
 # buffers leave about 1.5 MB of free holes in the primary's heap, which every worker
-# inherits and glibc's malloc then searches: 4.4k instructions a request under
+# inherits and glibc's malloc then searches: 4.7k instructions a request under
 # uvicorn-worker, measured with callgrind. A wheel install ships bytecode; this gives the
 # editable tree the same (it rewrites only what is stale).
 bytecode: install

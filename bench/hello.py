@@ -5,7 +5,7 @@
 `make bytecode` compiles gunicorn_ext's bytecode, as a wheel install has it: compiled from
 source at start instead (an editable install with PYTHONDONTWRITEBYTECODE set), the
 compiler's freed buffers leave holes in the heap every worker inherits, and that alone
-cost ours 4.4k instructions a request under uvicorn-worker against plain Gunicorn, whose
+cost ours 4.7k instructions a request under uvicorn-worker against plain Gunicorn, whose
 modules pip compiled.
 
 For each worker class (BENCH_HELLO_CLASSES, default sync, gthread, gevent, asgi and
