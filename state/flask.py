@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -713,7 +714,7 @@ class StoreSessionInterface(SessionInterface):
 
 #: The last expiry formatted, as (its second, the text): every permanent session's cookie
 #: in the same second expires at the same second (now + PERMANENT_SESSION_LIFETIME).
-_last_date: tuple[int, str] = (0, "")
+_last_date: tuple[int | None, str] = (None, "")
 
 
 def _http_date(expires: Any) -> Any:
@@ -723,7 +724,7 @@ def _http_date(expires: Any) -> Any:
     global _last_date
     if not isinstance(expires, datetime) or expires.tzinfo is None:
         return expires
-    second = int(expires.timestamp())
+    second = math.floor(expires.timestamp())
     last = _last_date
     if last[0] != second:
         last = _last_date = (second, http_date(expires))

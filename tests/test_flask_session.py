@@ -1208,5 +1208,9 @@ def test_cookie_expiry_formatted_as_werkzeug_does_once_per_second() -> None:
     assert _http_date(later) == http_date(later) != http_date(t)
     other = datetime(2031, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))  # same text?
     assert _http_date(other) == http_date(other) == "Thu, 02 Jan 2031 01:04:05 GMT"
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)  # a subclass's "expired": not cached yet
+    assert _http_date(epoch) == http_date(epoch) == "Thu, 01 Jan 1970 00:00:00 GMT"
+    before = epoch - timedelta(microseconds=500_000)  # a second apart from the epoch's text
+    assert _http_date(before) == http_date(before) == "Wed, 31 Dec 1969 23:59:59 GMT"
     naive = datetime(2031, 1, 2, 3, 4, 5)
     assert _http_date(naive) is naive and _http_date(None) is None and _http_date(7) == 7
