@@ -2,11 +2,8 @@
 
     make bytecode && .venv/bin/python bench/hello.py          (also run by `make bench`)
 
-`make bytecode` compiles gunicorn_ext's bytecode, as a wheel install has it: compiled from
-source at start instead (an editable install with PYTHONDONTWRITEBYTECODE set), the
-compiler's freed buffers leave holes in the heap every worker inherits, and that alone
-cost ours 4.7k instructions a request under uvicorn-worker against plain Gunicorn, whose
-modules pip compiled.
+`make bytecode` gives gunicorn_ext the bytecode a wheel install has, as plain Gunicorn's
+modules have theirs (the Makefile says what compiling from source at each start costs).
 
 For each worker class (BENCH_HELLO_CLASSES, default sync, gthread, gevent, asgi and
 uvicorn_worker.UvicornWorker when installed) two Gunicorns run side by side with the same

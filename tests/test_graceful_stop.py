@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import requests
-from harness import Gunicorn, find_binary, free_port, wait_for
+from harness import Gunicorn, find_binary, free_port, tail, wait_for
 
 APPS = Path(__file__).parent / "apps"
 CONF = APPS / "life_conf.py"
@@ -210,8 +210,8 @@ def test_stopping_one_of_two_instances_behind_nginx_fails_no_request(
             time.sleep(1.0)
         # nginx's reason for a failure (reset, refused, closed before the response) says
         # which seam lost it; Gunicorn's log says what the stopping instance did meanwhile
-        errors = (Path(prefix) / "error.log").read_text(errors="replace")[-3000:]
-        assert load.failed == [], (load.failed[:5], errors, a.log_text()[-3000:])
+        assert load.failed == [], (load.failed[:5], tail(prefix / "error.log"),
+                                   a.log_text_tail())
         assert before > 20 and load.ok > before and load.posts > 10
     assert "graceful stop: not listening any more" in a.log_text()
     assert b.alive()
